@@ -1,0 +1,36 @@
+# Two entry points (README): `make run` and `make test`. Both create .venv in the repo root and
+# install everything they need; torch is pinned first so pip takes the CPU build on disk instead
+# of pulling a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= The capital of France is
+
+.PHONY: run test setup setup-test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.torch: $(BIN)/python
+	$(BIN)/pip install -q "torch==2.13.0"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
+
+run: setup
+	$(BIN)/gemma3 generate "$(PROMPT)" --max-tokens 32
+
+test: setup-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,194 @@
+"""The `gemma3` command. Human output by default, machine output with --json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", "-m", default=None,
+                   help="GGUF file, HF-style directory (config.json + *.safetensors) or preset name "
+                        "(default: the embedded Gemma 3 270M Q4_K_M GGUF)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default: float32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--max-tokens", "-n", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × p(best) (0 = off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="llama.cpp-style repetition penalty (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _load(args):
+    import torch
+
+    from .load import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model, dtype=getattr(torch, args.dtype))
+
+
+def _params(args):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def cmd_generate(args):
+    from .generate import stream_generate
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tok = _load(args)
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+    start, first, text, last = time.perf_counter(), None, [], None
+    for chunk in stream_generate(model, tok, prompt, args.max_tokens, _params(args), args.stop):
+        first = first or time.perf_counter()
+        text.append(chunk.text)
+        last = chunk
+        if not args.json:
+            print(chunk.text, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    decode_s = time.perf_counter() - first
+    stats = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+             "finish_reason": last.finish_reason, "time_to_first_token_s": round(first - start, 4),
+             "decode_tok_s": round((last.completion_tokens - 1) / decode_s, 2) if decode_s > 0 else None,
+             "total_s": round(elapsed, 3)}
+    if args.json:
+        print(json.dumps({"text": "".join(text), **stats}))
+    else:
+        print()
+        if args.verbose:
+            print(json.dumps(stats), file=sys.stderr)
+
+
+def cmd_chat(args):
+    from .generate import stream_generate
+
+    model, tok = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat with Gemma 3. /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(messages)
+        reply = []
+        for chunk in stream_generate(model, tok, prompt, args.max_tokens, _params(args), args.stop):
+            reply.append(chunk.text)
+            print(chunk.text, end="", flush=True)
+        print()
+        messages.append({"role": "model", "content": "".join(reply)})
+
+
+def cmd_tokenize(args):
+    from .load import load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    stream = open(args.file, encoding="utf-8", errors="strict") if args.file else sys.stdin
+    with stream:
+        lines = stream.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # a trailing newline ends the last line; it is not an empty extra line
+    for line in lines:
+        ids = tok.encode(line, add_bos=False if args.no_bos else None, parse_special=args.special)
+        if args.json:
+            print(json.dumps(ids))
+        else:
+            print(" ".join(f"{i}:{tok.id_to_piece(i)!r}" for i in ids))
+
+
+def cmd_info(args):
+    from .load import describe
+
+    info = describe(args.model)
+    if args.json:
+        print(json.dumps(info, indent=None))
+        return
+    cfg = info["config"]
+    print(f"model      {info['path']}")
+    print(f"format     {info['format']}  ({info['file_bytes'] / 2**20:.1f} MiB)")
+    print(f"params     {info['params'] / 1e6:.1f} M")
+    print(f"layers     {cfg['num_layers']} ({len([t for t in cfg['layer_types'] if t == 'global'])} global, "
+          f"window {cfg['sliding_window']})")
+    print(f"dims       d_model {cfg['hidden_size']}, heads {cfg['num_heads']} q / {cfg['num_kv_heads']} kv "
+          f"× {cfg['head_dim']}, ffn {cfg['intermediate_size']}, vocab {cfg['vocab_size']}")
+    print(f"context    {cfg['max_context']} (rope local {cfg['rope_local_base']:g}, global "
+          f"{cfg['rope_global_base']:g} ×{cfg['rope_global_scale']:g})")
+    print("tensors    " + ", ".join(f"{k}: {v['count']} ({v['bytes'] / 2**20:.1f} MiB)"
+                                    for k, v in info["tensor_types"].items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma3", description="Run Gemma 3 models in plain PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
+                       description="Generate a continuation. Example: gemma3 generate \"The capital of France is\" -n 32")
+    p.add_argument("prompt", help="prompt text, or - to read it from stdin")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (instruction-tuned models)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print timing stats to stderr")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with the chat template")
+    p.add_argument("--system", default=None, help="system prompt (merged into the first user turn)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("tokenize", help="token ids of each input line",
+                       description="Tokenize text from a file or stdin, one line at a time.")
+    p.add_argument("file", nargs="?", help="text file (default: stdin)")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend <bos>")
+    p.add_argument("--special", action="store_true", help="parse special-token text such as <start_of_turn>")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("info", help="model config, tensor types and sizes")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .config import UnsupportedModelError
+    from .gguf_file import GGUFError
+    from .weights import WeightsError
+
+    try:
+        args.func(args)
+    except (GGUFError, WeightsError, UnsupportedModelError, OSError, UnicodeDecodeError, ValueError) as e:
+        if os.environ.get("GEMMA3_DEBUG"):
+            raise
+        print(f"gemma3: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

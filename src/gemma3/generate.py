@@ -1,0 +1,99 @@
+"""Generation, layered like mlx-lm: generate_step (token ids) → stream_generate (text pieces with
+stop handling) → generate (one string)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str  # new text since the previous chunk (may be empty while a stop string is pending)
+    token: int | None
+    finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """Strings are tokenized with special-token parsing on (like llama.cpp's CLI and transformers),
+    so chat-formatted prompts work; a leading <bos> is added only if the text lacks one."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    ids = tokenizer.encode(prompt, add_bos=False, parse_special=True)
+    if tokenizer.add_bos and (not ids or ids[0] != tokenizer.bos_id):
+        ids = [tokenizer.bos_id] + ids
+    return ids
+
+
+def generate_step(model, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int,
+                  cache=None) -> Iterator[int]:
+    """Yields up to `max_tokens` sampled token ids; the prompt is prefilled in chunks first."""
+    if not prompt_ids:
+        raise ValueError("empty prompt: at least one token (e.g. <bos>) is needed")
+    limit = model.config.max_context
+    if len(prompt_ids) >= limit:
+        raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context is {limit} tokens")
+    max_tokens = min(max_tokens, limit - len(prompt_ids))
+    if cache is None:
+        cache = model.new_cache(1, max_len=len(prompt_ids) + max_tokens)
+    generator = params.generator()
+    history = list(prompt_ids)
+    with torch.inference_mode():
+        logits = model(torch.tensor([history]), cache, last_only=True)[0, -1]
+        for i in range(max_tokens):
+            token = sample(logits, params, generator, history)
+            yield token
+            history.append(token)
+            if i + 1 < max_tokens:
+                logits = model(torch.tensor([[token]]), cache, last_only=True)[0, -1]
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+def stream_generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
+                    params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
+                    stop_ids: Sequence[int] | None = None) -> Iterator[Chunk]:
+    """Text as it is generated. Stops on eos / <end_of_turn> (not emitted), a stop string (cut
+    before it) or `max_tokens` (finish_reason "length")."""
+    ids = encode_prompt(tokenizer, prompt)
+    stop_ids = set(tokenizer.stop_ids if stop_ids is None else stop_ids)
+    stop = [s for s in stop if s]
+    decoder = tokenizer.stream_decoder()
+    pending, n = "", 0
+    for token in generate_step(model, ids, params, max_tokens):
+        n += 1
+        if token in stop_ids:
+            yield Chunk(pending, token, "stop", len(ids), n)
+            return
+        pending += decoder.feed(token)
+        hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
+        if hits:
+            yield Chunk(pending[: min(hits)], token, "stop", len(ids), n)
+            return
+        keep = _held_back(pending, stop)
+        out, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+        yield Chunk(out, token, None, len(ids), n)
+    yield Chunk(pending + decoder.flush(), None, "length", len(ids), n)
+
+
+def generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> str:
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    return "".join(c.text for c in stream_generate(model, tokenizer, prompt, max_tokens, params, stop))

@@ -1,0 +1,176 @@
+"""The Gemma 3 text decoder in plain PyTorch (SPEC §1). Pure math: no I/O, no sampling.
+
+Per layer: h = x + post_attn_norm(attn(pre_attn_norm(x))); out = h + post_ffw_norm(mlp(pre_ffw_norm(h))).
+Every forward runs through a KV cache in chunks, so a local layer only ever scores a chunk
+against (window + chunk) keys, never an L×L mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import GLOBAL, Gemma3Config
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in float32 and scaled by (1 + w), so w is stored zero-centred."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_inv_freq(head_dim: int, base: float, scale: float) -> torch.Tensor:
+    # Linear scaling divides positions by `scale`, i.e. divides every frequency by it.
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)) / scale
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype):
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma3Config, is_global: bool):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.window = None if is_global else cfg.sliding_window
+        self.scale = cfg.query_pre_attn_scalar ** -0.5
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, layer_cache):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        k, v, k_pos = layer_cache.update(k, v, positions)
+
+        allowed = (k_pos[None, :] <= positions[:, None]) & (k_pos[None, :] >= 0)
+        if self.window is not None:
+            allowed &= k_pos[None, :] > positions[:, None] - self.window
+        # Fold the query heads of each KV group into the query length: one SDPA call per KV head
+        # instead of materialising repeated keys (GQA without repeat_kv).
+        group = self.n_heads // self.n_kv
+        q = q.reshape(b, self.n_kv, group * t, self.head_dim)
+        mask = allowed.repeat(group, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = out.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Gemma3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Gemma3Config, is_global: bool):
+        super().__init__()
+        self.is_global = is_global
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, is_global)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, layer_cache):
+        h = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), cos, sin, positions, layer_cache))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma3(nn.Module):
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, t == GLOBAL) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.chunk_size = config.sliding_window  # prefill chunk; bounds attention work per step
+
+    @property
+    def rope_local(self):
+        return rope_inv_freq(self.config.head_dim, self.config.rope_local_base, 1.0).to(self.device)
+
+    @property
+    def rope_global(self):
+        # Only global layers are scaled for long context (SPEC §1); local layers never see far positions.
+        cfg = self.config
+        return rope_inv_freq(cfg.head_dim, cfg.rope_global_base, cfg.rope_global_scale).to(self.device)
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
+
+    def embed(self, input_ids):
+        # The sqrt(d_model) factor is rounded to the activation dtype first, as the reference does.
+        scale = torch.tensor(math.sqrt(self.config.hidden_size), dtype=self.dtype)
+        return self.embed_tokens(input_ids) * scale
+
+    def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Final-norm hidden states for `input_ids` [batch, seq] appended after `cache.pos` tokens."""
+        outs = []
+        for start in range(0, input_ids.shape[1], self.chunk_size):
+            ids = input_ids[:, start : start + self.chunk_size]
+            positions = torch.arange(cache.pos, cache.pos + ids.shape[1], device=ids.device)
+            if cache.pos + ids.shape[1] > cache.max_len:
+                raise ValueError(f"context overflow: {cache.pos + ids.shape[1]} tokens > cache size {cache.max_len}")
+            local = rope_cos_sin(positions, self.rope_local, self.dtype)
+            glob = rope_cos_sin(positions, self.rope_global, self.dtype)
+            x = self.embed(ids)
+            for layer, layer_cache in zip(self.layers, cache.layers):
+                cos, sin = glob if layer.is_global else local
+                x = layer(x, cos, sin, positions, layer_cache)
+            cache.pos += ids.shape[1]
+            outs.append(self.norm(x))
+        return torch.cat(outs, dim=1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.embed_tokens.weight.T  # tied LM head
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
+        """Logits [batch, seq, vocab]. Without a cache this is a full forward from position 0."""
+        if cache is None:
+            cache = self.new_cache(input_ids.shape[0], max_len=input_ids.shape[1])
+        hidden = self.forward_hidden(input_ids, cache)
+        return self.logits(hidden[:, -1:] if last_only else hidden)

@@ -1,0 +1,162 @@
+"""Checkpoints → our parameter names, strictly (STYLE.md: a missing, extra or mis-shaped tensor
+is a loud error naming it). Two sources: llama.cpp GGUF files and Hugging Face safetensors dirs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .config import Gemma3Config, from_gguf_metadata, load_hf_config
+from .gguf_file import GGUFFile, read_gguf
+
+
+class WeightsError(ValueError):
+    """A checkpoint does not match the model it claims to be."""
+
+
+# llama.cpp names → ours (ours follow transformers' names without the "model." prefix).
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GGUF_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
+
+
+def gguf_to_ours(name: str) -> str | None:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if m and m.group(2) in _GGUF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def expected_shapes(cfg: Gemma3Config) -> dict[str, tuple[int, ...]]:
+    from .model import Gemma3  # the model's own parameter list is the source of truth
+
+    with torch.device("meta"):
+        model = Gemma3(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_names_and_shapes(state: dict[str, tuple[int, ...]], cfg: Gemma3Config, source: str):
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    if missing:
+        raise WeightsError(f"{source}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise WeightsError(f"{source}: unexpected tensor {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for name, shape in state.items():
+        if tuple(shape) != want[name]:
+            raise WeightsError(f"{source}: tensor {name} has shape {tuple(shape)}, expected {want[name]}")
+
+
+def load_gguf(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, dict[str, torch.Tensor], GGUFFile]:
+    gg = read_gguf(path)
+    embd = gg.tensors.get("token_embd.weight")
+    cfg = from_gguf_metadata(gg.metadata, vocab_size=embd.shape[0] if embd is not None else None)
+    names = {}
+    for name in gg.tensors:
+        ours = gguf_to_ours(name)
+        if ours is None:
+            raise WeightsError(f"{path}: unexpected tensor {name} in a gemma3 GGUF")
+        names[ours] = name
+    check_names_and_shapes({k: gg.tensors[v].shape for k, v in names.items()}, cfg, str(path))
+    state = {}
+    for ours, name in names.items():
+        w = gg.tensors[name].dequantize(torch.float32)
+        if ours.endswith("norm.weight"):
+            # llama.cpp's converter stores Gemma norms as (1 + w); we keep w and apply 1 + w.
+            w = w - 1.0
+        state[ours] = w.to(dtype)
+    return cfg, state, gg
+
+
+# Prefixes of the text decoder inside HF checkpoints: Gemma3ForCausalLM, and the language part of
+# Gemma3ForConditionalGeneration before and after transformers 4.52 renamed it.
+_HF_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+_HF_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_HF_TIED_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def _hf_name(key: str) -> str | None:
+    """Our name for an HF key; None for tensors the text model does not own."""
+    if key.startswith(_HF_VISION_PREFIXES) or key in _HF_TIED_HEADS:
+        return None  # vision weights belong to the vision tower; the LM head is tied to the embedding
+    for prefix in _HF_TEXT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def load_hf_dir(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise WeightsError(f"{path}: no config.json (expected an HF-style model directory)")
+    cfg = load_hf_config(path / "config.json")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{path}: no *.safetensors files")
+    shapes, sources = {}, {}
+    for file in files:
+        try:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    ours = _hf_name(key)
+                    if ours is not None:
+                        shapes[ours] = tuple(f.get_slice(key).get_shape())
+                        sources[ours] = (file, key)
+        except SafetensorError as e:
+            raise WeightsError(f"{file}: corrupt safetensors file ({e})") from None
+    check_names_and_shapes(shapes, cfg, str(path))
+    state = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for ours, (src, key) in sources.items():
+                if src == file:
+                    state[ours] = f.get_tensor(key).to(dtype)
+    return cfg, state
+
+
+def save_hf_dir(path: str | Path, cfg: Gemma3Config, state: dict[str, torch.Tensor]):
+    """Writes a Gemma3ForCausalLM-style directory (used by tests and converters)."""
+    from safetensors.torch import save_file
+
+    from .config import GLOBAL
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf = {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
+        "sliding_window": cfg.sliding_window, "max_position_embeddings": cfg.max_context,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "rms_norm_eps": cfg.rms_norm_eps,
+        "layer_types": ["full_attention" if t == GLOBAL else "sliding_attention" for t in cfg.layer_types],
+        "rope_parameters": {
+            "full_attention": ({"rope_type": "linear", "factor": cfg.rope_global_scale} if cfg.rope_global_scale != 1.0
+                               else {"rope_type": "default"}) | {"rope_theta": cfg.rope_global_base},
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_base},
+        },
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+    }
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    save_file({f"model.{k}": v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))

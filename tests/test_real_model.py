@@ -50,5 +50,5 @@ def test_generate_api_is_coherent(pair):
     from gemma3 import generate
 
     model, tok, _ = pair
-    text = generate(model, tok, "The capital of France is", max_tokens=16)
-    assert "Paris" in text
+    assert generate(model, tok, "The capital of France is the city of", max_tokens=8).startswith(" Paris")
+    assert generate(model, tok, "One, two, three, four,", max_tokens=8).startswith(" five, six, seven")

@@ -50,11 +50,12 @@ def _params(args):
 
 def cmd_generate(args):
     from .generate import stream_generate
+    from .tokenizer import apply_chat_template
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tok = _load(args)
     if args.chat:
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = apply_chat_template([{"role": "user", "content": prompt}])
     start, first, text, last = time.perf_counter(), None, [], None
     for chunk in stream_generate(model, tok, prompt, args.max_tokens, _params(args), args.stop):
         first = first or time.perf_counter()
@@ -78,6 +79,7 @@ def cmd_generate(args):
 
 def cmd_chat(args):
     from .generate import stream_generate
+    from .tokenizer import apply_chat_template
 
     model, tok = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -97,7 +99,7 @@ def cmd_chat(args):
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = tok.apply_chat_template(messages)
+        prompt = apply_chat_template(messages)
         reply = []
         for chunk in stream_generate(model, tok, prompt, args.max_tokens, _params(args), args.stop):
             reply.append(chunk.text)
@@ -120,7 +122,7 @@ def cmd_tokenize(args):
         if args.json:
             print(json.dumps(ids))
         else:
-            print(" ".join(f"{i}:{tok.id_to_piece(i)!r}" for i in ids))
+            print(" ".join(f"{i}:{tok.id_to_token(i)!r}" for i in ids))
 
 
 def cmd_info(args):

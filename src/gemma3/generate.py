@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .sampling import SamplingParams, sample
+from .tokenizer import StreamDecoder
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,9 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: i
     """Text as it is generated. Stops on eos / <end_of_turn> (not emitted), a stop string (cut
     before it) or `max_tokens` (finish_reason "length")."""
     ids = encode_prompt(tokenizer, prompt)
-    stop_ids = set(tokenizer.stop_ids if stop_ids is None else stop_ids)
+    stop_ids = set((tokenizer.eos_id, tokenizer.end_of_turn_id) if stop_ids is None else stop_ids)
     stop = [s for s in stop if s]
-    decoder = tokenizer.stream_decoder()
+    decoder = StreamDecoder(tokenizer)
     pending, n = "", 0
     for token in generate_step(model, ids, params, max_tokens):
         n += 1

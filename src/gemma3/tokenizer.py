@@ -1,0 +1,621 @@
+"""Gemma 3 tokenizer: a pure-Python port of llama.cpp's SPM ("llama") tokenizer.
+
+`Tokenizer.encode` returns the same ids as llama.cpp's `llama_tokenize` on the same
+GGUF vocabulary (checked against llama-cpp-python by tests/test_tokenizer.py). The
+pipeline mirrors `llama_vocab::impl::tokenize` for LLAMA_VOCAB_TYPE_SPM:
+
+1. `tokenizer_st_partition` splits the text on special-token texts, longest first;
+2. each remaining raw-text fragment has its spaces escaped to U+2581
+   (`llama_escape_whitespace`) and goes through `llm_tokenizer_spm_session`: split
+   into characters, repeatedly merge the adjacent pair whose concatenation is the
+   vocabulary piece with the highest score (ties: leftmost), then emit the piece ids,
+   falling back to `<0xXX>` byte tokens for characters missing from the vocabulary.
+
+Known, deliberate limits:
+- text containing a literal U+2581 ("▁") encodes exactly like a space, so it decodes
+  back to a space (llama.cpp and SentencePiece behave the same);
+- token attributes are taken from the token types plus the one text-based override
+  that matters for SPM vocabularies (end-of-generation texts such as "</s>" become
+  CONTROL, see `_EOG_TEXTS`); llama.cpp's other per-model overrides (FIM tokens,
+  LSTRIP/RSTRIP for phi-3/jina/modern-bert, Gemma 4's normal "</s>") concern other
+  model families.
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+import json
+import struct
+from pathlib import Path
+
+# GGUF token types (gguf.TokenType); SentencePiece's piece types use the same numbers.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+SPACE_MARK = "\u2581"  # "▁", SentencePiece's visible space
+
+# llama_vocab::impl::load marks every token whose text is a known end-of-generation
+# marker as CONTROL ("control-looking token ... its type will be overridden"). In the
+# Gemma 3 vocabulary this turns the user-defined "</s>" (id 212) into a control token:
+# it is then only split out of text when parse_special=True, and decode drops it.
+_EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>",
+    "<|calls|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>",
+    "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>", "<end_of_utterance>", "<eos>",
+    "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~[",
+})
+
+# Fragments repeat a lot (chat turns, code indentation); memoising the SPM session
+# per fragment is exact because the session depends only on the fragment text.
+_SPM_CACHE_SIZE = 1 << 16
+
+
+class _SpecialTokens:
+    """Special tokens in the order `tokenizer_st_partition` tries them.
+
+    llama.cpp keeps `cache_special_tokens` sorted by text length in bytes, longest
+    first. Its std::sort leaves equal lengths in no defined order; that only matters
+    when two equal-length texts can overlap, which no Gemma special token does, so
+    ties are broken by id here.
+    """
+
+    def __init__(self, specials: list[tuple[str, int]]):
+        ordered = sorted(specials, key=lambda s: (-len(s[0].encode()), s[1]))
+        self._rank = {text: (rank, token_id) for rank, (text, token_id) in enumerate(ordered)}
+        lengths: dict[str, set[int]] = {}
+        for text, _ in ordered:
+            lengths.setdefault(text[0], set()).add(len(text))
+        self._lengths = {first: sorted(ls) for first, ls in lengths.items()}
+
+    def occurring_in(self, text: str) -> list[tuple[str, int]]:
+        """The special tokens whose text occurs in `text`, in partition order.
+
+        Tokens absent from the whole text cannot occur in any of its fragments, so
+        skipping them (instead of running 6,000+ searches per call) changes nothing.
+        """
+        found = {}
+        rank, lengths, n = self._rank, self._lengths, len(text)
+        for i, ch in enumerate(text):
+            for length in lengths.get(ch, ()):
+                if i + length > n:
+                    break
+                hit = rank.get(text[i:i + length])
+                if hit is not None:
+                    found[text[i:i + length]] = hit
+        return [(t, token_id) for t, (_, token_id) in sorted(found.items(), key=lambda kv: kv[1][0])]
+
+
+class Tokenizer:
+    """SentencePiece-BPE tokenizer with llama.cpp's exact encoding rules."""
+
+    def __init__(
+        self,
+        tokens: list[str],
+        scores: list[float],
+        token_types: list[int],
+        bos_id: int,
+        eos_id: int,
+        unk_id: int,
+        pad_id: int,
+        add_bos: bool = True,
+        add_space_prefix: bool = False,
+    ):
+        if not len(tokens) == len(scores) == len(token_types):
+            raise ValueError("tokens, scores and token_types must have the same length")
+        # llama_vocab::impl::load renames empty texts so every token has its own key.
+        self._pieces = [p if p else f"[EMPTY_{i}]" for i, p in enumerate(tokens)]
+        self._scores = [float(s) for s in scores]
+        self._types = [int(t) for t in token_types]
+        # Built in id order, so a duplicated text maps to its last id, as llama.cpp's token_to_id.
+        self._piece_to_id = {piece: i for i, piece in enumerate(self._pieces)}
+        self._bos_id, self._eos_id, self._unk_id, self._pad_id = bos_id, eos_id, unk_id, pad_id
+        self.add_bos = add_bos
+        self.add_space_prefix = add_space_prefix
+
+        self._control_ids = frozenset(
+            i for i, (piece, ttype) in enumerate(zip(self._pieces, self._types))
+            if ttype in (CONTROL, UNKNOWN) or piece in _EOG_TEXTS
+        )
+        user_defined = [(p, i) for i, p in enumerate(self._pieces)
+                        if self._types[i] == USER_DEFINED and i not in self._control_ids]
+        control = [(self._pieces[i], i) for i in self._control_ids]
+        # tokenizer_st_partition: USER_DEFINED texts are always split out; CONTROL and
+        # UNKNOWN ones only when parse_special is true.
+        self._user_specials = _SpecialTokens(user_defined)
+        self._all_specials = _SpecialTokens(user_defined + control)
+        self._byte_ids = [self._byte_token(b) for b in range(256)]
+        self._spm_cache: dict[str, tuple[int, ...]] = {}
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: dict) -> "Tokenizer":
+        """Build from GGUF key/values (`tokenizer.ggml.*`, plain Python values)."""
+        model = metadata.get("tokenizer.ggml.model", "llama")
+        if model != "llama":
+            raise ValueError(f"only SPM ('llama') vocabularies are supported, got {model!r}")
+        tokens = list(metadata["tokenizer.ggml.tokens"])
+        # Defaults are llama.cpp's for an SPM vocabulary without these keys.
+        return cls(
+            tokens=tokens,
+            scores=metadata.get("tokenizer.ggml.scores", [0.0] * len(tokens)),
+            token_types=metadata.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens)),
+            bos_id=metadata.get("tokenizer.ggml.bos_token_id", 1),
+            eos_id=metadata.get("tokenizer.ggml.eos_token_id", 2),
+            unk_id=metadata.get("tokenizer.ggml.unknown_token_id", 0),
+            pad_id=metadata.get("tokenizer.ggml.padding_token_id", -1),
+            add_bos=metadata.get("tokenizer.ggml.add_bos_token", True),
+            add_space_prefix=metadata.get("tokenizer.ggml.add_space_prefix", True),
+        )
+
+    @classmethod
+    def from_sentencepiece_model(cls, path: str | Path) -> "Tokenizer":
+        """Build from a SentencePiece `tokenizer.model` (a serialized ModelProto).
+
+        Reads what llama.cpp's converter keeps: the pieces (text, score, type), the
+        special ids of TrainerSpec and NormalizerSpec.add_dummy_prefix. Piece types
+        already use the GGUF numbering.
+        """
+        proto = _parse_model_proto(Path(path).read_bytes())
+        if proto["model_type"] != _SP_MODEL_BPE:
+            raise ValueError("only BPE SentencePiece models are supported")
+        return cls(
+            tokens=proto["pieces"], scores=proto["scores"], token_types=proto["types"],
+            bos_id=proto["bos_id"], eos_id=proto["eos_id"], unk_id=proto["unk_id"],
+            pad_id=proto["pad_id"], add_bos=True, add_space_prefix=proto["add_dummy_prefix"],
+        )
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | Path) -> "Tokenizer":
+        """Build from a Hugging Face `tokenizer.json` holding a byte-fallback BPE model.
+
+        Scores are derived so that the SPM merge order equals the BPE merge order: a
+        piece produced by merge number r (0 = applied first) gets score -r, keeping
+        the best rank if several merges produce it. The SPM session merges the
+        adjacent pair whose concatenation scores highest; BPE merges the adjacent
+        pair of lowest rank. The two agree whenever merges are ordered by the piece
+        they produce, which is how converters from SentencePiece (Gemma's
+        tokenizer.json among them) write them. Pieces that no merge produces
+        (single characters, byte tokens, added tokens) get a score below every
+        merge, so they can only be formed last.
+
+        Added tokens become CONTROL when "special" and USER_DEFINED otherwise;
+        `<0xXX>` pieces become BYTE. Special ids and add_bos come from a
+        tokenizer_config.json next to the file when present, else from the usual
+        Gemma/Llama texts; add_space_prefix is true when the normalizer prepends "▁".
+        """
+        path = Path(path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        model = data["model"]
+        if model.get("type") != "BPE":
+            raise ValueError("only BPE tokenizer.json models are supported")
+        vocab: dict[str, int] = dict(model["vocab"])
+        added = {t["content"]: t for t in data.get("added_tokens", [])}
+        for text, tok in added.items():
+            vocab[text] = tok["id"]
+        size = max(vocab.values()) + 1
+        tokens = [""] * size
+        for text, i in vocab.items():
+            tokens[i] = text
+
+        merges = model.get("merges", [])
+        unmerged = -float(len(merges) + 1)
+        scores = [unmerged] * size
+        for rank, merge in enumerate(merges):
+            # Older files store "left right", newer ones [left, right].
+            left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+            merged = vocab.get(left + right)
+            if merged is not None and scores[merged] == unmerged:
+                scores[merged] = -float(rank)
+
+        types = [NORMAL] * size
+        if model.get("byte_fallback"):
+            for text, i in vocab.items():
+                if _is_byte_piece(text):
+                    types[i] = BYTE
+        for text, tok in added.items():
+            types[tok["id"]] = CONTROL if tok.get("special") else USER_DEFINED
+        if model.get("unk_token") in vocab:
+            types[vocab[model["unk_token"]]] = UNKNOWN
+
+        config_path = path.with_name("tokenizer_config.json")
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+
+        def special_id(key: str, *fallbacks: str) -> int:
+            for text in (_config_token(config.get(key)), *fallbacks):
+                if text in vocab:
+                    return vocab[text]
+            return -1
+
+        return cls(
+            tokens=tokens, scores=scores, token_types=types,
+            bos_id=special_id("bos_token", "<bos>", "<s>"),
+            eos_id=special_id("eos_token", "<eos>", "</s>"),
+            unk_id=special_id("unk_token", model.get("unk_token") or "<unk>"),
+            pad_id=special_id("pad_token", "<pad>"),
+            add_bos=config.get("add_bos_token", True),
+            add_space_prefix=_prepends_space_mark(data.get("normalizer")),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """Load from a model directory, preferring tokenizer.model over tokenizer.json."""
+        path = Path(path)
+        if (path / "tokenizer.model").exists():
+            return cls.from_sentencepiece_model(path / "tokenizer.model")
+        if (path / "tokenizer.json").exists():
+            return cls.from_tokenizer_json(path / "tokenizer.json")
+        raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
+
+    # ------------------------------------------------------------- properties
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._pieces)
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def unk_id(self) -> int:
+        return self._unk_id
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Control/unknown tokens: never produced from text unless parse_special, dropped by decode."""
+        return self._control_ids
+
+    @property
+    def start_of_turn_id(self) -> int:
+        return self.token_to_id("<start_of_turn>")
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self.token_to_id("<end_of_turn>")
+
+    def token_to_id(self, text: str) -> int:
+        """Id of the token whose text is exactly `text` (KeyError if there is none)."""
+        try:
+            return self._piece_to_id[text]
+        except KeyError:
+            raise KeyError(f"no token with text {text!r}") from None
+
+    def id_to_token(self, token_id: int) -> str:
+        """The raw vocabulary text of a token ("▁" for spaces, "<0x0A>" for bytes)."""
+        return self._pieces[token_id]
+
+    # --------------------------------------------------------------- encoding
+
+    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`, identical to llama.cpp's llama_tokenize.
+
+        add_bos: prepend BOS; None follows the vocabulary (tokenizer.ggml.add_bos_token).
+        parse_special: also turn CONTROL token texts such as "<start_of_turn>" into
+        their ids; USER_DEFINED texts ("\\n", runs of spaces, "<table>" ...) are
+        always split out.
+        """
+        ids = []
+        if self.add_bos if add_bos is None else add_bos:
+            if self._bos_id < 0:
+                raise ValueError("this vocabulary has no BOS token")
+            ids.append(self._bos_id)
+        if not text:
+            return ids
+        prev_special = True  # llama.cpp: "prefix with space if first token"
+        for fragment in self._partition(text, parse_special):
+            if isinstance(fragment, int):
+                ids.append(fragment)
+                prev_special = True
+                continue
+            if self.add_space_prefix and prev_special:
+                fragment = " " + fragment
+            ids.extend(self._spm(fragment.replace(" ", SPACE_MARK)))
+            prev_special = False
+        return ids
+
+    def _partition(self, text: str, parse_special: bool) -> list[str | int]:
+        """tokenizer_st_partition: split text into raw fragments (str) and special ids (int).
+
+        For each special token in turn, every raw fragment is cut at the token's
+        leftmost non-overlapping occurrences (str.split does the same scan as
+        llama.cpp's repeated find from the end of the previous match); empty pieces
+        are dropped.
+        """
+        specials = self._all_specials if parse_special else self._user_specials
+        fragments: list[str | int] = [text]
+        for special, token_id in specials.occurring_in(text):
+            split: list[str | int] = []
+            for fragment in fragments:
+                if isinstance(fragment, int) or special not in fragment:
+                    split.append(fragment)
+                    continue
+                for k, part in enumerate(fragment.split(special)):
+                    if k:
+                        split.append(token_id)
+                    if part:
+                        split.append(part)
+            fragments = split
+        return fragments
+
+    def _spm(self, text: str) -> tuple[int, ...]:
+        ids = self._spm_cache.get(text)
+        if ids is None:
+            ids = self._spm_session(text)
+            if len(self._spm_cache) >= _SPM_CACHE_SIZE:
+                self._spm_cache.clear()
+            self._spm_cache[text] = ids
+        return ids
+
+    def _spm_session(self, text: str) -> tuple[int, ...]:
+        """llm_tokenizer_spm_session::tokenize on one escaped fragment.
+
+        Symbols are Python characters: for valid UTF-8 these are exactly the
+        chunks llama.cpp cuts with unicode_len_utf8. Symbol i lives in symbols[i]
+        (emptied once merged into its left neighbour) with links nxt/prv.
+        """
+        vocab, scores = self._piece_to_id, self._scores
+        symbols = list(text)
+        n = len(symbols)
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        prv = list(range(-1, n - 1))
+
+        # Work queue entries: (-score, left, right, merged length). heapq pops the
+        # highest score first and, on equal scores, the leftmost pair, like
+        # llm_bigram_spm::comparator. Only one entry per left symbol can still be
+        # valid, so the remaining tie-break fields never decide anything.
+        queue = []
+        for i in range(1, n):
+            token_id = vocab.get(symbols[i - 1] + symbols[i])
+            if token_id is not None:
+                queue.append((-scores[token_id], i - 1, i, 2))
+        heapq.heapify(queue)
+
+        def try_add_bigram(left: int, right: int) -> None:
+            merged = symbols[left] + symbols[right]
+            token_id = vocab.get(merged)
+            if token_id is not None:
+                heapq.heappush(queue, (-scores[token_id], left, right, len(merged)))
+
+        while queue:
+            _, left, right, size = heapq.heappop(queue)
+            a, b = symbols[left], symbols[right]
+            # Skip entries made stale by an earlier merge of either symbol.
+            if not a or not b or len(a) + len(b) != size:
+                continue
+            symbols[left], symbols[right] = a + b, ""
+            after = nxt[left] = nxt[right]
+            if after >= 0:
+                prv[after] = left
+            if prv[left] >= 0:
+                try_add_bigram(prv[left], left)
+            if after >= 0:
+                try_add_bigram(left, after)
+
+        # resegment(): every merged symbol is a vocabulary piece by construction (a
+        # pair is only queued when its concatenation is one), so llama.cpp's
+        # rev_merge lookup can only be reached by single characters, which it never
+        # contains; those fall back to one <0xXX> token per UTF-8 byte.
+        ids = []
+        i = 0
+        while i != -1:
+            token_id = vocab.get(symbols[i])
+            if token_id is not None:
+                ids.append(token_id)
+            else:
+                ids.extend(self._byte_id(b) for b in symbols[i].encode("utf-8"))
+            i = nxt[i]
+        return tuple(ids)
+
+    def _byte_token(self, byte: int) -> int | None:
+        # llama_vocab::byte_to_token: "<0xXX>", else the byte itself as a piece.
+        token_id = self._piece_to_id.get(f"<0x{byte:02X}>")
+        if token_id is None and byte < 0x80:
+            token_id = self._piece_to_id.get(chr(byte))
+        return token_id
+
+    def _byte_id(self, byte: int) -> int:
+        token_id = self._byte_ids[byte]
+        if token_id is None:
+            raise ValueError(f"vocabulary has no byte-fallback token for 0x{byte:02X}")
+        return token_id
+
+    # --------------------------------------------------------------- decoding
+
+    def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes:
+        """The bytes a token stands for (llama_vocab::impl::token_to_piece, SPM case)."""
+        piece = self._pieces[token_id]
+        if token_id in self._control_ids:
+            return b"" if skip_special else piece.encode("utf-8")
+        ttype = self._types[token_id]
+        if ttype == NORMAL:
+            return piece.replace(SPACE_MARK, " ").encode("utf-8")
+        if ttype == USER_DEFINED:
+            return piece.encode("utf-8")
+        if ttype == BYTE:
+            return bytes([int(piece[3:5], 16)])
+        return b""  # UNUSED and undefined types render as nothing in llama.cpp
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        """Text of `ids`; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD.
+
+        skip_special=False renders control tokens as their text ("<start_of_turn>").
+        With add_space_prefix the space that encode prepended is removed again.
+        """
+        text = b"".join(self.token_bytes(i, skip_special) for i in ids).decode("utf-8", errors="replace")
+        if self.add_space_prefix and text.startswith(" "):
+            text = text[1:]
+        return text
+
+
+class StreamDecoder:
+    """Incremental `Tokenizer.decode` for streaming generation.
+
+    feed() returns only text that is complete: a UTF-8 sequence split across byte
+    tokens is held back until its last byte arrives. The concatenation of all feed()
+    results plus flush() equals `tokenizer.decode(all_ids, skip_special)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip_leading_space = tokenizer.add_space_prefix
+
+    def feed(self, token_id: int) -> str:
+        data = self._tokenizer.token_bytes(token_id, self._skip_special)
+        return self._emit(self._utf8.decode(data))
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete sequence at the end becomes U+FFFD)."""
+        return self._emit(self._utf8.decode(b"", final=True))
+
+    def _emit(self, text: str) -> str:
+        if self._strip_leading_space and text:
+            self._strip_leading_space = False
+            if text.startswith(" "):
+                text = text[1:]
+        return text
+
+
+def apply_chat_template(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render a conversation exactly like Gemma 3's official chat template.
+
+    Returns "<bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n..."
+    ending with "<start_of_turn>model\\n" when add_generation_prompt. Encode the
+    result with `encode(prompt, add_bos=False, parse_special=True)`: the string
+    already starts with "<bos>" and its control-token texts must become ids.
+
+    As in the template: "assistant" is rendered as "model"; a leading system
+    message has no turn of its own but is prepended, untrimmed, to the first user
+    message as "{system}\\n\\n"; turn contents are stripped (Jinja's `| trim`); the
+    remaining roles must alternate user/model starting with user (ValueError
+    otherwise).
+    """
+    prefix = ""
+    if messages and messages[0]["role"] == "system":
+        prefix = messages[0]["content"] + "\n\n"
+        messages = messages[1:]
+        if not messages:
+            raise ValueError("a system message must be followed by a user message")
+    parts = ["<bos>"]
+    for index, message in enumerate(messages):
+        role = {"assistant": "model"}.get(message["role"], message["role"])
+        expected = "user" if index % 2 == 0 else "model"
+        if role != expected:
+            raise ValueError(
+                f"message {index} has role {message['role']!r}: conversation roles must "
+                "alternate user/assistant/user/assistant/..."
+            )
+        content = message["content"].strip()
+        parts.append(f"<start_of_turn>{role}\n{prefix if index == 0 else ''}{content}<end_of_turn>\n")
+    if add_generation_prompt:
+        parts.append("<start_of_turn>model\n")
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------ helpers
+
+def _is_byte_piece(text: str) -> bool:
+    return len(text) == 6 and text.startswith("<0x") and text.endswith(">") and all(
+        c in "0123456789ABCDEF" for c in text[3:5])
+
+
+def _config_token(value) -> str | None:
+    # tokenizer_config.json stores special tokens as a string or an AddedToken dict.
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _prepends_space_mark(normalizer) -> bool:
+    if not normalizer:
+        return False
+    if normalizer.get("type") == "Sequence":
+        return any(_prepends_space_mark(n) for n in normalizer.get("normalizers", []))
+    return normalizer.get("type") == "Prepend" and normalizer.get("prepend") == SPACE_MARK
+
+
+# SentencePiece ModelProto (sentencepiece_model.proto) field numbers we read.
+_SP_MODEL_BPE = 2  # TrainerSpec.ModelType: UNIGRAM = 1 (the default), BPE = 2
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _proto_fields(buf: bytes):
+    """Yield (field number, value) of a serialized protobuf message.
+
+    Varints come back as int, length-delimited fields as bytes, 32/64-bit fixed
+    fields as their raw bytes.
+    """
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos)
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield field, value
+
+
+def _signed(value: int) -> int:
+    # int32 fields are varint-encoded as 64-bit two's complement (-1 -> 2**64 - 1).
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _parse_model_proto(buf: bytes) -> dict:
+    """The parts of a SentencePiece ModelProto that define tokenization.
+
+    ModelProto: 1 pieces (SentencePiece: 1 piece, 2 score, 3 type),
+    2 trainer_spec (3 model_type, 40 unk_id, 41 bos_id, 42 eos_id, 43 pad_id),
+    3 normalizer_spec (3 add_dummy_prefix). Defaults are the proto defaults.
+    """
+    proto = {"pieces": [], "scores": [], "types": [], "model_type": 1,
+             "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1, "add_dummy_prefix": True}
+    trainer_keys = {3: "model_type", 40: "unk_id", 41: "bos_id", 42: "eos_id", 43: "pad_id"}
+    for field, value in _proto_fields(buf):
+        if field == 1:
+            piece, score, ptype = "", 0.0, NORMAL
+            for f, v in _proto_fields(value):
+                if f == 1:
+                    piece = v.decode("utf-8")
+                elif f == 2:
+                    score = struct.unpack("<f", v)[0]
+                elif f == 3:
+                    ptype = v
+            proto["pieces"].append(piece)
+            proto["scores"].append(score)
+            proto["types"].append(ptype)
+        elif field == 2:
+            for f, v in _proto_fields(value):
+                if f in trainer_keys:
+                    proto[trainer_keys[f]] = _signed(v)
+        elif field == 3:
+            for f, v in _proto_fields(value):
+                if f == 3:
+                    proto["add_dummy_prefix"] = bool(v)
+    return proto

@@ -1,0 +1,111 @@
+"""Sampling filters and the generate layers (stop tokens, stop strings, streaming, limits)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gemma3.generate import generate, stream_generate
+from gemma3.load import load_tokenizer
+from gemma3.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+class ScriptedModel:
+    """Stands in for Gemma3: emits a fixed token sequence, so stop handling can be tested exactly."""
+
+    def __init__(self, script, vocab):
+        self.script, self.vocab, self.step = list(script), vocab, 0
+        self.config = SimpleNamespace(max_context=1000)
+
+    def new_cache(self, batch_size=1, max_len=None):
+        return None
+
+    def __call__(self, ids, cache=None, last_only=False):
+        logits = torch.zeros(1, 1, self.vocab)
+        logits[0, 0, self.script[min(self.step, len(self.script) - 1)]] = 1.0
+        self.step += 1
+        return logits
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(100)
+    assert sample(logits, SamplingParams()) == int(logits.argmax())
+
+
+def test_top_k_1_is_greedy_even_when_hot():
+    logits = torch.randn(100)
+    params = SamplingParams(temperature=5.0, top_k=1, seed=0)
+    g = params.generator()
+    assert {sample(logits, params, g) for _ in range(20)} == {int(logits.argmax())}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    kept = filter_logits(probs.log(), SamplingParams(temperature=1.0, top_p=0.8)).isfinite()
+    assert kept.tolist() == [True, True, False, False]
+    kept = filter_logits(probs.log(), SamplingParams(temperature=1.0, top_p=0.81)).isfinite()
+    assert kept.tolist() == [True, True, True, False]
+
+
+def test_min_p_is_relative_to_the_best_token():
+    probs = torch.tensor([0.6, 0.3, 0.07, 0.03])
+    kept = filter_logits(probs.log(), SamplingParams(temperature=1.0, min_p=0.1)).isfinite()
+    assert kept.tolist() == [True, True, True, False]
+
+
+def test_sampling_follows_the_distribution_and_seed():
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    params = SamplingParams(temperature=1.0, seed=123)
+    draws = [sample(probs.log(), params, g) for g in [params.generator()] for _ in range(4000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=3).float() / len(draws)
+    assert (freq - probs).abs().max() < 0.03
+    again = [sample(probs.log(), params, g) for g in [params.generator()] for _ in range(4000)]
+    assert draws == again
+
+
+def test_repetition_penalty_like_llama_cpp():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_invalid_params_are_rejected():
+    for bad in [dict(temperature=-1), dict(top_p=0), dict(min_p=2), dict(top_k=-1), dict(repetition_penalty=0)]:
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def _ids(tok, text):
+    return tok.encode(text, add_bos=False)
+
+
+def test_stops_at_end_of_turn_without_emitting_it(tok):
+    script = _ids(tok, "Hello there") + [tok.end_of_turn_id] + _ids(tok, " never")
+    chunks = list(stream_generate(ScriptedModel(script, tok.vocab_size), tok, "hi", 50))
+    assert "".join(c.text for c in chunks) == "Hello there"
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens == 3  # the stop token counts as generated
+
+
+def test_stop_string_cuts_before_it_even_across_tokens(tok):
+    script = _ids(tok, "alpha beta STOP gamma")
+    text = generate(ScriptedModel(script, tok.vocab_size), tok, "x", 50, stop=["ST" + "OP"])
+    assert text == "alpha beta "
+
+
+def test_pending_stop_prefix_is_released_when_it_does_not_match(tok):
+    script = _ids(tok, "one STO two") + [tok.eos_id]
+    chunks = list(stream_generate(ScriptedModel(script, tok.vocab_size), tok, "x", 50, stop=["STOP"]))
+    assert "".join(c.text for c in chunks) == "one STO two"
+
+
+def test_length_limit_and_utf8_streaming(tok):
+    script = _ids(tok, "日本語のテキスト 🎉🎉 done")
+    chunks = list(stream_generate(ScriptedModel(script, tok.vocab_size), tok, "x", len(script)))
+    assert "".join(c.text for c in chunks) == "日本語のテキスト 🎉🎉 done"
+    assert chunks[-1].finish_reason == "length"
+    assert all("\ufffd" not in c.text for c in chunks)

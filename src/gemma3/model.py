@@ -62,7 +62,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, layer_cache):
+    def forward(self, x, cos, sin, positions, layer_cache, groups=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -74,14 +74,30 @@ class Attention(nn.Module):
         allowed = (k_pos[None, :] <= positions[:, None]) & (k_pos[None, :] >= 0)
         if self.window is not None:
             allowed &= k_pos[None, :] > positions[:, None] - self.window
+        if groups is not None:
+            allowed = allowed | same_image(groups, k.shape[2])
         # Fold the query heads of each KV group into the query length: one SDPA call per KV head
         # instead of materialising repeated keys (GQA without repeat_kv).
         group = self.n_heads // self.n_kv
         q = q.reshape(b, self.n_kv, group * t, self.head_dim)
-        mask = allowed.repeat(group, 1)
+        mask = allowed.repeat(*[1] * (allowed.dim() - 2), group, 1)  # row g*t + i is query i of head g
+        if mask.dim() == 3:
+            mask = mask[:, None]  # per-batch-row masks (images) broadcast over KV heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(out)
+
+
+def same_image(groups: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """[batch, chunk, keys] True where a query and a key are soft tokens of the same image.
+
+    Image soft tokens attend bidirectionally within their image (SPEC §1). `groups` [batch, chunk]
+    holds an image index per token (-1 for text); a whole image always lies inside one chunk, so
+    only the chunk's own keys (the last `chunk` keys) can share a query's image.
+    """
+    b, t = groups.shape
+    key_groups = torch.cat([groups.new_full((b, n_keys - t), -1), groups], dim=1)
+    return (groups[:, :, None] == key_groups[:, None, :]) & (groups[:, :, None] >= 0)
 
 
 class MLP(nn.Module):
@@ -106,9 +122,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, layer_cache):
+    def forward(self, x, cos, sin, positions, layer_cache, groups=None):
         h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), cos, sin, positions, layer_cache))
+            self.self_attn(self.input_layernorm(x), cos, sin, positions, layer_cache, groups))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -147,30 +163,48 @@ class Gemma3(nn.Module):
         scale = torch.tensor(math.sqrt(self.config.hidden_size), dtype=self.dtype)
         return self.embed_tokens(input_ids) * scale
 
-    def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Final-norm hidden states for `input_ids` [batch, seq] appended after `cache.pos` tokens."""
+    def chunks(self, length: int, groups: torch.Tensor | None):
+        """Prefill chunk boundaries; a chunk is extended rather than cut through an image."""
+        start = 0
+        while start < length:
+            end = min(start + self.chunk_size, length)
+            if groups is not None:
+                while end < length and bool(((groups[:, end] >= 0) & (groups[:, end] == groups[:, end - 1])).any()):
+                    end += 1
+            yield start, end
+            start = end
+
+    def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache, embeds: torch.Tensor | None = None,
+                       groups: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states for `input_ids` [batch, seq] appended after `cache.pos` tokens.
+
+        `embeds` [batch, seq, d_model] replaces the token embeddings (image features spliced in);
+        `groups` [batch, seq] gives each image soft token its image index (-1 elsewhere).
+        """
         outs = []
-        for start in range(0, input_ids.shape[1], self.chunk_size):
-            ids = input_ids[:, start : start + self.chunk_size]
-            positions = torch.arange(cache.pos, cache.pos + ids.shape[1], device=ids.device)
-            if cache.pos + ids.shape[1] > cache.max_len:
-                raise ValueError(f"context overflow: {cache.pos + ids.shape[1]} tokens > cache size {cache.max_len}")
+        for start, end in self.chunks(input_ids.shape[1], groups):
+            n = end - start
+            if cache.pos + n > cache.max_len:
+                raise ValueError(f"context overflow: {cache.pos + n} tokens > cache size {cache.max_len}")
+            positions = torch.arange(cache.pos, cache.pos + n, device=input_ids.device)
             local = rope_cos_sin(positions, self.rope_local, self.dtype)
             glob = rope_cos_sin(positions, self.rope_global, self.dtype)
-            x = self.embed(ids)
+            x = self.embed(input_ids[:, start:end]) if embeds is None else embeds[:, start:end]
+            g = None if groups is None else groups[:, start:end]
             for layer, layer_cache in zip(self.layers, cache.layers):
                 cos, sin = glob if layer.is_global else local
-                x = layer(x, cos, sin, positions, layer_cache)
-            cache.pos += ids.shape[1]
+                x = layer(x, cos, sin, positions, layer_cache, g)
+            cache.pos += n
             outs.append(self.norm(x))
         return torch.cat(outs, dim=1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.embed_tokens.weight.T  # tied LM head
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                embeds: torch.Tensor | None = None, groups: torch.Tensor | None = None):
         """Logits [batch, seq, vocab]. Without a cache this is a full forward from position 0."""
         if cache is None:
             cache = self.new_cache(input_ids.shape[0], max_len=input_ids.shape[1])
-        hidden = self.forward_hidden(input_ids, cache)
+        hidden = self.forward_hidden(input_ids, cache, embeds, groups)
         return self.logits(hidden[:, -1:] if last_only else hidden)

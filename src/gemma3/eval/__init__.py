@@ -1,0 +1,1 @@
+"""Evaluations and the paper's studies (SPEC §8)."""

@@ -95,3 +95,14 @@ def test_bf16_close_to_fp32(tiny):
         a, b = tiny(ids), bf(ids).float()
     assert b.dtype == torch.float32 and torch.isfinite(b).all()
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_training_path_equals_cached_path_and_has_gradients(tiny):
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 37))
+    with torch.no_grad():
+        expected = tiny(ids)
+    hidden = tiny.hidden_states(ids, checkpoint=True)
+    logits = tiny.logits(hidden)
+    assert (logits - expected).abs().max().item() <= 1e-5
+    logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tiny.parameters())

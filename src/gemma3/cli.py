@@ -146,6 +146,78 @@ def cmd_info(args):
                                     for k, v in info["tensor_types"].items()))
 
 
+def cmd_perplexity(args):
+    from .eval.perplexity import perplexity, read_text
+
+    text = read_text(args.file)
+    model, tok = _load(args)
+    result = perplexity(model, tok, text, ctx=args.ctx, stride=args.stride, max_chunks=args.chunks,
+                        progress=not args.json)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"perplexity {result.ppl:.4f}  (nll {result.nll:.5f} over {result.tokens} scored tokens, "
+              f"{len(result.chunks)} chunks of {args.ctx})")
+
+
+def cmd_memory(args):
+    from . import memory
+
+    out = {"table3": memory.table3()}
+    if args.model is not None or args.ctx is not None:
+        out["model"] = _measure_kv(args, memory)
+    if args.plot:
+        memory.plot_kv_vs_context(args.plot)
+        out["plot"] = args.plot
+    if args.json:
+        print(json.dumps(out))
+        return
+    print("Paper Table 3 (GB) vs our computation from the configs; +KV = weights + full-length bf16 KV at 32,768")
+    print(f"{'model':6}{'format':10}{'weights':>9}{'paper':>7}{'Δ':>8}{'+KV':>9}{'paper':>7}{'Δ':>8}"
+          f"{'+window KV':>12}")
+    for r in out["table3"]:
+        print(f"{r['model']:6}{r['format']:10}{r['weights_gb']:9.2f}{r['paper_weights_gb']:7.1f}"
+              f"{r['weights_rel_diff']:+8.1%}{r['with_kv_gb']:9.2f}{r['paper_with_kv_gb']:7.1f}"
+              f"{r['with_kv_rel_diff']:+8.1%}{r['with_windowed_kv_gb']:12.2f}")
+    if "model" in out:
+        m = out["model"]
+        how = "planned (dry run)" if m["dry_run"] else "measured after the prompt"
+        print(f"\n{m['model']}: KV cache at {m['ctx']} tokens ({m['kv_dtype']}): {m['kv_bytes'] / 2**20:.1f} MiB {how}; "
+              f"window-sized formula {m['kv_bytes_formula'] / 2**20:.1f} MiB; full-length on every layer "
+              f"{m['kv_bytes_full'] / 2**20:.1f} MiB; llama.cpp default {m['kv_bytes_llama_cpp_default'] / 2**20:.1f} MiB")
+    if args.plot:
+        print(f"plot written to {args.plot}")
+
+
+def _measure_kv(args, memory) -> dict:
+    import torch
+
+    from .load import describe
+
+    info = describe(args.model)
+    from .config import Gemma3Config
+
+    cfg = Gemma3Config(**{**info["config"], "layer_types": tuple(info["config"]["layer_types"])})
+    ctx = args.ctx or cfg.max_context
+    if ctx > cfg.max_context:
+        raise ValueError(f"--ctx {ctx} exceeds the model's context of {cfg.max_context} tokens")
+    kv_dtype = args.kv_dtype
+    result = {"model": info["path"] or cfg.name, "ctx": ctx, "kv_dtype": kv_dtype, "dry_run": args.dry_run,
+              "kv_bytes_formula": memory.kv_bytes_windowed(cfg, ctx, kv_dtype),
+              "kv_bytes_full": memory.kv_bytes_full(cfg, ctx, kv_dtype),
+              "kv_bytes_llama_cpp_default": memory.kv_bytes_llama_cpp_default(cfg, ctx)}
+    if args.dry_run:
+        result["kv_bytes"] = memory.kv_bytes_planned(cfg, ctx, ctx, kv_dtype)
+        return result
+    model, _ = _load(args)
+    cache = model.new_cache(1, max_len=ctx, kv_dtype=kv_dtype)
+    ids = torch.randint(3, cfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model.forward_hidden(ids, cache)
+    result["kv_bytes"] = cache.nbytes()
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma3", description="Run Gemma 3 models in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--special", action="store_true", help="parse special-token text such as <start_of_turn>")
     _add_model_args(p)
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity method by default)",
+                       description="Perplexity of FILE. Default: llama.cpp's method (chunks of --ctx tokens, "
+                                   "BOS first, second half of each chunk scored), comparable with llama-perplexity. "
+                                   "--stride S: sliding windows of --ctx advanced by S, every token scored once.")
+    p.add_argument("file", help="UTF-8 text file")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk/window (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window mode with this stride")
+    p.add_argument("--chunks", type=int, default=None, help="evaluate at most this many chunks")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("memory", help="the paper's Table 3 and the KV cache a model really needs",
+                       description="Prints the report's Table 3 (weights and weights + KV at 32K per format) "
+                                   "computed from the configs beside the paper's figures. With --model/--ctx: "
+                                   "the KV bytes a model's cache holds after a --ctx-token prompt (measured, or "
+                                   "planned with --dry-run) next to llama.cpp's default allocation.")
+    p.add_argument("--ctx", type=int, default=None, help="context length to measure (default: the model's)")
+    p.add_argument("--kv-dtype", choices=("bf16", "fp32", "int8"), default="bf16", help="KV cache dtype")
+    p.add_argument("--dry-run", action="store_true", help="compute the allocation plan instead of running a prompt")
+    p.add_argument("--plot", default=None, help="write KV memory vs context (1K…128K) to this PNG")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("info", help="model config, tensor types and sizes")
     _add_model_args(p)

@@ -69,7 +69,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        k, v, k_pos = layer_cache.update(k, v, positions)
+        if layer_cache is None:  # training path: the chunk is the whole sequence
+            k_pos = positions
+        else:
+            k, v, k_pos = layer_cache.update(k, v, positions)
 
         allowed = (k_pos[None, :] <= positions[:, None]) & (k_pos[None, :] >= 0)
         if self.window is not None:
@@ -197,6 +200,24 @@ class Gemma3(nn.Module):
             cache.pos += n
             outs.append(self.norm(x))
         return torch.cat(outs, dim=1)
+
+    def hidden_states(self, input_ids: torch.Tensor, embeds: torch.Tensor | None = None,
+                      groups: torch.Tensor | None = None, checkpoint: bool = False) -> torch.Tensor:
+        """Training path: one pass over the whole sequence from position 0 with no KV cache, so
+        autograd and activation checkpointing (`checkpoint=True`, per layer) see pure functions."""
+        from torch.utils.checkpoint import checkpoint as ckpt
+
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        local = rope_cos_sin(positions, self.rope_local, self.dtype)
+        glob = rope_cos_sin(positions, self.rope_global, self.dtype)
+        x = self.embed(input_ids) if embeds is None else embeds
+        for layer in self.layers:
+            cos, sin = glob if layer.is_global else local
+            if checkpoint:
+                x = ckpt(layer, x, cos, sin, positions, None, groups, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, positions, None, groups)
+        return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.embed_tokens.weight.T  # tied LM head

@@ -5,7 +5,8 @@ tokenized once (with BOS), cut into chunks of `ctx` tokens, the first token of e
 replaced by BOS, and only the second half of each chunk is scored (tokens first+1 … ctx-1 with
 first = ctx/2), so every scored token has at least ctx/2 tokens of context.
 The `stride` mode is the usual sliding window: windows of `ctx` tokens advanced by `stride`,
-scoring only tokens not scored before.
+each scoring only its last `stride` tokens, so every token after the first is scored exactly once
+with at least ctx - stride tokens of context.
 """
 
 from __future__ import annotations
@@ -76,18 +77,16 @@ def perplexity(model, tokenizer, text: str, ctx: int = 512, stride: int | None =
             chunk = tokens[i * ctx:(i + 1) * ctx]
             windows.append(([tokenizer.bos_id] + chunk[1:], ctx // 2))
     else:
-        if not 0 < stride <= ctx:
-            raise EvalInputError(f"--stride must be in [1, ctx={ctx}], got {stride}")
+        if not 0 < stride < ctx:
+            raise EvalInputError(f"--stride must be in [1, ctx-1={ctx - 1}], got {stride}")
         if len(tokens) < 2:
             raise EvalInputError("text has fewer than 2 tokens")
-        scored_until = 0  # tokens[:scored_until + 1] already predicted
-        start = 0
-        while scored_until < len(tokens) - 1 and (max_chunks is None or len(windows) < max_chunks):
-            window = tokens[start:start + ctx]
-            first = scored_until - start  # predict tokens after this offset only
-            windows.append((window, max(first, 0)))
-            scored_until = start + len(window) - 1
-            start += stride
+        last = 0  # tokens[1 : last + 1] are scored; each window predicts the next `stride` tokens
+        while last < len(tokens) - 1 and (max_chunks is None or len(windows) < max_chunks):
+            end = min(last + stride, len(tokens) - 1)
+            start = max(0, end - ctx + 1)
+            windows.append((tokens[start:end + 1], last - start))
+            last = end
     nll_sum, count, per_chunk = 0.0, 0, []
     for ids, first in tqdm(windows, desc="perplexity", unit="chunk", disable=not progress):
         total, n = _score(model, ids, first)

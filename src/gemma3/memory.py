@@ -1,0 +1,120 @@
+"""Memory model of the paper's Table 3 and of our KV cache (SPEC §4).
+
+The report's "+KV" column assumes a full-length cache on every layer (bf16, 32,768 tokens, GB =
+1e9 bytes). Gemma 3's own design needs far less: local layers hold only `window` tokens. Both are
+computed here from the configs, next to what llama.cpp allocates by default (a full-length f16
+cache on every layer, sliding-window layers included).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .cache import GROW_CHUNK
+from .config import PRESETS, Gemma3Config
+
+# SigLIP-So400m encoder + projector, frozen and shared by the multimodal 4B/12B/27B (report Table 1).
+VISION_PARAMS = 417_000_000
+
+# Bytes per parameter of each weight format. int4 blocks of 32 carry one fp16 scale per block
+# (18 bytes / 32 weights, the Q4_0 layout); per-channel int4 scales are negligible.
+FORMAT_BYTES = {"bf16": 2.0, "int4": 0.5, "int4-b32": 18 / 32, "sfp8": 1.0}
+
+# The report's Table 3 (GB): weights alone and weights + KV cache at 32,768 tokens.
+PAPER_TABLE3 = {
+    "1b": {"bf16": (2.0, 2.9), "int4": (0.5, 1.4), "int4-b32": (0.7, 1.6), "sfp8": (1.0, 1.9)},
+    "4b": {"bf16": (8.0, 12.7), "int4": (2.6, 7.3), "int4-b32": (2.9, 7.6), "sfp8": (4.4, 9.1)},
+    "12b": {"bf16": (24.0, 38.9), "int4": (6.6, 21.5), "int4-b32": (7.1, 22.0), "sfp8": (12.4, 27.3)},
+    "27b": {"bf16": (54.0, 72.7), "int4": (14.1, 32.8), "int4-b32": (15.3, 34.0), "sfp8": (27.4, 46.1)},
+}
+PAPER_CTX = 32_768
+
+KV_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "f16": 2, "int8": 1}
+
+
+def total_params(cfg: Gemma3Config, multimodal: bool) -> int:
+    return cfg.num_params() + (VISION_PARAMS if multimodal else 0)
+
+
+def weight_bytes(cfg: Gemma3Config, fmt: str, multimodal: bool) -> float:
+    return total_params(cfg, multimodal) * FORMAT_BYTES[fmt]
+
+
+def kv_token_bytes(cfg: Gemma3Config, dtype: str = "bf16") -> int:
+    """K and V of one token in one layer; int8 adds one fp32 scale per token, head and K/V."""
+    per = 2 * cfg.num_kv_heads * cfg.head_dim * KV_DTYPE_BYTES[dtype]
+    if dtype == "int8":
+        per += 2 * cfg.num_kv_heads * 4
+    return per
+
+
+def kv_bytes_full(cfg: Gemma3Config, ctx: int, dtype: str = "bf16") -> int:
+    """Full-length cache on every layer: the paper's Table 3 assumption (and llama.cpp's default)."""
+    return cfg.num_layers * ctx * kv_token_bytes(cfg, dtype)
+
+
+def kv_bytes_windowed(cfg: Gemma3Config, ctx: int, dtype: str = "bf16") -> int:
+    """What Gemma 3 needs: `window` slots on local layers, `ctx` on global ones."""
+    local = len(cfg.local_layers) * min(cfg.sliding_window, ctx)
+    return (local + len(cfg.global_layers) * ctx) * kv_token_bytes(cfg, dtype)
+
+
+def kv_bytes_planned(cfg: Gemma3Config, tokens: int, max_len: int, dtype: str = "bf16") -> int:
+    """Exactly what `KVCache` allocates after `tokens` tokens: rings of min(window, max_len) slots,
+    global buffers grown in GROW_CHUNK steps up to max_len."""
+    ring = min(cfg.sliding_window, max_len)
+    grown = min(max_len, math.ceil(tokens / GROW_CHUNK) * GROW_CHUNK)
+    return (len(cfg.local_layers) * ring + len(cfg.global_layers) * grown) * kv_token_bytes(cfg, dtype)
+
+
+def kv_bytes_llama_cpp_default(cfg: Gemma3Config, ctx: int) -> int:
+    """llama.cpp's default: an f16 cache of n_ctx cells on every layer (its SWA cache is full size)."""
+    return kv_bytes_full(cfg, ctx, "f16")
+
+
+def table3() -> list[dict]:
+    """Our Table 3 beside the paper's. Weights include the vision encoder for 4B+ (the report's
+    sizes are of the multimodal checkpoints); KV follows the paper's full-length assumption, and
+    `kv_windowed_gb` is what a window-sized cache really needs."""
+    rows = []
+    for name, paper in PAPER_TABLE3.items():
+        cfg = PRESETS[name]
+        multimodal = name != "1b"
+        kv_full = kv_bytes_full(cfg, PAPER_CTX) / 1e9
+        kv_win = kv_bytes_windowed(cfg, PAPER_CTX) / 1e9
+        for fmt, (p_w, p_kv) in paper.items():
+            w = weight_bytes(cfg, fmt, multimodal) / 1e9
+            rows.append({
+                "model": name, "format": fmt,
+                "weights_gb": w, "paper_weights_gb": p_w, "weights_rel_diff": w / p_w - 1,
+                "with_kv_gb": w + kv_full, "paper_with_kv_gb": p_kv, "with_kv_rel_diff": (w + kv_full) / p_kv - 1,
+                "kv_full_gb": kv_full, "kv_windowed_gb": kv_win, "with_windowed_kv_gb": w + kv_win,
+            })
+    return rows
+
+
+def plot_kv_vs_context(path, models=("1b", "4b", "12b", "27b"), dtype="bf16"):
+    """Paper Fig. 5/6: KV memory vs context length, global-only vs the 5:1 interleave."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctxs = [1024 * 2 ** i for i in range(8)]  # 1K … 128K
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, name in enumerate(models):
+        cfg = PRESETS[name]
+        color = f"C{i}"
+        ax.plot([c / 1024 for c in ctxs], [kv_bytes_full(cfg, c, dtype) / 2**30 for c in ctxs],
+                color=color, linestyle="--", marker="o", label=f"{name} global only")
+        ax.plot([c / 1024 for c in ctxs], [kv_bytes_windowed(cfg, c, dtype) / 2**30 for c in ctxs],
+                color=color, marker="s", label=f"{name} 5:1, window {cfg.sliding_window}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (K tokens)")
+    ax.set_ylabel(f"KV cache (GiB, {dtype})")
+    ax.set_title("KV cache memory vs context (Gemma 3 Fig. 5/6)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -23,8 +23,13 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
+# Chromium for the chat-page test (Debian package; skipped with a reason where apt is unavailable).
+$(VENV)/.chromium: scripts/install_chromium.sh
+	bash scripts/install_chromium.sh
+	touch $@
+
 setup: $(VENV)/.installed
-setup-test: $(VENV)/.installed-test
+setup-test: $(VENV)/.installed-test $(VENV)/.chromium
 
 run: setup
 	$(BIN)/gemma3 generate "$(PROMPT)" --max-tokens 32

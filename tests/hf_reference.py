@@ -31,3 +31,31 @@ def hf_model(model) -> Gemma3ForCausalLM:
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= set(), (missing, unexpected)
     return ref
+
+
+def hf_multimodal_model(model, vision):
+    """transformers' Gemma3ForConditionalGeneration carrying `model`'s and `vision`'s weights."""
+    from transformers import Gemma3Config as HFGemma3Config
+    from transformers import Gemma3ForConditionalGeneration
+
+    vc = vision.config
+    config = HFGemma3Config(
+        text_config=hf_config(model.config),
+        vision_config=dict(model_type="siglip_vision_model", image_size=vc.image_size, patch_size=vc.patch_size,
+                           hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size,
+                           num_hidden_layers=vc.num_layers, num_attention_heads=vc.num_heads,
+                           layer_norm_eps=vc.layer_norm_eps, vision_use_head=False),
+        mm_tokens_per_image=vc.mm_tokens_per_image,
+    )
+    ref = Gemma3ForConditionalGeneration(config).to(model.dtype).eval()
+    ref.set_attn_implementation("eager")
+    state = {f"model.language_model.{k}": v for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = model.embed_tokens.weight
+    for k, v in vision.state_dict().items():  # written out here, independently of our loader's mapping
+        if k.startswith("projector."):
+            state["model.multi_modal_projector." + k.removeprefix("projector.")] = v
+        else:
+            state["model.vision_tower." + k.replace("layers.", "encoder.layers.", 1)] = v
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return ref

@@ -22,10 +22,10 @@ class ScriptedModel:
         self.script, self.vocab, self.step = list(script), vocab, 0
         self.config = SimpleNamespace(max_context=1000)
 
-    def new_cache(self, batch_size=1, max_len=None):
+    def new_cache(self, batch_size=1, max_len=None, kv_dtype=None):
         return None
 
-    def __call__(self, ids, cache=None, last_only=False):
+    def __call__(self, ids, cache=None, last_only=False, **prefill):
         logits = torch.zeros(1, 1, self.vocab)
         logits[0, 0, self.script[min(self.step, len(self.script) - 1)]] = 1.0
         self.step += 1

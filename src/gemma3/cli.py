@@ -16,6 +16,9 @@ def _add_model_args(p: argparse.ArgumentParser):
                    help="GGUF file, HF-style directory (config.json + *.safetensors) or preset name "
                         "(default: the embedded Gemma 3 270M Q4_K_M GGUF)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default: float32)")
+    p.add_argument("--precision", choices=("fast", "fp32"), default="fast",
+                   help="fast: GGUF weights stay quantized and run on the C++ kernels (default); "
+                        "fp32: every weight dequantized, the reference path")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -29,6 +32,8 @@ def _add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="llama.cpp-style repetition penalty (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--kv-dtype", choices=("fp32", "bf16", "int8"), default=None,
+                   help="KV cache storage (default: the compute dtype); int8 = per-token per-head scales")
 
 
 def _load(args):
@@ -38,7 +43,7 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=getattr(torch, args.dtype))
+    return load(args.model, dtype=getattr(torch, args.dtype), precision=args.precision)
 
 
 def _params(args):
@@ -48,16 +53,43 @@ def _params(args):
                           repetition_penalty=args.repeat_penalty, seed=args.seed)
 
 
+def _add_vision_args(p: argparse.ArgumentParser):
+    p.add_argument("--mmproj", default=None,
+                   help="llama.cpp mmproj GGUF with the vision encoder (for GGUF models; HF directories carry theirs)")
+    p.add_argument("--no-pan-and-scan", action="store_true",
+                   help="encode each image once, without Pan & Scan crops of elongated images")
+
+
+def _encoder(args):
+    """(vision model, Pan & Scan settings) for args."""
+    import torch
+
+    from .load import load_vision
+    from .multimodal import PanAndScan
+
+    vision = load_vision(args.model, args.mmproj, dtype=getattr(torch, args.dtype))
+    return vision, None if args.no_pan_and_scan else PanAndScan()
+
+
 def cmd_generate(args):
     from .generate import stream_generate
+    from .multimodal import build_prompt, encode_image, load_image, with_placeholders
     from .tokenizer import apply_chat_template
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # Images and their encoder before the slow text model: a bad file or a missing mmproj fails fast.
+    images = [load_image(path) for path in args.image]
+    vision, pan_and_scan = _encoder(args) if images else (None, None)
     model, tok = _load(args)
+    if images:
+        prompt = with_placeholders(prompt, len(images))
     if args.chat:
         prompt = apply_chat_template([{"role": "user", "content": prompt}])
+    if images:
+        prompt = build_prompt(model, tok, prompt, [encode_image(vision, im, pan_and_scan) for im in images])
     start, first, text, last = time.perf_counter(), None, [], None
-    for chunk in stream_generate(model, tok, prompt, args.max_tokens, _params(args), args.stop):
+    for chunk in stream_generate(model, tok, prompt, args.max_tokens, _params(args), args.stop,
+                                 kv_dtype=args.kv_dtype):
         first = first or time.perf_counter()
         text.append(chunk.text)
         last = chunk
@@ -79,11 +111,18 @@ def cmd_generate(args):
 
 def cmd_chat(args):
     from .generate import stream_generate
+    from .multimodal import build_prompt, encode_image, load_image, with_placeholders
     from .tokenizer import apply_chat_template
 
+    from .prefix_cache import PrefixCache
+
     model, tok = _load(args)
+    # Each turn re-sends the whole conversation; the prefix cache resumes after the previous turns.
+    prefix_cache = PrefixCache(model, kv_dtype=args.kv_dtype)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chat with Gemma 3. /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    encoder, features, pending = None, [], []  # soft tokens of the conversation's images, of the next message's
+    print("Chat with Gemma 3. /image PATH attaches a picture to your next message, /reset clears the "
+          "conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -94,18 +133,51 @@ def cmd_chat(args):
             return
         if line.strip() == "/reset":
             messages = messages[:1] if args.system else []
+            features, pending = [], []
             print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.strip().startswith("/image"):
+            path = line.strip()[len("/image"):].strip()
+            try:
+                image = load_image(path)
+                encoder = encoder or _encoder(args)
+                pending.append(encode_image(encoder[0], image, encoder[1]))
+            except ValueError as e:  # a bad file or missing vision weights; the conversation goes on
+                print(f"gemma3: error: {e}", file=sys.stderr)
+                continue
+            print(f"(image {path} attached to your next message)", file=sys.stderr)
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
+        messages.append({"role": "user", "content": with_placeholders(line, len(pending)) if pending else line})
+        features, pending = features + pending, []
         prompt = apply_chat_template(messages)
+        if features:
+            prompt = build_prompt(model, tok, prompt, features)
         reply = []
-        for chunk in stream_generate(model, tok, prompt, args.max_tokens, _params(args), args.stop):
+        for chunk in stream_generate(model, tok, prompt, args.max_tokens, _params(args), args.stop,
+                                     prefix_cache=prefix_cache):
             reply.append(chunk.text)
             print(chunk.text, end="", flush=True)
         print()
         messages.append({"role": "model", "content": "".join(reply)})
+
+
+def cmd_serve(args):
+    from pathlib import Path
+
+    from .load import resolve
+    from .server import serve
+
+    for name in ("port", "max_batch", "max_queue", "ctx", "max_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name in ("port",) else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    model_id = args.served_model_name or Path(resolve(args.model)).name.removesuffix(".gguf")
+    model, tok = _load(args)
+    serve(model, tok, model_id, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
+          max_queue=args.max_queue, max_tokens=args.max_tokens, api_key=args.api_key,
+          prefix_cache_mb=args.prefix_cache_mb, log_level=args.log_level)
 
 
 def cmd_tokenize(args):
@@ -152,7 +224,7 @@ def cmd_perplexity(args):
     text = read_text(args.file)
     model, tok = _load(args)
     result = perplexity(model, tok, text, ctx=args.ctx, stride=args.stride, max_chunks=args.chunks,
-                        progress=not args.json)
+                        progress=not args.json, kv_dtype=args.kv_dtype)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -218,6 +290,34 @@ def _measure_kv(args, memory) -> dict:
     return result
 
 
+def cmd_eval_needle(args):
+    from .eval.needle import plot_heatmap, run_needle, to_json
+    from .eval.perplexity import read_text
+
+    haystack = read_text(args.haystack) if args.haystack else _default_haystack()
+    ctxs = [int(c) for c in args.ctx.split(",")]
+    depths = [float(d) for d in args.depths.split(",")]
+    model, tok = _load(args)
+    results = run_needle(model, tok, haystack, ctxs, depths, seed=args.seed, progress=not args.json)
+    out = to_json(results)
+    if args.plot:
+        plot_heatmap(results, args.plot)
+        out["plot"] = args.plot
+    if args.json:
+        print(json.dumps(out))
+        return
+    for r in results:
+        print(f"ctx {r.ctx:>6}  depth {r.depth:4.0%}  {'found ' if r.found else 'MISSED'}  "
+              f"log p(answer) {r.answer_logprob:7.2f}  generated {r.generated!r}")
+    print(f"accuracy {out['accuracy']:.0%}" + (f"; heat map written to {args.plot}" if args.plot else ""))
+
+
+def _default_haystack() -> str:
+    from importlib.resources import files
+
+    return files("gemma3.eval").joinpath("haystack.txt").read_text(encoding="utf-8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma3", description="Run Gemma 3 models in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,15 +327,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="prompt text, or - to read it from stdin")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (instruction-tuned models)")
     p.add_argument("--verbose", "-v", action="store_true", help="print timing stats to stderr")
+    p.add_argument("--image", action="append", default=[],
+                   help="image file (repeatable); each <start_of_image> in the prompt marks where one goes, "
+                        "otherwise they come before the text")
     _add_model_args(p)
     _add_sampling_args(p)
+    _add_vision_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat with the chat template")
     p.add_argument("--system", default=None, help="system prompt (merged into the first user turn)")
     _add_model_args(p)
     _add_sampling_args(p)
+    _add_vision_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page",
+                       description="Serves /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics "
+                                   "and a chat page at /. Example: gemma3 serve --port 8000 --max-batch 8")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together at most (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a batch slot at most; more get HTTP 503 (default 64)")
+    p.add_argument("--ctx", type=int, default=None, help="context per request, prompt + completion (default: the model's)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="default and upper bound of a request's max_tokens (default: what is left of --ctx)")
+    p.add_argument("--api-key", default=os.environ.get("GEMMA3_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $GEMMA3_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model file's name)")
+    p.add_argument("--prefix-cache-mb", type=int, default=256, help="prompt prefix cache size, 0 = off (default 256)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn log level (default info: one line per request)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("tokenize", help="token ids of each input line",
                        description="Tokenize text from a file or stdin, one line at a time.")
@@ -253,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk/window (default 512)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window mode with this stride")
     p.add_argument("--chunks", type=int, default=None, help="evaluate at most this many chunks")
+    p.add_argument("--kv-dtype", choices=("fp32", "bf16", "int8"), default=None,
+                   help="KV cache storage (default: the compute dtype)")
     _add_model_args(p)
     p.set_defaults(func=cmd_perplexity)
 
@@ -268,9 +395,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_memory)
 
+    from .bench import add_arguments as add_bench_arguments, cmd_bench
+
+    p = sub.add_parser("bench", help="load time, prefill/decode speed and peak memory, optionally vs llama.cpp",
+                       description="Each side runs in fresh processes, repetitions interleaved, medians reported. "
+                                   "Example: gemma3 bench --against llama.cpp --llama-python /path/to/python --json")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("info", help="model config, tensor types and sizes")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
+
+    from .train.commands import add_commands as add_training_commands  # distill, finetune, qat
+
+    add_training_commands(sub)
+
+    from .quant.commands import add_commands as add_quant_commands  # quantize
+
+    add_quant_commands(sub)
+
+    # `gemma3 eval <study>`: each evaluation module registers its own sub-subcommand here.
+    p = sub.add_parser("eval", help="evaluations and studies (SPEC §8): quant, needle, …")
+    evals = p.add_subparsers(dest="eval_command", required=True, metavar="STUDY")
+    from .eval.quant import add_command as add_eval_quant
+
+    add_eval_quant(evals)
+    e = evals.add_parser("needle", help="needle in a haystack at several context lengths and depths",
+                         description="Plants 'The secret number is N.' at each depth of a haystack of each "
+                                     "context length and asks for N (greedy). Example: gemma3 eval needle "
+                                     "--ctx 4096,8192,16384,32768 --depths 0,0.25,0.5,0.75,1.0 --plot needle.png")
+    e.add_argument("--ctx", default="4096,8192,16384,32768", help="comma-separated context lengths")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1.0", help="comma-separated depths in [0, 1]")
+    e.add_argument("--haystack", default=None, help="filler text file (default: a built-in text about a river valley)")
+    e.add_argument("--seed", type=int, default=0, help="seed for the hidden numbers")
+    e.add_argument("--plot", default=None, help="write a heat map PNG here")
+    _add_model_args(e)
+    e.set_defaults(func=cmd_eval_needle)
     return parser
 
 

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .multimodal import MultimodalPrompt
 from .sampling import SamplingParams, sample
 from .tokenizer import StreamDecoder
 
@@ -21,9 +22,11 @@ class Chunk:
     completion_tokens: int = 0
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+def encode_prompt(tokenizer, prompt: str | Sequence[int] | MultimodalPrompt) -> list[int]:
     """Strings are tokenized with special-token parsing on (like llama.cpp's CLI and transformers),
     so chat-formatted prompts work; a leading <bos> is added only if the text lacks one."""
+    if isinstance(prompt, MultimodalPrompt):
+        return list(prompt.ids)
     if not isinstance(prompt, str):
         return list(prompt)
     ids = tokenizer.encode(prompt, add_bos=False, parse_special=True)
@@ -32,21 +35,32 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     return ids
 
 
-def generate_step(model, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int,
-                  cache=None) -> Iterator[int]:
-    """Yields up to `max_tokens` sampled token ids; the prompt is prefilled in chunks first."""
+def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: SamplingParams, max_tokens: int,
+                  prefix_cache=None, kv_dtype=None) -> Iterator[int]:
+    """Yields up to `max_tokens` sampled token ids; the prompt is prefilled in chunks first (a
+    MultimodalPrompt with its image features and bidirectional image groups). With a
+    `PrefixCache`, a text prompt resumes after the longest stored prefix it shares."""
+    prefill = {}
+    if isinstance(prompt_ids, MultimodalPrompt):
+        prefill = {"embeds": prompt_ids.embeds, "groups": prompt_ids.groups}
+        prompt_ids = prompt_ids.ids
+        prefix_cache = None  # stored prefixes are keyed by token ids, which do not identify images
     if not prompt_ids:
         raise ValueError("empty prompt: at least one token (e.g. <bos>) is needed")
     limit = model.config.max_context
     if len(prompt_ids) >= limit:
         raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context is {limit} tokens")
     max_tokens = min(max_tokens, limit - len(prompt_ids))
-    if cache is None:
-        cache = model.new_cache(1, max_len=len(prompt_ids) + max_tokens)
+    max_len = len(prompt_ids) + max_tokens
     generator = params.generator()
     history = list(prompt_ids)
+    if prefix_cache is not None:
+        cache, logits = prefix_cache.prefill(history, max_len)
+    else:
+        cache = model.new_cache(1, max_len=max_len, kv_dtype=kv_dtype)
+        with torch.inference_mode():
+            logits = model(torch.tensor([history]), cache, last_only=True, **prefill)[0, -1]
     with torch.inference_mode():
-        logits = model(torch.tensor([history]), cache, last_only=True)[0, -1]
         for i in range(max_tokens):
             token = sample(logits, params, generator, history)
             yield token
@@ -66,9 +80,9 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def stream_generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
+def stream_generate(model, tokenizer, prompt: str | Sequence[int] | MultimodalPrompt, max_tokens: int = 256,
                     params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
-                    stop_ids: Sequence[int] | None = None) -> Iterator[Chunk]:
+                    stop_ids: Sequence[int] | None = None, prefix_cache=None, kv_dtype=None) -> Iterator[Chunk]:
     """Text as it is generated. Stops on eos / <end_of_turn> (not emitted), a stop string (cut
     before it) or `max_tokens` (finish_reason "length")."""
     ids = encode_prompt(tokenizer, prompt)
@@ -76,7 +90,8 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: i
     stop = [s for s in stop if s]
     decoder = StreamDecoder(tokenizer)
     pending, n = "", 0
-    for token in generate_step(model, ids, params, max_tokens):
+    source = prompt if isinstance(prompt, MultimodalPrompt) else ids
+    for token in generate_step(model, source, params, max_tokens, prefix_cache, kv_dtype):
         n += 1
         if token in stop_ids:
             yield Chunk(pending, token, "stop", len(ids), n)
@@ -92,7 +107,7 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: i
     yield Chunk(pending + decoder.flush(), None, "length", len(ids), n)
 
 
-def generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256,
+def generate(model, tokenizer, prompt: str | Sequence[int] | MultimodalPrompt, max_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> str:
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

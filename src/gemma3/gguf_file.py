@@ -106,6 +106,9 @@ class GGUFFile:
     path: Path
     metadata: dict[str, object] = field(repr=False)  # the vocabulary alone has ~262k entries
     tensors: dict[str, QTensor] = field(repr=False)
+    # key → (value type, item type of an array or None): what a writer needs to copy a key exactly
+    # (llama.cpp rejects a key stored with another type, e.g. an int32 where it expects uint32).
+    value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = field(default_factory=dict, repr=False)
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
@@ -137,7 +140,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         name: QTensor(name, ggml_type, shape, file_bytes[start : start + nbytes])
         for name, ggml_type, shape, start, nbytes in infos
     }
-    return GGUFFile(path, metadata, tensors)
+    return GGUFFile(path, metadata, tensors, header.value_types)
 
 
 class _Header:
@@ -149,6 +152,7 @@ class _Header:
         self.size = len(buf)
         self.pos = len(_MAGIC)
         self.context = "file header"  # what is being parsed, for error messages
+        self.value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
 
     def error(self, problem: str) -> GGUFError:
         return GGUFError(f"{self.path}: corrupt GGUF: {problem} (in {self.context})")
@@ -166,7 +170,10 @@ class _Header:
             self.context = f"metadata key {key!r}"
             if key in metadata:
                 raise self.error("duplicate key")
-            metadata[key] = self.value(self.u32(), depth=0)
+            raw_type, item_at = self.u32(), self.pos
+            metadata[key] = self.value(raw_type, depth=0)
+            item_type = GGUFValueType(_U32.unpack_from(self.buf, item_at)[0]) if raw_type == GGUFValueType.ARRAY else None
+            self.value_types[key] = (GGUFValueType(raw_type), item_type)
 
         self.context = "general.alignment"
         alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)

@@ -9,7 +9,8 @@ import torch
 from .config import PRESETS
 from .model import Gemma3
 from .tokenizer import Tokenizer
-from .weights import WeightsError, load_gguf, load_hf_dir
+from .vision import VisionModel
+from .weights import WeightsError, load_gguf, load_hf_dir, load_mmproj, load_vision_hf_dir
 
 DEFAULT_MODEL = "270m"  # the embedded Gemma 3 270M Q4_K_M GGUF
 
@@ -36,8 +37,28 @@ def resolve(model: str | Path | None) -> Path:
     raise WeightsError(f"{model}: no such file or directory, and not a preset name ({', '.join(PRESETS)})")
 
 
-def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[Gemma3, Tokenizer]:
+PRECISIONS = ("fp32", "fast")
+
+
+def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
+         precision: str = "fp32") -> tuple[Gemma3, Tokenizer]:
+    """`precision="fp32"`: every weight dequantized to `dtype` (the reference). `"fast"`: GGUF
+    weights stay in their blocks and run on the C++ kernels (qlinear.py); where those cannot be
+    built, or the checkpoint is not a GGUF file, this is the same as "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     path = resolve(model)
+    if precision == "fast" and path.is_file() and dtype == torch.float32:
+        from . import kernels
+        from .qlinear import load_gguf_quantized
+
+        if kernels.available():
+            _, net, gg = load_gguf_quantized(path)
+            return net, Tokenizer.from_gguf_metadata(gg.metadata)
+    if (path / "quantization.json").is_file():  # written by `gemma3 quantize` (quant/store.py)
+        from .quant.store import load_dir
+
+        return load_dir(path, dtype)
     if path.is_dir():
         cfg, state = load_hf_dir(path, dtype)
         tokenizer = Tokenizer.from_dir(path)
@@ -50,8 +71,29 @@ def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32) ->
     return net.eval(), tokenizer
 
 
+def load_vision(model: str | Path | None = None, mmproj: str | Path | None = None,
+                dtype: torch.dtype = torch.float32) -> VisionModel:
+    """The vision encoder of `model`: read from `mmproj` (a llama.cpp mmproj GGUF) when given,
+    else from the model's HF directory (Gemma3ForConditionalGeneration safetensors)."""
+    if mmproj is not None:
+        cfg, state = load_mmproj(mmproj, dtype)
+    else:
+        path = resolve(model)
+        if not path.is_dir():
+            raise WeightsError(f"{path}: a GGUF model holds no vision encoder; pass its mmproj GGUF (--mmproj)")
+        cfg, state = load_vision_hf_dir(path, dtype)
+    with torch.device("meta"):
+        net = VisionModel(cfg)
+    net.load_state_dict(state, strict=True, assign=True)
+    return net.eval()
+
+
 def load_tokenizer(model: str | Path | None = None) -> Tokenizer:
     path = resolve(model)
+    if (path / "quantization.json").is_file():
+        from .quant.store import load_tokenizer_dir
+
+        return load_tokenizer_dir(path)
     if path.is_dir():
         return Tokenizer.from_dir(path)
     from .gguf_file import read_gguf

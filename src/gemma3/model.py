@@ -69,16 +69,25 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        if layer_cache is None:  # training path: the chunk is the whole sequence
-            k_pos = positions
+        if isinstance(layer_cache, list):  # batched decode: one cache (and position) per row
+            out = torch.cat([self.attend(q[i:i + 1], *c.update(k[i:i + 1], v[i:i + 1], positions[i]),
+                                         positions[i], None) for i, c in enumerate(layer_cache)])
+        elif layer_cache is None:  # training path: the chunk is the whole sequence
+            out = self.attend(q, k, v, positions, positions, groups)
         else:
-            k, v, k_pos = layer_cache.update(k, v, positions)
+            out = self.attend(q, *layer_cache.update(k, v, positions), positions, groups)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def attend(self, q, k, v, k_pos, positions, groups):
+        """Attention of queries at `positions` over keys at `k_pos`; mask derived from positions."""
+        b, t = q.shape[0], q.shape[2]
         allowed = (k_pos[None, :] <= positions[:, None]) & (k_pos[None, :] >= 0)
-        if self.window is not None:
-            allowed &= k_pos[None, :] > positions[:, None] - self.window
         if groups is not None:
             allowed = allowed | same_image(groups, k.shape[2])
+        if self.window is not None:
+            # After the image OR, as transformers composes local layers: window AND (causal OR same
+            # image). A soft token sees every later token of its image but no key W or more behind.
+            allowed = allowed & (k_pos[None, :] > positions[:, None] - self.window)
         # Fold the query heads of each KV group into the query length: one SDPA call per KV head
         # instead of materialising repeated keys (GQA without repeat_kv).
         group = self.n_heads // self.n_kv
@@ -87,8 +96,7 @@ class Attention(nn.Module):
         if mask.dim() == 3:
             mask = mask[:, None]  # per-batch-row masks (images) broadcast over KV heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        out = out.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
-        return self.o_proj(out)
+        return out.reshape(b, self.n_heads, t, self.head_dim)
 
 
 def same_image(groups: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -131,11 +139,19 @@ class Block(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
+class TiedEmbedding(nn.Embedding):
+    """Token embedding that is also the LM head (Gemma ties them). Quantized replacements
+    (quant/apply.py) implement the same two calls: lookup (`forward`) and `attend`."""
+
+    def attend(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.weight.T
+
+
 class Gemma3(nn.Module):
     def __init__(self, config: Gemma3Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, t == GLOBAL) for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.chunk_size = config.sliding_window  # prefill chunk; bounds attention work per step
@@ -152,14 +168,15 @@ class Gemma3(nn.Module):
 
     @property
     def dtype(self):
-        return self.embed_tokens.weight.dtype
+        return self.norm.weight.dtype  # not the embedding's: a quantized one (quant/) holds packed bytes
 
     @property
     def device(self):
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None, kv_dtype=None) -> KVCache:
+        """`kv_dtype`: "fp32" | "bf16" | "int8" storage (default: the model's dtype)."""
+        return KVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device, kv_dtype=kv_dtype)
 
     def embed(self, input_ids):
         # The sqrt(d_model) factor is rounded to the activation dtype first, as the reference does.
@@ -201,6 +218,23 @@ class Gemma3(nn.Module):
             outs.append(self.norm(x))
         return torch.cat(outs, dim=1)
 
+    def decode(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decode step for B independent sequences: logits [B, vocab] for `tokens` [B], each
+        appended to its own cache at its own position. Projections, MLPs and the LM head run
+        batched (their weights are read once per step); attention runs per sequence."""
+        positions = torch.tensor([[c.pos] for c in caches], device=tokens.device)  # [B, 1]
+        if any(c.pos + 1 > c.max_len for c in caches):
+            raise ValueError("context overflow in batched decode")
+        local = [t[:, None, None] for t in rope_cos_sin(positions[:, 0], self.rope_local, self.dtype)]
+        glob = [t[:, None, None] for t in rope_cos_sin(positions[:, 0], self.rope_global, self.dtype)]
+        x = self.embed(tokens[:, None])
+        for i, layer in enumerate(self.layers):
+            cos, sin = glob if layer.is_global else local
+            x = layer(x, cos, sin, positions, [c.layers[i] for c in caches])
+        for c in caches:
+            c.pos += 1
+        return self.logits(self.norm(x))[:, 0]
+
     def hidden_states(self, input_ids: torch.Tensor, embeds: torch.Tensor | None = None,
                       groups: torch.Tensor | None = None, checkpoint: bool = False) -> torch.Tensor:
         """Training path: one pass over the whole sequence from position 0 with no KV cache, so
@@ -220,7 +254,7 @@ class Gemma3(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.embed_tokens.weight.T  # tied LM head
+        return self.embed_tokens.attend(hidden)  # tied LM head
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 embeds: torch.Tensor | None = None, groups: torch.Tensor | None = None):

@@ -42,6 +42,7 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: 
     if penalty == 1.0 or not history:
         return logits
     ids = torch.tensor(sorted(set(history)), dtype=torch.long)
+    ids = ids[ids < logits.numel()]  # image soft tokens (id 262144) can lie past a 262,144-entry vocabulary
     picked = logits[ids]
     logits = logits.clone()
     logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)

@@ -148,6 +148,19 @@ class Tokenizer:
             add_space_prefix=metadata.get("tokenizer.ggml.add_space_prefix", True),
         )
 
+    def to_gguf_metadata(self) -> dict:
+        """The `tokenizer.ggml.*` keys that from_gguf_metadata reads back (for GGUF writers)."""
+        md = {
+            "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": list(self._pieces),
+            "tokenizer.ggml.scores": list(self._scores), "tokenizer.ggml.token_type": list(self._types),
+            "tokenizer.ggml.bos_token_id": self._bos_id, "tokenizer.ggml.eos_token_id": self._eos_id,
+            "tokenizer.ggml.unknown_token_id": self._unk_id, "tokenizer.ggml.add_bos_token": self.add_bos,
+            "tokenizer.ggml.add_space_prefix": self.add_space_prefix,
+        }
+        if self._pad_id >= 0:
+            md["tokenizer.ggml.padding_token_id"] = self._pad_id
+        return md
+
     @classmethod
     def from_sentencepiece_model(cls, path: str | Path) -> "Tokenizer":
         """Build from a SentencePiece `tokenizer.model` (a serialized ModelProto).
@@ -246,6 +259,16 @@ class Tokenizer:
         if (path / "tokenizer.json").exists():
             return cls.from_tokenizer_json(path / "tokenizer.json")
         raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the vocabulary as a SentencePiece `tokenizer.model` into directory `path`;
+        `from_dir` reads it back as an identical tokenizer (checkpoints carry one this way)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        out = path / "tokenizer.model"
+        out.write_bytes(_encode_model_proto(self._pieces, self._scores, self._types, self._unk_id,
+                                            self._bos_id, self._eos_id, self._pad_id, self.add_space_prefix))
+        return out
 
     # ------------------------------------------------------------- properties
 
@@ -487,19 +510,13 @@ class StreamDecoder:
         return text
 
 
-def apply_chat_template(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render a conversation exactly like Gemma 3's official chat template.
+def chat_turns(messages: list[dict]) -> list[tuple[str, str]]:
+    """(role, text) per turn, following Gemma 3's official chat template.
 
-    Returns "<bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n..."
-    ending with "<start_of_turn>model\\n" when add_generation_prompt. Encode the
-    result with `encode(prompt, add_bos=False, parse_special=True)`: the string
-    already starts with "<bos>" and its control-token texts must become ids.
-
-    As in the template: "assistant" is rendered as "model"; a leading system
-    message has no turn of its own but is prepended, untrimmed, to the first user
-    message as "{system}\\n\\n"; turn contents are stripped (Jinja's `| trim`); the
-    remaining roles must alternate user/model starting with user (ValueError
-    otherwise).
+    As in the template: "assistant" is rendered as "model"; a leading system message has no turn
+    of its own but is prepended, untrimmed, to the first user message as "{system}\\n\\n"; turn
+    contents are stripped (Jinja's `| trim`); the remaining roles must alternate user/model
+    starting with user (ValueError otherwise).
     """
     prefix = ""
     if messages and messages[0]["role"] == "system":
@@ -507,7 +524,7 @@ def apply_chat_template(messages: list[dict], add_generation_prompt: bool = True
         messages = messages[1:]
         if not messages:
             raise ValueError("a system message must be followed by a user message")
-    parts = ["<bos>"]
+    turns = []
     for index, message in enumerate(messages):
         role = {"assistant": "model"}.get(message["role"], message["role"])
         expected = "user" if index % 2 == 0 else "model"
@@ -516,11 +533,36 @@ def apply_chat_template(messages: list[dict], add_generation_prompt: bool = True
                 f"message {index} has role {message['role']!r}: conversation roles must "
                 "alternate user/assistant/user/assistant/..."
             )
-        content = message["content"].strip()
-        parts.append(f"<start_of_turn>{role}\n{prefix if index == 0 else ''}{content}<end_of_turn>\n")
+        turns.append((role, (prefix if index == 0 else "") + message["content"].strip()))
+    return turns
+
+
+def apply_chat_template(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render a conversation exactly like Gemma 3's official chat template.
+
+    Returns "<bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n..."
+    ending with "<start_of_turn>model\\n" when add_generation_prompt. Encode the result with
+    `encode(prompt, add_bos=False, parse_special=True)` — or use `encode_chat`, which gives the
+    same ids but never turns control-token text typed by a user into control tokens.
+    """
+    parts = ["<bos>"] + [f"<start_of_turn>{role}\n{text}<end_of_turn>\n" for role, text in chat_turns(messages)]
     if add_generation_prompt:
         parts.append("<start_of_turn>model\n")
     return "".join(parts)
+
+
+def encode_chat(tokenizer: "Tokenizer", messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `apply_chat_template(messages)`, with the template's own markers as control
+    tokens and message text encoded with parse_special=False: a user who types
+    "<end_of_turn>" gets those characters, not a turn boundary (prompt injection)."""
+    sot, eot = tokenizer.start_of_turn_id, tokenizer.end_of_turn_id
+    newline = tokenizer.encode("\n", add_bos=False)
+    ids = [tokenizer.bos_id]
+    for role, text in chat_turns(messages):
+        ids += [sot] + tokenizer.encode(f"{role}\n{text}", add_bos=False) + [eot] + newline
+    if add_generation_prompt:
+        ids += [sot] + tokenizer.encode("model\n", add_bos=False)
+    return ids
 
 
 # ------------------------------------------------------------------ helpers
@@ -619,3 +661,34 @@ def _parse_model_proto(buf: bytes) -> dict:
                 if f == 3:
                     proto["add_dummy_prefix"] = bool(v)
     return proto
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int32 fields are written as 64-bit two's complement
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _proto_field(field: int, value) -> bytes:
+    if isinstance(value, (bytes, str)):
+        data = value.encode("utf-8") if isinstance(value, str) else value
+        return _varint(field << 3 | 2) + _varint(len(data)) + data
+    if isinstance(value, float):
+        return _varint(field << 3 | 5) + struct.pack("<f", value)
+    return _varint(field << 3) + _varint(int(value))
+
+
+def _encode_model_proto(pieces, scores, types, unk_id, bos_id, eos_id, pad_id, add_dummy_prefix) -> bytes:
+    """The inverse of `_parse_model_proto`: a BPE ModelProto with byte fallback and an identity normalizer."""
+    out = [_proto_field(1, _proto_field(1, p) + _proto_field(2, float(s)) + _proto_field(3, t))
+           for p, s, t in zip(pieces, scores, types)]
+    trainer = b"".join(_proto_field(f, v) for f, v in (
+        (3, _SP_MODEL_BPE), (35, BYTE in types), (40, unk_id), (41, bos_id), (42, eos_id), (43, pad_id)))
+    normalizer = b"".join(_proto_field(f, v) for f, v in (
+        (1, "identity"), (3, bool(add_dummy_prefix)), (4, False), (5, True)))
+    return b"".join(out) + _proto_field(2, trainer) + _proto_field(3, normalizer)

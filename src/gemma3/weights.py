@@ -11,6 +11,7 @@ import torch
 
 from .config import Gemma3Config, from_gguf_metadata, load_hf_config
 from .gguf_file import GGUFFile, read_gguf
+from .vision import VisionConfig
 
 
 class WeightsError(ValueError):
@@ -45,15 +46,28 @@ def gguf_to_ours(name: str) -> str | None:
     return None
 
 
-def expected_shapes(cfg: Gemma3Config) -> dict[str, tuple[int, ...]]:
+def ours_to_gguf(name: str) -> str:
+    """The inverse of gguf_to_ours (for GGUF writers)."""
+    for gguf_name, ours in _GGUF_NAMES.items():
+        if name == ours:
+            return gguf_name
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+    short = {v: k for k, v in _GGUF_LAYER_NAMES.items()}.get(m.group(2)) if m else None
+    if short is None:
+        raise WeightsError(f"no GGUF name for tensor {name}")
+    return f"blk.{m.group(1)}.{short}.weight"
+
+
+def expected_shapes(cfg: Gemma3Config | VisionConfig) -> dict[str, tuple[int, ...]]:
     from .model import Gemma3  # the model's own parameter list is the source of truth
+    from .vision import VisionModel
 
     with torch.device("meta"):
-        model = Gemma3(cfg)
+        model = VisionModel(cfg) if isinstance(cfg, VisionConfig) else Gemma3(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_names_and_shapes(state: dict[str, tuple[int, ...]], cfg: Gemma3Config, source: str):
+def check_names_and_shapes(state: dict[str, tuple[int, ...]], cfg: Gemma3Config | VisionConfig, source: str):
     want = expected_shapes(cfg)
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))
@@ -105,12 +119,18 @@ def _hf_name(key: str) -> str | None:
 
 
 def load_hf_dir(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise WeightsError(f"{path}: no config.json (expected an HF-style model directory)")
     cfg = load_hf_config(path / "config.json")
+    return cfg, _load_safetensors(path, _hf_name, cfg, dtype)
+
+
+def _load_safetensors(path: Path, rename, cfg: Gemma3Config | VisionConfig, dtype) -> dict[str, torch.Tensor]:
+    """The tensors of `path`/*.safetensors that `rename` gives one of our names, checked strictly
+    against `cfg`'s model before any is read."""
+    from safetensors import SafetensorError, safe_open
+
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{path}: no *.safetensors files")
@@ -119,7 +139,7 @@ def load_hf_dir(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, di
         try:
             with safe_open(file, "pt") as f:
                 for key in f.keys():
-                    ours = _hf_name(key)
+                    ours = rename(key)
                     if ours is not None:
                         shapes[ours] = tuple(f.get_slice(key).get_shape())
                         sources[ours] = (file, key)
@@ -132,18 +152,24 @@ def load_hf_dir(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, di
             for ours, (src, key) in sources.items():
                 if src == file:
                     state[ours] = f.get_tensor(key).to(dtype)
-    return cfg, state
+    return state
 
 
 def save_hf_dir(path: str | Path, cfg: Gemma3Config, state: dict[str, torch.Tensor]):
     """Writes a Gemma3ForCausalLM-style directory (used by tests and converters)."""
     from safetensors.torch import save_file
 
-    from .config import GLOBAL
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    hf = {
+    (path / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    save_file({f"model.{k}": v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+
+
+def hf_config(cfg: Gemma3Config) -> dict:
+    """`cfg` as a transformers Gemma3TextConfig `config.json`."""
+    from .config import GLOBAL
+
+    return {
         "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
@@ -158,5 +184,97 @@ def save_hf_dir(path: str | Path, cfg: Gemma3Config, state: dict[str, torch.Tens
         },
         "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
     }
-    (path / "config.json").write_text(json.dumps(hf, indent=2))
-    save_file({f"model.{k}": v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+
+
+# ---- vision encoder + projector: Gemma3ForConditionalGeneration safetensors, llama.cpp mmproj GGUF ----
+
+def _hf_vision_name(key: str) -> str | None:
+    """Our VisionModel name for an HF key; None outside the vision tower and projector.
+
+    transformers has written three layouts: `vision_tower.vision_model.*` (4.50, Google's
+    release), `model.vision_tower.vision_model.*` (4.52+) and `vision_tower.*` (5.x).
+    """
+    m = re.fullmatch(r"(?:model\.)?(vision_tower|multi_modal_projector)\.(?:vision_model\.)?(.+)", key)
+    if m is None:
+        return None
+    part, rest = m.groups()
+    if part == "multi_modal_projector":
+        return f"projector.{rest}"
+    if rest.startswith("head."):
+        return None  # SigLIP's pooling head: Gemma reads the patch tokens; llama.cpp's converter drops it too
+    return rest.replace("encoder.layers.", "layers.", 1)
+
+
+def load_vision_hf_dir(path: str | Path, dtype=torch.float32) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
+    from .vision import from_hf_config
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise WeightsError(f"{path}: no config.json (expected an HF-style model directory)")
+    cfg = from_hf_config(json.loads((path / "config.json").read_text()))
+    if cfg is None:
+        raise WeightsError(f"{path}: a text-only model (config.json has no vision_config); pass an mmproj GGUF")
+    return cfg, _load_safetensors(path, _hf_vision_name, cfg, dtype)
+
+
+# llama.cpp's names (gguf MODEL_TENSOR V_* / V_MM_*, as convert_hf_to_gguf.py's Gemma3VisionModel maps them).
+_MMPROJ_NAMES = {
+    "v.patch_embd.weight": "embeddings.patch_embedding.weight",
+    "v.patch_embd.bias": "embeddings.patch_embedding.bias",
+    "v.position_embd.weight": "embeddings.position_embedding.weight",
+    "v.post_ln.weight": "post_layernorm.weight",
+    "v.post_ln.bias": "post_layernorm.bias",
+    "mm.input_projection.weight": "projector.mm_input_projection_weight",
+    "mm.soft_emb_norm.weight": "projector.mm_soft_emb_norm.weight",
+}
+_MMPROJ_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_out": "self_attn.out_proj", "ln1": "layer_norm1", "ln2": "layer_norm2",
+    "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2",
+}
+
+
+def mmproj_to_ours(name: str) -> str | None:
+    if name in _MMPROJ_NAMES:
+        return _MMPROJ_NAMES[name]
+    m = re.fullmatch(r"v\.blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m.group(2) in _MMPROJ_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_MMPROJ_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def load_mmproj(path: str | Path, dtype=torch.float32) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
+    """A llama.cpp mmproj GGUF (projector type gemma3).
+
+    The converter stores every tensor in transformers' orientation (the projection as
+    [vision width, d_model]: clip.cpp transposes it at run time) and only one norm shifted:
+    mm.soft_emb_norm holds 1 + w, while SigLIP's LayerNorms are stored as they are.
+    """
+    from .vision import from_gguf_metadata
+
+    gg = read_gguf(path)
+    cfg = from_gguf_metadata(gg.metadata)
+    names = {}
+    for name in gg.tensors:
+        ours = mmproj_to_ours(name)
+        if ours is None:
+            raise WeightsError(f"{path}: unexpected tensor {name} in a gemma3 mmproj GGUF")
+        names[ours] = name
+    # Files from llama.cpp's first Gemma 3 converter (gemma3_convert_encoder_to_gguf.py) name fc1
+    # ffn_down and fc2 ffn_up; clip.cpp recognises them by ffn_down taking the model width as
+    # input, and swaps them back. So do we.
+    for i in range(cfg.num_layers):
+        down = gg.tensors.get(f"v.blk.{i}.ffn_down.weight")
+        if down is not None and down.shape[-1] == cfg.hidden_size != cfg.intermediate_size:
+            for kind in ("weight", "bias"):
+                fc1, fc2 = f"layers.{i}.mlp.fc1.{kind}", f"layers.{i}.mlp.fc2.{kind}"
+                if fc1 in names and fc2 in names:
+                    names[fc1], names[fc2] = names[fc2], names[fc1]
+    check_names_and_shapes({k: gg.tensors[v].shape for k, v in names.items()}, cfg, str(path))
+    state = {}
+    for ours, name in names.items():
+        w = gg.tensors[name].dequantize(torch.float32)
+        if ours == "projector.mm_soft_emb_norm.weight":
+            w = w - 1.0
+        state[ours] = w.to(dtype)
+    return cfg, state

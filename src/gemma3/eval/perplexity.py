@@ -49,11 +49,11 @@ class PerplexityResult:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "chunks": self.chunks}
 
 
-def _score(model, ids: list[int], first: int) -> tuple[float, int]:
+def _score(model, ids: list[int], first: int, kv_dtype=None) -> tuple[float, int]:
     """Summed NLL of ids[first+1:] given ids[:k], one forward over `ids` from a fresh cache."""
     x = torch.tensor([ids])
     with torch.inference_mode():
-        hidden = model.forward_hidden(x, model.new_cache(1, max_len=len(ids)))[0, first:-1]
+        hidden = model.forward_hidden(x, model.new_cache(1, max_len=len(ids), kv_dtype=kv_dtype))[0, first:-1]
         targets = x[0, first + 1:]
         total = 0.0
         # Logits are vocab-sized (262k): score in slices so memory stays small.
@@ -64,7 +64,7 @@ def _score(model, ids: list[int], first: int) -> tuple[float, int]:
 
 
 def perplexity(model, tokenizer, text: str, ctx: int = 512, stride: int | None = None,
-               max_chunks: int | None = None, progress: bool = True) -> PerplexityResult:
+               max_chunks: int | None = None, progress: bool = True, kv_dtype=None) -> PerplexityResult:
     if ctx < 4 or ctx > model.config.max_context:
         raise EvalInputError(f"--ctx must be in [4, {model.config.max_context}], got {ctx}")
     tokens = tokenizer.encode(text, add_bos=True)
@@ -89,7 +89,7 @@ def perplexity(model, tokenizer, text: str, ctx: int = 512, stride: int | None =
             last = end
     nll_sum, count, per_chunk = 0.0, 0, []
     for ids, first in tqdm(windows, desc="perplexity", unit="chunk", disable=not progress):
-        total, n = _score(model, ids, first)
+        total, n = _score(model, ids, first, kv_dtype)
         nll_sum += total
         count += n
         per_chunk.append(math.exp(total / n))

@@ -1,0 +1,195 @@
+"""`gemma3 eval quant`: size and quality of each weight format on one model (paper §5, Table 3).
+
+For every format (or named recipe) the source model is quantized with the module swap, written
+to a temporary file (GGUF where the format has a GGUF type, else a quantized directory) to
+measure its size, scored for perplexity with the same method as `gemma3 perplexity`, and timed
+on a short greedy decode through the quantized modules (the reference dequantize-then-matmul
+path of `quant/apply.py`). The reference row is the source's weights decoded to float32.
+
+Perplexity runs on the quantized weights decoded once to float32: the same products the
+quantized modules compute (`tests/test_quant_formats.py` checks they agree), without decoding
+the 262k-row LM head again for every scored slice.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .perplexity import perplexity, read_text
+
+DEFAULT_FORMATS = "q8_0,int8-channel,sfp8,int4-block32,int4-channel"
+DECODE_PROMPT = "The GNU General Public License is a free, copyleft license for"
+
+
+@dataclass
+class FormatResult:
+    format: str
+    recipe: str
+    file: str  # "gguf" or "dir"
+    file_bytes: int
+    weight_bytes: int  # tensor bytes alone (no tokenizer metadata)
+    bits_per_param: float  # 8 · weight_bytes / params
+    ppl: float
+    nll: float
+    delta_ppl: float | None = None
+    delta_ppl_pct: float | None = None
+    decode_tok_s: float | None = None
+
+
+def decode_speed(model, tokenizer, tokens: int, prompt: str = DECODE_PROMPT) -> float:
+    """Greedy tokens per second after a short prompt (prefill not counted)."""
+    ids = tokenizer.encode(prompt, add_bos=True)
+    cache = model.new_cache(1, max_len=len(ids) + tokens)
+    with torch.inference_mode():
+        nxt = model(torch.tensor([ids]), cache, last_only=True)[0, -1].argmax()
+        start = time.perf_counter()
+        for _ in range(tokens):
+            nxt = model(nxt.view(1, 1), cache, last_only=True)[0, -1].argmax()
+    return tokens / (time.perf_counter() - start)
+
+
+def _dequantized_copy(model):
+    from ..quant.apply import float_state
+    from ..model import Gemma3
+
+    with torch.device("meta"):
+        plain = Gemma3(model.config)
+    plain.load_state_dict(float_state(model), strict=True, assign=True)
+    return plain.eval()
+
+
+def _weight_bytes(model) -> int:
+    from ..quant.apply import quantized_weights
+
+    floats = sum(t.numel() * 4 for k, t in model.state_dict().items() if not k.endswith(("qdata", "qscale")))
+    return floats + sum(q.nbytes for q in quantized_weights(model).values())
+
+
+def evaluate(model_arg, formats: list[str], text: str, ctx: int = 512, chunks: int | None = None,
+             decode_tokens: int = 8, progress: bool = True) -> dict:
+    from ..quant.apply import RECIPES, parse_recipe, quantize_model
+    from ..quant.convert import check_output, output_bytes, read_source, save
+
+    recipes = [parse_recipe(f) if f in RECIPES else parse_recipe(default=f) for f in formats]  # errors first
+    base, tok, metadata = read_source(model_arg)
+    params = base.config.num_params()
+
+    def measure(name, recipe, model, scored) -> FormatResult:
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf_ok = recipe is None or all(_has_gguf(f) for f in recipe.names())
+            out = Path(tmp) / ("model.gguf" if gguf_ok else "model")
+            if recipe is not None:
+                check_output(out, recipe)
+            save(model, out, metadata, recipe.spec if recipe else "")
+            size = output_bytes(out)
+        ppl = perplexity(scored, tok, text, ctx=ctx, max_chunks=chunks, progress=progress)
+        speed = decode_speed(model, tok, decode_tokens) if decode_tokens else None
+        wbytes = _weight_bytes(model)
+        return FormatResult(name, recipe.spec if recipe else "float32 (dequantized source)", "gguf" if gguf_ok else "dir",
+                            size, wbytes, round(8 * wbytes / params, 3), ppl.ppl, ppl.nll,
+                            decode_tok_s=round(speed, 3) if speed else None)
+
+    reference = measure("reference", None, base, base)
+    rows = []
+    for name, recipe in zip(formats, recipes):
+        model = quantize_model(copy.deepcopy(base), recipe, progress=progress)
+        row = measure(name, recipe, model, _dequantized_copy(model))
+        row.delta_ppl = row.ppl - reference.ppl
+        row.delta_ppl_pct = 100 * row.delta_ppl / reference.ppl
+        rows.append(row)
+        del model
+    return {"model": str(model_arg or "270m"), "params": params, "ctx": ctx, "chunks": chunks,
+            "decode_tokens": decode_tokens, "reference": asdict(reference), "formats": [asdict(r) for r in rows]}
+
+
+def _has_gguf(fmt: str) -> bool:
+    from ..quant.formats import get_format
+
+    return get_format(fmt).ggml_type is not None
+
+
+def table(result: dict) -> str:
+    """Markdown table, one row per format."""
+    head = ("| format | file MiB | bits/param | perplexity | Δ ppl | Δ % | decode tok/s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in [result["reference"]] + result["formats"]:
+        delta = "—" if r["delta_ppl"] is None else f"{r['delta_ppl']:+.4f}"
+        pct = "—" if r["delta_ppl_pct"] is None else f"{r['delta_ppl_pct']:+.2f}"
+        speed = "—" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.2f}"
+        name = "float32 (reference)" if r["format"] == "reference" else f"`{r['format']}`"
+        lines.append(f"| {name} | {r['file_bytes'] / 2**20:.1f} | {r['bits_per_param']:.2f} | {r['ppl']:.4f} | "
+                     f"{delta} | {pct} | {speed} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ref = result["reference"]
+    for r in result["formats"]:
+        ax.scatter(r["file_bytes"] / 2**20, r["ppl"], zorder=3)
+        ax.annotate(r["format"], (r["file_bytes"] / 2**20, r["ppl"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=9)
+    ax.scatter(ref["file_bytes"] / 2**20, ref["ppl"], marker="*", s=120, color="black", zorder=3)
+    ax.annotate("float32", (ref["file_bytes"] / 2**20, ref["ppl"]), textcoords="offset points", xytext=(5, 4),
+                fontsize=9)
+    ax.axhline(ref["ppl"], color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("file size (MiB, log scale)")
+    ax.set_ylabel(f"perplexity (ctx {result['ctx']})")
+    ax.set_title(f"Weight formats: size vs perplexity ({result['model']})")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_eval_quant(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = read_text(args.text)
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    result = evaluate(args.model, formats, text, ctx=args.ctx, chunks=args.chunks,
+                      decode_tokens=args.decode_tokens, progress=not args.json)
+    result["text"] = str(args.text)
+    if args.plot:
+        plot(result, args.plot)
+        result["plot"] = args.plot
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(table(result))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+
+
+def add_command(evals):
+    """Registers `quant` under the `gemma3 eval` subcommands."""
+    p = evals.add_parser(
+        "quant", help="size, perplexity and decode speed of weight formats",
+        description="Quantize --model to each format (or named recipe) of --formats, and print file size, "
+                    "bits/param, perplexity on --text (llama-perplexity method) with its change from the float32 "
+                    "reference, and greedy decode tokens/s on the reference (dequantize + matmul) path.")
+    p.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated (default {DEFAULT_FORMATS})")
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
+    p.add_argument("--decode-tokens", type=int, default=8, help="greedy tokens timed per format (0 = skip)")
+    p.add_argument("--plot", default=None, help="write size vs perplexity to this PNG")
+    p.add_argument("--model", "-m", default=None,
+                   help="GGUF file, HF-style or quantized directory (default: the embedded Gemma 3 270M GGUF)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_eval_quant)

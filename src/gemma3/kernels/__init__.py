@@ -1,0 +1,99 @@
+"""C++ kernels for the fast CPU path, built on first use and cached.
+
+`ops()` returns the compiled extension, or None where it cannot be used (no AVX-512 VNNI, no
+compiler, a failed build, or GEMMA3_NO_KERNELS=1); callers then take the pure-PyTorch reference
+path, so the package works everywhere and is fast where the kernels build. The build (about half
+a minute with `-O3 -march=native`) lands in ~/.cache/gemma3/kernels (or $GEMMA3_KERNEL_CACHE),
+keyed by the source, the torch version and the CPU, so it happens once per machine; later loads
+import the cached shared library directly (milliseconds, no build tool involved).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).with_name("quant_matmul.cpp")]
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+# /proc/cpuinfo flags the kernels are written for (the source refuses to compile without them).
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
+# GGML types with a kernel; anything else stays on the reference path.
+TYPES = frozenset({6, 8, 12, 14})  # Q5_0, Q8_0, Q4_K, Q6_K
+
+_state: dict[str, object] = {}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GEMMA3_KERNEL_CACHE") or Path.home() / ".cache" / "gemma3" / "kernels"
+    return Path(root)
+
+
+def build_key() -> str:
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.read_bytes())
+    h.update(" ".join([torch.__version__, platform.machine(), *CFLAGS, *sorted(cpu_flags())]).encode())
+    return h.hexdigest()[:16]
+
+
+def _load():
+    if os.environ.get("GEMMA3_NO_KERNELS"):
+        raise RuntimeError("disabled by GEMMA3_NO_KERNELS")
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
+    if platform.machine() not in ("x86_64", "AMD64") or missing:
+        raise RuntimeError(f"this CPU lacks {', '.join(missing) or 'x86-64'}")
+    name = f"gemma3_kernels_{build_key()}"
+    build_dir = cache_dir() / name
+    built = build_dir / f"{name}.so"
+    if built.exists():
+        loader = importlib.machinery.ExtensionFileLoader(name, str(built))
+        spec = importlib.util.spec_from_loader(name, loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+    from torch.utils.cpp_extension import load
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load(name, [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir), verbose=False)
+
+
+def ops():
+    """The compiled kernels, or None (with one warning saying why) when they are unavailable."""
+    if "ops" not in _state:
+        try:
+            _state["ops"] = _load()
+        except Exception as e:  # a missing compiler, ninja or CPU feature: the reference path still works
+            _state["ops"] = None
+            _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            if not os.environ.get("GEMMA3_NO_KERNELS"):
+                warnings.warn(f"gemma3: C++ kernels unavailable ({_state['error']}); using the PyTorch "
+                              "reference path (slower)", RuntimeWarning, stacklevel=2)
+    return _state["ops"]
+
+
+def available() -> bool:
+    return ops() is not None
+
+
+def unavailable_reason() -> str | None:
+    ops()
+    return _state.get("error")

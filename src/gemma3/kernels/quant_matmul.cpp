@@ -1,0 +1,614 @@
+// Matrix multiplies that read GGUF weight blocks directly (no full dequantized copy of the model).
+//
+// Two paths, both checked against the pure-PyTorch reference in qlinear.py:
+// - `qmatmul`: few activation rows (decode). Activations are quantized per block of 32 to int16
+//   with an fp32 scale (~2^-15 relative error: logits match the fp32 reference to ~1e-4, where
+//   llama.cpp's int8 activations cost a few percent). Each weight sub-block of 32 is decoded to 32
+//   int8 q with value = s * q - min, widened to int16 and multiplied with AVX-512 VNNI vpdpwssd
+//   (int16 pairs -> int32): one instruction per 32 weights, the weights read once from memory.
+// - `bf16_linear`: many rows (prefill). A tile of weight rows is dequantized to bf16 and multiplied
+//   with oneMKL's cblas_gemm_bf16bf16f32 (AMX/AVX512-BF16, fp32 accumulation and output).
+// `dequant` exposes the block decoders themselves (bit-exact with quants.py in fp32).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512VNNI__)
+#error "gemma3 kernels need AVX-512 F/BW/VL/VNNI (the Python side falls back to PyTorch without them)"
+#endif
+
+extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k,
+                                       float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
+                                       int64_t ldb, float beta, float* c, int64_t ldc);  // oneMKL, in libtorch_cpu
+
+namespace {
+
+#define INLINE inline __attribute__((always_inline))
+
+enum GGMLType : int64_t { Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14 };
+
+INLINE float h2f(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+// Each format calls f(sub, q, s_lo, s_hi, min) for its 32-value sub-blocks in order: q holds 32
+// int8 and the values are s * q - min, with s = s_lo for the first 16 values and s_hi for the rest.
+// 32-value formats also expose quants(): the block's int8 values, its f16 scale being the block's
+// first two bytes (which dot_tile32 gathers 16 blocks at a time).
+struct FmtQ8_0 {
+    static constexpr int VALS = 32, BYTES = 34;
+    static constexpr bool TWO_SCALES = false, HAS_MIN = false;
+    static INLINE __m256i quants(const uint8_t* b) { return _mm256_loadu_si256((const __m256i*)(b + 2)); }
+    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
+        float d = h2f(b);
+        f(0, quants(b), d, d, 0.f);
+    }
+};
+
+struct FmtQ5_0 {
+    static constexpr int VALS = 32, BYTES = 22;
+    static constexpr bool TWO_SCALES = false, HAS_MIN = false;
+    static INLINE __m256i quants(const uint8_t* b) {
+        uint32_t qh;
+        std::memcpy(&qh, b + 2, 4);
+        __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6));
+        __m128i m4 = _mm_set1_epi8(0x0F);
+        __m256i lo_hi = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+        // Bit i of qh is the 5th bit of value i; values are stored with a +16 offset, so value =
+        // nibble - 16 where the bit is clear and nibble where it is set.
+        return _mm256_mask_sub_epi8(lo_hi, ~(__mmask32)qh, lo_hi, _mm256_set1_epi8(16));
+    }
+    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
+        float d = h2f(b);
+        f(0, quants(b), d, d, 0.f);
+    }
+};
+
+struct FmtQ4_K {
+    static constexpr int VALS = 256, BYTES = 144;
+    static constexpr bool TWO_SCALES = false, HAS_MIN = true;
+    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
+        float d = h2f(b), dmin = h2f(b + 2);
+        const uint8_t* s = b + 4;  // 8 six-bit scales and mins (get_scale_min_k4 in ggml)
+        const uint8_t* qs = b + 16;
+        __m256i m4 = _mm256_set1_epi8(0x0F);
+        for (int j = 0; j < 4; j++) {
+            __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
+            for (int h = 0; h < 2; h++) {
+                int i = 2 * j + h;
+                int sc = i < 4 ? s[i] & 63 : (s[i + 4] & 0xF) | ((s[i - 4] >> 6) << 4);
+                int mn = i < 4 ? s[i + 4] & 63 : (s[i + 4] >> 4) | ((s[i] >> 6) << 4);
+                float ds = d * (float)sc;
+                f(i, _mm256_and_si256(h ? _mm256_srli_epi16(q, 4) : q, m4), ds, ds, dmin * (float)mn);
+            }
+        }
+    }
+};
+
+struct FmtQ6_K {
+    static constexpr int VALS = 256, BYTES = 210;
+    static constexpr bool TWO_SCALES = true, HAS_MIN = false;
+    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
+        const int8_t* sc = (const int8_t*)(b + 192);
+        float d = h2f(b + 208);
+        const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i*)(b + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i*)(b + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h));
+            const int8_t* s = sc + 8 * h;
+            // Sub-blocks: low nibbles of ql[0:32], ql[32:64], then high nibbles; qh bit pairs 0..3;
+            // stored with a +32 offset.
+            __m256i u0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+            __m256i u1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+            __m256i u2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m30));
+            __m256i u3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                         _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            f(4 * h + 0, _mm256_sub_epi8(u0, off), d * s[0], d * s[1], 0.f);
+            f(4 * h + 1, _mm256_sub_epi8(u1, off), d * s[2], d * s[3], 0.f);
+            f(4 * h + 2, _mm256_sub_epi8(u2, off), d * s[4], d * s[5], 0.f);
+            f(4 * h + 3, _mm256_sub_epi8(u3, off), d * s[6], d * s[7], 0.f);
+        }
+    }
+};
+
+template <class F> auto dispatch(int64_t type, F&& f) {
+    switch (type) {
+        case Q8_0: return f(FmtQ8_0{});
+        case Q5_0: return f(FmtQ5_0{});
+        case Q4_K: return f(FmtQ4_K{});
+        case Q6_K: return f(FmtQ6_K{});
+    }
+    TORCH_CHECK(false, "gemma3 kernels: unsupported GGML type ", type);
+}
+
+template <class T> int64_t row_bytes(int64_t K) {
+    TORCH_CHECK(K % T::VALS == 0, "row length ", K, " is not a multiple of the block size ", T::VALS);
+    return K / T::VALS * T::BYTES;
+}
+
+// ---- int16 activations -----------------------------------------------------------------------
+
+// One activation row: a[K] int16 with one scale d per block of 32 (x ~= d * a), and the block sums
+// of a (for formats with a min term).
+struct Act {
+    int64_t K, nb;
+    int16_t* a;
+    float* d;
+    int32_t* bsum;
+};
+constexpr int64_t ACT_BYTES_PER_BLOCK = 64 + 4 + 4;
+
+void quantize_row(const float* x, Act& act) {
+    for (int64_t j = 0; j < act.nb; j++) {
+        __m512 v0 = _mm512_loadu_ps(x + 32 * j), v1 = _mm512_loadu_ps(x + 32 * j + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float id = amax > 0.f ? 32767.f / amax : 0.f;
+        __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));  // round to nearest even
+        __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+        _mm256_storeu_si256((__m256i*)(act.a + 32 * j), _mm512_cvtsepi32_epi16(i0));
+        _mm256_storeu_si256((__m256i*)(act.a + 32 * j + 16), _mm512_cvtsepi32_epi16(i1));
+        act.d[j] = amax / 32767.f;
+        act.bsum[j] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+    }
+}
+
+// Y[m, n] for R weight rows starting at n and MT activation rows; R * MT independent accumulators
+// (all indices compile-time, so they live in registers) hide the FMA latency.
+template <class T, int R, int MT>
+INLINE void dot_tile(const uint8_t* W, int64_t rb, int64_t n, const Act* acts, float* Y, int64_t ldy) {
+    const int64_t nblk = acts[0].K / T::VALS;
+    __m512 acc[R][MT];
+    float accmin[R][MT];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MT; m++) {
+            acc[r][m] = _mm512_setzero_ps();
+            accmin[r][m] = 0.f;
+        }
+    for (int64_t b = 0; b < nblk; b++) {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            T::decode(W + (n + r) * rb + b * T::BYTES, [&](int sub, __m256i q, float s_lo, float s_hi, float mn) __attribute__((always_inline)) {
+                const int64_t j = b * (T::VALS / 32) + sub;
+                const __m512i w = _mm512_cvtepi8_epi16(q);
+                // Lanes 0-7 of the vpdpwssd result hold values 0-15, lanes 8-15 values 16-31.
+                const __m512 s = T::TWO_SCALES ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s_lo), _mm512_set1_ps(s_hi))
+                                               : _mm512_set1_ps(s_lo);
+#pragma GCC unroll 8
+                for (int m = 0; m < MT; m++) {
+                    const Act& a = acts[m];
+                    __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(a.a + 32 * j));
+                    acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(a.d[j])), acc[r][m]);
+                    if (T::HAS_MIN) accmin[r][m] += mn * a.d[j] * (float)a.bsum[j];
+                }
+            });
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MT; m++) Y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) - accmin[r][m];
+}
+
+// The same for 32-value formats, leaner: the block scales of each weight row are gathered 16 at a
+// time and multiplied by the activation scales up front, so the inner loop per block and row is a
+// widening, one vpdpwssd, a conversion and an FMA with a broadcast from memory.
+template <class T, int R, int MT>
+INLINE void dot_tile32(const uint8_t* W, int64_t rb, int64_t n, const Act* acts, float* Y, int64_t ldy, float* cs) {
+    const int64_t nblk = acts[0].K / 32;
+    const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(T::BYTES));
+    for (int r = 0; r < R; r++) {
+        const uint8_t* row = W + (n + r) * rb;
+        for (int64_t j0 = 0; j0 < nblk; j0 += 16) {
+            const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(16, nblk - j0)) - 1);
+            __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, offsets, row + j0 * T::BYTES, 1);
+            __m512 ws = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+            for (int m = 0; m < MT; m++)
+                _mm512_mask_storeu_ps(cs + (r * MT + m) * nblk + j0, k,
+                                      _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(k, acts[m].d + j0)));
+        }
+    }
+    __m512 acc[R][MT];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MT; m++) acc[r][m] = _mm512_setzero_ps();
+    // Software prefetch of the tile after the next (rows are contiguous): the hardware prefetcher
+    // alone leaves a core well below its share of DRAM bandwidth.
+    const char* ahead = (const char*)(W + (n + 2 * R) * rb);
+    const int64_t lines = (R * rb + 63) / 64, per_block = (lines + nblk - 1) / nblk;
+    for (int64_t b = 0; b < nblk; b++) {
+        for (int64_t l = 0; l < per_block; l++) _mm_prefetch(ahead + (b * per_block + l) * 64, _MM_HINT_T0);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const __m512i w = _mm512_cvtepi8_epi16(T::quants(W + (n + r) * rb + b * T::BYTES));
+#pragma GCC unroll 8
+            for (int m = 0; m < MT; m++) {
+                __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(acts[m].a + 32 * b));
+                acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(cs[(r * MT + m) * nblk + b]), acc[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MT; m++) Y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// Rows [n0, n1) for MT activation rows: several weight rows at a time, then the tail.
+template <class T, int MT>
+void dot_rows_mt(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+    constexpr int R = MT <= 2 ? 4 : 2;
+    int64_t n = n0;
+    if constexpr (T::VALS == 32) {
+        std::vector<float> cs(R * MT * (acts[0].K / 32));
+        for (; n + R <= n1; n += R) dot_tile32<T, R, MT>(W, rb, n, acts, Y, ldy, cs.data());
+        for (; n < n1; n++) dot_tile32<T, 1, MT>(W, rb, n, acts, Y, ldy, cs.data());
+    } else {
+        for (; n + R <= n1; n += R) dot_tile<T, R, MT>(W, rb, n, acts, Y, ldy);
+        for (; n < n1; n++) dot_tile<T, 1, MT>(W, rb, n, acts, Y, ldy);
+    }
+}
+
+constexpr int MT = 4;  // activation rows sharing one decoded weight block
+
+template <class T>
+void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, int mt, float* Y, int64_t ldy) {
+    switch (mt) {
+        case 1: return dot_rows_mt<T, 1>(W, rb, n0, n1, acts, Y, ldy);
+        case 2: return dot_rows_mt<T, 2>(W, rb, n0, n1, acts, Y, ldy);
+        case 3: return dot_rows_mt<T, 3>(W, rb, n0, n1, acts, Y, ldy);
+        default: return dot_rows_mt<T, 4>(W, rb, n0, n1, acts, Y, ldy);
+    }
+}
+
+// ---- decoded values (dequantization) ---------------------------------------------------------
+
+// Writes the 32 values of one sub-block as fp32 (exactly quants.py's arithmetic: s * q, then - min)
+// or as bf16 rounded to nearest even.
+template <class T, bool BF16>
+INLINE void store_sub(__m256i q, float s_lo, float s_hi, float mn, void* out) {
+    for (int h = 0; h < 2; h++) {
+        __m128i q16 = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q16)), _mm512_set1_ps(h ? s_hi : s_lo));
+        if (T::HAS_MIN) v = _mm512_sub_ps(v, _mm512_set1_ps(mn));
+        if (BF16) {  // like torch's float -> bfloat16 (the values are finite)
+            __m512i bits = _mm512_castps_si512(v);
+            __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+            _mm256_storeu_si256((__m256i*)((uint16_t*)out + 16 * h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+        } else {
+            _mm512_storeu_ps((float*)out + 16 * h, v);
+        }
+    }
+}
+
+template <class T, bool BF16>
+void dequant_rows(const uint8_t* W, int64_t rb, int64_t K, int64_t n0, int64_t n1, void* out, int64_t ldo) {
+    const int64_t esz = BF16 ? 2 : 4;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t* row = W + n * rb;
+        char* o = (char*)out + (n - n0) * ldo * esz;
+        for (int64_t b = 0; b < K / T::VALS; b++)
+            T::decode(row + b * T::BYTES, [&](int sub, __m256i q, float s_lo, float s_hi, float mn) __attribute__((always_inline)) {
+                store_sub<T, BF16>(q, s_lo, s_hi, mn, o + (b * T::VALS + 32 * sub) * esz);
+            });
+    }
+}
+
+void check_weight(const torch::Tensor& w, int64_t N, int64_t rb) {
+    TORCH_CHECK(w.dtype() == torch::kUInt8 && w.is_contiguous(), "weight blocks must be contiguous uint8");
+    TORCH_CHECK(w.numel() == N * rb, "weight has ", w.numel(), " bytes, expected ", N * rb);
+}
+
+}  // namespace
+
+// Quantized activation rows (the buffer owns the memory).
+struct Acts {
+    torch::Tensor buf;
+    std::vector<Act> rows;
+    Acts(const float* x, int64_t M, int64_t K) : rows(M) {
+        TORCH_CHECK(K % 32 == 0, "row length ", K, " is not a multiple of 32");
+        const int64_t nb = K / 32;
+        buf = torch::empty({M, nb * ACT_BYTES_PER_BLOCK}, torch::kInt8);
+        for (int64_t m = 0; m < M; m++) {
+            int8_t* base = buf.data_ptr<int8_t>() + m * buf.size(1);
+            rows[m] = Act{K, nb, (int16_t*)base, (float*)(base + 2 * K), (int32_t*)(base + 2 * K + 4 * nb)};
+            quantize_row(x + m * K, rows[m]);
+        }
+    }
+};
+
+// One product acts @ W^T -> Y [M, N] of a batch of products sharing the same activations.
+struct Product {
+    const torch::Tensor& w;
+    int64_t type, N;
+    float* Y;
+};
+
+// All products in one parallel region (one fork/join: on a busy machine every barrier can cost
+// a scheduler time slice), their weight rows concatenated and split over the threads.
+void matmul_acts(const Acts& acts, const std::vector<Product>& products) {
+    const int64_t M = (int64_t)acts.rows.size(), K = acts.rows[0].K;
+    std::vector<int64_t> start{0};
+    for (const auto& p : products) {
+        dispatch(p.type, [&](auto fmt) { check_weight(p.w, p.N, row_bytes<decltype(fmt)>(K)); return 0; });
+        start.push_back(start.back() + p.N);
+    }
+    // Dynamic scheduling over small chunks: a thread that gets preempted (other processes on the
+    // machine) delays the step by one chunk, not by its whole static share.
+    const int64_t total = start.back(), threads = at::get_num_threads();
+    const int64_t chunk = std::max<int64_t>(16, total / (threads * 32) / 16 * 16);
+    const int64_t chunks = (total + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && chunks > 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t r0 = c * chunk, r1 = std::min(total, r0 + chunk);
+        for (size_t i = 0; i < products.size(); i++) {
+            const int64_t n0 = std::max(r0, start[i]) - start[i], n1 = std::min(r1, start[i + 1]) - start[i];
+            if (n0 >= n1) continue;
+            const Product& p = products[i];
+            dispatch(p.type, [&](auto fmt) {
+                using T = decltype(fmt);
+                const uint8_t* W = p.w.data_ptr<uint8_t>();
+                for (int64_t m = 0; m < M; m += MT)
+                    dot_rows<T>(W, row_bytes<T>(K), n0, n1, acts.rows.data() + m, (int)std::min<int64_t>(MT, M - m),
+                                p.Y + m * p.N, p.N);
+                return 0;
+            });
+        }
+    }
+}
+
+torch::Tensor as_rows(const torch::Tensor& x) {
+    TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kFloat32, "x must be a 2-D float32 tensor");
+    return x.contiguous();
+}
+
+// x [M, K] float32 @ W[N, K]^T (GGUF blocks) -> [M, N] float32, int16 activations.
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type, int64_t N) {
+    x = as_rows(x);
+    Acts acts(x.data_ptr<float>(), x.size(0), x.size(1));
+    auto y = torch::empty({x.size(0), N}, torch::kFloat32);
+    matmul_acts(acts, {{w, type, N, y.data_ptr<float>()}});
+    return y;
+}
+
+// Several weights applied to the same x (q/k/v): the activations are quantized once.
+std::vector<torch::Tensor> qmatmul_many(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> types,
+                                        std::vector<int64_t> Ns) {
+    x = as_rows(x);
+    Acts acts(x.data_ptr<float>(), x.size(0), x.size(1));
+    std::vector<torch::Tensor> ys;
+    std::vector<Product> products;
+    for (size_t i = 0; i < ws.size(); i++) ys.push_back(torch::empty({x.size(0), Ns[i]}, torch::kFloat32));
+    for (size_t i = 0; i < ws.size(); i++) products.push_back({ws[i], types[i], Ns[i], ys[i].data_ptr<float>()});
+    matmul_acts(acts, products);
+    return ys;
+}
+
+// Gemma's MLP, down(gelu_tanh(gate(x)) * up(x)), in one call.
+torch::Tensor mlp(torch::Tensor x, torch::Tensor wg, int64_t tg, torch::Tensor wu, int64_t tu, torch::Tensor wd,
+                  int64_t td, int64_t F, int64_t N) {
+    x = as_rows(x);
+    const int64_t M = x.size(0);
+    Acts acts(x.data_ptr<float>(), M, x.size(1));
+    auto gu = torch::empty({2, M, F}, torch::kFloat32);
+    float* g = gu.data_ptr<float>();
+    float* u = g + M * F;
+    matmul_acts(acts, {{wg, tg, F, g}, {wu, tu, F, u}});
+    const float c = std::sqrt(2.f / (float)M_PI);
+    for (int64_t i = 0; i < M * F; i++) {  // torch's gelu(approximate="tanh")
+        const float v = g[i];
+        g[i] = 0.5f * v * (1.f + std::tanh(c * (v + 0.044715f * v * v * v))) * u[i];
+    }
+    Acts hidden(g, M, F);
+    auto y = torch::empty({M, N}, torch::kFloat32);
+    matmul_acts(hidden, {{wd, td, N, y.data_ptr<float>()}});
+    return y;
+}
+
+// Dequantized [N, K] weight in `out` (float32: bit-exact with quants.py; bfloat16: rounded to nearest).
+void dequant(torch::Tensor w, int64_t type, torch::Tensor out) {
+    TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "out must be a contiguous [N, K] tensor");
+    const int64_t N = out.size(0), K = out.size(1);
+    const bool bf16 = out.scalar_type() == torch::kBFloat16;
+    TORCH_CHECK(bf16 || out.scalar_type() == torch::kFloat32, "out must be float32 or bfloat16");
+    dispatch(type, [&](auto fmt) {
+        using T = decltype(fmt);
+        const int64_t rb = row_bytes<T>(K);
+        check_weight(w, N, rb);
+        const uint8_t* W = w.data_ptr<uint8_t>();
+        char* o = (char*)out.data_ptr();
+        at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+            if (bf16) dequant_rows<T, true>(W, rb, K, n0, n1, o + n0 * K * 2, K);
+            else dequant_rows<T, false>(W, rb, K, n0, n1, o + n0 * K * 4, K);
+        });
+        return 0;
+    });
+}
+
+// x [M, K] float32 @ W[N, K]^T -> [M, N] float32 through bf16 tiles of `tile` weight rows.
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, int64_t type, int64_t N, int64_t tile) {
+    TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kFloat32, "x must be a 2-D float32 tensor");
+    const int64_t M = x.size(0), K = x.size(1);
+    auto xb = x.to(torch::kBFloat16).contiguous();
+    auto y = torch::empty({M, N}, torch::kFloat32);
+    auto buf = torch::empty({std::min(tile, N), K}, torch::kBFloat16);
+    for (int64_t n0 = 0; n0 < N; n0 += tile) {
+        const int64_t nt = std::min(tile, N - n0);
+        dispatch(type, [&](auto fmt) {
+            using T = decltype(fmt);
+            const int64_t rb = row_bytes<T>(K);
+            check_weight(w, N, rb);
+            const uint8_t* W = w.data_ptr<uint8_t>() + n0 * rb;
+            uint16_t* o = (uint16_t*)buf.data_ptr();
+            at::parallel_for(0, nt, 64, [&](int64_t a, int64_t b) { dequant_rows<T, true>(W, rb, K, a, b, o + a * K, K); });
+            return 0;
+        });
+        // CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112
+        cblas_gemm_bf16bf16f32(101, 111, 112, M, nt, K, 1.f, (const uint16_t*)xb.data_ptr(), K,
+                               (const uint16_t*)buf.data_ptr(), K, 0.f, y.data_ptr<float>() + n0, N);
+    }
+    return y;
+}
+
+// ---- decode-step helpers (one query token per row; see fastpath.py) --------------------------------
+
+// RMSNorm over head_dim with weight (1 + w), then RoPE (rotate-half convention), for q [B, Hq, D]
+// and k [B, Hk, D]; cos/sin [D] for the one position. Returns new contiguous tensors.
+std::vector<torch::Tensor> qk_norm_rope(torch::Tensor q, torch::Tensor k, torch::Tensor qw, torch::Tensor kw,
+                                        torch::Tensor cos, torch::Tensor sin, double eps) {
+    const int64_t D = q.size(-1), half = D / 2;
+    TORCH_CHECK(cos.numel() == D && sin.numel() == D, "cos/sin must hold head_dim values");
+    auto c = cos.contiguous().to(torch::kFloat32), s_ = sin.contiguous().to(torch::kFloat32);
+    const float *cp = c.data_ptr<float>(), *sp = s_.data_ptr<float>();
+    std::vector<torch::Tensor> outs;
+    std::vector<float> tmp(D);
+    for (auto [x, w] : {std::make_pair(q, qw), std::make_pair(k, kw)}) {
+        auto xc = x.contiguous().to(torch::kFloat32);
+        auto wc = w.contiguous().to(torch::kFloat32);
+        auto y = torch::empty_like(xc);
+        const float* xp = xc.data_ptr<float>();
+        const float* wp = wc.data_ptr<float>();
+        float* yp = y.data_ptr<float>();
+        for (int64_t r = 0; r < xc.numel() / D; r++) {
+            const float* xr = xp + r * D;
+            float ss = 0.f;
+            for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
+            const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
+            for (int64_t i = 0; i < D; i++) tmp[i] = xr[i] * inv * (1.f + wp[i]);
+            float* yr = yp + r * D;
+            for (int64_t i = 0; i < half; i++) {
+                yr[i] = tmp[i] * cp[i] - tmp[i + half] * sp[i];
+                yr[i + half] = tmp[i + half] * cp[i + half] + tmp[i] * sp[i + half];
+            }
+        }
+        outs.push_back(y);
+    }
+    return outs;
+}
+
+// Gemma's RMSNorm over the last dim with a precomputed weight w1 = 1 + w (fp32 in, fp32 out).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w1, double eps) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && w1.dtype() == torch::kFloat32, "fp32 only");
+    x = x.contiguous();
+    const int64_t D = x.size(-1), rows = x.numel() / D;
+    auto y = torch::empty_like(x);
+    const float *xp = x.data_ptr<float>(), *wp = w1.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) {
+            const float* xr = xp + r * D;
+            float ss = 0.f;
+            for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
+            const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
+            for (int64_t i = 0; i < D; i++) yp[r * D + i] = xr[i] * inv * wp[i];
+        }
+    });
+    return y;
+}
+
+// Attention of one query token per row over a cache: q [B, Hq, D]; keys/values [B, Hk, S, D] (fp32,
+// last dim contiguous, any other strides); key_pos [S] int64, the absolute position of each slot
+// (-1 = empty). A key is visible iff 0 <= key_pos <= pos and, with a window W > 0, key_pos > pos - W.
+// Work is split over (row, kv head, key range) so even one KV head keeps every thread busy; the
+// partial softmaxes are merged as in flash-decoding. Returns [B, Hq, D].
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_pos,
+                               int64_t pos, int64_t window, double scale) {
+    TORCH_CHECK(keys.dtype() == torch::kFloat32 && values.dtype() == torch::kFloat32, "fp32 K/V only");
+    TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "K/V rows must be contiguous");
+    q = q.contiguous().to(torch::kFloat32);
+    const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hk = keys.size(1), S = keys.size(2);
+    const int64_t group = Hq / Hk;
+    auto kp = key_pos.contiguous().to(torch::kInt64);
+    const int64_t* kpos = kp.data_ptr<int64_t>();
+    std::vector<int64_t> visible;
+    for (int64_t j = 0; j < S; j++) {
+        const int64_t p = kpos[j];
+        if (p >= 0 && p <= pos && (window <= 0 || p > pos - window)) visible.push_back(j);
+    }
+    const int64_t nv = (int64_t)visible.size();
+    TORCH_CHECK(nv > 0, "decode_attention: no visible key");
+    const int64_t threads = at::get_num_threads();
+    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((threads + B * Hk - 1) / (B * Hk), nv / 64));
+    const int64_t tasks = B * Hk * splits;
+    // Per task and query head: running max, sum of exp, and the unnormalised output.
+    auto part = torch::empty({tasks, group, D + 2}, torch::kFloat32);
+    float* pp = part.data_ptr<float>();
+    const float* qp = q.data_ptr<float>();
+    const float* K = keys.data_ptr<float>();
+    const float* V = values.data_ptr<float>();
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> sc(group * ((nv + splits - 1) / splits));
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t b = t / (Hk * splits), h = (t / splits) % Hk, sp = t % splits;
+            const int64_t j0 = nv * sp / splits, j1 = nv * (sp + 1) / splits, n = j1 - j0;
+            const float* kb = K + b * keys.stride(0) + h * keys.stride(1);
+            const float* vb = V + b * values.stride(0) + h * values.stride(1);
+            const float* qg = qp + (b * Hq + h * group) * D;  // the group's query heads, consecutive
+            float* og = pp + t * group * (D + 2);
+            // Each key and value row is read once for all query heads of its KV group.
+            for (int64_t j = 0; j < n; j++) {
+                const float* kr = kb + visible[j0 + j] * keys.stride(2);
+                for (int64_t g = 0; g < group; g++) {
+                    const float* qr = qg + g * D;
+                    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t i = 0; i < D; i++) dot += qr[i] * kr[i];
+                    sc[g * n + j] = dot * (float)scale;
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float m = -INFINITY, l = 0.f;
+                for (int64_t j = 0; j < n; j++) m = std::max(m, sc[g * n + j]);
+                for (int64_t j = 0; j < n; j++) {
+                    sc[g * n + j] = std::exp(sc[g * n + j] - m);
+                    l += sc[g * n + j];
+                }
+                float* out = og + g * (D + 2);
+                for (int64_t i = 0; i < D; i++) out[i] = 0.f;
+                out[D] = m;
+                out[D + 1] = l;
+            }
+            for (int64_t j = 0; j < n; j++) {
+                const float* vr = vb + visible[j0 + j] * values.stride(2);
+                for (int64_t g = 0; g < group; g++) {
+                    float* out = og + g * (D + 2);
+                    const float e = sc[g * n + j];
+#pragma omp simd
+                    for (int64_t i = 0; i < D; i++) out[i] += e * vr[i];
+                }
+            }
+        }
+    });
+    auto y = torch::empty({B, Hq, D}, torch::kFloat32);
+    float* yp = y.data_ptr<float>();
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < Hk; h++)
+            for (int64_t g = 0; g < group; g++) {
+                float m = -INFINITY, l = 0.f;
+                for (int64_t sp = 0; sp < splits; sp++) m = std::max(m, pp[(((b * Hk + h) * splits + sp) * group + g) * (D + 2) + D]);
+                float* yr = yp + (b * Hq + h * group + g) * D;
+                for (int64_t i = 0; i < D; i++) yr[i] = 0.f;
+                for (int64_t sp = 0; sp < splits; sp++) {
+                    const float* o = pp + (((b * Hk + h) * splits + sp) * group + g) * (D + 2);
+                    const float w = std::exp(o[D] - m);
+                    l += w * o[D + 1];
+                    for (int64_t i = 0; i < D; i++) yr[i] += w * o[i];
+                }
+                for (int64_t i = 0; i < D; i++) yr[i] /= l;
+            }
+    return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("qmatmul", &qmatmul, "x @ W^T with W in GGUF blocks, int8 (VNNI) activations");
+    m.def("qmatmul_many", &qmatmul_many, "several x @ W^T sharing one activation quantization");
+    m.def("mlp", &mlp, "down(gelu_tanh(gate(x)) * up(x)) with GGUF weights");
+    m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows");
+    m.def("bf16_linear", &bf16_linear, "x @ W^T with W dequantized to bf16 tile by tile (oneMKL GEMM)");
+    m.def("rms_norm", &rms_norm, "RMSNorm with weight (1 + w) precomputed");
+    m.def("qk_norm_rope", &qk_norm_rope, "QK-norm (1 + w) and RoPE for one position");
+    m.def("decode_attention", &decode_attention, "attention of one query token per row over a KV cache");
+}

@@ -1,0 +1,177 @@
+"""The fast path as a module swap (like gpt-fast's quantize.py): weights stay in their GGUF blocks.
+
+`QuantLinear` replaces `nn.Linear` and `QuantEmbedding` the tied embedding / LM head. Both keep the
+file's raw blocks (a zero-copy slice of the mmapped GGUF), so the model never holds a float copy of
+its weights: peak memory is the file plus activations and the KV cache. Their forward runs the C++
+kernels of `gemma3.kernels`:
+
+- a few rows (decode, small batches): activations quantized per block of 32 to int16 and
+  multiplied with the weight blocks by AVX-512 VNNI (as llama.cpp does with int8 activations, but
+  ~1e-4 instead of a few percent from the fp32 logits); each weight byte is read once per step;
+- many rows (prefill): weight tiles dequantized to bf16 and multiplied with a bf16 GEMM
+  (oneMKL, AMX where present) with fp32 accumulation and output.
+
+`reference()` is the same product in plain PyTorch (exact dequantization from quants.py, then an
+fp32 matmul); the kernels are tested against it, and it is what runs where the kernels cannot be
+built.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import kernels
+from .config import Gemma3Config, from_gguf_metadata
+from .gguf_file import GGUFFile, QTensor, read_gguf
+from .quants import BLOCK_INFO, dequantize
+
+# Up to this many rows the VNNI kernel wins; above, dequantize-to-bf16 + GEMM does (one core of an
+# AMX machine: at 8 rows VNNI is ~1.3x faster, at 16 rows bf16 is ~1.5x faster; the VNNI cost grows
+# with the rows, the bf16 one is mostly the dequantization).
+MAX_VNNI_ROWS = 8
+TILE_ROWS = 2048  # weight rows dequantized to bf16 at a time on the GEMM path (a few MB, transient)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T with W [out, in] kept as GGUF blocks."""
+
+    def __init__(self, blocks: torch.Tensor, ggml_type: int, out_features: int, in_features: int):
+        super().__init__()
+        self.ggml_type = int(ggml_type)
+        self.out_features, self.in_features = out_features, in_features
+        block_values, block_bytes = BLOCK_INFO[self.ggml_type]
+        self.register_buffer("blocks", blocks.reshape(out_features, in_features // block_values * block_bytes),
+                             persistent=False)
+
+    @classmethod
+    def from_qtensor(cls, t: QTensor) -> "QuantLinear":
+        return cls(t.data, t.ggml_type, *t.shape)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, type={self.type_name}"
+
+    @property
+    def type_name(self) -> str:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(self.ggml_type).name
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 weight (or the given rows of it), exactly as quants.py decodes it."""
+        blocks = self.blocks if rows is None else self.blocks[rows]
+        return dequantize(blocks.reshape(-1), self.ggml_type, (blocks.shape[0], self.in_features))
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() @ self.dequantize().T).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = kernels.ops()
+        if ops is None or self.ggml_type not in kernels.TYPES or x.device.type != "cpu":
+            return self.reference(x)
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] <= MAX_VNNI_ROWS:
+            y = ops.qmatmul(x2, self.blocks, self.ggml_type, self.out_features)
+        else:
+            y = ops.bf16_linear(x2, self.blocks, self.ggml_type, self.out_features, TILE_ROWS)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class QuantEmbedding(QuantLinear):
+    """The tied embedding table in GGUF blocks: rows are dequantized on lookup (exact), and
+    `attend(hidden)` is the LM head, hidden @ table.T, through the same kernels as QuantLinear."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(ids.reshape(-1)).reshape(*ids.shape, self.in_features)
+
+    def attend(self, hidden: torch.Tensor) -> torch.Tensor:
+        return QuantLinear.forward(self, hidden)
+
+
+def _kernel_or_float(t: QTensor) -> nn.Module:
+    """QuantLinear for types with a kernel; other types (F16, Q4_0, ...) as a plain float Linear."""
+    if t.ggml_type in kernels.TYPES:
+        return QuantLinear.from_qtensor(t)
+    linear = nn.Linear(t.shape[1], t.shape[0], bias=False, device="cpu")
+    linear.weight = nn.Parameter(t.dequantize(torch.float32), requires_grad=False)
+    return linear
+
+
+def quantize_from_gguf(model: nn.Module, gg: GGUFFile) -> nn.Module:
+    """Swaps every nn.Linear of `model` and its tied embedding for modules holding the GGUF blocks.
+
+    The model may live on the meta device (nothing materialised); names are mapped with
+    weights.gguf_to_ours, and shapes must match the module they replace.
+    """
+    from .weights import WeightsError, gguf_to_ours
+
+    ours = {gguf_to_ours(name): t for name, t in gg.tensors.items()}
+    for name, module in list(model.named_modules()):
+        if name == "embed_tokens" or isinstance(module, nn.Linear):
+            t = ours.get(f"{name}.weight")
+            if t is None:
+                raise WeightsError(f"{gg.path}: missing tensor for {name}.weight")
+            want = tuple(module.weight.shape)
+            if tuple(t.shape) != want:
+                raise WeightsError(f"{gg.path}: tensor {t.name} has shape {tuple(t.shape)}, expected {want}")
+            if name == "embed_tokens":
+                new = QuantEmbedding.from_qtensor(t)
+            else:
+                new = _kernel_or_float(t)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+@contextmanager
+def _skip_init():
+    """No random init for modules built on the meta device. Besides being useless there, nn.init on
+    meta tensors imports torch._dynamo (0.5-1 s) on first use: a third of our cold-load time."""
+    saved = {name: getattr(nn.init, name) for name in _INITS}
+    for name in _INITS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+
+
+def load_gguf_quantized(path: str | Path) -> tuple[Gemma3Config, nn.Module, GGUFFile]:
+    """A Gemma3 whose matmuls read the GGUF blocks in place; only the norms are materialised."""
+    from .model import Gemma3
+    from .weights import WeightsError, check_names_and_shapes, gguf_to_ours
+
+    gg = read_gguf(path)
+    embd = gg.tensors.get("token_embd.weight")
+    cfg = from_gguf_metadata(gg.metadata, vocab_size=embd.shape[0] if embd is not None else None)
+    names = {}
+    for name in gg.tensors:
+        ours = gguf_to_ours(name)
+        if ours is None:
+            raise WeightsError(f"{path}: unexpected tensor {name} in a gemma3 GGUF")
+        names[ours] = name
+    with _skip_init():
+        check_names_and_shapes({k: gg.tensors[v].shape for k, v in names.items()}, cfg, str(path))
+        with torch.device("meta"):
+            model = Gemma3(cfg)
+    quantize_from_gguf(model, gg)
+    # What is left are the norms (llama.cpp stores Gemma norms as 1 + w; we keep w) and any float Linear.
+    state = {}
+    for ours_name, param in model.state_dict().items():
+        if param.device.type == "meta":
+            w = gg.tensors[names[ours_name]].dequantize(torch.float32)
+            state[ours_name] = w - 1.0 if ours_name.endswith("norm.weight") else w
+    model.load_state_dict(state, strict=False, assign=True)
+    leftover = [n for n, p in model.state_dict().items() if p.device.type == "meta"]
+    if leftover:
+        raise WeightsError(f"{path}: no data for {leftover[0]}")
+    from .fastpath import make_fast
+
+    return cfg, make_fast(model.eval()), gg

@@ -1,0 +1,55 @@
+"""The `gemma3 quantize` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .apply import KEYS, RECIPES
+from .formats import ALIASES, FORMATS
+
+
+def format_help() -> str:
+    gguf = [n for n, f in FORMATS.items() if f.ggml_type is not None] + list(ALIASES)
+    other = [n for n, f in FORMATS.items() if f.ggml_type is None]
+    return f"GGUF or directory: {', '.join(gguf)}; directory only: {', '.join(other)}"
+
+
+def cmd_quantize(args):
+    import torch
+
+    from .apply import parse_recipe
+    from .convert import convert
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = parse_recipe(args.recipe, args.to)
+    result = convert(args.model, recipe, args.out, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"wrote {result['out']}: {result['bytes'] / 2**20:.1f} MiB, {result['bits_per_param']:.2f} bits/param "
+              f"({recipe.spec})")
+
+
+def add_commands(sub: argparse._SubParsersAction):
+    p = sub.add_parser(
+        "quantize", help="convert a model's weights to another format (GGUF file or quantized directory)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize every projection and the tied embedding / LM head of --model (norms stay float) and "
+                    "write OUT: a .gguf name writes a GGUF file llama.cpp runs, any other name a directory "
+                    "(model.safetensors + quantization.json) that `--model` reads back.\n\n"
+                    f"formats: {format_help()}\n"
+                    f"recipe keys: {', '.join(KEYS)} (most specific wins); named recipes: "
+                    + ", ".join(f"{k} = {v}" for k, v in RECIPES.items()) +
+                    "\n\nexample: gemma3 quantize --to int4-block32 --recipe embed=q8_0 --out model-q4_0.gguf")
+    p.add_argument("--to", default=None, help="format of every quantized weight (the recipe's default)")
+    p.add_argument("--recipe", default=None,
+                   help="named recipe or key=format pairs, e.g. embed=q8_0,default=int4-block32")
+    p.add_argument("--out", "-o", required=True, help="OUT.gguf, or a directory")
+    p.add_argument("--model", "-m", default=None,
+                   help="GGUF file, HF-style or quantized directory (default: the embedded Gemma 3 270M GGUF)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_quantize)
+

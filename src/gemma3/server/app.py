@@ -1,0 +1,411 @@
+"""HTTP routes of the OpenAI-compatible server (SPEC §7). Handlers validate and tokenize, hand a
+Request to the engine and turn its events into OpenAI-shaped JSON or SSE chunks. Every error is
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from importlib.resources import files
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..generate import encode_prompt
+from ..sampling import SamplingParams
+from ..tokenizer import encode_chat
+from .engine import Delta, Done, Engine, Failed, QueueFull, Request, ShuttingDown
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+# How often a non-streaming handler checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.5
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status, headers=headers)
+
+
+class Gate:
+    """ASGI middleware in front of everything: the API key check (before the body is even parsed,
+    so a bad key is a 401 whatever the body) and per-endpoint request counts for /metrics."""
+
+    def __init__(self, app, api_key: str | None, metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        status = [500]
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key and path.startswith("/v1/") and not self._authorized(scope):
+                await APIError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer KEY'",
+                               code="invalid_api_key").response()(scope, receive, counted)
+                return
+            await self.app(scope, receive, counted)
+        finally:
+            self.metrics.count_request(endpoint, status[0])
+
+    def _authorized(self, scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return secrets.compare_digest(given, f"Bearer {self.api_key}".encode())
+
+
+def _token_text(tokenizer, token: int) -> tuple[str, list[int]]:
+    data = tokenizer.token_bytes(token, skip_special=False)
+    return data.decode("utf-8", errors="replace"), list(data)
+
+
+class Server:
+    """The state routes share: engine, tokenizer and the limits set on the command line."""
+
+    def __init__(self, engine: Engine, model_id: str, ctx: int, max_tokens: int | None = None):
+        self.engine, self.tokenizer, self.model_id = engine, engine.tokenizer, model_id
+        self.ctx = ctx
+        self.max_tokens = min(max_tokens or ctx, ctx)
+        self.created = int(time.time())
+        # The longest vocabulary piece bounds how few tokens a text can become: a prompt longer than
+        # ctx × that many characters is over the context without paying for its tokenization.
+        vocab = self.tokenizer
+        self.max_piece_chars = max(len(vocab.id_to_token(i)) for i in range(vocab.vocab_size))
+
+    # ---------------------------------------------------------------- request → engine Request
+
+    def _check_length(self, chars: int):
+        if chars > self.ctx * self.max_piece_chars:
+            raise APIError(400, f"This model's maximum context length is {self.ctx} tokens, but the prompt has "
+                                f"{chars} characters, far more than fit.", param="messages",
+                           code="context_length_exceeded")
+
+    def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
+        messages = []
+        for i, m in enumerate(body.messages):
+            role = "system" if m.role == "developer" else m.role
+            if role == "system" and i != 0:
+                raise APIError(400, "a system message is only supported as the first message", param=f"messages.{i}")
+            if isinstance(m.content, list):
+                if any(p.type == "image_url" for p in m.content):
+                    raise APIError(400, f"model '{self.model_id}' is text-only and cannot read images; serve a "
+                                        "multimodal model to send image_url parts", param=f"messages.{i}.content",
+                                   code="unsupported_content")
+                text = "\n".join(p.text for p in m.content)
+            else:
+                text = m.content or ""
+            messages.append({"role": role, "content": text})
+        self._check_length(sum(len(m["content"]) for m in messages))
+        try:
+            return encode_chat(self.tokenizer, messages)  # message text never becomes control tokens
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def _completion_ids(self, body: CompletionRequest) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise APIError(400, "only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            self._check_length(len(prompt))
+            return encode_prompt(self.tokenizer, prompt)
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if any(not 0 <= t < self.tokenizer.vocab_size for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
+        return list(prompt)
+
+    def build(self, body, ids: list[int], top_logprobs: int | None) -> Request:
+        if body.model != self.model_id:
+            raise APIError(404, f"The model '{body.model}' does not exist (this server serves '{self.model_id}')",
+                           param="model", code="model_not_found")
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        if len(ids) >= self.ctx:
+            raise APIError(400, f"This model's maximum context length is {self.ctx} tokens, but the prompt has "
+                                f"{len(ids)} tokens (the completion needs at least one more).",
+                           param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
+        requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        # Documented: max_tokens above what is left of the context is capped, not refused.
+        max_tokens = min(requested or self.max_tokens, self.max_tokens, self.ctx - len(ids))
+        try:
+            params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                                    min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return Request(ids=ids, params=params, max_tokens=max_tokens, stop=[s for s in stop if s],
+                       stop_ids=frozenset((self.tokenizer.eos_id, self.tokenizer.end_of_turn_id)),
+                       top_logprobs=top_logprobs)
+
+    async def submit(self, req: Request):
+        req.loop, req.events = asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            self.engine.submit(req)
+        except QueueFull as e:
+            raise APIError(503, str(e), type="server_overloaded", code="queue_full") from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+
+    # ---------------------------------------------------------------- engine events → responses
+
+    async def collect(self, req: Request, http: HTTPRequest):
+        """(text, Done, logprobs) for a non-streaming request; cancels it if the client leaves."""
+        text, logprobs, finished = [], [], False
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(req.events.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return None
+                    continue
+                if isinstance(event, Failed):
+                    finished = True
+                    raise APIError(500, event.message, type="server_error")
+                text.append(event.text)
+                logprobs += event.logprobs
+                if isinstance(event, Done):
+                    finished = True
+                    return "".join(text), event, logprobs
+        finally:
+            if not finished:
+                req.cancel()
+
+    async def stream(self, req: Request, chunk, include_usage: bool, first: dict | None = None):
+        """SSE lines: `first` (the role delta), then `chunk(event)` per engine event, then the usage
+        chunk when asked for, then [DONE]. Closing the generator (client gone) cancels the request."""
+        finished = False
+        try:
+            if first is not None:
+                yield _sse(first)
+            while True:
+                event = await req.events.get()
+                if isinstance(event, Failed):
+                    finished = True
+                    yield _sse({"error": {"message": event.message, "type": "server_error", "param": None,
+                                          "code": None}})
+                    break
+                for payload in chunk(event):
+                    yield _sse(payload)
+                if isinstance(event, Done):
+                    finished = True
+                    if include_usage:
+                        yield _sse(chunk.usage_chunk(event))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:
+                req.cancel()
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _usage(done: Done) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+class _ChatChunks:
+    def __init__(self, server: Server, cid: str, created: int, include_usage: bool, logprobs: bool):
+        self.server, self.logprobs = server, logprobs
+        self.base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.model_id}
+        if include_usage:
+            self.base["usage"] = None
+
+    def make(self, delta: dict, finish_reason=None, logprobs=None) -> dict:
+        lp = {"content": chat_logprobs(self.server.tokenizer, logprobs)} if self.logprobs and logprobs else None
+        return {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]}
+
+    def __call__(self, event):
+        if event.text or event.logprobs:
+            yield self.make({"content": event.text}, logprobs=event.logprobs)
+        if isinstance(event, Done):
+            yield self.make({}, event.finish_reason)
+
+    def usage_chunk(self, done: Done) -> dict:
+        return {**self.base, "choices": [], "usage": _usage(done)}
+
+
+class _CompletionChunks:
+    def __init__(self, server: Server, cid: str, created: int, include_usage: bool, logprobs: bool):
+        self.server, self.logprobs, self.offset = server, logprobs, 0
+        self.base = {"id": cid, "object": "text_completion", "created": created, "model": server.model_id}
+        if include_usage:
+            self.base["usage"] = None
+
+    def make(self, text: str, finish_reason=None, logprobs=None) -> dict:
+        lp = None
+        if self.logprobs and logprobs:
+            lp = completion_logprobs(self.server.tokenizer, logprobs, self.offset)
+        self.offset += len(text)
+        return {**self.base, "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}]}
+
+    def __call__(self, event):
+        if event.text or event.logprobs:
+            yield self.make(event.text, logprobs=event.logprobs)
+        if isinstance(event, Done):
+            yield self.make("", event.finish_reason)
+
+    def usage_chunk(self, done: Done) -> dict:
+        return {**self.base, "choices": [], "usage": _usage(done)}
+
+
+def chat_logprobs(tokenizer, lps) -> list[dict]:
+    out = []
+    for lp in lps:
+        token, data = _token_text(tokenizer, lp.token)
+        top = []
+        for t, v in lp.top:
+            s, b = _token_text(tokenizer, t)
+            top.append({"token": s, "logprob": v, "bytes": b})
+        out.append({"token": token, "logprob": lp.logprob, "bytes": data, "top_logprobs": top})
+    return out
+
+
+def completion_logprobs(tokenizer, lps, offset: int = 0) -> dict:
+    tokens, offsets = [], []
+    for lp in lps:
+        offsets.append(offset)
+        tokens.append(_token_text(tokenizer, lp.token)[0])
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{_token_text(tokenizer, t)[0]: v for t, v in lp.top} for lp in lps],
+            "text_offset": offsets}
+
+
+def create_app(engine: Engine, model_id: str, ctx: int, max_tokens: int | None = None,
+               api_key: str | None = None) -> FastAPI:
+    server = Server(engine, model_id, ctx, max_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="gemma3", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible Gemma 3 server with continuous batching.")
+    app.add_middleware(Gate, api_key=api_key, metrics=engine.metrics)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(_, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            return APIError(400, f"invalid JSON body: {err.get('ctx', {}).get('error', err['msg'])}").response()
+        where = ".".join(loc)
+        return APIError(400, f"{where}: {err['msg']}" if where else err["msg"], param=where or None,
+                        code="invalid_value").response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, exc: HTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, exc: Exception):
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return files("gemma3.server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/health")
+    async def health():
+        if not engine.thread.is_alive():
+            raise APIError(503, "the engine is not running", type="server_error")
+        return {"status": "ok", "model": model_id, "active_sequences": engine.metrics.active_sequences,
+                "queue_depth": engine.metrics.queue_depth}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return engine.metrics.render()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": server.created,
+                                            "owned_by": "gemma3", "max_model_len": ctx}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        ids = await run_in_threadpool(server._chat_ids, body)
+        req = server.build(body, ids, (body.top_logprobs or 0) if body.logprobs else None)
+        await server.submit(req)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            chunks = _ChatChunks(server, cid, created, include_usage, body.logprobs)
+            first = chunks.make({"role": "assistant", "content": ""})
+            return _event_stream(server.stream(req, chunks, include_usage, first))
+        result = await server.collect(req, http)
+        if result is None:
+            return JSONResponse({}, status_code=499)
+        text, done, lps = result
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": {"content": chat_logprobs(server.tokenizer, lps)} if body.logprobs else None,
+                             "finish_reason": done.finish_reason}],
+                "usage": _usage(done)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        ids = await run_in_threadpool(server._completion_ids, body)
+        req = server.build(body, ids, body.logprobs)
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo together with logprobs is not supported", param="echo")
+        await server.submit(req)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = server.tokenizer.decode(ids) if body.echo else ""
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if body.stream:
+            chunks = _CompletionChunks(server, cid, created, include_usage, body.logprobs is not None)
+            first = chunks.make(echo) if echo else None
+            return _event_stream(server.stream(req, chunks, include_usage, first))
+        result = await server.collect(req, http)
+        if result is None:
+            return JSONResponse({}, status_code=499)
+        text, done, lps = result
+        return {"id": cid, "object": "text_completion", "created": created, "model": model_id,
+                "choices": [{"index": 0, "text": echo + text, "finish_reason": done.finish_reason,
+                             "logprobs": completion_logprobs(server.tokenizer, lps)
+                             if body.logprobs is not None else None}],
+                "usage": _usage(done)}
+
+    return app
+
+
+def _event_stream(lines) -> StreamingResponse:
+    return StreamingResponse(lines, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,67 @@
+"""Request bodies of the OpenAI API subset we serve. The bounds are the OpenAI API's own (so the
+OpenAPI schema tells clients and fuzzers what is valid); top_k, min_p and repetition_penalty are
+the usual llama.cpp/vLLM extensions. Unknown fields are ignored, as most OpenAI-compatible
+servers do, so clients that send e.g. `user` keep working."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageURL(_Body):
+    url: str
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Union[str, list[str], None] = Field(None)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False

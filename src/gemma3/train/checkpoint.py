@@ -1,0 +1,116 @@
+"""Checkpoints that resume exactly and load everywhere.
+
+OUT/checkpoints/step-NNNNNNNN/ holds
+- the model: an HF-style directory (config.json + model.safetensors, `weights.save_hf_dir`) plus
+  tokenizer.model, so `gemma3 generate --model DIR` runs it; for LoRA only the adapter
+  (adapter_config.json + adapter_model.safetensors, PEFT layout) — the base is the --model given;
+- trainer_state.pt: step, optimizer state (fully gathered, keyed by parameter name), RNG states,
+  the data fingerprint and the run configuration. The learning rate is a function of the step and
+  the data position is step × batch size, so nothing else is needed to continue bit for bit.
+OUT/checkpoints/latest names the newest complete checkpoint (written last).
+
+Under FSDP the full state dicts are gathered with `torch.distributed.checkpoint.state_dict`
+(collective), and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+from ..weights import load_hf_dir, save_hf_dir
+from . import lora
+from .distributed import DistContext, barrier
+
+_PARAM_INFIX = ".parametrizations.weight.original"  # torch.nn.utils.parametrize (QAT's fake quant)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, or from a different run."""
+
+
+def public_name(name: str) -> str:
+    return name.replace(_PARAM_INFIX, ".weight")
+
+
+def _options(ctx: DistContext) -> StateDictOptions:
+    return StateDictOptions(full_state_dict=ctx.fsdp, cpu_offload=ctx.fsdp)
+
+
+def model_state(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
+    """Every parameter under its public name, full (gathered under FSDP). Collective."""
+    return {public_name(k): v for k, v in get_model_state_dict(model, options=_options(ctx)).items()}
+
+
+def save_model_files(path: Path, model: nn.Module, state: dict[str, torch.Tensor], tokenizer,
+                     merge_lora: bool = False):
+    """The loadable part of a checkpoint: adapter only for LoRA (or merged weights), else full weights."""
+    cfg = getattr(model, "lora_config", None)
+    if cfg is not None and not merge_lora:
+        lora.save_adapter(path, cfg, state, base_name=model.config.name)
+    else:
+        weights = lora.merge_state(state, cfg) if cfg is not None else state
+        save_hf_dir(path, model.config, {k: v.detach().cpu().contiguous() for k, v in weights.items()})
+    if tokenizer is not None:
+        tokenizer.save(path)
+
+
+def save(out: Path, step: int, model: nn.Module, optimizer, ctx: DistContext, tokenizer, run: dict) -> Path:
+    """Writes OUT/checkpoints/step-N and then points `latest` at it. Collective under FSDP."""
+    state = model_state(model, ctx)
+    optim = get_optimizer_state_dict(model, optimizer, options=_options(ctx))
+    path = Path(out) / "checkpoints" / f"step-{step:08d}"
+    if ctx.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        save_model_files(path, model, state, tokenizer)
+        torch.save({"step": step, "optimizer": optim, "run": run, "rng": {
+            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+            path / "trainer_state.pt")
+        (path.parent / "latest").write_text(path.name + "\n")
+    barrier(ctx)
+    return path
+
+
+def latest(out: Path) -> Path | None:
+    pointer = Path(out) / "checkpoints" / "latest"
+    return pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def load_weights(model: nn.Module, path: Path):
+    """Loads a checkpoint's model files into the (unwrapped) model, strictly."""
+    params = {public_name(n): p for n, p in model.named_parameters()}
+    if hasattr(model, "lora_config"):
+        lora.load_adapter(model, path)
+        return
+    _, state = load_hf_dir(path)
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or extra:
+        raise CheckpointError(f"{path}: checkpoint {'lacks ' + missing[0] if missing else 'has unexpected ' + extra[0]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
+
+
+def load_trainer_state(path: Path) -> dict:
+    file = Path(path) / "trainer_state.pt"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no trainer_state.pt (not a training checkpoint)")
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def restore(trainer_state: dict, model: nn.Module, optimizer, ctx: DistContext):
+    """Optimizer and RNG state from a checkpoint (weights were loaded before wrapping)."""
+    set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=_options(ctx))
+    rng = trainer_state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,0 +1,230 @@
+"""The fast CPU path (qlinear.py + kernels/) against its pure-PyTorch reference.
+
+Kernel tests run on random GGUF blocks of every type with a kernel, odd shapes and batch sizes
+1..17 (both the int8-VNNI and the bf16-GEMM paths); end-to-end tests compare the fast 270M model
+with the fp32 reference (perplexity, greedy decoding). The first test run builds the C++ extension
+(~30 s, cached afterwards); where it cannot be built, kernel tests are skipped and the fallback test
+still runs.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from gemma3 import kernels
+from gemma3.qlinear import MAX_VNNI_ROWS, QuantEmbedding, QuantLinear
+from gemma3.quants import BLOCK_INFO, dequantize
+
+TEXT = (Path(__file__).parent / "data" / "gpl-3.0.txt").read_text()
+KERNEL_TYPES = [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K]
+# Byte offsets of the f16 scale fields in each block (random bytes there could be inf/NaN).
+SCALE_FIELDS = {T.Q8_0: [0], T.Q5_0: [0], T.Q4_K: [0, 2], T.Q6_K: [208]}
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"C++ kernels unavailable: {kernels.unavailable_reason()}")
+
+
+def random_blocks(qtype, rows, cols, seed=0):
+    """Random bytes in the block layout of `qtype`, with finite f16 scales of realistic size."""
+    g = torch.Generator().manual_seed(seed)
+    values, nbytes = BLOCK_INFO[qtype]
+    n = rows * cols // values
+    data = torch.randint(0, 256, (n, nbytes), generator=g, dtype=torch.uint8)
+    for off in SCALE_FIELDS[qtype]:
+        scale = (torch.rand(n, generator=g) * 0.02 + 1e-3).half()
+        data[:, off:off + 2] = scale.view(torch.uint8).reshape(n, 2)
+    return data.reshape(-1)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def dot_err(layer, x, got):
+    """Error of x @ W.T relative to the size of the products summed (|x| @ |W|.T): random weights
+    cancel a lot, so this, not the result's own norm, is the scale rounding errors live on."""
+    w = layer.dequantize().double()
+    want = x.double() @ w.T
+    return ((got.double() - want).norm() / (x.double().abs() @ w.abs().T).norm()).item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
+def test_dequant_kernel_is_exact(qtype):
+    rows, cols = 37, 512
+    data = random_blocks(qtype, rows, cols)
+    ref = dequantize(data, qtype, (rows, cols))
+    out = torch.empty(rows, cols)
+    kernels.ops().dequant(data, int(qtype), out)
+    assert torch.equal(out, ref)
+    out16 = torch.empty(rows, cols, dtype=torch.bfloat16)
+    kernels.ops().dequant(data, int(qtype), out16)
+    assert torch.equal(out16, ref.bfloat16())
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 5, 67])  # not multiples of the 4-row tile
+def test_quant_linear_matches_reference(qtype, rows):
+    cols = 768 if BLOCK_INFO[qtype][0] == 256 else 96
+    layer = QuantLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
+    g = torch.Generator().manual_seed(1)
+    for batch in range(1, 18):  # 1..MAX_VNNI_ROWS on the int8 path, the rest on the bf16 GEMM
+        x = torch.randn(batch, cols, generator=g)
+        got = layer(x)
+        assert got.shape == (batch, rows)
+        # Two-digit int8 activations are ~16-bit; bf16 rounds activations and weights (2^-9 each).
+        tol = 2e-5 if batch <= MAX_VNNI_ROWS else 2e-3
+        assert dot_err(layer, x, got) < tol, (batch, dot_err(layer, x, got))
+        assert dot_err(layer, x, layer.reference(x)) < 1e-6
+
+
+@needs_kernels
+def test_quant_linear_keeps_leading_dims_and_dtype():
+    layer = QuantLinear(random_blocks(T.Q8_0, 8, 64), int(T.Q8_0), 8, 64)
+    x = torch.randn(2, 3, 64)
+    assert layer(x).shape == (2, 3, 8)
+    assert rel_err(layer(x), layer.reference(x)) < 2e-4
+
+
+def test_quant_embedding_lookup_is_exact_and_attend_is_the_lm_head():
+    emb = QuantEmbedding(random_blocks(T.Q8_0, 50, 64), int(T.Q8_0), 50, 64)
+    table = emb.dequantize()
+    ids = torch.tensor([[3, 49, 0], [7, 7, 1]])
+    assert torch.equal(emb(ids), table[ids])
+    h = torch.randn(2, 64)
+    assert rel_err(emb.attend(h), h @ table.T) < 2e-4
+
+
+def test_fallback_without_kernels(monkeypatch):
+    """With the extension unavailable, QuantLinear runs its reference and load(precision="fast")
+    returns the fp32 reference model."""
+    monkeypatch.setitem(kernels._state, "ops", None)
+    monkeypatch.setitem(kernels._state, "error", "simulated")
+    layer = QuantLinear(random_blocks(T.Q5_0, 4, 64), int(T.Q5_0), 4, 64)
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), layer.reference(x))
+
+    from gemma3.load import load
+
+    model, _ = load(precision="fast")
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+# ---- the real 270M model ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models():
+    from gemma3.load import load
+
+    fast, tok = load(precision="fast")
+    ref, _ = load(precision="fp32")
+    return fast, ref, tok
+
+
+@needs_kernels
+def test_fast_model_holds_no_float_weights(models):
+    fast, _, _ = models
+    floats = sum(p.numel() for p in fast.parameters())
+    assert floats < 100_000  # norms only
+    assert isinstance(fast.embed_tokens, QuantEmbedding)
+
+
+@needs_kernels
+def test_fast_perplexity_within_1_percent_of_fp32(models):
+    from gemma3.eval.perplexity import perplexity
+
+    fast, ref, tok = models
+    a = perplexity(fast, tok, TEXT, ctx=512, max_chunks=2, progress=False).ppl
+    b = perplexity(ref, tok, TEXT, ctx=512, max_chunks=2, progress=False).ppl
+    print(f"perplexity fast {a:.4f} vs fp32 {b:.4f} ({(a / b - 1):+.3%})")
+    assert abs(a / b - 1) < 0.01
+
+
+@needs_kernels
+def test_fast_greedy_matches_fp32(models):
+    from gemma3.generate import generate_step
+    from gemma3.sampling import SamplingParams
+
+    fast, ref, tok = models
+    prompts = ["The history of the printing press begins", "def fibonacci(n):",
+               "The capital of France is", "Once upon a time, in a small village,",
+               "Photosynthesis is the process by which"]
+    same = 0
+    for prompt in prompts:
+        ids = tok.encode(prompt)
+        a = list(generate_step(fast, ids, SamplingParams(), max_tokens=64))
+        b = list(generate_step(ref, ids, SamplingParams(), max_tokens=64))
+        same += a == b
+    print(f"{same}/5 greedy continuations identical")
+    assert same >= 4
+
+
+@needs_kernels
+def test_fast_prefill_then_decode_matches_fp32_logits(models):
+    fast, ref, tok = models
+    ids = tok.encode(TEXT)[:600]  # past the 512 window: ring wrap-around on local layers
+    with torch.inference_mode():
+        cf, cr = fast.new_cache(1, 700), ref.new_cache(1, 700)
+        a = fast(torch.tensor([ids[:-4]]), cf, last_only=True)
+        b = ref(torch.tensor([ids[:-4]]), cr, last_only=True)
+        assert rel_err(a, b) < 0.03  # bf16 prefill
+        for t in ids[-4:]:
+            a = fast(torch.tensor([[t]]), cf, last_only=True)
+            b = ref(torch.tensor([[t]]), cr, last_only=True)
+            assert rel_err(a, b) < 0.03
+            assert a.argmax() == b.argmax()
+
+
+# ---- module swaps on a tiny random model -------------------------------------------------------
+
+
+def quantized_copy(model, qtype=T.Q8_0):
+    """(fast, reference): every Linear and the embedding re-encoded as `qtype` GGUF blocks; the fast
+    copy holds the blocks (QuantLinear + make_fast), the reference the same values dequantized."""
+    import copy
+
+    import numpy as np
+    from gguf import quants
+
+    from gemma3.fastpath import make_fast
+
+    fast, ref = copy.deepcopy(model), copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) or name == "embed_tokens":
+            w = module.weight.detach().numpy().astype(np.float32)
+            blocks = torch.from_numpy(quants.quantize(w, qtype)).reshape(-1)
+            cls = QuantEmbedding if name == "embed_tokens" else QuantLinear
+            q = cls(blocks, int(qtype), *w.shape)
+            parent, _, child = name.rpartition(".")
+            setattr(fast.get_submodule(parent) if parent else fast, child, q)
+            ref.get_submodule(name).weight.data = q.dequantize()
+    return make_fast(fast), ref
+
+
+@needs_kernels
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_fast_modules_match_model_py_on_tiny_model(kv_heads):
+    """Prefill chunks, then one-token steps far past the window (ring wrap-around, local and global
+    layers, GQA), batch of 3: the swapped modules give model.py's logits."""
+    from conftest import random_model, tiny_config
+
+    from gemma3.fastpath import FastAttention, FastMLP, FastRMSNorm
+
+    cfg = tiny_config(layers=6, heads=4, kv_heads=kv_heads, head_dim=32, hidden=64, window=8)
+    fast, ref = quantized_copy(random_model(cfg))
+    assert {type(m) for m in fast.modules()} >= {FastAttention, FastMLP, FastRMSNorm, QuantLinear}
+    ids = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cf, cr = fast.new_cache(3, 64), ref.new_cache(3, 64)
+        for t in range(40):  # decode only: > 4 windows
+            a = fast(ids[:, t:t + 1], cf, last_only=True)
+            b = ref(ids[:, t:t + 1], cr, last_only=True)
+            assert rel_err(a, b) < 1e-3, t
+        cf, cr = fast.new_cache(3, 64), ref.new_cache(3, 64)
+        a, b = fast(ids[:, :30], cf), ref(ids[:, :30], cr)  # bf16 GEMM path, chunked (window 8)
+        assert rel_err(a, b) < 2e-2
+        for t in range(30, 40):
+            assert rel_err(fast(ids[:, t:t + 1], cf), ref(ids[:, t:t + 1], cr)) < 2e-2

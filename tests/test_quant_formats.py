@@ -278,3 +278,23 @@ def test_requantizing_converts_between_formats():
     assert all(m.fmt == "q8_0" for m in model.modules() if isinstance(m, QuantizedLinear))
     expected = dequantize(quantize(once["layers.0.mlp.up_proj.weight"], "q8_0"))
     assert torch.equal(float_state(model)["layers.0.mlp.up_proj.weight"], expected)
+
+
+# ---- the real 270M -------------------------------------------------------------------------------
+
+def test_real_270m_int4_block32_bytes_and_q4_0_embed_q8_swap():
+    """On the embedded model's real weights: Q4_0 bytes equal gguf's, and the mixed recipe's
+    module swap gives the logits of its own dequantized weights."""
+    from gemma3.load import load
+
+    model, tok = load()
+    for name in ("layers.0.self_attn.q_proj.weight", "layers.5.mlp.down_proj.weight"):
+        w = model.get_parameter(name).detach()
+        assert np.array_equal(quantize(w, "int4-block32").data.numpy().reshape(-1),
+                              gq.quantize(w.numpy(), GGMLQuantizationType.Q4_0).reshape(-1)), name
+    quantize_model(model, parse_recipe("q4_0-embed-q8"))
+    ids = torch.tensor([tok.encode("The capital of France is", add_bos=True)])
+    with torch.inference_mode():
+        got, want = model(ids), dequantized_reference(model)(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert tok.decode([int(got[0, -1].argmax())]).strip()  # a real word comes out

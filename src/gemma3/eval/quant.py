@@ -135,20 +135,31 @@ def plot(result: dict, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     ref = result["reference"]
+    points: dict[tuple, list[str]] = {}  # formats of (nearly) the same size and perplexity share a label
     for r in result["formats"]:
-        ax.scatter(r["file_bytes"] / 2**20, r["ppl"], zorder=3)
-        ax.annotate(r["format"], (r["file_bytes"] / 2**20, r["ppl"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=9)
+        key = (round(r["file_bytes"] / 2**20), round(r["ppl"], 1))
+        points.setdefault(key, []).append(r["format"])
+    for i, ((mib, ppl), names) in enumerate(sorted(points.items())):
+        ax.scatter(mib, ppl, zorder=3)
+        ax.annotate(" / ".join(names), (mib, ppl), textcoords="offset points", fontsize=8, ha="center",
+                    xytext=(0, 7) if i % 2 else (0, -13))
     ax.scatter(ref["file_bytes"] / 2**20, ref["ppl"], marker="*", s=120, color="black", zorder=3)
-    ax.annotate("float32", (ref["file_bytes"] / 2**20, ref["ppl"]), textcoords="offset points", xytext=(5, 4),
-                fontsize=9)
+    ax.annotate("float32 (reference)", (ref["file_bytes"] / 2**20, ref["ppl"]), textcoords="offset points",
+                xytext=(-40, 8), fontsize=8)
     ax.axhline(ref["ppl"], color="gray", linestyle="--", linewidth=0.8)
     ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=ref["ppl"] * 0.88)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0)))
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("file size (MiB, log scale)")
-    ax.set_ylabel(f"perplexity (ctx {result['ctx']})")
+    ax.set_ylabel(f"perplexity (ctx {result['ctx']}, log scale)")
     ax.set_title(f"Weight formats: size vs perplexity ({result['model']})")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -12,7 +12,7 @@ from .formats import ALIASES, FORMATS
 def format_help() -> str:
     gguf = [n for n, f in FORMATS.items() if f.ggml_type is not None] + list(ALIASES)
     other = [n for n, f in FORMATS.items() if f.ggml_type is None]
-    return f"GGUF or directory: {', '.join(gguf)}; directory only: {', '.join(other)}"
+    return f"{', '.join(gguf)} (GGUF file or directory); {', '.join(other)} (directory only)"
 
 
 def cmd_quantize(args):

@@ -28,3 +28,16 @@ def random_model(cfg: Gemma3Config, seed=0, dtype=torch.float32) -> Gemma3:
 @pytest.fixture
 def tiny():
     return random_model(tiny_config())
+
+
+def run_cli(args, capsys):
+    """Runs the gemma3 CLI in-process; returns (exit code, stdout, stderr)."""
+    from gemma3.cli import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

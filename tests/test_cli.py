@@ -7,21 +7,9 @@ import sys
 import pytest
 import torch
 
-from conftest import random_model, tiny_config
-from gemma3.cli import main
+from conftest import random_model, run_cli, tiny_config
 from gemma3.load import embedded_gguf_path
 from gemma3.weights import save_hf_dir
-
-
-def run_main(args, capsys):
-    """Runs the CLI in-process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generate_entry_point_json():
@@ -34,7 +22,7 @@ def test_generate_entry_point_json():
 
 
 def test_generate_streams_human_text(capsys):
-    code, out, _ = run_main(["generate", "The quick brown fox jumps over the lazy", "-n", "3"], capsys)
+    code, out, _ = run_cli(["generate", "The quick brown fox jumps over the lazy", "-n", "3"], capsys)
     assert code == 0 and out.startswith(" dog")
 
 
@@ -44,20 +32,20 @@ def test_tokenize_json_one_list_per_line(capsys, monkeypatch, tmp_path):
     tok = load_tokenizer()
     text = "Hello world\n   spaces\tand tabs\n<start_of_turn>user\n"
     (tmp_path / "in.txt").write_text(text)
-    code, out, _ = run_main(["tokenize", str(tmp_path / "in.txt"), "--json"], capsys)
+    code, out, _ = run_cli(["tokenize", str(tmp_path / "in.txt"), "--json"], capsys)
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and rows == [tok.encode(line) for line in text.splitlines()]
-    code, out, _ = run_main(["tokenize", str(tmp_path / "in.txt"), "--json", "--no-bos", "--special"], capsys)
+    code, out, _ = run_cli(["tokenize", str(tmp_path / "in.txt"), "--json", "--no-bos", "--special"], capsys)
     rows = [json.loads(line) for line in out.splitlines()]
     assert rows[2][0] == tok.start_of_turn_id and rows[0][0] != tok.bos_id
 
 
 def test_info_json(capsys):
-    code, out, _ = run_main(["info", "--json"], capsys)
+    code, out, _ = run_cli(["info", "--json"], capsys)
     info = json.loads(out)
     assert code == 0 and info["format"] == "gguf" and info["config"]["num_layers"] == 18
     assert set(info["tensor_types"]) == {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
-    code, out, _ = run_main(["info", "--model", "27b", "--json"], capsys)
+    code, out, _ = run_cli(["info", "--model", "27b", "--json"], capsys)
     assert json.loads(out)["config"]["query_pre_attn_scalar"] == 168
 
 
@@ -73,13 +61,13 @@ def test_truncated_gguf_is_one_line_error(tmp_path, capsys):
     bad = tmp_path / "cut.gguf"
     with open(embedded_gguf_path(), "rb") as f:
         bad.write_bytes(f.read(5_000_000))
-    _one_line_error(*run_main(["generate", "hi", "--model", str(bad)], capsys), str(bad), "corrupt GGUF")
+    _one_line_error(*run_cli(["generate", "hi", "--model", str(bad)], capsys), str(bad), "corrupt GGUF")
 
 
 def test_not_a_gguf_is_one_line_error(tmp_path, capsys):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"hello, I am not a model" * 10)
-    _one_line_error(*run_main(["info", "--model", str(bad)], capsys), "not a GGUF file")
+    _one_line_error(*run_cli(["info", "--model", str(bad)], capsys), "not a GGUF file")
 
 
 def test_wrong_shape_safetensors_is_one_line_error(tmp_path, capsys):
@@ -87,20 +75,20 @@ def test_wrong_shape_safetensors_is_one_line_error(tmp_path, capsys):
     state = dict(model.state_dict())
     state["layers.2.mlp.down_proj.weight"] = torch.zeros(64, 100)
     save_hf_dir(tmp_path, model.config, state)
-    _one_line_error(*run_main(["generate", "hi", "--model", str(tmp_path)], capsys),
+    _one_line_error(*run_cli(["generate", "hi", "--model", str(tmp_path)], capsys),
                     "layers.2.mlp.down_proj.weight", "(64, 100)")
 
 
 def test_unknown_architecture_is_one_line_error(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    _one_line_error(*run_main(["generate", "hi", "--model", str(tmp_path)], capsys), "unknown architecture")
+    _one_line_error(*run_cli(["generate", "hi", "--model", str(tmp_path)], capsys), "unknown architecture")
 
 
 def test_preset_without_weights_is_explained(capsys):
-    _one_line_error(*run_main(["generate", "hi", "--model", "4b"], capsys), "no weights on this machine")
+    _one_line_error(*run_cli(["generate", "hi", "--model", "4b"], capsys), "no weights on this machine")
 
 
 def test_over_long_prompt_is_one_line_error(capsys):
     # <bos> + 33,000 words + the trailing space's own token
-    _one_line_error(*run_main(["generate", "word " * 33_000, "-n", "1"], capsys),
+    _one_line_error(*run_cli(["generate", "word " * 33_000, "-n", "1"], capsys),
                     "prompt has 33002 tokens but the context is 32768 tokens")

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_model, tiny_config
-from gemma3.cli import main
+from conftest import random_model, run_cli, tiny_config
 from gemma3.gguf_file import read_gguf
 from gemma3.load import load
 from gemma3.quant import parse_recipe, quantize_model
@@ -39,16 +38,6 @@ def source(tmp_path_factory) -> Path:
     return path
 
 
-def run(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_source_gguf_loads_as_written(source):
     model, tok = load(source)
     assert tok.encode("hi", add_bos=True) == [2, 4 + ord("h"), 4 + ord("i")]
@@ -59,7 +48,7 @@ def test_source_gguf_loads_as_written(source):
 def test_gguf_round_trip(source, tmp_path, capsys, recipe):
     out = tmp_path / "q.gguf"
     args = ["--recipe", recipe] if "embed" in recipe else ["--to", recipe]
-    code, stdout, _ = run(["quantize", "--model", str(source), "--out", str(out), "--json"] + args, capsys)
+    code, stdout, _ = run_cli(["quantize", "--model", str(source), "--out", str(out), "--json"] + args, capsys)
     assert code == 0
     assert json.loads(stdout)["bytes"] == out.stat().st_size
     # our GGUF → our loader → the very tensors the quantized model holds
@@ -80,7 +69,7 @@ def test_gguf_round_trip(source, tmp_path, capsys, recipe):
 
 def test_gguf_metadata_is_copied_with_its_types(source, tmp_path, capsys):
     out = tmp_path / "q.gguf"
-    assert run(["quantize", "--model", str(source), "--to", "q8_0", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(["quantize", "--model", str(source), "--to", "q8_0", "--out", str(out)], capsys)[0] == 0
     src, dst = read_gguf(source), read_gguf(out)
     for key in src.metadata:
         if key not in ("general.file_type", "general.quantization_version"):
@@ -92,7 +81,7 @@ def test_gguf_metadata_is_copied_with_its_types(source, tmp_path, capsys):
 @pytest.mark.parametrize("fmt", ["sfp8", "int4-channel", "int8-channel"])
 def test_directory_round_trip(source, tmp_path, capsys, fmt):
     out = tmp_path / fmt
-    code, stdout, _ = run(["quantize", "--model", str(source), "--to", fmt, "--out", str(out)], capsys)
+    code, stdout, _ = run_cli(["quantize", "--model", str(source), "--to", fmt, "--out", str(out)], capsys)
     assert code == 0 and "bits/param" in stdout
     assert (out / "quantization.json").is_file()
     loaded, tok = load(out)
@@ -105,11 +94,11 @@ def test_directory_round_trip(source, tmp_path, capsys, fmt):
     ids = torch.tensor([tok.encode("round trip", add_bos=True)])
     with torch.inference_mode():
         assert torch.equal(loaded(ids), model(ids))
-    code, stdout, _ = run(["generate", "round trip", "-n", "3", "--model", str(out), "--json"], capsys)
+    code, stdout, _ = run_cli(["generate", "round trip", "-n", "3", "--model", str(out), "--json"], capsys)
     assert code == 0 and 1 <= json.loads(stdout)["completion_tokens"] <= 3
     # and back from the directory to a GGUF (decoded, requantized)
     again = tmp_path / "again.gguf"
-    assert run(["quantize", "--model", str(out), "--to", "q8_0", "--out", str(again)], capsys)[0] == 0
+    assert run_cli(["quantize", "--model", str(out), "--to", "q8_0", "--out", str(again)], capsys)[0] == 0
     assert read_gguf(again).metadata["tokenizer.ggml.tokens"] == read_gguf(source).metadata["tokenizer.ggml.tokens"]
 
 
@@ -130,23 +119,23 @@ def one_line_error(code, err, *needles):
 ])
 def test_unsupported_combinations_are_one_line_errors(source, tmp_path, capsys, args, needles):
     args = [a.replace("x.gguf", str(tmp_path / "x.gguf")) for a in args]
-    one_line_error(*run(["quantize", "--model", str(source)] + args, capsys)[::2], *needles)
+    one_line_error(*run_cli(["quantize", "--model", str(source)] + args, capsys)[::2], *needles)
     assert not (tmp_path / "x.gguf").exists()
 
 
 def test_corrupt_inputs_are_one_line_errors(source, tmp_path, capsys):
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(source.read_bytes()[:5000])
-    one_line_error(*run(["quantize", "--model", str(truncated), "--to", "q8_0", "--out", str(tmp_path / "o.gguf")],
+    one_line_error(*run_cli(["quantize", "--model", str(truncated), "--to", "q8_0", "--out", str(tmp_path / "o.gguf")],
                         capsys)[::2], "corrupt GGUF")
     out = tmp_path / "dir"
-    assert run(["quantize", "--model", str(source), "--to", "sfp8", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(["quantize", "--model", str(source), "--to", "sfp8", "--out", str(out)], capsys)[0] == 0
     spec = json.loads((out / "quantization.json").read_text())
     spec["weights"]["layers.0.mlp.up_proj.weight"]["shape"] = [128, 32]
     (out / "quantization.json").write_text(json.dumps(spec))
-    one_line_error(*run(["generate", "x", "-n", "1", "--model", str(out)], capsys)[::2], "up_proj")
+    one_line_error(*run_cli(["generate", "x", "-n", "1", "--model", str(out)], capsys)[::2], "up_proj")
     (out / "quantization.json").write_text("{not json")
-    one_line_error(*run(["generate", "x", "-n", "1", "--model", str(out)], capsys)[::2], "corrupt quantization config")
+    one_line_error(*run_cli(["generate", "x", "-n", "1", "--model", str(out)], capsys)[::2], "corrupt quantization config")
 
 
 def test_eval_quant_table_json_and_plot(source, tmp_path, capsys):
@@ -154,7 +143,7 @@ def test_eval_quant_table_json_and_plot(source, tmp_path, capsys):
 
     plot, text = tmp_path / "q.png", tmp_path / "gpl-head.txt"
     text.write_text(TEXT.read_text()[:600])  # the tiny vocabulary spells text byte by byte
-    code, out, _ = run(["eval", "quant", "--model", str(source), "--formats", "q8_0,q4_0-embed-q8,sfp8",
+    code, out, _ = run_cli(["eval", "quant", "--model", str(source), "--formats", "q8_0,q4_0-embed-q8,sfp8",
                         "--text", str(text), "--ctx", "64", "--chunks", "1", "--decode-tokens", "1",
                         "--plot", str(plot), "--json"], capsys)
     assert code == 0
@@ -189,7 +178,7 @@ def test_llama_cpp_runs_our_tiny_ggufs_with_our_logits(source, tmp_path, capsys)
               "print(json.dumps(np.asarray(llm.scores[:len(ids)]).tolist()))\n")
     for fmt, max_rel_rms in (("f32", 0.005), ("q8_0", 0.08)):
         out = tmp_path / f"{fmt}.gguf"
-        assert run(["quantize", "--model", str(source), "--to", fmt, "--out", str(out)], capsys)[0] == 0
+        assert run_cli(["quantize", "--model", str(source), "--to", fmt, "--out", str(out)], capsys)[0] == 0
         model, _ = load(out)
         with torch.inference_mode():
             ours = model(torch.tensor([ids]))[0]

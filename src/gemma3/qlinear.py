@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .config import Gemma3Config, from_gguf_metadata
-from .gguf_file import GGUFFile, QTensor, read_gguf
+from .config import Gemma3Config
+from .gguf_file import GGUFFile, QTensor
 from .quants import BLOCK_INFO, dequantize
 
 # Up to this many rows the VNNI kernel wins; above, dequantize-to-bf16 + GEMM does (one core of an
@@ -146,19 +146,10 @@ _INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", 
 def load_gguf_quantized(path: str | Path) -> tuple[Gemma3Config, nn.Module, GGUFFile]:
     """A Gemma3 whose matmuls read the GGUF blocks in place; only the norms are materialised."""
     from .model import Gemma3
-    from .weights import WeightsError, check_names_and_shapes, gguf_to_ours
+    from .weights import WeightsError, read_gemma3_gguf
 
-    gg = read_gguf(path)
-    embd = gg.tensors.get("token_embd.weight")
-    cfg = from_gguf_metadata(gg.metadata, vocab_size=embd.shape[0] if embd is not None else None)
-    names = {}
-    for name in gg.tensors:
-        ours = gguf_to_ours(name)
-        if ours is None:
-            raise WeightsError(f"{path}: unexpected tensor {name} in a gemma3 GGUF")
-        names[ours] = name
-    with _skip_init():
-        check_names_and_shapes({k: gg.tensors[v].shape for k, v in names.items()}, cfg, str(path))
+    with _skip_init():  # check_names_and_shapes builds a meta model too
+        cfg, gg, names = read_gemma3_gguf(path)
         with torch.device("meta"):
             model = Gemma3(cfg)
     quantize_from_gguf(model, gg)

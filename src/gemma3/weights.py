@@ -80,7 +80,8 @@ def check_names_and_shapes(state: dict[str, tuple[int, ...]], cfg: Gemma3Config 
             raise WeightsError(f"{source}: tensor {name} has shape {tuple(shape)}, expected {want[name]}")
 
 
-def load_gguf(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, dict[str, torch.Tensor], GGUFFile]:
+def read_gemma3_gguf(path: str | Path) -> tuple[Gemma3Config, GGUFFile, dict[str, str]]:
+    """Config, file and {our name: GGUF name}, with every tensor name and shape checked."""
     gg = read_gguf(path)
     embd = gg.tensors.get("token_embd.weight")
     cfg = from_gguf_metadata(gg.metadata, vocab_size=embd.shape[0] if embd is not None else None)
@@ -91,6 +92,11 @@ def load_gguf(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, dict
             raise WeightsError(f"{path}: unexpected tensor {name} in a gemma3 GGUF")
         names[ours] = name
     check_names_and_shapes({k: gg.tensors[v].shape for k, v in names.items()}, cfg, str(path))
+    return cfg, gg, names
+
+
+def load_gguf(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, dict[str, torch.Tensor], GGUFFile]:
+    cfg, gg, names = read_gemma3_gguf(path)
     state = {}
     for ours, name in names.items():
         w = gg.tensors[name].dequantize(torch.float32)

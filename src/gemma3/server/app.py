@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from ..generate import encode_prompt
 from ..sampling import SamplingParams
 from ..tokenizer import encode_chat
-from .engine import Delta, Done, Engine, Failed, QueueFull, Request, ShuttingDown
+from .engine import Done, Engine, Failed, QueueFull, Request, ShuttingDown
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")

@@ -567,7 +567,7 @@ def image_files(tmp_path_factory):
 
 
 def test_cli_generate_with_images(cli_270m, mmproj_270m, image_files, tok, capsys):
-    from test_cli import run_main
+    from conftest import run_cli as run_main
 
     text = "Describe <start_of_image> and <start_of_image>."
     counts = {}
@@ -584,7 +584,8 @@ def test_cli_generate_with_images(cli_270m, mmproj_270m, image_files, tok, capsy
 
 
 def test_cli_image_errors_are_one_line(image_files, tmp_path, capsys):
-    from test_cli import _one_line_error, run_main
+    from conftest import run_cli as run_main
+    from test_cli import _one_line_error
 
     _one_line_error(*run_main(["generate", "Describe", "--image", image_files[0]], capsys), "--mmproj")
     missing = str(tmp_path / "nope.png")
@@ -592,7 +593,7 @@ def test_cli_image_errors_are_one_line(image_files, tmp_path, capsys):
 
 
 def test_cli_chat_image_command(cli_270m, mmproj_270m, image_files, capsys, monkeypatch):
-    from test_cli import run_main
+    from conftest import run_cli as run_main
 
     lines = iter(["/image nope.png", f"/image {image_files[0]}", "What is in the picture?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))

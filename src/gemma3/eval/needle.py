@@ -63,14 +63,13 @@ def run_needle(model, tokenizer, haystack: str, ctxs: list[int], depths: list[fl
     rng = random.Random(seed)
     results = []
     jobs = [(c, d) for c in ctxs for d in sorted(depths, reverse=True)]
-    prefix_cache = None
+    prefix_cache, cached_ctx = None, None
     for ctx, depth in tqdm(jobs, desc="needle", unit="prompt", disable=not progress):
-        if prefix_cache is None or prefix_cache.ctx != ctx:
+        if ctx != cached_ctx:
             # Deeper needles share a longer haystack prefix: reuse it through the prefix cache.
             # Ring snapshots every ctx/8 tokens bound the stored bytes to a few per prompt.
             block = max(model.config.sliding_window, ctx // 8 // model.config.sliding_window * model.config.sliding_window)
-            prefix_cache = PrefixCache(model, max_bytes=2 * 2**30, block=block)
-            prefix_cache.ctx = ctx
+            prefix_cache, cached_ctx = PrefixCache(model, max_bytes=2 * 2**30, block=block), ctx
         answer = str(rng.randrange(10_000, 100_000))
         ids = build_prompt(tokenizer, hay_ids, ctx, depth, answer)
         answer_ids = tokenizer.encode(" " + answer, add_bos=False)

@@ -36,6 +36,8 @@ PROMPTS = [
     "Translate to German: The weather is nice today.",
     "The history of the printing press begins",
     "Q: What is 17 times 23?\nA:",
+    "Summarize the following text in one sentence.\n\n" + " ".join(
+        ["The GNU General Public License is a free, copyleft license for software and other kinds of works."] * 20),
 ]
 
 
@@ -134,6 +136,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=2048, help="server --ctx")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per request at most")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up requests at full concurrency (default: -c)")
     args = ap.parse_args()
 
     proc, port = (None, args.port) if args.port else start_server(args)
@@ -142,13 +145,18 @@ def main():
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
         lengths = [int(x) for x in args.max_tokens.split(",")]
         rng = random.Random(args.seed)
-        asyncio.run(run(url, model, [(PROMPTS[0], 4)] * 2, 2, args.timeout))  # warm-up
-        report = {"rss_after_warmup_mb": proc and rss_mb(proc.pid)}
+        # Warm-up: one full round at the target concurrency, so buffers sized by the batch exist
+        # before the RSS baseline is taken; growth after it would be a leak.
+        warm = [(rng.choice(PROMPTS), rng.choice(lengths)) for _ in range(args.warmup or args.concurrency)]
+        report = {"warmup": asyncio.run(run(url, model, warm, args.concurrency, args.timeout))}
+        report["rss_after_warmup_mb"] = proc and rss_mb(proc.pid)
         single_jobs = [(PROMPTS[i % len(PROMPTS)], max(lengths)) for i in range(args.single)]
         report["single"] = asyncio.run(run(url, model, single_jobs, 1, args.timeout))
         jobs = [(rng.choice(PROMPTS), rng.choice(lengths)) for _ in range(args.requests)]
         report["concurrent"] = asyncio.run(run(url, model, jobs, args.concurrency, args.timeout))
         report["rss_after_run_mb"] = proc and rss_mb(proc.pid)
+        if proc is not None:
+            report["rss_growth_after_warmup"] = round(report["rss_after_run_mb"] / report["rss_after_warmup_mb"] - 1, 4)
         metrics = httpx.get(url + "/metrics", timeout=30).text
         report["server_active_sequences_after"] = next(
             float(l.split()[1]) for l in metrics.splitlines() if l.startswith("gemma3_active_sequences "))

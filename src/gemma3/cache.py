@@ -113,13 +113,17 @@ class LinearKV:
             size = min(self.max_len, -(-needed // GROW_CHUNK) * GROW_CHUNK)
             self.k, self.v = self.k.resize(size, self.length), self.v.resize(size, self.length)
 
-    def update(self, k, v, positions):
+    def append(self, k, v):
+        """Stores the chunk's keys/values after the ones already held (no read back)."""
         start, n = self.length, k.shape[2]
         self.reserve(start + n)
         slots = torch.arange(start, start + n, device=k.device)
         self.k.write(slots, k)
         self.v.write(slots, v)
         self.length = start + n
+
+    def update(self, k, v, positions):
+        self.append(k, v)
         pos_all = torch.arange(self.length, device=positions.device)
         return self.k.read(self.length), self.v.read(self.length), pos_all
 

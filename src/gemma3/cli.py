@@ -174,10 +174,22 @@ def cmd_serve(args):
         if value is not None and value < (0 if name in ("port",) else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     model_id = args.served_model_name or Path(resolve(args.model)).name.removesuffix(".gguf")
+    # Images need a vision encoder: --mmproj for a GGUF, or the HF directory's own; else text-only.
+    vision, pan_and_scan = _encoder(args) if args.mmproj or _has_vision(args.model) else (None, None)
     model, tok = _load(args)
     serve(model, tok, model_id, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
           max_queue=args.max_queue, max_tokens=args.max_tokens, api_key=args.api_key,
-          prefix_cache_mb=args.prefix_cache_mb, log_level=args.log_level)
+          prefix_cache_mb=args.prefix_cache_mb, log_level=args.log_level, vision=vision,
+          pan_and_scan=pan_and_scan)
+
+
+def _has_vision(model) -> bool:
+    """An HF directory whose config describes a vision tower (Gemma3ForConditionalGeneration)."""
+    from .load import resolve
+
+    path = resolve(model)
+    config = path / "config.json"
+    return path.is_dir() and config.is_file() and "vision_config" in json.loads(config.read_text())
 
 
 def cmd_tokenize(args):
@@ -359,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=int, default=256, help="prompt prefix cache size, 0 = off (default 256)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn log level (default info: one line per request)")
+    _add_vision_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
 

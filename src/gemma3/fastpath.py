@@ -10,8 +10,9 @@ replace the op-heavy parts of a one-token step:
 - `FastAttention`: for one query token per row, q/k/v in one kernel call, QK-norm + RoPE in one, the new key/value
   written straight into its cache slot (a ring slot can be overwritten before attending: the key it
   evicts is exactly one window behind, invisible to this query), and attention over the cache in
-  one kernel call (no key concatenation, no mask tensor). Prefill chunks, images and non-fp32 KV
-  storage take model.py's path unchanged.
+  one kernel call (no key concatenation, no mask tensor), reading fp32, bf16 or int8 storage
+  directly (int8 scales applied per row inside the kernel). Prefill chunks and images take
+  model.py's path unchanged.
 
 Tests compare every swapped module with the original (tests/test_fast_path.py).
 """
@@ -44,8 +45,7 @@ class FastAttention(Attention):
         ops = kernels.ops()
         b, t, _ = x.shape
         if (ops is None or t != 1 or groups is not None or x.dtype != torch.float32
-                or not isinstance(layer_cache, (RingKV, LinearKV))
-                or layer_cache.k.data.dtype != torch.float32):
+                or not isinstance(layer_cache, (RingKV, LinearKV))):
             return super().forward(x, cos, sin, positions, layer_cache, groups)
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if all(kernel_ready(p) for p in projections):  # one activation quantization for all three
@@ -63,10 +63,14 @@ class FastAttention(Attention):
             layer_cache.k.write(slot, k)
             layer_cache.v.write(slot, v)
             layer_cache.pos.index_copy_(0, slot, positions)
-            keys, values, key_pos = layer_cache.k.data, layer_cache.v.data, layer_cache.pos
+            key_pos = layer_cache.pos
         else:
-            keys, values, key_pos = layer_cache.update(k, v, positions)
-        out = ops.decode_attention(q, keys, values, key_pos, int(positions[0]), self.window or 0, self.scale)
+            layer_cache.append(k, v)
+            key_pos = torch.arange(layer_cache.length)
+        # The kernel reads the cache in its storage dtype (fp32, bf16, or int8 with its scales).
+        ks, vs = layer_cache.k, layer_cache.v
+        out = ops.decode_attention(q, ks.data, vs.data, key_pos, int(positions[0]), self.window or 0, self.scale,
+                                   ks.scale, vs.scale)
         return self.o_proj(out.view(b, 1, self.n_heads * self.head_dim))
 
 

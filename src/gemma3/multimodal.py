@@ -11,6 +11,7 @@ token its view's index so the decoder lets a view's tokens attend to each other 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,28 +42,44 @@ def load_image(path: str | Path) -> Image.Image:
     what transformers reads from them; CMYK, palette, grey and 16-bit images are converted."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():  # the size limit below is enforced as an error instead
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)  # reads the header only
+        with path.open("rb") as f:
+            return _decode(f, str(path))
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory, not an image") from None
+
+
+def decode_image(data: bytes, name: str = "image", formats: Sequence[str] | None = None) -> Image.Image:
+    """`load_image` for bytes in memory (an uploaded image); `formats` limits the accepted
+    Pillow formats (e.g. the one a data URL declares)."""
+    import io
+
+    return _decode(io.BytesIO(data), name, formats)
+
+
+def _decode(f, name: str, formats: Sequence[str] | None = None) -> Image.Image:
+    try:
+        with warnings.catch_warnings():  # the size limit below is enforced as an error instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(f)  # reads the header only
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (or a format Pillow cannot read)") from None
+        raise ImageError(f"{name}: not an image (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError:
-        raise ImageError(f"{path}: image has more than {MAX_PIXELS} pixels (decompression-bomb limit)") from None
+        raise ImageError(f"{name}: image has more than {MAX_PIXELS} pixels (decompression-bomb limit)") from None
     with img:
+        if formats is not None and img.format not in formats:
+            raise ImageError(f"{name}: the data is {img.format}, not the declared {'/'.join(formats)}")
         w, h = img.size
         if w * h > MAX_PIXELS:
-            raise ImageError(f"{path}: {w}×{h} image has more than {MAX_PIXELS} pixels (decompression-bomb limit)")
+            raise ImageError(f"{name}: {w}×{h} image has more than {MAX_PIXELS} pixels (decompression-bomb limit)")
         if min(w, h) < MIN_SIDE:
-            raise ImageError(f"{path}: {w}×{h} image is too small (at least {MIN_SIDE}×{MIN_SIDE} pixels)")
+            raise ImageError(f"{name}: {w}×{h} image is too small (at least {MIN_SIDE}×{MIN_SIDE} pixels)")
         try:
             return to_rgb(img)  # decodes: a truncated or corrupt file fails here
         except (OSError, ValueError, EOFError, SyntaxError) as e:
             reason = " ".join(str(e).split()) or type(e).__name__
-            raise ImageError(f"{path}: corrupt or truncated image ({reason})") from None
+            raise ImageError(f"{name}: corrupt or truncated image ({reason})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -125,17 +142,18 @@ def encode_image(vision, img: Image.Image, pan_and_scan: PanAndScan | None = Pan
                           for view in views(img, pan_and_scan)])
 
 
-def image_sequence(mm_tokens: int) -> str:
-    return f"\n\n{BOI}{IMAGE_SOFT_TOKEN * mm_tokens}{EOI}\n\n"
+def image_sequence(mm_tokens: int, boi: str = BOI, eoi: str = EOI) -> str:
+    return f"\n\n{boi}{IMAGE_SOFT_TOKEN * mm_tokens}{eoi}\n\n"
 
 
-def expand_prompt(text: str, crops: Sequence[int], mm_tokens: int) -> str:
+def expand_prompt(text: str, crops: Sequence[int], mm_tokens: int, placeholder: str = BOI, boi: str = BOI,
+                  eoi: str = EOI) -> str:
     """Gemma3Processor's text: the i-th placeholder becomes image i's token layout. An image
     with Pan & Scan crops is announced in words, then each crop follows, space-separated."""
-    parts = text.split(BOI)
+    parts = text.split(placeholder)
     if len(parts) - 1 != len(crops):
-        raise ValueError(f"the prompt has {len(parts) - 1} {BOI} placeholders for {len(crops)} images")
-    seq = image_sequence(mm_tokens)
+        raise ValueError(f"the prompt has {len(parts) - 1} {placeholder} placeholders for {len(crops)} images")
+    seq = image_sequence(mm_tokens, boi, eoi)
     out = [parts[0]]
     for n, rest in zip(crops, parts[1:]):
         if n:
@@ -166,10 +184,6 @@ def build_prompt(model, tokenizer, text: str, features: Sequence[torch.Tensor]) 
     from .generate import encode_prompt  # generate imports this module
 
     mm_tokens = features[0].shape[1] if features else 0
-    for f in features:
-        if f.shape[-1] != model.config.hidden_size:
-            raise ValueError(f"the vision encoder projects to {f.shape[-1]} dims but the text model has "
-                             f"d_model {model.config.hidden_size} (mmproj file of another model size?)")
     # Tokenized without the soft tokens, which are then inserted as ids: <start_of_image> and
     # <end_of_image> are special tokens, so the text between them never merges across them and
     # this equals tokenizing the processor's full string with <image_soft_token> as a special token.
@@ -180,8 +194,20 @@ def build_prompt(model, tokenizer, text: str, features: Sequence[torch.Tensor]) 
         ids.append(t)
         if t == boi:
             ids += [IMAGE_SOFT_TOKEN_ID] * mm_tokens
+    return embed_prompt(model, ids, features)
+
+
+def embed_prompt(model, ids: list[int], features: Sequence[torch.Tensor]) -> MultimodalPrompt:
+    """Embeddings of `ids` with the image features in place of the soft tokens, in order."""
+    for f in features:
+        if f.shape[-1] != model.config.hidden_size:
+            raise ValueError(f"the vision encoder projects to {f.shape[-1]} dims but the text model has "
+                             f"d_model {model.config.hidden_size} (mmproj file of another model size?)")
     x = torch.tensor([ids], device=model.device)
     soft = x == IMAGE_SOFT_TOKEN_ID
+    n_soft = sum(f.shape[0] * f.shape[1] for f in features)
+    if int(soft.sum()) != n_soft:
+        raise ValueError(f"the prompt has {int(soft.sum())} image soft tokens for {n_soft} image features")
     starts = soft & ~torch.nn.functional.pad(soft, (1, 0))[:, :-1]  # first soft token of each view
     groups = torch.where(soft, starts.cumsum(1) - 1, -1)
     with torch.inference_mode():
@@ -191,6 +217,44 @@ def build_prompt(model, tokenizer, text: str, features: Sequence[torch.Tensor]) 
         if features:
             embeds[soft] = torch.cat(list(features)).reshape(-1, embeds.shape[-1]).to(embeds)
     return MultimodalPrompt(ids, embeds, groups)
+
+
+# ------------------------------------------------------------------ chat API messages with images
+
+# Private-use characters stand for an image (and, inside the expanded layout, for its two special
+# tokens) in message text: the server's image_url parts become IMAGE_MARK, so the user's own text,
+# even one typing "<start_of_image>", stays plain text. `without_marks` keeps user text free of them.
+IMAGE_MARK, _BOI_MARK, _EOI_MARK = "\ue000", "\ue001", "\ue002"
+_MARKS = re.compile("[\ue000-\ue002]")
+
+
+def without_marks(text: str) -> str:
+    return _MARKS.sub("\ufffd", text)
+
+
+def encode_chat_with_images(tokenizer, messages: list[dict], crops: Sequence[int], mm_tokens: int) -> list[int]:
+    """`encode_chat` for messages holding IMAGE_MARK where image i goes (with crops[i] Pan & Scan
+    crops): the ids transformers' processor gives for the template with <start_of_image> there."""
+    from .tokenizer import encode_chat
+
+    boi, eoi = tokenizer.token_to_id(BOI), tokenizer.token_to_id(EOI)
+    pending = list(crops)
+
+    def encode(text: str) -> list[int]:
+        n = text.count(IMAGE_MARK)
+        mine, pending[:] = pending[:n], pending[n:]
+        layout = expand_prompt(text, mine, 0, placeholder=IMAGE_MARK, boi=_BOI_MARK, eoi=_EOI_MARK)
+        ids = []  # text between the special tokens encoded plain, as a special-token split does
+        for piece in re.split(f"([{_BOI_MARK}{_EOI_MARK}])", layout):
+            if piece == _BOI_MARK:
+                ids += [boi] + [IMAGE_SOFT_TOKEN_ID] * mm_tokens
+            elif piece == _EOI_MARK:
+                ids.append(eoi)
+            elif piece:
+                ids += tokenizer.encode(piece, add_bos=False)
+        return ids
+
+    return encode_chat(tokenizer, messages, encode=encode)
 
 
 def prepare(model, vision, tokenizer, text: str, images: Sequence[str | Path | Image.Image],

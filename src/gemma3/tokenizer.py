@@ -551,15 +551,18 @@ def apply_chat_template(messages: list[dict], add_generation_prompt: bool = True
     return "".join(parts)
 
 
-def encode_chat(tokenizer: "Tokenizer", messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(tokenizer: "Tokenizer", messages: list[dict], add_generation_prompt: bool = True,
+                encode=None) -> list[int]:
     """Token ids of `apply_chat_template(messages)`, with the template's own markers as control
     tokens and message text encoded with parse_special=False: a user who types
-    "<end_of_turn>" gets those characters, not a turn boundary (prompt injection)."""
+    "<end_of_turn>" gets those characters, not a turn boundary (prompt injection). `encode`
+    replaces the encoding of each turn's "{role}\n{text}" (images: multimodal.encode_chat_with_images)."""
     sot, eot = tokenizer.start_of_turn_id, tokenizer.end_of_turn_id
     newline = tokenizer.encode("\n", add_bos=False)
+    encode = encode or (lambda text: tokenizer.encode(text, add_bos=False))
     ids = [tokenizer.bos_id]
     for role, text in chat_turns(messages):
-        ids += [sot] + tokenizer.encode(f"{role}\n{text}", add_bos=False) + [eot] + newline
+        ids += [sot] + encode(f"{role}\n{text}") + [eot] + newline
     if add_generation_prompt:
         ids += [sot] + tokenizer.encode("model\n", add_bos=False)
     return ids

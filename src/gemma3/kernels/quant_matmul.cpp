@@ -514,17 +514,31 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w1, double eps) {
 // (-1 = empty). A key is visible iff 0 <= key_pos <= pos and, with a window W > 0, key_pos > pos - W.
 // Work is split over (row, kv head, key range) so even one KV head keeps every thread busy; the
 // partial softmaxes are merged as in flash-decoding. Returns [B, Hq, D].
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_pos,
-                               int64_t pos, int64_t window, double scale) {
-    TORCH_CHECK(keys.dtype() == torch::kFloat32 && values.dtype() == torch::kFloat32, "fp32 K/V only");
-    TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "K/V rows must be contiguous");
+// One K or V element as float: fp32, bf16 (upper half of an fp32) or int8 (times the row's scale,
+// applied by the caller once per row rather than once per element).
+INLINE float kv_load(const float* p, int64_t i) { return p[i]; }
+INLINE float kv_load(const at::BFloat16* p, int64_t i) {
+    uint32_t bits = (uint32_t)reinterpret_cast<const uint16_t*>(p)[i] << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+INLINE float kv_load(const int8_t* p, int64_t i) { return (float)p[i]; }
+
+// Flash-decoding over the visible slots: each (row, KV head, split) task scores its keys for all
+// query heads of the group, then the splits are merged with their running max and sum. The cache
+// is read in its storage dtype: an int8 key row contributes dot(q, k_q) * k_scale, an int8 value
+// row e * v_scale * v_q, so no dequantized copy of the cache is ever made ("fused dequant").
+template <typename T>
+torch::Tensor decode_attention_t(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_pos,
+                                 int64_t pos, int64_t window, double scale, const float* ks, const float* vs) {
     q = q.contiguous().to(torch::kFloat32);
     const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hk = keys.size(1), S = keys.size(2);
     const int64_t group = Hq / Hk;
     auto kp = key_pos.contiguous().to(torch::kInt64);
     const int64_t* kpos = kp.data_ptr<int64_t>();
     std::vector<int64_t> visible;
-    for (int64_t j = 0; j < S; j++) {
+    for (int64_t j = 0; j < std::min<int64_t>(S, kp.numel()); j++) {
         const int64_t p = kpos[j];
         if (p >= 0 && p <= pos && (window <= 0 || p > pos - window)) visible.push_back(j);
     }
@@ -533,30 +547,36 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
     const int64_t threads = at::get_num_threads();
     const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((threads + B * Hk - 1) / (B * Hk), nv / 64));
     const int64_t tasks = B * Hk * splits;
+    // Scales are [B, Hk, S_alloc, 1] contiguous: row stride 1, head stride S_alloc.
+    const int64_t s_alloc = keys.size(2), s_head = s_alloc, s_batch = Hk * s_alloc;
     // Per task and query head: running max, sum of exp, and the unnormalised output.
     auto part = torch::empty({tasks, group, D + 2}, torch::kFloat32);
     float* pp = part.data_ptr<float>();
     const float* qp = q.data_ptr<float>();
-    const float* K = keys.data_ptr<float>();
-    const float* V = values.data_ptr<float>();
+    const T* K = reinterpret_cast<const T*>(keys.data_ptr());
+    const T* V = reinterpret_cast<const T*>(values.data_ptr());
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
         std::vector<float> sc(group * ((nv + splits - 1) / splits));
         for (int64_t t = t0; t < t1; t++) {
             const int64_t b = t / (Hk * splits), h = (t / splits) % Hk, sp = t % splits;
             const int64_t j0 = nv * sp / splits, j1 = nv * (sp + 1) / splits, n = j1 - j0;
-            const float* kb = K + b * keys.stride(0) + h * keys.stride(1);
-            const float* vb = V + b * values.stride(0) + h * values.stride(1);
+            const T* kb = K + b * keys.stride(0) + h * keys.stride(1);
+            const T* vb = V + b * values.stride(0) + h * values.stride(1);
+            const float* ksb = ks ? ks + b * s_batch + h * s_head : nullptr;
+            const float* vsb = vs ? vs + b * s_batch + h * s_head : nullptr;
             const float* qg = qp + (b * Hq + h * group) * D;  // the group's query heads, consecutive
             float* og = pp + t * group * (D + 2);
             // Each key and value row is read once for all query heads of its KV group.
             for (int64_t j = 0; j < n; j++) {
-                const float* kr = kb + visible[j0 + j] * keys.stride(2);
+                const int64_t slot = visible[j0 + j];
+                const T* kr = kb + slot * keys.stride(2);
+                const float row_scale = (float)scale * (ksb ? ksb[slot] : 1.f);
                 for (int64_t g = 0; g < group; g++) {
                     const float* qr = qg + g * D;
                     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-                    for (int64_t i = 0; i < D; i++) dot += qr[i] * kr[i];
-                    sc[g * n + j] = dot * (float)scale;
+                    for (int64_t i = 0; i < D; i++) dot += qr[i] * kv_load(kr, i);
+                    sc[g * n + j] = dot * row_scale;
                 }
             }
             for (int64_t g = 0; g < group; g++) {
@@ -572,12 +592,14 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
                 out[D + 1] = l;
             }
             for (int64_t j = 0; j < n; j++) {
-                const float* vr = vb + visible[j0 + j] * values.stride(2);
+                const int64_t slot = visible[j0 + j];
+                const T* vr = vb + slot * values.stride(2);
+                const float row_scale = vsb ? vsb[slot] : 1.f;
                 for (int64_t g = 0; g < group; g++) {
                     float* out = og + g * (D + 2);
-                    const float e = sc[g * n + j];
+                    const float e = sc[g * n + j] * row_scale;
 #pragma omp simd
-                    for (int64_t i = 0; i < D; i++) out[i] += e * vr[i];
+                    for (int64_t i = 0; i < D; i++) out[i] += e * kv_load(vr, i);
                 }
             }
         }
@@ -602,6 +624,29 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
     return y;
 }
 
+// Attention of one query token per row over a cache stored as fp32, bf16, or int8 with per-slot
+// scales ([B, Hk, S, 1] float32, given for int8 only). Slots whose position is hidden (empty,
+// in the future, or a window or more behind) are skipped.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_pos,
+                               int64_t pos, int64_t window, double scale, c10::optional<torch::Tensor> k_scale,
+                               c10::optional<torch::Tensor> v_scale) {
+    TORCH_CHECK(keys.dtype() == values.dtype(), "K and V must share a dtype");
+    TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "K/V rows must be contiguous");
+    const auto dt = keys.scalar_type();
+    if (dt == torch::kFloat32)
+        return decode_attention_t<float>(q, keys, values, key_pos, pos, window, scale, nullptr, nullptr);
+    if (dt == torch::kBFloat16)
+        return decode_attention_t<at::BFloat16>(q, keys, values, key_pos, pos, window, scale, nullptr, nullptr);
+    TORCH_CHECK(dt == torch::kInt8, "K/V must be float32, bfloat16 or int8");
+    TORCH_CHECK(k_scale.has_value() && v_scale.has_value(), "int8 K/V need their scales");
+    for (const auto& s : {*k_scale, *v_scale}) {
+        TORCH_CHECK(s.dtype() == torch::kFloat32 && s.is_contiguous() && s.size(2) == keys.size(2),
+                    "scales must be contiguous float32 [B, Hk, S, 1]");
+    }
+    return decode_attention_t<int8_t>(q, keys, values, key_pos, pos, window, scale, k_scale->data_ptr<float>(),
+                                      v_scale->data_ptr<float>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("qmatmul", &qmatmul, "x @ W^T with W in GGUF blocks, int8 (VNNI) activations");
     m.def("qmatmul_many", &qmatmul_many, "several x @ W^T sharing one activation quantization");
@@ -610,5 +655,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("bf16_linear", &bf16_linear, "x @ W^T with W dequantized to bf16 tile by tile (oneMKL GEMM)");
     m.def("rms_norm", &rms_norm, "RMSNorm with weight (1 + w) precomputed");
     m.def("qk_norm_rope", &qk_norm_rope, "QK-norm (1 + w) and RoPE for one position");
-    m.def("decode_attention", &decode_attention, "attention of one query token per row over a KV cache");
+    m.def("decode_attention", &decode_attention, "attention of one query token per row over a KV cache (fp32/bf16/int8)",
+          py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("key_pos"), py::arg("pos"), py::arg("window"),
+          py::arg("scale"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000, ctx: int | None = None,
           max_batch: int = 8, max_queue: int = 64, max_tokens: int | None = None, api_key: str | None = None,
-          prefix_cache_mb: int = 256, log_level: str = "info"):
+          prefix_cache_mb: int = 256, log_level: str = "info", vision=None, pan_and_scan=None):
     """Run until SIGINT/SIGTERM: uvicorn stops accepting connections, lets in-flight responses
     finish (up to 30 s), then the engine cancels whatever is left and the call returns."""
     import signal
@@ -19,7 +19,7 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
 
     ctx = min(ctx or model.config.max_context, model.config.max_context)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                    prefix_cache_bytes=prefix_cache_mb * 2**20)
+                    prefix_cache_bytes=prefix_cache_mb * 2**20, vision=vision, pan_and_scan=pan_and_scan)
     app = create_app(engine, model_id, ctx, max_tokens=max_tokens, api_key=api_key)
     # uvicorn re-raises a captured SIGTERM once it has shut down gracefully; with the default handler
     # that kills the process (status -15). A shutdown that went as planned should exit 0.

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..generate import encode_prompt
+from ..multimodal import IMAGE_MARK, ImageError, decode_image, encode_chat_with_images, without_marks
 from ..sampling import SamplingParams
 from ..tokenizer import encode_chat
 from .engine import Done, Engine, Failed, QueueFull, Request, ShuttingDown
@@ -74,6 +75,44 @@ class Gate:
         return secrets.compare_digest(given, f"Bearer {self.api_key}".encode())
 
 
+# Declared MIME type of a data URL → the Pillow format its bytes must have.
+IMAGE_MIME = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
+              "image/gif": "GIF", "image/bmp": "BMP"}
+MAX_IMAGE_URL_CHARS = 32 * 2**20  # 24 MB of base64-encoded image per part
+
+
+def image_from_url(url: str, where: str):
+    """The RGB image of a `data:image/…;base64,…` URL; anything else is a 400 naming the part.
+    Remote URLs are never fetched (a server that fetches is an SSRF vector)."""
+    import base64
+    import binascii
+
+    if not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if ":" in url[:12] else "a bare string"
+        raise APIError(400, f"{where}: image_url must be a base64 data URL (data:image/png;base64,...); "
+                            f"{scheme} URLs are not fetched", param=where, code="invalid_image_url")
+    if len(url) > MAX_IMAGE_URL_CHARS:
+        raise APIError(400, f"{where}: image data URL is larger than {MAX_IMAGE_URL_CHARS // 2**20} MiB",
+                       param=where, code="invalid_image")
+    header, _, payload = url[5:].partition(",")
+    mime, *options = header.split(";")
+    mime = mime.strip().lower()
+    if mime not in IMAGE_MIME:
+        raise APIError(400, f"{where}: unsupported image type {mime or '(none)'!r}; send one of "
+                            f"{', '.join(sorted(set(IMAGE_MIME) - {'image/jpg'}))}", param=where, code="invalid_image")
+    if "base64" not in options:
+        raise APIError(400, f"{where}: image data URL must be base64-encoded (data:{mime};base64,...)",
+                       param=where, code="invalid_image")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{where}: image data is not valid base64", param=where, code="invalid_image") from None
+    try:
+        return decode_image(data, where, formats=[IMAGE_MIME[mime]])
+    except ImageError as e:
+        raise APIError(400, str(e), param=where, code="invalid_image") from None
+
+
 def _token_text(tokenizer, token: int) -> tuple[str, list[int]]:
     data = tokenizer.token_bytes(token, skip_special=False)
     return data.decode("utf-8", errors="replace"), list(data)
@@ -100,24 +139,39 @@ class Server:
                                 f"{chars} characters, far more than fit.", param="messages",
                            code="context_length_exceeded")
 
-    def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
-        messages = []
+    def _chat_ids(self, body: ChatCompletionRequest) -> tuple[list[int], list]:
+        """Prompt ids and the decoded images of a chat request. A content list renders like Gemma
+        3's chat template: text parts trimmed and concatenated, each image where its part is."""
+        messages, images = [], []
         for i, m in enumerate(body.messages):
             role = "system" if m.role == "developer" else m.role
             if role == "system" and i != 0:
                 raise APIError(400, "a system message is only supported as the first message", param=f"messages.{i}")
             if isinstance(m.content, list):
-                if any(p.type == "image_url" for p in m.content):
-                    raise APIError(400, f"model '{self.model_id}' is text-only and cannot read images; serve a "
-                                        "multimodal model to send image_url parts", param=f"messages.{i}.content",
-                                   code="unsupported_content")
-                text = "\n".join(p.text for p in m.content)
+                pieces = []
+                for j, part in enumerate(m.content):
+                    if part.type == "text":
+                        pieces.append(without_marks(part.text).strip())
+                        continue
+                    if self.engine.vision is None:
+                        raise APIError(400, f"model '{self.model_id}' is text-only and cannot read images; serve a "
+                                            "multimodal model (an HF directory with vision weights, or a GGUF with "
+                                            "--mmproj) to send image_url parts", param=f"messages.{i}.content",
+                                       code="unsupported_content")
+                    images.append(image_from_url(part.image_url.url, f"messages.{i}.content.{j}"))
+                    pieces.append(IMAGE_MARK)
+                text = "".join(pieces)
             else:
-                text = m.content or ""
+                text = without_marks(m.content or "")
             messages.append({"role": role, "content": text})
         self._check_length(sum(len(m["content"]) for m in messages))
         try:
-            return encode_chat(self.tokenizer, messages)  # message text never becomes control tokens
+            if not images:
+                return encode_chat(self.tokenizer, messages), []  # message text never becomes control tokens
+            pas = self.engine.pan_and_scan
+            crops = [len(pas.boxes(*im.size)) if pas else 0 for im in images]
+            mm_tokens = self.engine.vision.config.mm_tokens_per_image
+            return encode_chat_with_images(self.tokenizer, messages, crops, mm_tokens), images
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
 
@@ -136,7 +190,7 @@ class Server:
             raise APIError(400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
         return list(prompt)
 
-    def build(self, body, ids: list[int], top_logprobs: int | None) -> Request:
+    def build(self, body, ids: list[int], top_logprobs: int | None, images=()) -> Request:
         if body.model != self.model_id:
             raise APIError(404, f"The model '{body.model}' does not exist (this server serves '{self.model_id}')",
                            param="model", code="model_not_found")
@@ -158,7 +212,7 @@ class Server:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return Request(ids=ids, params=params, max_tokens=max_tokens, stop=[s for s in stop if s],
                        stop_ids=frozenset((self.tokenizer.eos_id, self.tokenizer.end_of_turn_id)),
-                       top_logprobs=top_logprobs)
+                       top_logprobs=top_logprobs, images=list(images))
 
     async def submit(self, req: Request):
         req.loop, req.events = asyncio.get_running_loop(), asyncio.Queue()
@@ -360,8 +414,8 @@ def create_app(engine: Engine, model_id: str, ctx: int, max_tokens: int | None =
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        ids = await run_in_threadpool(server._chat_ids, body)
-        req = server.build(body, ids, (body.top_logprobs or 0) if body.logprobs else None)
+        ids, images = await run_in_threadpool(server._chat_ids, body)
+        req = server.build(body, ids, (body.top_logprobs or 0) if body.logprobs else None, images)
         await server.submit(req)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

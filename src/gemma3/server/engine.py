@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generate import _held_back
+from ..multimodal import embed_prompt, encode_image
 from ..prefix_cache import PrefixCache
 from ..sampling import SamplingParams, sample
 from ..tokenizer import StreamDecoder
@@ -69,6 +70,7 @@ class Request:
     stop: list[str]
     stop_ids: frozenset[int]
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the k best
+    images: list = field(default_factory=list)  # decoded PIL images; `ids` holds their soft tokens
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False  # set from the asyncio side (client gone); the engine drops the sequence
@@ -132,8 +134,10 @@ def _logprob(logits: torch.Tensor, token: int, k: int | None) -> TokenLogprob | 
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 prefix_cache_bytes: int = 256 * 2**20, prefill_budget: int = 512, metrics: Metrics | None = None):
+                 prefix_cache_bytes: int = 256 * 2**20, prefill_budget: int = 512, metrics: Metrics | None = None,
+                 vision=None, pan_and_scan=None):
         self.model, self.tokenizer = model, tokenizer
+        self.vision, self.pan_and_scan = vision, pan_and_scan  # vision None: a text-only server
         self.max_batch, self.max_queue, self.prefill_budget = max_batch, max_queue, prefill_budget
         self.prefix_cache = PrefixCache(model, max_bytes=prefix_cache_bytes) if prefix_cache_bytes else None
         self.metrics = metrics or Metrics()
@@ -208,7 +212,9 @@ class Engine:
             try:
                 with torch.inference_mode():
                     max_len = len(req.ids) + req.max_tokens
-                    if self.prefix_cache is not None:
+                    if req.images:  # encoded here, on the thread that owns the models
+                        cache, logits = self._prefill_images(req, max_len)
+                    elif self.prefix_cache is not None:
                         cache, logits = self.prefix_cache.prefill(req.ids, max_len)
                     else:
                         cache = self.model.new_cache(1, max_len=max_len)
@@ -223,6 +229,15 @@ class Engine:
                 req.emit(Failed(f"prefill failed: {type(e).__name__}: {e}"))
                 self.metrics.failed += 1
         self._gauges()
+
+    def _prefill_images(self, req: Request, max_len: int):
+        """Prefill without the prefix cache: its keys are token ids, which do not identify images."""
+        features = [encode_image(self.vision, im, self.pan_and_scan) for im in req.images]
+        prompt = embed_prompt(self.model, req.ids, features)
+        cache = self.model.new_cache(1, max_len=max_len)
+        logits = self.model(torch.tensor([req.ids]), cache, last_only=True, embeds=prompt.embeds,
+                            groups=prompt.groups)[0, -1]
+        return cache, logits
 
     def _advance(self, seq: _Sequence, token: int, logits: torch.Tensor) -> bool:
         self.metrics.generation_tokens += 1

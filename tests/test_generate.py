@@ -21,6 +21,7 @@ class ScriptedModel:
     def __init__(self, script, vocab):
         self.script, self.vocab, self.step = list(script), vocab, 0
         self.config = SimpleNamespace(max_context=1000)
+        self.device = torch.device("cpu")
 
     def new_cache(self, batch_size=1, max_len=None, kv_dtype=None):
         return None

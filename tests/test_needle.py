@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import random_model, tiny_config
-from gemma3.eval.needle import build_prompt, plot_heatmap, run_needle, to_json
+from gemma3.eval.needle import ANSWER_ROOM, build_prompt, plot_heatmap, run_needle, to_json
 from gemma3.eval.perplexity import EvalInputError
 from gemma3.load import load_tokenizer
 
@@ -18,10 +18,10 @@ def test_prompt_places_the_needle_at_depth(tok):
     needle = tok.encode(" The secret number is 12345. Remember it.", add_bos=False)
     for depth in (0.0, 0.5, 1.0):
         ids = build_prompt(tok, hay, 120, depth, "12345")
-        assert len(ids) == 120 and ids[0] == tok.bos_id
+        assert len(ids) == 120 - ANSWER_ROOM and ids[0] == tok.bos_id
         at = next(i for i in range(len(ids)) if ids[i:i + len(needle)] == needle)
         room = 120 - 1 - len(needle) - len(tok.encode(
-            "\n\nQuestion: what is the secret number? Answer: The secret number is", add_bos=False))
+            "\n\nQuestion: what is the secret number? Answer: The secret number is", add_bos=False)) - ANSWER_ROOM
         assert at == 1 + round(depth * room)
 
 
@@ -42,5 +42,8 @@ def test_needle_errors(tok):
         run_needle(model, tok, "hay", [256], [0.5], progress=False)
     with pytest.raises(EvalInputError, match="outside"):
         run_needle(model, tok, "hay", [64], [1.5], progress=False)
+    # --ctx equal to the model's whole context: the prompt leaves room for the answer.
+    results = run_needle(model, tok, "The grass is green. ", [128], [0.5], progress=False)
+    assert len(results) == 1 and results[0].answer_logprob < 0
     with pytest.raises(EvalInputError, match="too short"):
         build_prompt(tok, [5, 6], 10, 0.5, "12345")

@@ -54,11 +54,14 @@ def run_ours(args):
     from gemma3.load import load
 
     start = time.perf_counter()
-    model, _ = load(args.model, precision=args.precision)
+    if args.device == "cuda":  # bf16 float weights: the quantized kernels are CPU-only
+        model = load(args.model, dtype=torch.bfloat16, precision="fp32")[0].to("cuda")
+    else:
+        model, _ = load(args.model, precision=args.precision)
     emit("load_s", time.perf_counter() - start)
 
-    def step(ids, cache):
-        return model(torch.tensor(ids), cache, last_only=True)[:, -1].argmax(-1).tolist()
+    def step(ids, cache):  # .tolist() waits for the GPU, so the timings below are complete
+        return model(torch.tensor(ids, device=model.device), cache, last_only=True)[:, -1].argmax(-1).tolist()
 
     with torch.inference_mode():
         for phase in args.phases:
@@ -201,7 +204,7 @@ def worker_command(python, side, args, phases, no_extra_bufts=False):
     cmd += ["--worker", side, "--model", args.model_path, "--threads", str(args.threads),
             "--ctx", str(args.ctx), "--decode", str(args.decode), "--phases", ",".join(phases)]
     if side == "ours":
-        cmd += ["--precision", args.precision]
+        cmd += ["--precision", args.precision, "--device", args.device]
     if no_extra_bufts:
         cmd.append("--no-extra-bufts")
     return cmd
@@ -320,6 +323,17 @@ def bench(args) -> dict:
     from .load import resolve
 
     args.model_path = str(resolve(args.model))
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU")
+    if args.device == "cuda" and args.against:
+        raise ValueError("--against llama.cpp compares CPU builds; use --device cpu")
     if not args.model_path.endswith(".gguf") and args.against:
         raise ValueError("--against llama.cpp needs a GGUF model")
     sides = [Side("ours", sys.executable)]
@@ -342,6 +356,8 @@ def bench(args) -> dict:
 def add_arguments(p):
     p.add_argument("--model", "-m", default=None, help="GGUF file (default: the embedded Gemma 3 270M Q4_K_M)")
     p.add_argument("--precision", choices=("fast", "fp32"), default="fast", help="our weights path (default: fast)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="cpu (default) or cuda (bf16 float weights; peak RSS is then host memory only)")
     p.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per side, interleaved; medians (default 3)")
     p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
@@ -371,6 +387,7 @@ def _worker_main(argv):
     p.add_argument("--decode", type=int, required=True)
     p.add_argument("--phases", type=lambda s: s.split(","), required=True)
     p.add_argument("--precision", default="fast")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--no-extra-bufts", action="store_true")
     args = p.parse_args(argv)
     (run_ours if args.worker == "ours" else run_llama)(args)

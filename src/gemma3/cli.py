@@ -15,10 +15,12 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", "-m", default=None,
                    help="GGUF file, HF-style directory (config.json + *.safetensors) or preset name "
                         "(default: the embedded Gemma 3 270M Q4_K_M GGUF)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default: float32)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--precision", choices=("fast", "fp32"), default="fast",
-                   help="fast: GGUF weights stay quantized and run on the C++ kernels (default); "
-                        "fp32: every weight dequantized, the reference path")
+                   help="fast: GGUF weights stay quantized and run on the C++ kernels (default; one CPU "
+                        "process: on CUDA and under torchrun the float path runs); fp32: every weight "
+                        "dequantized, the reference path")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -36,21 +38,68 @@ def _add_sampling_args(p: argparse.ArgumentParser):
                    help="KV cache storage (default: the compute dtype); int8 = per-token per-head scales")
 
 
-def _load(args):
+# Commands that run unchanged on every rank (same model calls, output from rank 0 only), so that
+# `torchrun` can shard them. serve is not one: its batches come from HTTP requests on one process.
+TP_COMMANDS = ("generate",)
+
+
+def _device(args) -> str:
+    """--device (generate, bench): "auto" is CUDA when PyTorch sees a GPU; other commands run on CPU."""
     import torch
 
+    device = getattr(args, "device", "cpu")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU")
+    return device
+
+
+def _dtype(args, device: str):
+    import torch
+
+    return getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+
+
+def _load(args):
+    """The model on its device. Under `torchrun --nproc-per-node N`, each rank joins the process
+    group and keeps its tensor-parallel shard (tp.py); only rank 0 writes to stdout."""
+    import torch
+
+    from . import tp
     from .load import load
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=getattr(torch, args.dtype), precision=args.precision)
+    device, world = _device(args), tp.world_size()
+    if world > 1 and args.command not in TP_COMMANDS:
+        raise ValueError(f"`gemma3 {args.command}` does not run under torchrun (tensor parallel works for "
+                         f"{', '.join(TP_COMMANDS)}); start it as a single process")
+    # The quantized C++ kernels of --precision fast are CPU-only and unsharded: elsewhere the float path runs.
+    precision = args.precision if device == "cpu" and world == 1 else "fp32"
+    model, tok = load(args.model, dtype=_dtype(args, device), precision=precision)
+    if world > 1:
+        import atexit
+
+        from .train.distributed import setup, teardown
+
+        ctx = setup(device=device)
+        atexit.register(teardown, ctx)  # gloo's threads abort the process if it exits with the group alive
+        model, device = tp.apply(model, ctx.rank, ctx.world), ctx.device
+        if ctx.rank:
+            sys.stdout = open(os.devnull, "w")
+    return model.to(device), tok
 
 
 def _params(args):
+    from . import tp
     from .sampling import SamplingParams
 
+    seed = args.seed
+    if seed is None and tp.world_size() > 1:
+        seed = tp.shared_seed()  # every rank must draw the same tokens
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repeat_penalty, seed=args.seed)
+                          repetition_penalty=args.repeat_penalty, seed=seed)
 
 
 def _add_vision_args(p: argparse.ArgumentParser):
@@ -62,12 +111,10 @@ def _add_vision_args(p: argparse.ArgumentParser):
 
 def _encoder(args):
     """(vision model, Pan & Scan settings) for args."""
-    import torch
-
     from .load import load_vision
     from .multimodal import PanAndScan
 
-    vision = load_vision(args.model, args.mmproj, dtype=getattr(torch, args.dtype))
+    vision = load_vision(args.model, args.mmproj, dtype=_dtype(args, "cpu"))
     return vision, None if args.no_pan_and_scan else PanAndScan()
 
 
@@ -79,6 +126,8 @@ def cmd_generate(args):
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     # Images and their encoder before the slow text model: a bad file or a missing mmproj fails fast.
     images = [load_image(path) for path in args.image]
+    if images and _device(args) != "cpu":
+        raise ValueError("--image runs on the CPU only for now (use --device cpu)")
     vision, pan_and_scan = _encoder(args) if images else (None, None)
     model, tok = _load(args)
     if images:
@@ -232,11 +281,13 @@ def cmd_info(args):
 
 def cmd_perplexity(args):
     from .eval.perplexity import perplexity, read_text
+    from .eval.results import record
 
     text = read_text(args.file)
     model, tok = _load(args)
     result = perplexity(model, tok, text, ctx=args.ctx, stride=args.stride, max_chunks=args.chunks,
                         progress=not args.json, kv_dtype=args.kv_dtype)
+    record(args, "perplexity", result.to_dict(), model.config)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -247,6 +298,8 @@ def cmd_perplexity(args):
 def cmd_memory(args):
     from . import memory
 
+    if args.tp:
+        return _print_tp_plan(args, memory)
     out = {"table3": memory.table3()}
     if args.model is not None or args.ctx is not None:
         out["model"] = _measure_kv(args, memory)
@@ -273,15 +326,43 @@ def cmd_memory(args):
         print(f"plot written to {args.plot}")
 
 
+def _print_tp_plan(args, memory):
+    from .load import describe
+
+    cfg = _config(describe(args.model))
+    ctx = args.ctx or cfg.max_context
+    if ctx > cfg.max_context:
+        raise ValueError(f"--ctx {ctx} exceeds the model's context of {cfg.max_context} tokens")
+    plan = memory.tp_plan(cfg, args.tp, ctx, args.format, args.kv_dtype, args.device_gb)
+    if args.json:
+        print(json.dumps(plan))
+        return
+    gib = 2**30
+    kv_note = "replicated: one copy per rank" if plan["kv_replicated"] else f"{plan['kv_heads_per_rank']} per rank"
+    print(f"{cfg.name} over {args.tp} ranks at {ctx} tokens ({args.format} weights, {args.kv_dtype} KV, one sequence)")
+    print(f"  per rank: {plan['heads_per_rank']} query heads, KV heads {kv_note}")
+    print(f"  weights {plan['weights_bytes_per_rank'] / gib:.2f} GiB + KV {plan['kv_bytes_per_rank'] / gib:.2f} GiB "
+          f"= {plan['total_bytes_per_rank'] / gib:.2f} GiB per rank")
+    if args.device_gb is not None:
+        verdict = "fits" if plan["fits"] else "does NOT fit"
+        print(f"  {verdict} a {args.device_gb:g} GiB device ({memory.DEVICE_RESERVE:.0%} kept free): room for "
+              f"{plan['sequences_that_fit']} sequences of {ctx} tokens")
+
+
+def _config(info: dict):
+    """The text config in a `load.describe` result."""
+    from .config import Gemma3Config
+
+    return Gemma3Config(**{**info["config"], "layer_types": tuple(info["config"]["layer_types"])})
+
+
 def _measure_kv(args, memory) -> dict:
     import torch
 
     from .load import describe
 
     info = describe(args.model)
-    from .config import Gemma3Config
-
-    cfg = Gemma3Config(**{**info["config"], "layer_types": tuple(info["config"]["layer_types"])})
+    cfg = _config(info)
     ctx = args.ctx or cfg.max_context
     if ctx > cfg.max_context:
         raise ValueError(f"--ctx {ctx} exceeds the model's context of {cfg.max_context} tokens")
@@ -305,6 +386,7 @@ def _measure_kv(args, memory) -> dict:
 def cmd_eval_needle(args):
     from .eval.needle import plot_heatmap, run_needle, to_json
     from .eval.perplexity import read_text
+    from .eval.results import record
 
     haystack = read_text(args.haystack) if args.haystack else _default_haystack()
     ctxs = [int(c) for c in args.ctx.split(",")]
@@ -315,6 +397,7 @@ def cmd_eval_needle(args):
     if args.plot:
         plot_heatmap(results, args.plot)
         out["plot"] = args.plot
+    record(args, "needle", out, model.config)
     if args.json:
         print(json.dumps(out))
         return
@@ -342,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[],
                    help="image file (repeatable); each <start_of_image> in the prompt marks where one goes, "
                         "otherwise they come before the text")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="cpu (default) or cuda (bfloat16 unless --dtype, float weights); auto = cuda when available")
     _add_model_args(p)
     _add_sampling_args(p)
     _add_vision_args(p)
@@ -383,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_tokenize)
 
+    from .eval.results import add_results_argument
+
     p = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity method by default)",
                        description="Perplexity of FILE. Default: llama.cpp's method (chunks of --ctx tokens, "
                                    "BOS first, second half of each chunk scored), comparable with llama-perplexity. "
@@ -393,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=None, help="evaluate at most this many chunks")
     p.add_argument("--kv-dtype", choices=("fp32", "bf16", "int8"), default=None,
                    help="KV cache storage (default: the compute dtype)")
+    add_results_argument(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_perplexity)
 
@@ -405,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-dtype", choices=("bf16", "fp32", "int8"), default="bf16", help="KV cache dtype")
     p.add_argument("--dry-run", action="store_true", help="compute the allocation plan instead of running a prompt")
     p.add_argument("--plot", default=None, help="write KV memory vs context (1K…128K) to this PNG")
+    p.add_argument("--tp", type=int, default=None,
+                   help="plan tensor-parallel inference over this many ranks instead: per-rank weights + KV "
+                        "(e.g. gemma3 memory --model 27b --tp 4 --ctx 131072 --device-gb 80)")
+    p.add_argument("--device-gb", type=float, default=None, help="with --tp: device memory in GiB; says whether it fits")
+    p.add_argument("--format", choices=("bf16", "int4", "int4-b32", "sfp8"), default="bf16",
+                   help="with --tp: weight format of the plan (default bf16, what TP runs on GPUs)")
     _add_model_args(p)
     p.set_defaults(func=cmd_memory)
 
@@ -428,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quant_commands(sub)
 
+    from .study.commands import add_commands as add_study_commands  # study ratio | window | teacher
+
+    add_study_commands(sub)
+
     # `gemma3 eval <study>`: each evaluation module registers its own sub-subcommand here.
     p = sub.add_parser("eval", help="evaluations and studies (SPEC §8): quant, needle, …")
     evals = p.add_subparsers(dest="eval_command", required=True, metavar="STUDY")
@@ -443,13 +541,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--haystack", default=None, help="filler text file (default: a built-in text about a river valley)")
     e.add_argument("--seed", type=int, default=0, help="seed for the hidden numbers")
     e.add_argument("--plot", default=None, help="write a heat map PNG here")
+    add_results_argument(e)
     _add_model_args(e)
     e.set_defaults(func=cmd_eval_needle)
+    from .eval.memorization import add_command as add_eval_memorization
+    from .eval.results import add_command as add_eval_report
+
+    add_eval_memorization(evals)
+    add_eval_report(evals)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line a --results entry records
     from .config import UnsupportedModelError
     from .gguf_file import GGUFError
     from .weights import WeightsError

@@ -59,14 +59,14 @@ def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: S
     else:
         cache = model.new_cache(1, max_len=max_len, kv_dtype=kv_dtype)
         with torch.inference_mode():
-            logits = model(torch.tensor([history]), cache, last_only=True, **prefill)[0, -1]
+            logits = model(torch.tensor([history], device=model.device), cache, last_only=True, **prefill)[0, -1]
     with torch.inference_mode():
         for i in range(max_tokens):
-            token = sample(logits, params, generator, history)
+            token = sample(logits.cpu(), params, generator, history)  # the generator lives on the CPU
             yield token
             history.append(token)
             if i + 1 < max_tokens:
-                logits = model(torch.tensor([[token]]), cache, last_only=True)[0, -1]
+                logits = model(torch.tensor([[token]], device=model.device), cache, last_only=True)[0, -1]
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

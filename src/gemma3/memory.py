@@ -118,3 +118,31 @@ def plot_kv_vs_context(path, models=("1b", "4b", "12b", "27b"), dtype="bf16"):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# Kept free on each device for what the plan does not count: the CUDA context and cuBLAS/NCCL
+# workspaces (~1-2 GiB), activations of one prefill chunk, allocator fragmentation.
+DEVICE_RESERVE = 0.10
+
+
+def tp_plan(cfg: Gemma3Config, world: int, ctx: int, fmt: str = "bf16", kv_dtype: str = "bf16",
+            device_gib: float | None = None) -> dict:
+    """Per-rank memory of tensor-parallel inference (tp.py) for one sequence of `ctx` tokens:
+    the rank's weight shard (its heads, MLP slice and vocabulary slice; norms replicated) and its
+    window-sized KV cache (its KV heads, or the replicated one), and whether that fits a device of
+    `device_gib` GiB with DEVICE_RESERVE of it kept free, and how many such sequences would (each
+    its own cache, as the server keeps them). Text decoder only (TP runs no vision)."""
+    from .tp import Shard
+
+    shard = Shard.plan(cfg, world)
+    local = shard.local_config(cfg).replace(vocab_size=shard.vocab)
+    weights = local.num_params() * FORMAT_BYTES[fmt]
+    kv = kv_bytes_windowed(local, ctx, kv_dtype)
+    plan = {"model": cfg.name, "tp": world, "ctx": ctx, "format": fmt, "kv_dtype": kv_dtype,
+            "heads_per_rank": shard.heads, "kv_heads_per_rank": shard.kv_heads, "kv_replicated": shard.kv_replicated,
+            "weights_bytes_per_rank": weights, "kv_bytes_per_rank": kv, "total_bytes_per_rank": weights + kv}
+    if device_gib is not None:
+        usable = device_gib * 2**30 * (1 - DEVICE_RESERVE)
+        plan |= {"device_gib": device_gib, "fits": weights + kv <= usable,
+                 "sequences_that_fit": max(0, int((usable - weights) // kv))}
+    return plan

@@ -18,6 +18,7 @@ from .perplexity import EvalInputError
 
 NEEDLE = " The secret number is {n}. Remember it."
 QUESTION = "\n\nQuestion: what is the secret number? Answer: The secret number is"
+ANSWER_ROOM = 8  # tokens of `ctx` kept free for the answer: a 5-digit number and a little more
 
 
 @dataclass
@@ -31,10 +32,11 @@ class NeedleResult:
 
 
 def build_prompt(tokenizer, haystack_ids: list[int], ctx: int, depth: float, answer: str) -> list[int]:
-    """bos + haystack (cut to fit) with the needle inserted at `depth`, then the question."""
+    """bos + haystack (cut to fit) with the needle inserted at `depth`, then the question; the
+    answer's tokens still fit in `ctx` (so --ctx may be the model's whole context)."""
     needle = tokenizer.encode(NEEDLE.format(n=answer), add_bos=False)
     question = tokenizer.encode(QUESTION, add_bos=False)
-    room = ctx - 1 - len(needle) - len(question)
+    room = ctx - 1 - len(needle) - len(question) - ANSWER_ROOM
     if room < 1:
         raise EvalInputError(f"context {ctx} is too short for the needle and the question")
     if len(haystack_ids) < room:

@@ -168,6 +168,9 @@ def plot(result: dict, path: str | Path) -> None:
 
 
 def cmd_eval_quant(args):
+    from ..load import describe
+    from .results import record
+
     if args.threads:
         torch.set_num_threads(args.threads)
     text = read_text(args.text)
@@ -178,6 +181,8 @@ def cmd_eval_quant(args):
     if args.plot:
         plot(result, args.plot)
         result["plot"] = args.plot
+    if args.results:  # the source's config, read from its file (evaluate() loads and drops the model)
+        record(args, "quant", result, describe(args.model)["config"])
     if args.json:
         print(json.dumps(result))
     else:
@@ -188,6 +193,8 @@ def cmd_eval_quant(args):
 
 def add_command(evals):
     """Registers `quant` under the `gemma3 eval` subcommands."""
+    from .results import add_results_argument
+
     p = evals.add_parser(
         "quant", help="size, perplexity and decode speed of weight formats",
         description="Quantize --model to each format (or named recipe) of --formats, and print file size, "
@@ -203,4 +210,5 @@ def add_command(evals):
                    help="GGUF file, HF-style or quantized directory (default: the embedded Gemma 3 270M GGUF)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_results_argument(p)
     p.set_defaults(func=cmd_eval_quant)

@@ -1,6 +1,5 @@
 """Builds transformers' Gemma3ForCausalLM with exactly our weights: the numerics reference."""
 
-import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from gemma3.config import GLOBAL, Gemma3Config

@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import random_model, tiny_config
 from gemma3.config import PRESETS, UnsupportedModelError, from_gguf_metadata, from_hf_config
 from gemma3.weights import WeightsError, load_hf_dir, save_hf_dir
 

@@ -17,6 +17,7 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
     from .app import create_app
     from .engine import Engine
 
+    _limit_malloc_arenas()
     ctx = min(ctx or model.config.max_context, model.config.max_context)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_bytes=prefix_cache_mb * 2**20, vision=vision, pan_and_scan=pan_and_scan)
@@ -28,3 +29,21 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _limit_malloc_arenas(arenas: int = 2):
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per core); the server's
+    engine, event loop and thread-pool threads allocate and free request-sized blocks in many of
+    them, and the freed space fragments instead of returning to the OS. Measured with
+    scripts/load_test.py (64 clients, 300 requests after a 64-request warm-up): RSS +19% with the
+    default, +4.8% with 2 arenas (MALLOC_ARENA_MAX=2), at the same throughput. An explicit
+    MALLOC_ARENA_MAX in the environment wins."""
+    import ctypes
+    import os
+
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -7,7 +7,7 @@ import torch
 
 from gemma3.generate import generate, stream_generate
 from gemma3.load import load_tokenizer
-from gemma3.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from gemma3.sampling import SamplingParams, apply_repetition_penalty, draw, filter_logits, sample
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,19 @@ def test_sampling_follows_the_distribution_and_seed():
     assert (freq - probs).abs().max() < 0.03
     again = [sample(probs.log(), params, g) for g in [params.generator()] for _ in range(4000)]
     assert draws == again
+
+
+def test_draw_never_picks_a_filtered_token_and_matches_frequencies():
+    # Zeros between, before and after the mass (what top-k / top-p leave behind), and a tail of
+    # zeros so that a u rounded up to the total must fall back to the last id with mass.
+    probs = torch.zeros(1000)
+    probs[[3, 500, 501, 998]] = torch.tensor([0.1, 0.45, 0.05, 0.4])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([draw(probs, g) for _ in range(6000)])
+    assert set(draws.tolist()) <= {3, 500, 501, 998}
+    freq = torch.bincount(draws, minlength=1000).float() / len(draws)
+    assert (freq - probs).abs().max() < 0.02
+    assert draw(torch.tensor([0.0, 1.0, 0.0]), g) == 1
 
 
 def test_repetition_penalty_like_llama_cpp():

@@ -269,10 +269,14 @@ def test_client_disconnect_mid_stream_frees_the_sequence(server):
 
 
 def test_client_timeout_non_streaming_frees_the_sequence(server):
-    body = {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": CAP, "temperature": 0}
+    """The client gives up at once; the server notices within its poll interval and drops the
+    sequence before it finishes (a long prompt makes the prefill alone outlast the poll)."""
+    before = server.metric("gemma3_cancelled_sequences_total")
+    body = {"model": MODEL_ID, "prompt": "Once upon a time " * 100, "max_tokens": CAP, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
-        post(server, "/v1/completions", body, timeout=0.3)
+        post(server, "/v1/completions", body, timeout=0.02)
     assert server.wait_metric("gemma3_active_sequences", 0) == 0
+    assert server.wait_metric("gemma3_cancelled_sequences_total", before + 1) == before + 1
 
 
 def test_full_queue_is_503_and_server_recovers(server):

@@ -11,8 +11,9 @@ replace the op-heavy parts of a one-token step:
   written straight into its cache slot (a ring slot can be overwritten before attending: the key it
   evicts is exactly one window behind, invisible to this query), and attention over the cache in
   one kernel call (no key concatenation, no mask tensor), reading fp32, bf16 or int8 storage
-  directly (int8 scales applied per row inside the kernel). Prefill chunks and images take
-  model.py's path unchanged.
+  directly (int8 scales applied per row inside the kernel). A continuous batch, whose rows each
+  own a cache, takes one call per layer for all of them. Prefill chunks and images take model.py's
+  path unchanged.
 
 Tests compare every swapped module with the original (tests/test_fast_path.py).
 """
@@ -44,20 +45,30 @@ class FastAttention(Attention):
     def forward(self, x, cos, sin, positions, layer_cache, groups=None):
         ops = kernels.ops()
         b, t, _ = x.shape
+        caches = layer_cache if isinstance(layer_cache, list) else [layer_cache]
         if (ops is None or t != 1 or groups is not None or x.dtype != torch.float32
-                or not isinstance(layer_cache, (RingKV, LinearKV))):
+                or not all(isinstance(c, (RingKV, LinearKV)) for c in caches)):
             return super().forward(x, cos, sin, positions, layer_cache, groups)
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if all(kernel_ready(p) for p in projections):  # one activation quantization for all three
+        if b <= MAX_VNNI_ROWS and all(kernel_ready(p) for p in projections):  # one activation quantization
             q, k, v = ops.qmatmul_many(x.view(b, -1), [p.blocks for p in projections],
                                        [p.ggml_type for p in projections], [p.out_features for p in projections])
         else:
             q, k, v = (p(x) for p in projections)
         q = q.view(b, self.n_heads, self.head_dim)
         k = k.view(b, self.n_kv, self.head_dim)
-        v = v.view(b, self.n_kv, 1, self.head_dim)
-        q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos[0], sin[0], self.q_norm.eps)
-        k = k.view(b, self.n_kv, 1, self.head_dim)
+        # cos/sin: [1, D] for one position shared by every row, [B, 1, 1, D] for one per sequence.
+        q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos.reshape(-1, self.head_dim),
+                                sin.reshape(-1, self.head_dim), self.q_norm.eps)
+        if isinstance(layer_cache, list):
+            out = self._attend_each(ops, q, k, v.view(b, self.n_kv, self.head_dim), positions, layer_cache)
+        else:
+            out = self._attend_shared(ops, q, k.view(b, self.n_kv, 1, self.head_dim),
+                                      v.view(b, self.n_kv, 1, self.head_dim), positions, layer_cache)
+        return self.o_proj(out.view(b, 1, self.n_heads * self.head_dim))
+
+    def _attend_shared(self, ops, q, k, v, positions, layer_cache):
+        """Every row at the same position in one cache (generate with a batch of prompts)."""
         if isinstance(layer_cache, RingKV):
             slot = positions % layer_cache.window
             layer_cache.k.write(slot, k)
@@ -69,9 +80,29 @@ class FastAttention(Attention):
             key_pos = torch.arange(layer_cache.length)
         # The kernel reads the cache in its storage dtype (fp32, bf16, or int8 with its scales).
         ks, vs = layer_cache.k, layer_cache.v
-        out = ops.decode_attention(q, ks.data, vs.data, key_pos, int(positions[0]), self.window or 0, self.scale,
-                                   ks.scale, vs.scale)
-        return self.o_proj(out.view(b, 1, self.n_heads * self.head_dim))
+        return ops.decode_attention(q, ks.data, vs.data, key_pos, int(positions[0]), self.window or 0, self.scale,
+                                    ks.scale, vs.scale)
+
+    def _attend_each(self, ops, q, k, v, positions, caches):
+        """Row i of the batch owns caches[i] (continuous batching): one kernel call stores every
+        row's key and value in its own cache and attends over it."""
+        pos = positions.view(-1).tolist()
+        ring = isinstance(caches[0], RingKV)
+        if ring:
+            slots = [p % c.window for p, c in zip(pos, caches)]
+        else:
+            for c in caches:
+                c.reserve(c.length + 1)
+            slots = [c.length for c in caches]
+        int8 = caches[0].k.scale is not None
+        out = ops.decode_attention_list(
+            q, k, v, [c.k.data for c in caches], [c.v.data for c in caches],
+            [c.k.scale for c in caches] if int8 else [], [c.v.scale for c in caches] if int8 else [],
+            [c.pos for c in caches] if ring else [], slots, pos, self.window or 0, self.scale)
+        if not ring:
+            for c in caches:
+                c.length += 1
+        return out
 
 
 class FastMLP(MLP):

@@ -75,4 +75,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     probs = filter_logits(logits, params).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One index with probability `probs[i]`, by inverting the CDF with a single uniform number.
+
+    torch.multinomial spends ~5 ms on a 262k vocabulary (it draws per category); a cumulative sum
+    and a binary search take ~0.2 ms, which matters when a server samples 16 rows per step.
+    """
+    cdf = torch.cumsum(probs, 0)
+    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
+    # The first index whose cumulative mass exceeds u: a zero-probability id never qualifies,
+    # because its cumulative mass equals its predecessor's.
+    i = int(torch.searchsorted(cdf, u[None], right=True))
+    if i >= probs.numel():  # u rounded up to the total: take the last id with any mass
+        i = int(torch.nonzero(probs).max())
+    return i

@@ -269,19 +269,28 @@ void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* a
 // or as bf16 rounded to nearest even.
 template <class T, bool BF16>
 INLINE void store_sub(__m256i q, float s_lo, float s_hi, float mn, void* out) {
+    __m512 v[2];
     for (int h = 0; h < 2; h++) {
         __m128i q16 = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
-        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q16)), _mm512_set1_ps(h ? s_hi : s_lo));
-        if (T::HAS_MIN) v = _mm512_sub_ps(v, _mm512_set1_ps(mn));
-        if (BF16) {  // like torch's float -> bfloat16 (the values are finite)
-            __m512i bits = _mm512_castps_si512(v);
-            __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-            bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-            _mm256_storeu_si256((__m256i*)((uint16_t*)out + 16 * h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-        } else {
-            _mm512_storeu_ps((float*)out + 16 * h, v);
-        }
+        v[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q16)), _mm512_set1_ps(h ? s_hi : s_lo));
+        if (T::HAS_MIN) v[h] = _mm512_sub_ps(v[h], _mm512_set1_ps(mn));
     }
+    if (!BF16) {
+        _mm512_storeu_ps((float*)out, v[0]);
+        _mm512_storeu_ps((float*)out + 16, v[1]);
+        return;
+    }
+#if defined(__AVX512BF16__)
+    // One instruction rounds all 32 to nearest even, like torch's float -> bfloat16.
+    _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+#else
+    for (int h = 0; h < 2; h++) {  // like torch's float -> bfloat16 (the values are finite)
+        __m512i bits = _mm512_castps_si512(v[h]);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + 16 * h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+    }
+#endif
 }
 
 template <class T, bool BF16>
@@ -456,11 +465,14 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, int64_t type, int64_
 // ---- decode-step helpers (one query token per row; see fastpath.py) --------------------------------
 
 // RMSNorm over head_dim with weight (1 + w), then RoPE (rotate-half convention), for q [B, Hq, D]
-// and k [B, Hk, D]; cos/sin [D] for the one position. Returns new contiguous tensors.
+// and k [B, Hk, D]; cos/sin [D] for one position shared by every row, or [B, D] for one position
+// per row (sequences of a continuous batch). Returns new contiguous tensors.
 std::vector<torch::Tensor> qk_norm_rope(torch::Tensor q, torch::Tensor k, torch::Tensor qw, torch::Tensor kw,
                                         torch::Tensor cos, torch::Tensor sin, double eps) {
-    const int64_t D = q.size(-1), half = D / 2;
-    TORCH_CHECK(cos.numel() == D && sin.numel() == D, "cos/sin must hold head_dim values");
+    const int64_t D = q.size(-1), half = D / 2, B = q.size(0);
+    TORCH_CHECK(cos.numel() == sin.numel() && (cos.numel() == D || cos.numel() == B * D),
+                "cos/sin must hold head_dim values, or head_dim values per row");
+    const bool per_row = cos.numel() != D;
     auto c = cos.contiguous().to(torch::kFloat32), s_ = sin.contiguous().to(torch::kFloat32);
     const float *cp = c.data_ptr<float>(), *sp = s_.data_ptr<float>();
     std::vector<torch::Tensor> outs;
@@ -472,16 +484,19 @@ std::vector<torch::Tensor> qk_norm_rope(torch::Tensor q, torch::Tensor k, torch:
         const float* xp = xc.data_ptr<float>();
         const float* wp = wc.data_ptr<float>();
         float* yp = y.data_ptr<float>();
+        const int64_t heads = xc.numel() / D / B;
         for (int64_t r = 0; r < xc.numel() / D; r++) {
             const float* xr = xp + r * D;
+            const float* cr = cp + (per_row ? r / heads * D : 0);
+            const float* sr = sp + (per_row ? r / heads * D : 0);
             float ss = 0.f;
             for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
             const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
             for (int64_t i = 0; i < D; i++) tmp[i] = xr[i] * inv * (1.f + wp[i]);
             float* yr = yp + r * D;
             for (int64_t i = 0; i < half; i++) {
-                yr[i] = tmp[i] * cp[i] - tmp[i + half] * sp[i];
-                yr[i + half] = tmp[i + half] * cp[i + half] + tmp[i] * sp[i + half];
+                yr[i] = tmp[i] * cr[i] - tmp[i + half] * sr[i];
+                yr[i + half] = tmp[i + half] * cr[i + half] + tmp[i] * sr[i + half];
             }
         }
         outs.push_back(y);
@@ -509,11 +524,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w1, double eps) {
     return y;
 }
 
-// Attention of one query token per row over a cache: q [B, Hq, D]; keys/values [B, Hk, S, D] (fp32,
-// last dim contiguous, any other strides); key_pos [S] int64, the absolute position of each slot
-// (-1 = empty). A key is visible iff 0 <= key_pos <= pos and, with a window W > 0, key_pos > pos - W.
-// Work is split over (row, kv head, key range) so even one KV head keeps every thread busy; the
-// partial softmaxes are merged as in flash-decoding. Returns [B, Hq, D].
 // One K or V element as float: fp32, bf16 (upper half of an fp32) or int8 (times the row's scale,
 // applied by the caller once per row rather than once per element).
 INLINE float kv_load(const float* p, int64_t i) { return p[i]; }
@@ -525,52 +535,77 @@ INLINE float kv_load(const at::BFloat16* p, int64_t i) {
 }
 INLINE float kv_load(const int8_t* p, int64_t i) { return (float)p[i]; }
 
-// Flash-decoding over the visible slots: each (row, KV head, split) task scores its keys for all
-// query heads of the group, then the splits are merged with their running max and sum. The cache
-// is read in its storage dtype: an int8 key row contributes dot(q, k_q) * k_scale, an int8 value
-// row e * v_scale * v_q, so no dequantized copy of the cache is ever made ("fused dequant").
+// One row's view of its cache for one query token: where its K/V live (storage dtype T), their
+// strides, the int8 scales (null otherwise) and the slots the query may see.
 template <typename T>
-torch::Tensor decode_attention_t(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_pos,
-                                 int64_t pos, int64_t window, double scale, const float* ks, const float* vs) {
-    q = q.contiguous().to(torch::kFloat32);
-    const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hk = keys.size(1), S = keys.size(2);
-    const int64_t group = Hq / Hk;
-    auto kp = key_pos.contiguous().to(torch::kInt64);
-    const int64_t* kpos = kp.data_ptr<int64_t>();
+struct CacheRow {
+    const T *K, *V;
+    int64_t k_head, k_slot, v_head, v_slot;  // element strides
+    const float *ks, *vs;                    // [Hk, S_alloc] per-slot scales, or null
+    int64_t s_head;
+    const std::vector<int64_t>* visible;
+};
+
+template <typename T>
+CacheRow<T> cache_row(const torch::Tensor& keys, const torch::Tensor& values, int64_t b, const float* ks,
+                      const float* vs, const std::vector<int64_t>* visible) {
+    // Scales are [B, Hk, S_alloc, 1] contiguous: slot stride 1, head stride S_alloc.
+    const int64_t s_head = keys.size(2), s_batch = keys.size(1) * s_head;
+    return {reinterpret_cast<const T*>(keys.data_ptr()) + b * keys.stride(0),
+            reinterpret_cast<const T*>(values.data_ptr()) + b * values.stride(0),
+            keys.stride(1), keys.stride(2), values.stride(1), values.stride(2),
+            ks ? ks + b * s_batch : nullptr, vs ? vs + b * s_batch : nullptr, s_head, visible};
+}
+
+// The slots a query at `pos` sees: 0 <= key_pos <= pos and, with a window W > 0, key_pos > pos - W.
+std::vector<int64_t> visible_slots(const int64_t* kpos, int64_t n, int64_t pos, int64_t window) {
     std::vector<int64_t> visible;
-    for (int64_t j = 0; j < std::min<int64_t>(S, kp.numel()); j++) {
+    for (int64_t j = 0; j < n; j++) {
         const int64_t p = kpos[j];
         if (p >= 0 && p <= pos && (window <= 0 || p > pos - window)) visible.push_back(j);
     }
-    const int64_t nv = (int64_t)visible.size();
-    TORCH_CHECK(nv > 0, "decode_attention: no visible key");
+    TORCH_CHECK(!visible.empty(), "decode_attention: no visible key");
+    return visible;
+}
+
+// Flash-decoding over the visible slots of each row: each (row, KV head, split) task scores its
+// keys for all query heads of the group, then the splits are merged with their running max and
+// sum. The cache is read in its storage dtype: an int8 key row contributes dot(q, k_q) * k_scale,
+// an int8 value row e * v_scale * v_q, so no dequantized copy of the cache is ever made ("fused
+// dequant"). q [B, Hq, D] fp32 contiguous; returns [B, Hq, D].
+template <typename T>
+torch::Tensor attend_rows(const torch::Tensor& q, const std::vector<CacheRow<T>>& rows, int64_t Hk, double scale) {
+    const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), group = Hq / Hk;
+    int64_t min_nv = INT64_MAX, max_nv = 0;
+    for (const auto& r : rows) {
+        min_nv = std::min<int64_t>(min_nv, r.visible->size());
+        max_nv = std::max<int64_t>(max_nv, r.visible->size());
+    }
+    // Even one row with one KV head keeps every thread busy; a split may be empty for a short row.
     const int64_t threads = at::get_num_threads();
-    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((threads + B * Hk - 1) / (B * Hk), nv / 64));
+    const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((threads + B * Hk - 1) / (B * Hk), min_nv / 64));
     const int64_t tasks = B * Hk * splits;
-    // Scales are [B, Hk, S_alloc, 1] contiguous: row stride 1, head stride S_alloc.
-    const int64_t s_alloc = keys.size(2), s_head = s_alloc, s_batch = Hk * s_alloc;
     // Per task and query head: running max, sum of exp, and the unnormalised output.
     auto part = torch::empty({tasks, group, D + 2}, torch::kFloat32);
     float* pp = part.data_ptr<float>();
     const float* qp = q.data_ptr<float>();
-    const T* K = reinterpret_cast<const T*>(keys.data_ptr());
-    const T* V = reinterpret_cast<const T*>(values.data_ptr());
     at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<float> sc(group * ((nv + splits - 1) / splits));
+        std::vector<float> sc(group * ((max_nv + splits - 1) / splits + 1));
         for (int64_t t = t0; t < t1; t++) {
             const int64_t b = t / (Hk * splits), h = (t / splits) % Hk, sp = t % splits;
-            const int64_t j0 = nv * sp / splits, j1 = nv * (sp + 1) / splits, n = j1 - j0;
-            const T* kb = K + b * keys.stride(0) + h * keys.stride(1);
-            const T* vb = V + b * values.stride(0) + h * values.stride(1);
-            const float* ksb = ks ? ks + b * s_batch + h * s_head : nullptr;
-            const float* vsb = vs ? vs + b * s_batch + h * s_head : nullptr;
+            const CacheRow<T>& r = rows[b];
+            const int64_t nv = r.visible->size(), j0 = nv * sp / splits, j1 = nv * (sp + 1) / splits, n = j1 - j0;
+            const int64_t* slots = r.visible->data() + j0;
+            const T* kb = r.K + h * r.k_head;
+            const T* vb = r.V + h * r.v_head;
+            const float* ksb = r.ks ? r.ks + h * r.s_head : nullptr;
+            const float* vsb = r.vs ? r.vs + h * r.s_head : nullptr;
             const float* qg = qp + (b * Hq + h * group) * D;  // the group's query heads, consecutive
             float* og = pp + t * group * (D + 2);
             // Each key and value row is read once for all query heads of its KV group.
             for (int64_t j = 0; j < n; j++) {
-                const int64_t slot = visible[j0 + j];
-                const T* kr = kb + slot * keys.stride(2);
-                const float row_scale = (float)scale * (ksb ? ksb[slot] : 1.f);
+                const T* kr = kb + slots[j] * r.k_slot;
+                const float row_scale = (float)scale * (ksb ? ksb[slots[j]] : 1.f);
                 for (int64_t g = 0; g < group; g++) {
                     const float* qr = qg + g * D;
                     float dot = 0.f;
@@ -592,9 +627,8 @@ torch::Tensor decode_attention_t(torch::Tensor q, torch::Tensor keys, torch::Ten
                 out[D + 1] = l;
             }
             for (int64_t j = 0; j < n; j++) {
-                const int64_t slot = visible[j0 + j];
-                const T* vr = vb + slot * values.stride(2);
-                const float row_scale = vsb ? vsb[slot] : 1.f;
+                const T* vr = vb + slots[j] * r.v_slot;
+                const float row_scale = vsb ? vsb[slots[j]] : 1.f;
                 for (int64_t g = 0; g < group; g++) {
                     float* out = og + g * (D + 2);
                     const float e = sc[g * n + j] * row_scale;
@@ -615,6 +649,7 @@ torch::Tensor decode_attention_t(torch::Tensor q, torch::Tensor keys, torch::Ten
                 for (int64_t i = 0; i < D; i++) yr[i] = 0.f;
                 for (int64_t sp = 0; sp < splits; sp++) {
                     const float* o = pp + (((b * Hk + h) * splits + sp) * group + g) * (D + 2);
+                    if (o[D + 1] == 0.f) continue;  // an empty split (its max is -inf)
                     const float w = std::exp(o[D] - m);
                     l += w * o[D + 1];
                     for (int64_t i = 0; i < D; i++) yr[i] += w * o[i];
@@ -624,38 +659,140 @@ torch::Tensor decode_attention_t(torch::Tensor q, torch::Tensor keys, torch::Ten
     return y;
 }
 
-// Attention of one query token per row over a cache stored as fp32, bf16, or int8 with per-slot
-// scales ([B, Hk, S, 1] float32, given for int8 only). Slots whose position is hidden (empty,
-// in the future, or a window or more behind) are skipped.
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_pos,
-                               int64_t pos, int64_t window, double scale, c10::optional<torch::Tensor> k_scale,
-                               c10::optional<torch::Tensor> v_scale) {
+void check_kv(const torch::Tensor& keys, const torch::Tensor& values, const c10::optional<torch::Tensor>& k_scale,
+              const c10::optional<torch::Tensor>& v_scale) {
     TORCH_CHECK(keys.dtype() == values.dtype(), "K and V must share a dtype");
     TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "K/V rows must be contiguous");
     const auto dt = keys.scalar_type();
-    if (dt == torch::kFloat32)
-        return decode_attention_t<float>(q, keys, values, key_pos, pos, window, scale, nullptr, nullptr);
-    if (dt == torch::kBFloat16)
-        return decode_attention_t<at::BFloat16>(q, keys, values, key_pos, pos, window, scale, nullptr, nullptr);
-    TORCH_CHECK(dt == torch::kInt8, "K/V must be float32, bfloat16 or int8");
+    TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kInt8,
+                "K/V must be float32, bfloat16 or int8");
+    if (dt != torch::kInt8) return;
     TORCH_CHECK(k_scale.has_value() && v_scale.has_value(), "int8 K/V need their scales");
     for (const auto& s : {*k_scale, *v_scale}) {
         TORCH_CHECK(s.dtype() == torch::kFloat32 && s.is_contiguous() && s.size(2) == keys.size(2),
                     "scales must be contiguous float32 [B, Hk, S, 1]");
     }
-    return decode_attention_t<int8_t>(q, keys, values, key_pos, pos, window, scale, k_scale->data_ptr<float>(),
-                                      v_scale->data_ptr<float>());
 }
 
+// Calls f(T{}) with T the C++ type of the K/V storage dtype.
+template <typename F>
+auto dispatch_kv(const torch::Tensor& keys, F f) {
+    const auto dt = keys.scalar_type();
+    if (dt == torch::kFloat32) return f(float{});
+    if (dt == torch::kBFloat16) return f(at::BFloat16{});
+    return f(int8_t{});
+}
+
+const float* opt_ptr(const c10::optional<torch::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+// Attention of one query token per row over one cache [B, Hk, S, D] whose rows share positions:
+// fp32, bf16, or int8 with per-slot scales ([B, Hk, S, 1] float32, given for int8 only). Slots whose
+// position is hidden (empty, in the future, or a window or more behind) are skipped.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values, torch::Tensor key_pos,
+                               int64_t pos, int64_t window, double scale, c10::optional<torch::Tensor> k_scale,
+                               c10::optional<torch::Tensor> v_scale) {
+    check_kv(keys, values, k_scale, v_scale);
+    q = q.contiguous().to(torch::kFloat32);
+    auto kp = key_pos.contiguous().to(torch::kInt64);
+    const auto visible = visible_slots(kp.data_ptr<int64_t>(), std::min<int64_t>(keys.size(2), kp.numel()), pos, window);
+    return dispatch_kv(keys, [&](auto tag) {
+        using T = decltype(tag);
+        std::vector<CacheRow<T>> rows;
+        for (int64_t b = 0; b < q.size(0); b++)
+            rows.push_back(cache_row<T>(keys, values, b, opt_ptr(k_scale), opt_ptr(v_scale), &visible));
+        return attend_rows<T>(q, rows, keys.size(1), scale);
+    });
+}
+
+// Stores x [Hk, D] (fp32) at `slot` of a [1, Hk, S, D] cache in its dtype: int8 as round(x / s)
+// with s = max|x| / 127 per head, exactly as cache.Slots.write does.
+void store_slot(const float* x, torch::Tensor& dst, const c10::optional<torch::Tensor>& scale, int64_t slot) {
+    const int64_t Hk = dst.size(1), D = dst.size(3);
+    for (int64_t h = 0; h < Hk; h++) {
+        const float* xr = x + h * D;
+        const int64_t off = h * dst.stride(1) + slot * dst.stride(2);
+        if (dst.scalar_type() == torch::kFloat32) {
+            std::memcpy(dst.data_ptr<float>() + off, xr, D * sizeof(float));
+        } else if (dst.scalar_type() == torch::kBFloat16) {
+            at::BFloat16* o = dst.data_ptr<at::BFloat16>() + off;
+            for (int64_t i = 0; i < D; i++) o[i] = at::BFloat16(xr[i]);
+        } else {
+            float amax = 0.f;
+            for (int64_t i = 0; i < D; i++) amax = std::max(amax, std::fabs(xr[i]));
+            const float s = std::max(amax, 1e-12f) / 127.f;
+            int8_t* o = dst.data_ptr<int8_t>() + off;
+            for (int64_t i = 0; i < D; i++) o[i] = (int8_t)std::nearbyint(xr[i] / s);
+            scale->data_ptr<float>()[h * dst.size(2) + slot] = s;
+        }
+    }
+}
+
+// One decode step of attention for B sequences that each own a cache (continuous batching): row b
+// of q [B, Hq, D] / k, v [B, Hk, D] goes with keys[b], values[b] ([1, Hk, S_b, D]). Its new key and
+// value are stored at slots[b] first. Ring caches (sliding-window layers) pass key_pos[b], the
+// slot positions, and get key_pos[b][slot] = positions[b]; linear caches (global layers) pass no
+// key_pos and hold positions 0..slot in slots 0..slot. One call per layer instead of B.
+torch::Tensor decode_attention_list(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> keys,
+                                    std::vector<torch::Tensor> values, std::vector<torch::Tensor> k_scales,
+                                    std::vector<torch::Tensor> v_scales, std::vector<torch::Tensor> key_pos,
+                                    std::vector<int64_t> slots, std::vector<int64_t> positions, int64_t window,
+                                    double scale) {
+    const int64_t B = q.size(0);
+    const bool int8 = !keys.empty() && keys[0].scalar_type() == torch::kInt8, ring = !key_pos.empty();
+    TORCH_CHECK((int64_t)keys.size() == B && (int64_t)values.size() == B && (int64_t)slots.size() == B &&
+                    (int64_t)positions.size() == B && (!ring || (int64_t)key_pos.size() == B) &&
+                    (int64_t)k_scales.size() == (int8 ? B : 0) && (int64_t)v_scales.size() == (int8 ? B : 0),
+                "decode_attention_list: one cache, slot and position per row");
+    q = q.contiguous().to(torch::kFloat32);
+    k = k.contiguous().to(torch::kFloat32);
+    v = v.contiguous().to(torch::kFloat32);
+    const int64_t Hk = keys[0].size(1), D = q.size(2);
+    std::vector<std::vector<int64_t>> visible(B);
+    for (int64_t b = 0; b < B; b++) {
+        auto ksc = int8 ? c10::optional<torch::Tensor>(k_scales[b]) : c10::nullopt;
+        auto vsc = int8 ? c10::optional<torch::Tensor>(v_scales[b]) : c10::nullopt;
+        check_kv(keys[b], values[b], ksc, vsc);
+        TORCH_CHECK(keys[b].scalar_type() == keys[0].scalar_type() && keys[b].size(0) == 1 && keys[b].size(1) == Hk &&
+                        keys[b].size(3) == D && values[b].sizes() == keys[b].sizes(),
+                    "decode_attention_list: every cache must be [1, Hk, S, D] of one dtype");
+        TORCH_CHECK(slots[b] >= 0 && slots[b] < keys[b].size(2), "decode_attention_list: slot out of range");
+        store_slot(k.data_ptr<float>() + b * Hk * D, keys[b], ksc, slots[b]);
+        store_slot(v.data_ptr<float>() + b * Hk * D, values[b], vsc, slots[b]);
+        if (ring) {
+            TORCH_CHECK(key_pos[b].scalar_type() == torch::kInt64 && key_pos[b].is_contiguous() &&
+                            key_pos[b].numel() == keys[b].size(2), "key_pos must be contiguous int64 [S]");
+            int64_t* kp = key_pos[b].data_ptr<int64_t>();
+            kp[slots[b]] = positions[b];
+            visible[b] = visible_slots(kp, key_pos[b].numel(), positions[b], window);
+        } else {
+            visible[b].resize(slots[b] + 1);
+            for (int64_t j = 0; j <= slots[b]; j++) visible[b][j] = j;
+        }
+    }
+    return dispatch_kv(keys[0], [&](auto tag) {
+        using T = decltype(tag);
+        std::vector<CacheRow<T>> rows;
+        for (int64_t b = 0; b < B; b++)
+            rows.push_back(cache_row<T>(keys[b], values[b], 0, int8 ? k_scales[b].data_ptr<float>() : nullptr,
+                                        int8 ? v_scales[b].data_ptr<float>() : nullptr, &visible[b]));
+        return attend_rows<T>(q, rows, Hk, scale);
+    });
+}
+
+// The kernels release the GIL: a server's event loop thread keeps running while the engine thread
+// is inside a long matmul, instead of both taking turns at Python's switch interval.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("qmatmul", &qmatmul, "x @ W^T with W in GGUF blocks, int8 (VNNI) activations");
-    m.def("qmatmul_many", &qmatmul_many, "several x @ W^T sharing one activation quantization");
-    m.def("mlp", &mlp, "down(gelu_tanh(gate(x)) * up(x)) with GGUF weights");
-    m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows");
-    m.def("bf16_linear", &bf16_linear, "x @ W^T with W dequantized to bf16 tile by tile (oneMKL GEMM)");
-    m.def("rms_norm", &rms_norm, "RMSNorm with weight (1 + w) precomputed");
-    m.def("qk_norm_rope", &qk_norm_rope, "QK-norm (1 + w) and RoPE for one position");
+    const auto nogil = py::call_guard<py::gil_scoped_release>();
+    m.def("qmatmul", &qmatmul, "x @ W^T with W in GGUF blocks, int8 (VNNI) activations", nogil);
+    m.def("qmatmul_many", &qmatmul_many, "several x @ W^T sharing one activation quantization", nogil);
+    m.def("mlp", &mlp, "down(gelu_tanh(gate(x)) * up(x)) with GGUF weights", nogil);
+    m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows", nogil);
+    m.def("bf16_linear", &bf16_linear, "x @ W^T with W dequantized to bf16 tile by tile (oneMKL GEMM)", nogil);
+    m.def("rms_norm", &rms_norm, "RMSNorm with weight (1 + w) precomputed", nogil);
+    m.def("qk_norm_rope", &qk_norm_rope, "QK-norm (1 + w) and RoPE for one position (shared or per row)", nogil);
+    m.def("decode_attention_list", &decode_attention_list,
+          "decode attention for B sequences with their own caches (stores the new K/V first)", nogil);
     m.def("decode_attention", &decode_attention, "attention of one query token per row over a KV cache (fp32/bf16/int8)",
-          py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("key_pos"), py::arg("pos"), py::arg("window"),
-          py::arg("scale"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+          nogil, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("key_pos"), py::arg("pos"),
+          py::arg("window"), py::arg("scale"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
 }

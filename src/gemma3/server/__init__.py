@@ -9,8 +9,13 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
           max_batch: int = 8, max_queue: int = 64, max_tokens: int | None = None, api_key: str | None = None,
           prefix_cache_mb: int = 256, log_level: str = "info", vision=None, pan_and_scan=None):
     """Run until SIGINT/SIGTERM: uvicorn stops accepting connections, lets in-flight responses
-    finish (up to 30 s), then the engine cancels whatever is left and the call returns."""
+    finish (up to 30 s), then the engine cancels whatever is left and the call returns.
+
+    The engine loop runs on this (the main) thread and uvicorn on a second one: all model work
+    then happens on the thread that loaded the model, so it shares that thread's OpenMP pool (see
+    Engine.start for what a second pool costs)."""
     import signal
+    import threading
 
     import uvicorn
 
@@ -21,14 +26,32 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
     ctx = min(ctx or model.config.max_context, model.config.max_context)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_bytes=prefix_cache_mb * 2**20, vision=vision, pan_and_scan=pan_and_scan)
-    app = create_app(engine, model_id, ctx, max_tokens=max_tokens, api_key=api_key)
-    # uvicorn re-raises a captured SIGTERM once it has shut down gracefully; with the default handler
-    # that kills the process (status -15). A shutdown that went as planned should exit 0.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    app = create_app(engine, model_id, ctx, max_tokens=max_tokens, api_key=api_key, start_engine=False)
+    http = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                         timeout_graceful_shutdown=30))
+
+    def serve_http():
+        try:
+            http.run()  # off the main thread uvicorn installs no signal handlers: ours below do
+        finally:
+            engine.stop(timeout=0)  # if uvicorn could not start (port taken), the loop must end too
+
+    def on_signal(*_):  # like uvicorn's own: the first signal shuts down gracefully, a second forces
+        if http.should_exit:
+            http.force_exit = True
+        http.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=serve_http, name="gemma3-http")
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+        thread.start()
+        engine.run()
+        thread.join()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not http.started:
+        raise SystemExit(f"gemma3 serve: could not start the HTTP server on {host}:{port}")
 
 
 def _limit_malloc_arenas(arenas: int = 2):

@@ -27,7 +27,7 @@ from .schemas import ChatCompletionRequest, CompletionRequest
 
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 # How often a non-streaming handler checks whether its client is still connected.
-DISCONNECT_POLL_S = 0.5
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 
 
 class APIError(Exception):
@@ -228,13 +228,21 @@ class Server:
     async def collect(self, req: Request, http: HTTPRequest):
         """(text, Done, logprobs) for a non-streaming request; cancels it if the client leaves."""
         text, logprobs, finished = [], [], False
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(req.events.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    event = None
+                # Checked on a clock, not only when the engine is quiet: tokens arrive every few
+                # milliseconds, and a long generation for a client that left is wasted work.
+                if loop.time() - checked >= DISCONNECT_POLL_S:
+                    checked = loop.time()
                     if await http.is_disconnected():
                         return None
+                if event is None:
                     continue
                 if isinstance(event, Failed):
                     finished = True
@@ -353,12 +361,15 @@ def completion_logprobs(tokenizer, lps, offset: int = 0) -> dict:
 
 
 def create_app(engine: Engine, model_id: str, ctx: int, max_tokens: int | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, start_engine: bool = True) -> FastAPI:
+    """`start_engine=False`: the caller runs `engine.run()` on a thread of its own (serve does, on
+    the main thread); shutdown still stops it."""
     server = Server(engine, model_id, ctx, max_tokens)
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        if start_engine:
+            engine.start()
         yield
         await run_in_threadpool(engine.stop)
 
@@ -396,7 +407,7 @@ def create_app(engine: Engine, model_id: str, ctx: int, max_tokens: int | None =
 
     @app.get("/health")
     async def health():
-        if not engine.thread.is_alive():
+        if not engine.running:
             raise APIError(503, "the engine is not running", type="server_error")
         return {"status": "ok", "model": model_id, "active_sequences": engine.metrics.active_sequences,
                 "queue_depth": engine.metrics.queue_depth}

@@ -145,12 +145,18 @@ class Engine:
         self.active: list[_Sequence] = []
         self.cond = threading.Condition()
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="gemma3-engine", daemon=True)
+        self.running = False  # True while run() is looping, on whichever thread
+        self.finished = threading.Event()
 
     # ---------------------------------------------------------------- asyncio side
 
     def start(self):
-        self.thread.start()
+        """Run the loop on a new thread. `gemma3 serve` calls run() on the main thread instead: the
+        OpenMP thread pool belongs to the thread that starts a parallel region, and once a second
+        thread has its own pool (2 workers + 2 masters on a 2-core machine) libgomp stops spinning
+        between regions, which made every decode step in the server ~2x slower than the same step
+        on the thread that loaded the model."""
+        threading.Thread(target=self.run, name="gemma3-engine", daemon=True).start()
 
     def submit(self, req: Request):
         with self.cond:
@@ -164,20 +170,29 @@ class Engine:
             self.cond.notify()
 
     def stop(self, timeout: float = 30.0):
-        """Cancel what is queued or running and join the loop thread."""
+        """Cancel what is queued or running and wait for the loop to return."""
         with self.cond:
             self.stopping = True
             self.cond.notify()
-        self.thread.join(timeout)
+        self.finished.wait(timeout)
 
     # ---------------------------------------------------------------- engine thread
 
-    def _run(self):
+    def run(self):
+        """The loop, on the calling thread, until stop()."""
+        self.running = True
+        try:
+            self._loop()
+        finally:
+            self.running = False
+            self.finished.set()
+
+    def _loop(self):
         torch.set_grad_enabled(False)
         while True:
             with self.cond:
                 while not self.stopping and not self.waiting and not self.active:
-                    self.cond.wait()
+                    self.cond.wait(1.0)  # a bounded wait lets the main thread run signal handlers
                 if self.stopping:
                     break
             self._admit()

@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--target-mode", default="renorm", choices=("renorm", "unbiased"),
+                    help="sparse target weights (default renorm, the report's; the store is reused only if it matches)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "distill_demo"), help="result prefix (.json, .png)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,9 +66,10 @@ def main():
     data = ["--data", work / "train.txt", "--seq-len", args.seq_len, "--threads", args.threads]
     timings = {}
 
-    if not (work / "targets" / "meta.json").exists():
-        run("distill", "precompute", *data, "--out", work / "targets", "--k", 256)
-    store = json.loads((work / "targets" / "meta.json").read_text())
+    meta = work / "targets" / "meta.json"
+    if not meta.exists() or json.loads(meta.read_text()).get("mode") != args.target_mode:
+        run("distill", "precompute", *data, "--out", work / "targets", "--k", 256, "--target-mode", args.target_mode)
+    store = json.loads(meta.read_text())
     timings["precompute_s"] = store["seconds"]  # as measured when the store was written
 
     train = [*data, "--student", work / "student.json", "--targets", work / "targets", "--steps", args.steps,

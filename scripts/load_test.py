@@ -52,6 +52,19 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def settled_rss(url: str, pid: int) -> float | None:
+    """RSS once the server is idle (no active sequence, empty queue) and has had a second to
+    release what the last requests freed."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = httpx.get(url + "/health", timeout=10).json()
+        if health["active_sequences"] == 0 and health["queue_depth"] == 0:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    return rss_mb(pid)
+
+
 def start_server(args) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,20 +161,21 @@ def main():
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
         lengths = [int(x) for x in args.max_tokens.split(",")]
         rng = random.Random(args.seed)
-        # Warm-up: one full round at the target concurrency, so buffers sized by the batch exist
-        # before the RSS baseline is taken; growth after it would be a leak.
+        # Warm-up: one full round at the target concurrency.
         warm = [(rng.choice(PROMPTS), rng.choice(lengths)) for _ in range(args.warmup or args.concurrency)]
         report = {"warmup": asyncio.run(run(url, model, warm, args.concurrency, args.timeout))}
-        report["rss_after_warmup_mb"] = proc and rss_mb(proc.pid)
         # Batching gain: the same requests (same prompts, same length) one at a time, then
         # --concurrency at a time. Only the scheduling differs, so the ratio measures batching.
         same = [(PROMPTS[i % 4], args.ratio_tokens) for i in range(args.concurrency * 2)]
         report["single"] = asyncio.run(run(url, model, same[:args.single], 1, args.timeout))
         report["batched"] = asyncio.run(run(url, model, same, args.concurrency, args.timeout))
+        # The RSS baseline comes after every shape the server will see (full batches of long
+        # completions included): what grows after it, over the mixed run, would be a leak.
+        report["rss_after_warmup_mb"] = proc and settled_rss(url, proc.pid)
         # Mixed load (robustness, TTFT, RSS): random prompts, short and long, random lengths.
         jobs = [(rng.choice(PROMPTS), rng.choice(lengths)) for _ in range(args.requests)]
         report["concurrent"] = asyncio.run(run(url, model, jobs, args.concurrency, args.timeout))
-        report["rss_after_run_mb"] = proc and rss_mb(proc.pid)
+        report["rss_after_run_mb"] = proc and settled_rss(url, proc.pid)
         if proc is not None:
             report["rss_growth_after_warmup"] = round(report["rss_after_run_mb"] / report["rss_after_warmup_mb"] - 1, 4)
         metrics = httpx.get(url + "/metrics", timeout=30).text

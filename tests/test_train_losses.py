@@ -74,7 +74,8 @@ def test_sampled_targets_are_unbiased(temperature):
     p = torch.softmax(logits.double(), -1)[0]
     r = torch.softmax(logits.double() / temperature, -1)[0]
     k, n = 8, 20_000
-    ids, w = sample_sparse_targets(logits.expand(n, 40), k=k, temperature=temperature, generator=g)
+    ids, w = sample_sparse_targets(logits.expand(n, 40), k=k, temperature=temperature, generator=g,
+                                   mode="unbiased")
     mean = torch.zeros(n, 40, dtype=torch.float64).scatter_add_(1, ids, w.double()).mean(0)
     inclusion = 1 - (1 - r) ** k
     stderr = torch.sqrt(p ** 2 * (1 - inclusion) / inclusion / n)
@@ -94,6 +95,6 @@ def test_unbiased_loss_estimate_matches_dense_loss():
     p = torch.softmax(teacher.double(), -1)
     dense = -(p * torch.log_softmax(student.double(), -1)).sum().item()
     n = 4000
-    ids, w = sample_sparse_targets(teacher.expand(n, 64), k=16, generator=g)
+    ids, w = sample_sparse_targets(teacher.expand(n, 64), k=16, generator=g, mode="unbiased")
     per_draw = -(w.double() * torch.log_softmax(student.double(), -1).expand(n, 64).gather(1, ids)).sum(-1)
     assert abs(per_draw.mean().item() - dense) < 4.5 * per_draw.std().item() / math.sqrt(n)

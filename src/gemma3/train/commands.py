@@ -62,8 +62,9 @@ def add_commands(sub):
     p.add_argument("--targets", default=None, help="precomputed target store (from `distill precompute`)")
     p.add_argument("--k", type=int, default=256, help="teacher samples per token (default 256)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    p.add_argument("--target-mode", choices=("unbiased", "renorm"), default="unbiased",
-                   help="unbiased: Horvitz-Thompson weights p/π (default); renorm: p renormalised over the sample")
+    p.add_argument("--target-mode", choices=("renorm", "unbiased"), default="renorm",
+                   help="renorm: teacher probabilities renormalised over the sampled ids, as the report "
+                        "(default); unbiased: Horvitz-Thompson weights p/π, an unbiased estimate of the dense loss")
     p.add_argument("--onehot-weight", type=float, default=0.0, help="mix in the one-hot LM loss with this weight")
     _add_train_args(p, lr=1e-3, steps=1000)
     p.set_defaults(func=cmd_distill)

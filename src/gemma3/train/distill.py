@@ -16,12 +16,12 @@ from tqdm import tqdm
 from .data import DataError, PackedDataset
 from .losses import SparseTarget
 
-TARGET_MODES = ("unbiased", "renorm")
+TARGET_MODES = ("renorm", "unbiased")
 STORE_FORMAT = "gemma3-sparse-targets-v1"
 
 
 def sample_sparse_targets(logits: torch.Tensor, k: int = 256, temperature: float = 1.0,
-                          generator: torch.Generator | None = None, mode: str = "unbiased"):
+                          generator: torch.Generator | None = None, mode: str = "renorm"):
     """The sparse teacher target of each row of `logits` [N, V]: (ids [N, k] long, weights [N, k] fp32).
 
     Definition:
@@ -30,15 +30,16 @@ def sample_sparse_targets(logits: torch.Tensor, k: int = 256, temperature: float
     2. Merge duplicates: the sampled set S holds each drawn id once. The k slots keep their shape
        (ids sorted); a repeated slot gets weight 0.
     3. Weight of an id j ∈ S, with p = softmax(z) the teacher distribution:
-       - "unbiased" (default): w_j = p_j / π_j, the Horvitz–Thompson estimator, where
+       - "renorm" (default, the report's method): w_j = p_j / Σ_{i∈S} p_i, the teacher
+         probabilities "renormalised over the sampled set": a proper distribution per draw, but
+         biased towards the head (a tail id's expected weight is π_j·p_j / p(S) < p_j); exact when
+         S covers every id with mass.
+       - "unbiased": w_j = p_j / π_j, the Horvitz–Thompson estimator, where
          π_j = P(j ∈ S) = 1 − (1 − r_j)^k is j's inclusion probability. Then E[w_j·1{j∈S}] = p_j for
          every id, so the sparse target is an unbiased estimate of the teacher distribution and
          −Σ_{j∈S} w_j log s_j an unbiased estimate of the dense distillation loss H(p, s) and of its
          gradient, for any τ. The weights sum to 1 in expectation, not per draw; head ids that are
          all but certain to be drawn (π ≈ 1) get w ≈ p exactly, with no sampling noise.
-       - "renorm": w_j = p_j / Σ_{i∈S} p_i, the report's literal "renormalised over the sampled
-         set": a proper distribution per draw, but biased towards the head (a tail id's expected
-         weight is π_j·p_j / p(S) < p_j); exact when S covers every id with mass.
     """
     if mode not in TARGET_MODES:
         raise ValueError(f"unknown target mode {mode!r}; choose one of {', '.join(TARGET_MODES)}")
@@ -88,7 +89,7 @@ class TeacherTargets:
     """On-the-fly targets: the teacher runs on each micro-batch (inference mode) and is sampled.
     Each sequence is sampled with the generator of its position in the global order."""
 
-    def __init__(self, teacher, k: int = 256, temperature: float = 1.0, mode: str = "unbiased", seed: int = 0):
+    def __init__(self, teacher, k: int = 256, temperature: float = 1.0, mode: str = "renorm", seed: int = 0):
         self.teacher, self.k, self.temperature, self.mode, self.seed = teacher, k, temperature, mode, seed
 
     def __call__(self, batch) -> SparseTarget:
@@ -153,7 +154,7 @@ class TargetStore:
 
 
 def precompute(teacher, data: PackedDataset, out: str | Path, k: int = 256, temperature: float = 1.0,
-               mode: str = "unbiased", seed: int = 0, batch_size: int = 4, teacher_name: str = "",
+               mode: str = "renorm", seed: int = 0, batch_size: int = 4, teacher_name: str = "",
                progress: bool = True) -> dict:
     """Runs the teacher over every packed sequence once and writes a `TargetStore` to `out`.
     Sequence i is sampled with sequence_generator(seed, i). meta.json is written last, so an

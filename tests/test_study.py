@@ -19,12 +19,7 @@ TINY = ["--seq-len", "32", "--batch-size", "2", "--held-out", "0.3", "--json", "
 TINY_SIZE = ["--d-model", "16", "--layers", "4", "--heads", "2", "--head-dim", "8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture

@@ -16,12 +16,7 @@ from gemma3.train.data import PackedDataset, batch_indices, chat_document, text_
 from gemma3.train.metrics import read_metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---------------------------------------------------------------- data

@@ -386,7 +386,7 @@ def _measure_kv(args, memory) -> dict:
 def cmd_eval_needle(args):
     from .eval.needle import plot_heatmap, run_needle, to_json
     from .eval.perplexity import read_text
-    from .eval.results import record
+    from .eval.results import emit
 
     haystack = read_text(args.haystack) if args.haystack else _default_haystack()
     ctxs = [int(c) for c in args.ctx.split(",")]
@@ -394,12 +394,7 @@ def cmd_eval_needle(args):
     model, tok = _load(args)
     results = run_needle(model, tok, haystack, ctxs, depths, seed=args.seed, progress=not args.json)
     out = to_json(results)
-    if args.plot:
-        plot_heatmap(results, args.plot)
-        out["plot"] = args.plot
-    record(args, "needle", out, model.config)
-    if args.json:
-        print(json.dumps(out))
+    if emit(args, "needle", out, model.config, plot=lambda path: plot_heatmap(results, path)):
         return
     for r in results:
         print(f"ctx {r.ctx:>6}  depth {r.depth:4.0%}  {'found ' if r.found else 'MISSED'}  "

@@ -14,7 +14,6 @@ come with Wilson score intervals, which stay inside [0, 1] and are meaningful at
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -206,7 +205,7 @@ def plot(result: dict, path) -> None:
 
 def cmd_eval_memorization(args):
     from ..cli import _load
-    from .results import record
+    from .results import emit
 
     texts = [(path, read_text(path)) for path in args.data]  # input errors before the slow load
     if args.control:
@@ -216,12 +215,7 @@ def cmd_eval_memorization(args):
                         seed=args.seed, batch_size=args.batch_size, progress=not args.json)
                for name, text in texts]
     out = to_json(results, args.model or "270m", args.prefix, args.suffix, args.seed, APPROX_THRESHOLD)
-    if args.plot:
-        plot(out, args.plot)
-        out["plot"] = args.plot
-    record(args, "memorization", out, model.config)
-    if args.json:
-        print(json.dumps(out))
+    if emit(args, "memorization", out, model.config, plot=lambda path: plot(out, path)):
         return
     print(f"{'text':40} {'windows':>8} {'exact':>22} {'approximate (≤10% edits)':>26} {'edit dist.':>10} "
           f"{'verbatim':>9}")

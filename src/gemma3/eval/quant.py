@@ -14,7 +14,6 @@ the 262k-row LM head again for every scored slice.
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -169,7 +168,7 @@ def plot(result: dict, path: str | Path) -> None:
 
 def cmd_eval_quant(args):
     from ..load import describe
-    from .results import record
+    from .results import emit
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,14 +177,9 @@ def cmd_eval_quant(args):
     result = evaluate(args.model, formats, text, ctx=args.ctx, chunks=args.chunks,
                       decode_tokens=args.decode_tokens, progress=not args.json)
     result["text"] = str(args.text)
-    if args.plot:
-        plot(result, args.plot)
-        result["plot"] = args.plot
-    if args.results:  # the source's config, read from its file (evaluate() loads and drops the model)
-        record(args, "quant", result, describe(args.model)["config"])
-    if args.json:
-        print(json.dumps(result))
-    else:
+    # The source's config, read from its file (evaluate() loads and drops the model); only --results needs it.
+    config = describe(args.model)["config"] if args.results else None
+    if not emit(args, "quant", result, config, plot=lambda path: plot(result, path)):
         print(table(result))
         if args.plot:
             print(f"plot written to {args.plot}")

@@ -85,6 +85,19 @@ def record(args, kind: str, results: dict, config=None) -> dict | None:
     return entry
 
 
+def emit(args, kind: str, out: dict, config=None, plot=None) -> bool:
+    """The common end of an evaluation command: draws `plot(path)` for --plot (and notes the path
+    in `out`), records the run for --results, prints `out` for --json. True when JSON was printed,
+    i.e. the caller has no table to print."""
+    if args.plot:
+        plot(args.plot)
+        out["plot"] = args.plot
+    record(args, kind, out, config)
+    if args.json:
+        print(json.dumps(out))
+    return args.json
+
+
 def read_results(path: str | Path) -> list[dict]:
     path = Path(path)
     try:

@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP server (SPEC §7): `engine` (the continuous-batching loop that owns the
 model), `app` (FastAPI routes and error shapes), `schemas` (request bodies), `metrics`
-(Prometheus text), `static/index.html` (the chat page)."""
+(Prometheus text), `heap` (glibc arena cap and trim), `static/index.html` (the chat page)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
 
     from .app import create_app
     from .engine import Engine
+    from .heap import limit_arenas
 
-    _limit_malloc_arenas()
+    limit_arenas()
     ctx = min(ctx or model.config.max_context, model.config.max_context)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_bytes=prefix_cache_mb * 2**20, vision=vision, pan_and_scan=pan_and_scan)
@@ -52,21 +53,3 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
             signal.signal(sig, handler)
     if not http.started:
         raise SystemExit(f"gemma3 serve: could not start the HTTP server on {host}:{port}")
-
-
-def _limit_malloc_arenas(arenas: int = 2):
-    """glibc gives each thread that allocates its own malloc arena (up to 8 per core); the server's
-    engine, event loop and thread-pool threads allocate and free request-sized blocks in many of
-    them, and the freed space fragments instead of returning to the OS. Measured with
-    scripts/load_test.py (64 clients, 300 requests after a 64-request warm-up): RSS +19% with the
-    default, +4.8% with 2 arenas (MALLOC_ARENA_MAX=2), at the same throughput. An explicit
-    MALLOC_ARENA_MAX in the environment wins."""
-    import ctypes
-    import os
-
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc
-        pass

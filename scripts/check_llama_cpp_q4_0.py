@@ -9,15 +9,21 @@ Run it with the venv that has llama-cpp-python (no torch there):
 1. `gemma3 quantize --to q4_0` (main venv) writes the GGUF from the embedded Q4_K_M model;
 2. our greedy decode (this script re-run in the main venv with --ours: our loader on that file,
    float32), saving our logits at every step;
-3. llama.cpp on the same file: its own greedy decode (argmax of its logits, no sampler), and its
-   logits with our tokens fed in (teacher forcing), compared with ours position by position.
+3. llama.cpp on the same file (f32 KV cache): its own greedy decode (argmax of its logits, no
+   sampler), and its logits with our tokens fed in (teacher forcing), compared with ours position
+   by position;
+4. llama.cpp against itself: its greedy decode under four of its own configurations (weights
+   repacked for AMX/AVX-512, its default, or plain; KV cache f16, its default, or f32).
 
-Two engines agree up to rounding: llama.cpp multiplies Q4_0 weights with activations it
-quantizes to Q8_0 and keeps the KV cache in f16, so logits differ by ~0.01-0.1. Greedy decodes can
-therefore part at a near-tie. PASS means: prompt ids identical, and every greedy divergence (and
-every teacher-forced top-1 disagreement) falls where our top-1/top-2 logit margin is smaller than the
-largest change llama.cpp makes to such a margin on that prompt (measured with teacher forcing). `--control` runs the same
-comparison on the source Q4_K_M GGUF, which we did not write, for the engines' baseline agreement.
+Two engines agree up to rounding: llama.cpp multiplies Q4_0 weights with activations it quantizes
+to Q8_0, so logits differ by ~0.1, and greedy decodes can part at a near-tie. Where llama.cpp's own
+configurations disagree with one another, the prompt sits on such a tie. PASS means: prompt ids
+identical; every greedy divergence (and every teacher-forced top-1 disagreement) falls where our
+top-1/top-2 logit margin is smaller than the largest change llama.cpp makes to such a margin on
+that prompt (measured with teacher forcing); and on every prompt where llama.cpp's configurations
+agree with one another, our tokens equal theirs. `--control` runs the same comparison on the source
+Q4_K_M GGUF, which we did not write, for the engines' baseline agreement.
+
 The main venv's python is $GEMMA3_PYTHON, default .venv/bin/python of this repo.
 """
 
@@ -34,7 +40,11 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,"]
+# The issue's three prompts first; seven more so that step 4's comparison is not an anecdote.
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
+           "The three primary colors are", "Water boils at a temperature of", "import numpy as np\n\n",
+           "The first president of the United States was", "My favourite recipe for bread starts with",
+           "In 1969, the first humans", "A list of prime numbers: 2, 3, 5,"]
 N_TOKENS = 32
 
 
@@ -109,10 +119,68 @@ def compare(path: str, mine: list[dict], outdir: str) -> list[dict]:
     return results
 
 
-def run(main_py: str, path: str, tmp: str) -> list[dict]:
+# llama.cpp's configurations compared in step 4: (use_extra_bufts, KV cache type; 1 = F16, 0 = F32).
+CONFIGS = {"repacked, f16 KV (its default)": (True, 1), "repacked, f32 KV": (True, 0),
+           "plain, f16 KV": (False, 1), "plain, f32 KV": (False, 0)}
+
+
+def llama_configs(path: str, mine: list[dict]) -> dict:
+    """Greedy ids from llama.cpp under each of CONFIGS, and which of them equal ours."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    default_params = llama_cpp.llama_model_default_params
+    out = {}
+    try:
+        for name, (repack, kv) in CONFIGS.items():
+            # Llama() takes no use_extra_bufts argument: it builds its model params from this function.
+            def params(repack=repack):
+                p = default_params()
+                p.use_extra_bufts = repack
+                return p
+
+            llama_module.llama_cpp.llama_model_default_params = params
+            llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=os.cpu_count(), n_batch=1, n_ubatch=1,
+                                  logits_all=True, type_k=kv, type_v=kv, verbose=False)
+            runs = []
+            for ref in mine:
+                llm.reset()
+                llm.eval(ref["prompt_ids"])
+                gen = []
+                for _ in range(N_TOKENS):
+                    gen.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+                    llm.eval([gen[-1]])
+                runs.append(gen)
+            out[name] = runs
+            del llm
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default_params
+    return {"configs": {name: [{"ids_equal_ours": g == ref["ids"], "first_divergence_from_ours":
+                                next((i for i, (a, b) in enumerate(zip(ref["ids"], g)) if a != b), None)}
+                               for g, ref in zip(runs, mine)] for name, runs in out.items()},
+            "configs_agree_with_each_other": [len({tuple(runs[n]) for runs in out.values()}) == 1 for n in range(len(mine))],
+            "ours_equals_some_config": [any(runs[n] == mine[n]["ids"] for runs in out.values()) for n in range(len(mine))]}
+
+
+def report_configs(configs: dict, prompts: list[str]) -> bool:
+    """Prints the matrix; True when ours equals llama.cpp on every prompt where it agrees with itself."""
+    print("== llama.cpp against itself (greedy ids, 32 tokens)")
+    for n, prompt in enumerate(prompts):
+        same = [name for name, r in configs["configs"].items() if r[n]["ids_equal_ours"]]
+        print(f"{prompt!r}: llama.cpp's configurations {'agree' if configs['configs_agree_with_each_other'][n] else 'DISAGREE'}"
+              f" with one another; ours equals {len(same)}/{len(CONFIGS)} of them" + (f" ({', '.join(same)})" if same else ""))
+    stable = [n for n, agree in enumerate(configs["configs_agree_with_each_other"]) if agree]
+    ours_there = sum(configs["configs"][next(iter(CONFIGS))][n]["ids_equal_ours"] for n in stable)
+    print(f"{'PASS' if ours_there == len(stable) else 'FAIL'}: llama.cpp's {len(CONFIGS)} configurations agree with one "
+          f"another on {len(stable)}/{len(prompts)} prompts; ours equals them on {ours_there}/{len(stable)} of those; "
+          f"ours equals at least one configuration on {sum(configs['ours_equals_some_config'])}/{len(prompts)} prompts")
+    return ours_there == len(stable)
+
+
+def run(main_py: str, path: str, tmp: str) -> tuple[list[dict], dict]:
     mine = json.loads(subprocess.run([main_py, __file__, "--ours", path, "--logits-dir", tmp], check=True,
                                      capture_output=True, text=True).stdout)
-    return compare(path, mine, tmp)
+    return compare(path, mine, tmp), llama_configs(path, mine)
 
 
 def report(title: str, results: list[dict]) -> bool:
@@ -149,13 +217,18 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         path = args.out or str(Path(tmp) / f"gemma-3-270m-{args.format}.gguf")
         subprocess.run([main_py, "-m", "gemma3", "quantize", "--to", args.format, "--out", path, "--json"], check=True)
-        ours_file = summary[args.format] = {"gguf_bytes": Path(path).stat().st_size, "prompts": run(main_py, path, tmp)}
-        ok = report(f"our {args.format} GGUF ({ours_file['gguf_bytes'] / 2**20:.1f} MiB)", ours_file["prompts"])
+        prompts, configs = run(main_py, path, tmp)
+        ours_file = summary[args.format] = {"gguf_bytes": Path(path).stat().st_size, "prompts": prompts,
+                                            "llama_cpp_configs": configs}
+        ok = report(f"our {args.format} GGUF ({ours_file['gguf_bytes'] / 2**20:.1f} MiB)", prompts)
+        ok = report_configs(configs, PROMPTS) and ok
         if args.control:
             source = subprocess.run([main_py, "-c", "from gemma3.load import embedded_gguf_path as p; print(p())"],
                                     check=True, capture_output=True, text=True).stdout.strip()
-            summary["control_q4_k_m"] = {"prompts": run(main_py, source, tmp)}
-            report("control: the source Q4_K_M GGUF (not written by us)", summary["control_q4_k_m"]["prompts"])
+            prompts, configs = run(main_py, source, tmp)
+            summary["control_q4_k_m"] = {"prompts": prompts, "llama_cpp_configs": configs}
+            report("control: the source Q4_K_M GGUF (not written by us)", prompts)
+            report_configs(configs, PROMPTS)
     summary["pass"] = ok
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))

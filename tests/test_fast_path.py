@@ -18,9 +18,9 @@ from gemma3.qlinear import MAX_VNNI_ROWS, QuantEmbedding, QuantLinear
 from gemma3.quants import BLOCK_INFO, dequantize
 
 TEXT = (Path(__file__).parent / "data" / "gpl-3.0.txt").read_text()
-KERNEL_TYPES = [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K]
+KERNEL_TYPES = [T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K]
 # Byte offsets of the f16 scale fields in each block (random bytes there could be inf/NaN).
-SCALE_FIELDS = {T.Q8_0: [0], T.Q5_0: [0], T.Q4_K: [0, 2], T.Q6_K: [208]}
+SCALE_FIELDS = {T.Q4_0: [0], T.Q8_0: [0], T.Q5_0: [0], T.Q4_K: [0, 2], T.Q6_K: [208]}
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"C++ kernels unavailable: {kernels.unavailable_reason()}")
 
@@ -205,16 +205,17 @@ def quantized_copy(model, qtype=T.Q8_0):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kv_heads", [1, 2])
-def test_fast_modules_match_model_py_on_tiny_model(kv_heads):
+@pytest.mark.parametrize("kv_heads,qtype", [(1, T.Q8_0), (2, T.Q8_0), (2, T.Q4_0)], ids=["kv1-Q8_0", "kv2-Q8_0", "kv2-Q4_0"])
+def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype):
     """Prefill chunks, then one-token steps far past the window (ring wrap-around, local and global
-    layers, GQA), batch of 3: the swapped modules give model.py's logits."""
+    layers, GQA), batch of 3: the swapped modules give model.py's logits. Q4_0 is what
+    `gemma3 quantize --to int4-block32` writes."""
     from conftest import random_model, tiny_config
 
     from gemma3.fastpath import FastAttention, FastMLP, FastRMSNorm
 
     cfg = tiny_config(layers=6, heads=4, kv_heads=kv_heads, head_dim=32, hidden=64, window=8)
-    fast, ref = quantized_copy(random_model(cfg))
+    fast, ref = quantized_copy(random_model(cfg), qtype)
     assert {type(m) for m in fast.modules()} >= {FastAttention, FastMLP, FastRMSNorm, QuantLinear}
     ids = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

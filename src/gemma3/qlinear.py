@@ -92,7 +92,7 @@ class QuantEmbedding(QuantLinear):
 
 
 def _kernel_or_float(t: QTensor) -> nn.Module:
-    """QuantLinear for types with a kernel; other types (F16, Q4_0, ...) as a plain float Linear."""
+    """QuantLinear for types with a kernel; other types (F16, Q4_1, ...) as a plain float Linear."""
     if t.ggml_type in kernels.TYPES:
         return QuantLinear.from_qtensor(t)
     linear = nn.Linear(t.shape[1], t.shape[0], bias=False, device="cpu")

@@ -25,7 +25,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 # /proc/cpuinfo flags the kernels are written for (the source refuses to compile without them).
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
 # GGML types with a kernel; anything else stays on the reference path.
-TYPES = frozenset({6, 8, 12, 14})  # Q5_0, Q8_0, Q4_K, Q6_K
+TYPES = frozenset({2, 6, 8, 12, 14})  # Q4_0, Q5_0, Q8_0, Q4_K, Q6_K
 
 _state: dict[str, object] = {}
 

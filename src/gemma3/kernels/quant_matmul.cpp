@@ -29,7 +29,7 @@ namespace {
 
 #define INLINE inline __attribute__((always_inline))
 
-enum GGMLType : int64_t { Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14 };
+enum GGMLType : int64_t { Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14 };
 
 INLINE float h2f(const uint8_t* p) {
     uint16_t h;
@@ -63,6 +63,22 @@ struct FmtQ5_0 {
         // Bit i of qh is the 5th bit of value i; values are stored with a +16 offset, so value =
         // nibble - 16 where the bit is clear and nibble where it is set.
         return _mm256_mask_sub_epi8(lo_hi, ~(__mmask32)qh, lo_hi, _mm256_set1_epi8(16));
+    }
+    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
+        float d = h2f(b);
+        f(0, quants(b), d, d, 0.f);
+    }
+};
+
+struct FmtQ4_0 {  // what `gemma3 quantize --to int4-block32` writes
+    static constexpr int VALS = 32, BYTES = 18;
+    static constexpr bool TWO_SCALES = false, HAS_MIN = false;
+    static INLINE __m256i quants(const uint8_t* b) {
+        // Values 0-15 are the low nibbles of the 16 bytes, values 16-31 the high ones; stored + 8.
+        __m128i qs = _mm_loadu_si128((const __m128i*)(b + 2));
+        __m128i m4 = _mm_set1_epi8(0x0F);
+        __m256i lo_hi = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+        return _mm256_sub_epi8(lo_hi, _mm256_set1_epi8(8));
     }
     template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
         float d = h2f(b);
@@ -120,6 +136,7 @@ struct FmtQ6_K {
 
 template <class F> auto dispatch(int64_t type, F&& f) {
     switch (type) {
+        case Q4_0: return f(FmtQ4_0{});
         case Q8_0: return f(FmtQ8_0{});
         case Q5_0: return f(FmtQ5_0{});
         case Q4_K: return f(FmtQ4_K{});

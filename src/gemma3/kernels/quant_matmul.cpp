@@ -39,50 +39,42 @@ INLINE float h2f(const uint8_t* p) {
 
 // Each format calls f(sub, q, s_lo, s_hi, min) for its 32-value sub-blocks in order: q holds 32
 // int8 and the values are s * q - min, with s = s_lo for the first 16 values and s_hi for the rest.
-// 32-value formats also expose quants(): the block's int8 values, its f16 scale being the block's
-// first two bytes (which dot_tile32 gathers 16 blocks at a time).
-struct FmtQ8_0 {
-    static constexpr int VALS = 32, BYTES = 34;
+// 32-value formats (Block32) expose quants(): the block's int8 values, its f16 scale being the
+// block's first two bytes (which dot_tile32 gathers 16 blocks at a time).
+template <class Fmt, int Bytes> struct Block32 {
+    static constexpr int VALS = 32, BYTES = Bytes;
     static constexpr bool TWO_SCALES = false, HAS_MIN = false;
-    static INLINE __m256i quants(const uint8_t* b) { return _mm256_loadu_si256((const __m256i*)(b + 2)); }
     template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
         float d = h2f(b);
-        f(0, quants(b), d, d, 0.f);
+        f(0, Fmt::quants(b), d, d, 0.f);
     }
 };
 
-struct FmtQ5_0 {
-    static constexpr int VALS = 32, BYTES = 22;
-    static constexpr bool TWO_SCALES = false, HAS_MIN = false;
+// 16 bytes of packed nibbles as 32 values 0..15: values 0-15 are the low nibbles, 16-31 the high ones.
+INLINE __m256i nibbles32(const uint8_t* p) {
+    __m128i qs = _mm_loadu_si128((const __m128i*)p);
+    __m128i m4 = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+}
+
+struct FmtQ8_0 : Block32<FmtQ8_0, 34> {
+    static INLINE __m256i quants(const uint8_t* b) { return _mm256_loadu_si256((const __m256i*)(b + 2)); }
+};
+
+struct FmtQ5_0 : Block32<FmtQ5_0, 22> {
     static INLINE __m256i quants(const uint8_t* b) {
         uint32_t qh;
         std::memcpy(&qh, b + 2, 4);
-        __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6));
-        __m128i m4 = _mm_set1_epi8(0x0F);
-        __m256i lo_hi = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
+        __m256i lo_hi = nibbles32(b + 6);
         // Bit i of qh is the 5th bit of value i; values are stored with a +16 offset, so value =
         // nibble - 16 where the bit is clear and nibble where it is set.
         return _mm256_mask_sub_epi8(lo_hi, ~(__mmask32)qh, lo_hi, _mm256_set1_epi8(16));
     }
-    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
-        float d = h2f(b);
-        f(0, quants(b), d, d, 0.f);
-    }
 };
 
-struct FmtQ4_0 {  // what `gemma3 quantize --to int4-block32` writes
-    static constexpr int VALS = 32, BYTES = 18;
-    static constexpr bool TWO_SCALES = false, HAS_MIN = false;
+struct FmtQ4_0 : Block32<FmtQ4_0, 18> {  // what `gemma3 quantize --to int4-block32` writes
     static INLINE __m256i quants(const uint8_t* b) {
-        // Values 0-15 are the low nibbles of the 16 bytes, values 16-31 the high ones; stored + 8.
-        __m128i qs = _mm_loadu_si128((const __m128i*)(b + 2));
-        __m128i m4 = _mm_set1_epi8(0x0F);
-        __m256i lo_hi = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m4), _mm_and_si128(qs, m4));
-        return _mm256_sub_epi8(lo_hi, _mm256_set1_epi8(8));
-    }
-    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
-        float d = h2f(b);
-        f(0, quants(b), d, d, 0.f);
+        return _mm256_sub_epi8(nibbles32(b + 2), _mm256_set1_epi8(8));  // stored + 8
     }
 };
 

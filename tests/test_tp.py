@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -145,8 +146,47 @@ def test_torchrun_generate_cli_matches_single_process(tmp_path):
 def test_commands_that_cannot_shard_refuse_under_torchrun(tmp_path, capsys, monkeypatch):
     model = tiny_model_dir(tmp_path / "m")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = run_cli(["serve", "-m", str(model)], capsys)
+    code, _, err = run_cli(["chat", "-m", str(model)], capsys)
     assert code == 1 and "does not run under torchrun" in err
+
+
+@needs_gloo
+def test_serve_tp_two_ranks_batches_and_matches_single_process():
+    """`gemma3 serve --tp 2` starts its second rank itself. Two concurrent greedy requests share
+    decode steps on the sharded real 270M model and each equals single-process fp32 generation;
+    on SIGTERM both ranks exit cleanly (rank 0 reports any other rank that fails or hangs)."""
+    import openai
+    from server_helpers import MODEL_ID, ServerProcess
+
+    from gemma3 import generate, load
+
+    prompts, n = ["The capital of France is", "def fibonacci(n):"], 24
+    srv = ServerProcess("--tp", "2", "--max-batch", "4", "--ctx", "256")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=300)
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(lambda p: client.completions.create(
+                model=MODEL_ID, prompt=p, max_tokens=n, temperature=0).choices[0].text, prompts))
+        batched = srv.metric("gemma3_decode_batch_size_count") - srv.metric('gemma3_decode_batch_size_bucket{le="1"}')
+        # A cache the leader dropped is dropped by the follower too: a third request still works.
+        again = client.completions.create(model=MODEL_ID, prompt=prompts[0], max_tokens=n, temperature=0)
+    finally:
+        code = srv.stop()
+    err = srv.proc.stderr.read() if srv.proc.stderr else ""  # None with GEMMA3_SERVER_LOG set
+    assert code == 0 and "exited with status" not in err and "failed" not in err, err[-2000:]
+    assert batched > 0
+    model, tok = load(None, precision="fp32")
+    for prompt, out in zip(prompts, outs):
+        assert out == generate(model, tok, prompt, max_tokens=n), prompt
+    assert again.choices[0].text == outs[0]
+
+
+def test_serve_tp_refuses_what_it_cannot_shard(tmp_path, capsys):
+    model = tiny_model_dir(tmp_path / "m")
+    code, _, err = run_cli(["serve", "-m", str(model), "--tp", "2", "--mmproj", str(tmp_path / "x.gguf")], capsys)
+    assert code == 1 and "serves text only" in err
+    code, _, err = run_cli(["serve", "-m", str(model), "--tp", "0"], capsys)
+    assert code == 1 and "--tp must be positive" in err
 
 
 def test_device_auto_on_cpu_is_the_cpu_path(tmp_path, capsys):

@@ -38,9 +38,10 @@ def _add_sampling_args(p: argparse.ArgumentParser):
                    help="KV cache storage (default: the compute dtype); int8 = per-token per-head scales")
 
 
-# Commands that run unchanged on every rank (same model calls, output from rank 0 only), so that
-# `torchrun` can shard them. serve is not one: its batches come from HTTP requests on one process.
-TP_COMMANDS = ("generate",)
+# Commands that run sharded under `torchrun`: generate runs unchanged on every rank (same model
+# calls, output from rank 0 only); serve takes its requests on rank 0 and mirrors its model calls
+# to the other ranks (server/ranks.py).
+TP_COMMANDS = ("generate", "serve")
 
 
 def _device(args) -> str:
@@ -61,9 +62,10 @@ def _dtype(args, device: str):
     return getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
 
 
-def _load(args):
+def _load(args, timeout=None):
     """The model on its device. Under `torchrun --nproc-per-node N`, each rank joins the process
-    group and keeps its tensor-parallel shard (tp.py); only rank 0 writes to stdout."""
+    group (`timeout`: of each collective) and keeps its tensor-parallel shard (tp.py); only rank 0
+    writes to stdout."""
     import torch
 
     from . import tp
@@ -83,7 +85,7 @@ def _load(args):
 
         from .train.distributed import setup, teardown
 
-        ctx = setup(device=device)
+        ctx = setup(device=device, timeout=timeout)
         atexit.register(teardown, ctx)  # gloo's threads abort the process if it exits with the group alive
         model, device = tp.apply(model, ctx.rank, ctx.world), ctx.device
         if ctx.rank:
@@ -215,21 +217,48 @@ def cmd_chat(args):
 def cmd_serve(args):
     from pathlib import Path
 
+    from . import tp
     from .load import resolve
-    from .server import serve
+    from .server import ranks, serve
 
-    for name in ("port", "max_batch", "max_queue", "ctx", "max_tokens"):
+    for name in ("port", "max_batch", "max_queue", "ctx", "max_tokens", "tp"):
         value = getattr(args, name)
         if value is not None and value < (0 if name in ("port",) else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    world = tp.world_size()
+    if args.tp and world > 1 and args.tp != world:
+        raise ValueError(f"--tp {args.tp} under torchrun with {world} processes: they must agree (or leave out --tp)")
+    world = max(world, args.tp or 1)
     model_id = args.served_model_name or Path(resolve(args.model)).name.removesuffix(".gguf")
     # Images need a vision encoder: --mmproj for a GGUF, or the HF directory's own; else text-only.
-    vision, pan_and_scan = _encoder(args) if args.mmproj or _has_vision(args.model) else (None, None)
-    model, tok = _load(args)
-    serve(model, tok, model_id, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
-          max_queue=args.max_queue, max_tokens=args.max_tokens, api_key=args.api_key,
-          prefix_cache_mb=args.prefix_cache_mb, log_level=args.log_level, vision=vision,
-          pan_and_scan=pan_and_scan)
+    wants_vision = bool(args.mmproj) or _has_vision(args.model)
+    if world > 1 and wants_vision:
+        raise ValueError("serve --tp serves text only (the vision encoder is not sharded); "
+                         "serve a multimodal model without --tp")
+    vision, pan_and_scan = _encoder(args) if wants_vision else (None, None)
+    followers = []
+    if world > tp.world_size():  # `serve --tp N` outside torchrun: start the other ranks here
+        followers = ranks.start_ranks(world, args.argv, args.threads)
+    try:
+        model, tok = _load(args, timeout=ranks.IDLE_TIMEOUT)
+        if world > 1 and int(os.environ["RANK"]):
+            return ranks.follow(model)
+        if world > 1:
+            model = ranks.Leader(model)
+            print(f"gemma3 serve: tensor parallel over {world} ranks (float weights; prefix cache off)",
+                  file=sys.stderr)
+        try:
+            serve(model, tok, model_id, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
+                  max_queue=args.max_queue, max_tokens=args.max_tokens, api_key=args.api_key,
+                  prefix_cache_mb=0 if world > 1 else args.prefix_cache_mb, log_level=args.log_level,
+                  vision=vision, pan_and_scan=pan_and_scan)
+        finally:
+            if world > 1:
+                model.close()
+    except BaseException:
+        ranks.stop_ranks(followers, timeout=1.0)  # e.g. a failed load: the others may wait for rank 0
+        raise
+    ranks.stop_ranks(followers)
 
 
 def _has_vision(model) -> bool:
@@ -449,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $GEMMA3_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model file's name)")
     p.add_argument("--prefix-cache-mb", type=int, default=256, help="prompt prefix cache size, 0 = off (default 256)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor parallel over N ranks on this machine (started by the server; float weights, "
+                        "text only, no prefix cache). Under torchrun the ranks are torchrun's")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn log level (default info: one line per request)")
     _add_vision_args(p)

@@ -38,9 +38,10 @@ class DistContext:
         return self.distributed and self.strategy == "fsdp"
 
 
-def setup(strategy: str = "ddp", device: str | None = None) -> DistContext:
+def setup(strategy: str = "ddp", device: str | None = None, timeout=None) -> DistContext:
     """Joins the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
-    LOCAL_RANK, MASTER_ADDR/PORT); a plain `python` run is a world of one."""
+    LOCAL_RANK, MASTER_ADDR/PORT); a plain `python` run is a world of one. `timeout` (a
+    timedelta) bounds each collective; default: torch's."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -50,7 +51,7 @@ def setup(strategy: str = "ddp", device: str | None = None) -> DistContext:
     if cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None, timeout=timeout)
     rank = dist.get_rank() if world > 1 else 0
     return DistContext(rank=rank, world=world, device=dev, strategy=strategy)
 

@@ -50,3 +50,23 @@ def test_two_ranks_match_one_process(setup, strategy):
     assert max((single[k] - initial[k]).abs().max().item() for k in state) > 1e-3  # training moved them
     worst = max((state[k] - single[k]).abs().max().item() for k in state)
     assert worst <= 1e-6, f"max |Δ| = {worst:.2e}"
+
+
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_fsdp_checkpoint_is_sharded_and_resumes_on_another_world_size(setup):
+    """FSDP checkpoints are not gathered: each of the 2 ranks writes its own shards of the weights
+    and AdamW state (DCP). One process then resumes from them (DCP reshards on load) and ends
+    where the uninterrupted single-process run does."""
+    tmp, common, single = setup
+    out = tmp / "fsdp_to_one"
+    run = common + ["--micro-batch", "2", "--strategy", "fsdp", "--out", str(out)]
+    _run(run + ["--stop-after", "2"], nproc=2)
+    step = out / "checkpoints" / "step-00000002"
+    shards = sorted(p.name for p in (step / "sharded").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"] and (step / "sharded" / ".metadata").is_file()
+    assert not (step / "model.safetensors").exists()  # nothing gathered on rank 0
+    _run(run + ["--resume"])  # one process
+    state = load_file(str(out / "final" / "model.safetensors"))
+    assert state.keys() == single.keys()
+    worst = max((state[k] - single[k]).abs().max().item() for k in state)
+    assert worst <= 1e-6, f"max |Δ| = {worst:.2e}"

@@ -9,8 +9,12 @@ OUT/checkpoints/step-NNNNNNNN/ holds
   the data position is step × batch size, so nothing else is needed to continue bit for bit.
 OUT/checkpoints/latest names the newest complete checkpoint (written last).
 
-Under FSDP the full state dicts are gathered with `torch.distributed.checkpoint.state_dict`
-(collective), and rank 0 writes.
+Under FSDP nothing is gathered: a model that needs FSDP does not fit one process, nor its AdamW
+state (3× the weights in fp32). Every rank writes its own shards of the weights and the optimizer
+state into step-N/sharded/ with torch.distributed.checkpoint (DCP), and trainer_state.pt keeps the
+rest. DCP reshards on load, so a run resumes on a different number of ranks, or in one process.
+Such a step directory is for resuming only; OUT/final (gathered once, at the end) is the model
+that other commands load.
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
 from ..weights import load_hf_dir, save_hf_dir
 from . import lora
 from .distributed import DistContext, barrier
 
 _PARAM_INFIX = ".parametrizations.weight.original"  # torch.nn.utils.parametrize (QAT's fake quant)
+SHARDED = "sharded"  # the DCP directory of an FSDP checkpoint
 
 
 class CheckpointError(ValueError):
@@ -62,14 +70,21 @@ def save_model_files(path: Path, model: nn.Module, state: dict[str, torch.Tensor
 
 
 def save(out: Path, step: int, model: nn.Module, optimizer, ctx: DistContext, tokenizer, run: dict) -> Path:
-    """Writes OUT/checkpoints/step-N and then points `latest` at it. Collective under FSDP."""
-    state = model_state(model, ctx)
-    optim = get_optimizer_state_dict(model, optimizer, options=_options(ctx))
+    """Writes OUT/checkpoints/step-N and then points `latest` at it. Collective when distributed."""
     path = Path(out) / "checkpoints" / f"step-{step:08d}"
+    if ctx.fsdp:  # every rank writes its shards; DCP's own collectives finish before `latest` moves
+        path.mkdir(parents=True, exist_ok=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / SHARDED)
+        state, optim = None, None
+    else:
+        state = model_state(model, ctx)
+        optim = get_optimizer_state_dict(model, optimizer, options=_options(ctx))
     if ctx.is_main:
         path.mkdir(parents=True, exist_ok=True)
-        save_model_files(path, model, state, tokenizer)
-        torch.save({"step": step, "optimizer": optim, "run": run, "rng": {
+        if state is not None:
+            save_model_files(path, model, state, tokenizer)
+        torch.save({"step": step, "optimizer": optim, "sharded": ctx.fsdp, "run": run, "rng": {
             "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
             path / "trainer_state.pt")
@@ -105,9 +120,16 @@ def load_trainer_state(path: Path) -> dict:
     return torch.load(file, map_location="cpu", weights_only=False)
 
 
-def restore(trainer_state: dict, model: nn.Module, optimizer, ctx: DistContext):
-    """Optimizer and RNG state from a checkpoint (weights were loaded before wrapping)."""
-    set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=_options(ctx))
+def restore(trainer_state: dict, path: Path, model: nn.Module, optimizer, ctx: DistContext):
+    """Optimizer and RNG state from the checkpoint at `path`; for a sharded (FSDP) checkpoint the
+    weights too, resharded by DCP to this run's ranks (a full checkpoint's weights were loaded
+    before wrapping)."""
+    if trainer_state.get("sharded"):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=Path(path) / SHARDED)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    else:
+        set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=_options(ctx))
     rng = trainer_state["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])

@@ -139,7 +139,8 @@ def train(model, data: PackedDataset, targets, cfg: TrainConfig, *, tokenizer=No
         if changed:
             raise checkpoint.CheckpointError(f"{path}: cannot resume with a different {changed[0]} "
                                              f"({state['run'].get(changed[0])} → {run[changed[0]]})")
-        checkpoint.load_weights(model, path)
+        if not state.get("sharded"):  # sharded weights load after wrapping, into the shards
+            checkpoint.load_weights(model, path)
         start = state["step"]
 
     model.to(ctx.device).train()
@@ -147,7 +148,7 @@ def train(model, data: PackedDataset, targets, cfg: TrainConfig, *, tokenizer=No
     wrapped = distributed.wrap(objective, ctx)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     if state is not None:
-        checkpoint.restore(state, model, optimizer, ctx)
+        checkpoint.restore(state, path, model, optimizer, ctx)
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None) if ctx.is_main else None
     params = [p for p in model.parameters() if p.requires_grad]
 

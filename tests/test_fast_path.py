@@ -81,6 +81,32 @@ def test_quant_linear_matches_reference(qtype, rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 5, 67])
+def test_repacked_q5_0_is_the_same_weight_and_product(rows):
+    """QuantLinear.pack (Q5_0 rows of a multiple of 128 values) adds the one-row kernel's layout:
+    it decodes to exactly the GGUF blocks' values, and one-row products through it match the
+    reference like every kernel (more rows keep reading the blocks)."""
+    cols = 640
+    layer = QuantLinear(random_blocks(T.Q5_0, rows, cols, seed=rows), int(T.Q5_0), rows, cols)
+    layer.pack()
+    packed, qtype = layer.weight_for(1)
+    assert qtype == kernels.Q5_0R and packed.shape == (rows, cols // 128 * 88)
+    assert layer.weight_for(2) == (layer.blocks, int(T.Q5_0))
+    out = torch.empty(rows, cols)
+    kernels.ops().dequant(packed, kernels.Q5_0R, out)
+    assert torch.equal(out, layer.dequantize())
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x = torch.randn(1, cols, generator=g) * 10 ** torch.empty(1).uniform_(-2, 2, generator=g)
+        assert dot_err(layer, x, layer(x)) < 2e-5
+    odd = QuantLinear(random_blocks(T.Q5_0, 3, 96), int(T.Q5_0), 3, 96)
+    odd.pack()  # 96 values per row: no four-block groups, stays on the blocks
+    assert odd.packed is None
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        kernels.ops().repack_q5_0(odd.blocks, 3, 96)
+
+
+@needs_kernels
 def test_quant_linear_keeps_leading_dims_and_dtype():
     layer = QuantLinear(random_blocks(T.Q8_0, 8, 64), int(T.Q8_0), 8, 64)
     x = torch.randn(2, 3, 64)
@@ -198,6 +224,8 @@ def quantized_copy(model, qtype=T.Q8_0):
             blocks = torch.from_numpy(quants.quantize(w, qtype)).reshape(-1)
             cls = QuantEmbedding if name == "embed_tokens" else QuantLinear
             q = cls(blocks, int(qtype), *w.shape)
+            if cls is QuantLinear:
+                q.pack()  # as the GGUF loader does (Q5_0 rows of 128k values)
             parent, _, child = name.rpartition(".")
             setattr(fast.get_submodule(parent) if parent else fast, child, q)
             ref.get_submodule(name).weight.data = q.dequantize()
@@ -205,26 +233,29 @@ def quantized_copy(model, qtype=T.Q8_0):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kv_heads,qtype", [(1, T.Q8_0), (2, T.Q8_0), (2, T.Q4_0)], ids=["kv1-Q8_0", "kv2-Q8_0", "kv2-Q4_0"])
-def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype):
+@pytest.mark.parametrize("kv_heads,qtype,batch", [(1, T.Q8_0, 3), (2, T.Q8_0, 3), (2, T.Q4_0, 3), (1, T.Q5_0, 1)],
+                         ids=["kv1-Q8_0", "kv2-Q8_0", "kv2-Q4_0", "kv1-Q5_0-packed"])
+def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
     """Prefill chunks, then one-token steps far past the window (ring wrap-around, local and global
-    layers, GQA), batch of 3: the swapped modules give model.py's logits. Q4_0 is what
-    `gemma3 quantize --to int4-block32` writes."""
+    layers, GQA): the swapped modules give model.py's logits. Q4_0 is what `gemma3 quantize --to
+    int4-block32` writes; Q5_0 with batch 1 runs the repacked one-row kernel (hidden 128)."""
     from conftest import random_model, tiny_config
 
     from gemma3.fastpath import FastAttention, FastMLP, FastRMSNorm
 
-    cfg = tiny_config(layers=6, heads=4, kv_heads=kv_heads, head_dim=32, hidden=64, window=8)
+    hidden = 128 if qtype == T.Q5_0 else 64
+    cfg = tiny_config(layers=6, heads=4, kv_heads=kv_heads, head_dim=32, hidden=hidden, window=8)
     fast, ref = quantized_copy(random_model(cfg), qtype)
     assert {type(m) for m in fast.modules()} >= {FastAttention, FastMLP, FastRMSNorm, QuantLinear}
-    ids = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    assert (qtype == T.Q5_0) == (fast.layers[0].mlp.up_proj.packed is not None)
+    ids = torch.randint(0, cfg.vocab_size, (batch, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        cf, cr = fast.new_cache(3, 64), ref.new_cache(3, 64)
+        cf, cr = fast.new_cache(batch, 64), ref.new_cache(batch, 64)
         for t in range(40):  # decode only: > 4 windows
             a = fast(ids[:, t:t + 1], cf, last_only=True)
             b = ref(ids[:, t:t + 1], cr, last_only=True)
             assert rel_err(a, b) < 1e-3, t
-        cf, cr = fast.new_cache(3, 64), ref.new_cache(3, 64)
+        cf, cr = fast.new_cache(batch, 64), ref.new_cache(batch, 64)
         a, b = fast(ids[:, :30], cf), ref(ids[:, :30], cr)  # bf16 GEMM path, chunked (window 8)
         assert rel_err(a, b) < 2e-2
         for t in range(30, 40):

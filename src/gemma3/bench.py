@@ -52,6 +52,7 @@ def run_ours(args):
 
     torch.set_num_threads(args.threads)
     from gemma3.load import load
+    from gemma3.sampling import greedy
 
     start = time.perf_counter()
     if args.device == "cuda":  # bf16 float weights: the quantized kernels are CPU-only
@@ -61,7 +62,7 @@ def run_ours(args):
     emit("load_s", time.perf_counter() - start)
 
     def step(ids, cache):  # .tolist() waits for the GPU, so the timings below are complete
-        return model(torch.tensor(ids, device=model.device), cache, last_only=True)[:, -1].argmax(-1).tolist()
+        return greedy(model(torch.tensor(ids, device=model.device), cache, last_only=True)[:, -1]).tolist()
 
     with torch.inference_mode():
         for phase in args.phases:

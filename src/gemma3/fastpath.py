@@ -51,8 +51,9 @@ class FastAttention(Attention):
             return super().forward(x, cos, sin, positions, layer_cache, groups)
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if b <= MAX_VNNI_ROWS and all(kernel_ready(p) for p in projections):  # one activation quantization
-            q, k, v = ops.qmatmul_many(x.view(b, -1), [p.blocks for p in projections],
-                                       [p.ggml_type for p in projections], [p.out_features for p in projections])
+            weights = [p.weight_for(b) for p in projections]
+            q, k, v = ops.qmatmul_many(x.view(b, -1), [w for w, _ in weights], [t for _, t in weights],
+                                       [p.out_features for p in projections])
         else:
             q, k, v = (p(x) for p in projections)
         q = q.view(b, self.n_heads, self.head_dim)
@@ -112,8 +113,8 @@ class FastMLP(MLP):
         if rows > MAX_VNNI_ROWS or x.dtype != torch.float32 or not all(kernel_ready(p) for p in layers):
             return super().forward(x)
         g, u, d = layers
-        y = kernels.ops().mlp(x.reshape(rows, -1), g.blocks, g.ggml_type, u.blocks, u.ggml_type, d.blocks,
-                              d.ggml_type, g.out_features, d.out_features)
+        y = kernels.ops().mlp(x.reshape(rows, -1), *g.weight_for(rows), *u.weight_for(rows), *d.weight_for(rows),
+                              g.out_features, d.out_features)
         return y.view(*x.shape[:-1], d.out_features)
 
 

@@ -46,6 +46,21 @@ class QuantLinear(nn.Module):
         block_values, block_bytes = BLOCK_INFO[self.ggml_type]
         self.register_buffer("blocks", blocks.reshape(out_features, in_features // block_values * block_bytes),
                              persistent=False)
+        self.register_buffer("packed", None, persistent=False)  # see pack()
+
+    def pack(self):
+        """Adds a copy of Q5_0 weights in the one-row kernel's layout (four blocks interleaved,
+        kernels.Q5_0R): single-row products (batch-1 decode) read it, at about half the instructions
+        of the GGUF layout; everything else keeps reading `blocks`. Costs the weight's size again."""
+        ops = kernels.ops()
+        if ops is not None and self.ggml_type == kernels.Q5_0 and self.in_features % 128 == 0:
+            self.packed = ops.repack_q5_0(self.blocks, self.out_features, self.in_features)
+
+    def weight_for(self, rows: int) -> tuple[torch.Tensor, int]:
+        """The bytes and type the kernels read for a product with `rows` activation rows."""
+        if rows == 1 and self.packed is not None:
+            return self.packed, kernels.Q5_0R
+        return self.blocks, self.ggml_type
 
     @classmethod
     def from_qtensor(cls, t: QTensor) -> "QuantLinear":
@@ -74,7 +89,7 @@ class QuantLinear(nn.Module):
             return self.reference(x)
         x2 = x.reshape(-1, self.in_features).float()
         if x2.shape[0] <= MAX_VNNI_ROWS:
-            y = ops.qmatmul(x2, self.blocks, self.ggml_type, self.out_features)
+            y = ops.qmatmul(x2, *self.weight_for(x2.shape[0]), self.out_features)
         else:
             y = ops.bf16_linear(x2, self.blocks, self.ggml_type, self.out_features, TILE_ROWS)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -153,6 +168,9 @@ def load_gguf_quantized(path: str | Path) -> tuple[Gemma3Config, nn.Module, GGUF
         with torch.device("meta"):
             model = Gemma3(cfg)
     quantize_from_gguf(model, gg)
+    for module in model.modules():
+        if type(module) is QuantLinear:
+            module.pack()
     # What is left are the norms (llama.cpp stores Gemma norms as 1 + w; we keep w) and any float Linear.
     state = {}
     for ours_name, param in model.state_dict().items():

@@ -26,6 +26,8 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
 # GGML types with a kernel; anything else stays on the reference path.
 TYPES = frozenset({2, 6, 8, 12, 14})  # Q4_0, Q5_0, Q8_0, Q4_K, Q6_K
+Q5_0 = 6
+Q5_0R = 1006  # not a GGML type: Q5_0 repacked by repack_q5_0 for one-row products (qlinear.QuantLinear.pack)
 
 _state: dict[str, object] = {}
 

@@ -50,8 +50,8 @@ class QuantLinear(nn.Module):
 
     def pack(self):
         """Adds a copy of Q5_0 weights in the one-row kernel's layout (four blocks interleaved,
-        kernels.Q5_0R): single-row products (batch-1 decode) read it, at about half the instructions
-        of the GGUF layout; everything else keeps reading `blocks`. Costs the weight's size again."""
+        kernels.Q5_0R): single-row products (batch-1 decode) read it, at about a third of the
+        instructions of the GGUF layout; everything else keeps reading `blocks`. Costs the weight's size again."""
         ops = kernels.ops()
         if ops is not None and self.ggml_type == kernels.Q5_0 and self.in_features % 128 == 0:
             self.packed = ops.repack_q5_0(self.blocks, self.out_features, self.in_features)

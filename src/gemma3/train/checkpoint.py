@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
-
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, get_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
 
 from ..weights import load_hf_dir, save_hf_dir
 from . import lora
@@ -72,8 +71,8 @@ def save_model_files(path: Path, model: nn.Module, state: dict[str, torch.Tensor
 def save(out: Path, step: int, model: nn.Module, optimizer, ctx: DistContext, tokenizer, run: dict) -> Path:
     """Writes OUT/checkpoints/step-N and then points `latest` at it. Collective when distributed."""
     path = Path(out) / "checkpoints" / f"step-{step:08d}"
+    path.mkdir(parents=True, exist_ok=True)
     if ctx.fsdp:  # every rank writes its shards; DCP's own collectives finish before `latest` moves
-        path.mkdir(parents=True, exist_ok=True)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / SHARDED)
         state, optim = None, None
@@ -81,7 +80,6 @@ def save(out: Path, step: int, model: nn.Module, optimizer, ctx: DistContext, to
         state = model_state(model, ctx)
         optim = get_optimizer_state_dict(model, optimizer, options=_options(ctx))
     if ctx.is_main:
-        path.mkdir(parents=True, exist_ok=True)
         if state is not None:
             save_model_files(path, model, state, tokenizer)
         torch.save({"step": step, "optimizer": optim, "sharded": ctx.fsdp, "run": run, "rng": {

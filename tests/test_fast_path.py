@@ -238,15 +238,17 @@ def quantized_copy(model, qtype=T.Q8_0):
 def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
     """Prefill chunks, then one-token steps far past the window (ring wrap-around, local and global
     layers, GQA): the swapped modules give model.py's logits. Q4_0 is what `gemma3 quantize --to
-    int4-block32` writes; Q5_0 with batch 1 runs the repacked one-row kernel (hidden 128)."""
+    int4-block32` writes; Q5_0 with batch 1 runs the repacked one-row kernel (hidden 128) inside
+    FastBlock's one-call layer; batch 3 shares one cache and takes the per-module path."""
     from conftest import random_model, tiny_config
 
-    from gemma3.fastpath import FastAttention, FastMLP, FastRMSNorm
+    from gemma3.fastpath import FastAttention, FastBlock, FastMLP, FastRMSNorm
 
     hidden = 128 if qtype == T.Q5_0 else 64
     cfg = tiny_config(layers=6, heads=4, kv_heads=kv_heads, head_dim=32, hidden=hidden, window=8)
     fast, ref = quantized_copy(random_model(cfg), qtype)
-    assert {type(m) for m in fast.modules()} >= {FastAttention, FastMLP, FastRMSNorm, QuantLinear}
+    assert {type(m) for m in fast.modules()} >= {FastAttention, FastBlock, FastMLP, FastRMSNorm, QuantLinear}
+    assert all(layer.fused() is not None for layer in fast.layers)  # batch 1 decodes a layer in one call
     assert (qtype == T.Q5_0) == (fast.layers[0].mlp.up_proj.packed is not None)
     ids = torch.randint(0, cfg.vocab_size, (batch, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

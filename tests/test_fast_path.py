@@ -313,6 +313,30 @@ def test_decode_attention_kernel_int8_equals_dequantized_fp32():
 
 
 @needs_kernels
+@pytest.mark.parametrize("head_dim", [256, 80, 16])
+def test_decode_attention_kernel_matches_softmax_attention(head_dim):
+    """The kernel's full-width loops (head_dim 256: 64-float score chunks, 128-float value chunks),
+    its masked tails (80 = 64 + 16) and short heads (16), against plain softmax attention over
+    the visible slots of a ring (a window, empty slots, two splits of the keys)."""
+    from gemma3 import kernels
+
+    g = torch.Generator().manual_seed(3)
+    hq, hk, slots = 8, 2, 300
+    q = torch.randn(1, hq, head_dim, generator=g)
+    k = torch.randn(1, hk, slots, head_dim, generator=g)
+    v = torch.randn(1, hk, slots, head_dim, generator=g)
+    key_pos = torch.arange(slots)
+    key_pos[250:] = -1  # empty slots
+    pos, window, scale = 240, 200, head_dim ** -0.5
+    got = kernels.ops().decode_attention(q, k, v, key_pos, pos, window, scale)
+    seen = (key_pos >= 0) & (key_pos <= pos) & (key_pos > pos - window)
+    kk = k[:, :, seen].repeat_interleave(hq // hk, dim=1)
+    vv = v[:, :, seen].repeat_interleave(hq // hk, dim=1)
+    want = torch.softmax((q[:, :, None] @ kk.transpose(-1, -2)) * scale, -1) @ vv
+    assert (got - want[:, :, 0]).abs().max() < 1e-5
+
+
+@needs_kernels
 @pytest.mark.parametrize("kv_dtype,n_seqs", [("fp32", 4), ("bf16", 4), ("int8", 4), ("fp32", 10)])
 def test_continuous_batch_decode_matches_model_py(kv_dtype, n_seqs):
     """model.decode over sequences that each own a cache (the server's continuous batch), at

@@ -683,16 +683,17 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w1, double eps) {
     return y;
 }
 
-// One K or V element as float: fp32, bf16 (upper half of an fp32) or int8 (times the row's scale,
-// applied by the caller once per row rather than once per element).
-INLINE float kv_load(const float* p, int64_t i) { return p[i]; }
-INLINE float kv_load(const at::BFloat16* p, int64_t i) {
-    uint32_t bits = (uint32_t)reinterpret_cast<const uint16_t*>(p)[i] << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
+// 16 K or V elements as floats (fewer at the end of a row: `k` masks them): fp32, bf16 (the upper
+// half of an fp32) or int8 (times the row's scale, applied by the caller once per row).
+INLINE __m512 kv_load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+INLINE __m512 kv_load16(const at::BFloat16* p, __mmask16 k) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
-INLINE float kv_load(const int8_t* p, int64_t i) { return (float)p[i]; }
+INLINE __m512 kv_load16(const int8_t* p, __mmask16 k) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
+}
+INLINE __mmask16 tail16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
 // One row's view of its cache for one query token: where its K/V live (storage dtype T), their
 // strides, the int8 scales (null otherwise) and the slots the query may see.
@@ -761,43 +762,60 @@ torch::Tensor attend_rows(const torch::Tensor& q, const std::vector<CacheRow<T>>
             const float* vsb = r.vs ? r.vs + h * r.s_head : nullptr;
             const float* qg = qp + (b * Hq + h * group) * D;  // the group's query heads, consecutive
             float* og = pp + t * group * (D + 2);
-            // Each key and value row is read once for all query heads of its KV group.
+            // Scores: each key row is read once (into L1) for all query heads of its KV group.
             for (int64_t j = 0; j < n; j++) {
                 const T* kr = kb + slots[j] * r.k_slot;
                 const float row_scale = (float)scale * (ksb ? ksb[slots[j]] : 1.f);
                 for (int64_t g = 0; g < group; g++) {
                     const float* qr = qg + g * D;
-                    float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t i = 0; i < D; i++) dot += qr[i] * kv_load(kr, i);
-                    sc[g * n + j] = dot * row_scale;
+                    __m512 dot[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                    int64_t i = 0;
+                    for (; i + 64 <= D; i += 64)  // four independent FMA chains
+#pragma GCC unroll 4
+                        for (int c = 0; c < 4; c++)
+                            dot[c] = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i + 16 * c), kv_load16(kr + i + 16 * c, 0xFFFF), dot[c]);
+                    for (; i < D; i += 16) {
+                        const __mmask16 k = tail16(D - i);
+                        dot[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, qr + i), kv_load16(kr + i, k), dot[0]);
+                    }
+                    sc[g * n + j] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(dot[0], dot[1]), _mm512_add_ps(dot[2], dot[3]))) * row_scale;
                 }
             }
             for (int64_t g = 0; g < group; g++) {
-                float m = -INFINITY, l = 0.f;
                 float* s = sc.data() + g * n;
+                float m = -INFINITY;
                 for (int64_t j = 0; j < n; j++) m = std::max(m, s[j]);
                 __m512 sum = _mm512_setzero_ps();
                 for (int64_t j = 0; j < n; j += 16) {
-                    const __mmask16 k = (__mmask16)(n - j >= 16 ? 0xFFFF : (1u << (n - j)) - 1);
+                    const __mmask16 k = tail16(n - j);
                     const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), _mm512_set1_ps(m))));
                     _mm512_mask_storeu_ps(s + j, k, e);
                     sum = _mm512_add_ps(sum, e);
                 }
-                l = _mm512_reduce_add_ps(sum);
                 float* out = og + g * (D + 2);
-                for (int64_t i = 0; i < D; i++) out[i] = 0.f;
                 out[D] = m;
-                out[D + 1] = l;
-            }
-            for (int64_t j = 0; j < n; j++) {
-                const T* vr = vb + slots[j] * r.v_slot;
-                const float row_scale = vsb ? vsb[slots[j]] : 1.f;
-                for (int64_t g = 0; g < group; g++) {
-                    float* out = og + g * (D + 2);
-                    const float e = sc[g * n + j] * row_scale;
-#pragma omp simd
-                    for (int64_t i = 0; i < D; i++) out[i] += e * kv_load(vr, i);
+                out[D + 1] = _mm512_reduce_add_ps(sum);
+                if (vsb)  // int8 values: fold each row's scale into its weight
+                    for (int64_t j = 0; j < n; j++) s[j] *= vsb[slots[j]];
+                // Weighted sum of value rows, 128 output floats at a time held in registers.
+                int64_t i0 = 0;
+                for (; i0 + 128 <= D; i0 += 128) {
+                    __m512 acc[8];
+                    for (int c = 0; c < 8; c++) acc[c] = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < n; j++) {
+                        const T* vr = vb + slots[j] * r.v_slot + i0;
+                        const __m512 e = _mm512_set1_ps(s[j]);
+#pragma GCC unroll 8
+                        for (int c = 0; c < 8; c++) acc[c] = _mm512_fmadd_ps(e, kv_load16(vr + 16 * c, 0xFFFF), acc[c]);
+                    }
+                    for (int c = 0; c < 8; c++) _mm512_storeu_ps(out + i0 + 16 * c, acc[c]);
+                }
+                for (; i0 < D; i0 += 16) {  // head_dim not a multiple of 128 (small test models)
+                    const __mmask16 k = tail16(D - i0);
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < n; j++)
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), kv_load16(vb + slots[j] * r.v_slot + i0, k), acc);
+                    _mm512_mask_storeu_ps(out + i0, k, acc);
                 }
             }
         }

@@ -81,29 +81,37 @@ def test_quant_linear_matches_reference(qtype, rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("qtype,cols", [(T.Q5_0, 640), (T.Q4_K, 1024)], ids=["Q5_0", "Q4_K"])
 @pytest.mark.parametrize("rows", [1, 5, 67])
-def test_repacked_q5_0_is_the_same_weight_and_product(rows):
-    """QuantLinear.pack (Q5_0 rows of a multiple of 128 values) adds the one-row kernel's layout:
-    it decodes to exactly the GGUF blocks' values, and one-row products through it match the
-    reference like every kernel (more rows keep reading the blocks)."""
-    cols = 640
-    layer = QuantLinear(random_blocks(T.Q5_0, rows, cols, seed=rows), int(T.Q5_0), rows, cols)
+def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
+    """QuantLinear.pack (Q5_0 rows of a multiple of 128 values, Q4_K rows) adds a one-row
+    kernel's layout: it decodes to exactly the GGUF blocks' values, and one-row products through
+    it match the reference like every kernel (more rows keep reading the blocks)."""
+    layer = QuantLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
     layer.pack()
-    packed, qtype = layer.weight_for(1)
-    assert qtype == kernels.Q5_0R and packed.shape == (rows, cols // 128 * 88)
-    assert layer.weight_for(2) == (layer.blocks, int(T.Q5_0))
+    packed, packed_type = layer.weight_for(1)
+    want_type, _, _ = kernels.PACKED[int(qtype)]
+    group_bytes = {T.Q5_0: 88, T.Q4_K: 96}[qtype]
+    assert packed_type == want_type and packed.shape == (rows, cols // 128 * group_bytes)
+    assert layer.weight_for(2) == (layer.blocks, int(qtype))
     out = torch.empty(rows, cols)
-    kernels.ops().dequant(packed, kernels.Q5_0R, out)
+    kernels.ops().dequant(packed, packed_type, out)
     assert torch.equal(out, layer.dequantize())
     g = torch.Generator().manual_seed(2)
     for _ in range(3):
         x = torch.randn(1, cols, generator=g) * 10 ** torch.empty(1).uniform_(-2, 2, generator=g)
         assert dot_err(layer, x, layer(x)) < 2e-5
+
+
+@needs_kernels
+def test_repack_refuses_rows_without_whole_groups():
     odd = QuantLinear(random_blocks(T.Q5_0, 3, 96), int(T.Q5_0), 3, 96)
     odd.pack()  # 96 values per row: no four-block groups, stays on the blocks
     assert odd.packed is None
     with pytest.raises(RuntimeError, match="multiple of 128"):
         kernels.ops().repack_q5_0(odd.blocks, 3, 96)
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        kernels.ops().repack_q4_k(torch.zeros(3 * 144, dtype=torch.uint8), 3, 128)
 
 
 @needs_kernels

@@ -49,17 +49,22 @@ class QuantLinear(nn.Module):
         self.register_buffer("packed", None, persistent=False)  # see pack()
 
     def pack(self):
-        """Adds a copy of Q5_0 weights in the one-row kernel's layout (four blocks interleaved,
-        kernels.Q5_0R): single-row products (batch-1 decode) read it, at about a third of the
-        instructions of the GGUF layout; everything else keeps reading `blocks`. Costs the weight's size again."""
-        ops = kernels.ops()
-        if ops is not None and self.ggml_type == kernels.Q5_0 and self.in_features % 128 == 0:
-            self.packed = ops.repack_q5_0(self.blocks, self.out_features, self.in_features)
+        """Adds a copy of Q5_0 / Q4_K weights in a one-row kernel's layout (kernels.Q5_0R: four
+        blocks interleaved; kernels.Q4_KR: half super-blocks with fp32 scales and mins): single-row
+        products (batch-1 decode) read it, at about a third of the instructions of the GGUF
+        layout; everything else keeps reading `blocks`. Costs the weight's size again (Q4_KR 4/3 of it)."""
+        ops, packing = kernels.ops(), kernels.PACKED.get(self.ggml_type)
+        if ops is not None and packing is not None and self.in_features % packing[2] == 0:
+            self.packed = getattr(ops, packing[1])(self.blocks, self.out_features, self.in_features)
+
+    @property
+    def packed_type(self) -> int:
+        return kernels.PACKED[self.ggml_type][0] if self.packed is not None else self.ggml_type
 
     def weight_for(self, rows: int) -> tuple[torch.Tensor, int]:
         """The bytes and type the kernels read for a product with `rows` activation rows."""
         if rows == 1 and self.packed is not None:
-            return self.packed, kernels.Q5_0R
+            return self.packed, self.packed_type
         return self.blocks, self.ggml_type
 
     @classmethod

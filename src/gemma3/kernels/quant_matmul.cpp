@@ -30,7 +30,8 @@ namespace {
 
 #define INLINE inline __attribute__((always_inline))
 
-enum GGMLType : int64_t { Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q5_0R = 1006 /* ours: repack_q5_0 */ };
+// Q5_0R and Q4_KR are ours, not GGML's: their rows repacked for one-row products (repack_q5_0/_q4_k).
+enum GGMLType : int64_t { Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q5_0R = 1006, Q4_KR = 1012 };
 
 INLINE float h2f(const uint8_t* p) {
     uint16_t h;
@@ -112,17 +113,56 @@ struct FmtQ5_0R {
     static constexpr int VALS = 128, BYTES = 88;
     static constexpr bool TWO_SCALES = false, HAS_MIN = false;
     template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
-        const __m512i x = _mm512_loadu_si512(b), m4 = _mm512_set1_epi8(0x0F), off = _mm512_set1_epi8(16);
-        uint64_t k0, k1;
-        std::memcpy(&k0, b + 64, 8);
-        std::memcpy(&k1, b + 72, 8);
-        const __m512i lo = _mm512_and_si512(x, m4), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
-        const __m512i q0 = _mm512_mask_sub_epi8(lo, ~k0, lo, off), q1 = _mm512_mask_sub_epi8(hi, ~k1, hi, off);
+        __m512i u0, u1;
+        unsigned_quants(b, u0, u1);
+        const __m512i q0 = _mm512_sub_epi8(u0, _mm512_set1_epi8(16)), q1 = _mm512_sub_epi8(u1, _mm512_set1_epi8(16));
         f(0, _mm512_castsi512_si256(q0), h2f(b + 80), h2f(b + 80), 0.f);
         f(1, _mm512_extracti64x4_epi64(q0, 1), h2f(b + 82), h2f(b + 82), 0.f);
         f(2, _mm512_castsi512_si256(q1), h2f(b + 84), h2f(b + 84), 0.f);
         f(3, _mm512_extracti64x4_epi64(q1, 1), h2f(b + 86), h2f(b + 86), 0.f);
     }
+    // For dot_tile_g128: the 2 x 64 stored (unsigned) values, the four block scales, and what each
+    // block subtracts per unit of activation sum (value = scale * (u - 16)).
+    static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) {
+        const __m512i x = _mm512_loadu_si512(b), m4 = _mm512_set1_epi8(0x0F), bit5 = _mm512_set1_epi8(0x10);
+        uint64_t k0, k1;
+        std::memcpy(&k0, b + 64, 8);
+        std::memcpy(&k1, b + 72, 8);
+        u0 = _mm512_and_si512(x, m4);
+        u1 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+        u0 = _mm512_mask_add_epi8(u0, k0, u0, bit5);  // nibble + 16 = the stored 5-bit value
+        u1 = _mm512_mask_add_epi8(u1, k1, u1, bit5);
+    }
+    static INLINE __m128 scales(const uint8_t* b) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(b + 80))); }
+    static INLINE __m128 mins(const uint8_t*, __m128 scales) { return _mm_mul_ps(scales, _mm_set1_ps(16.f)); }
+};
+
+// Q4_K repacked half a super-block (128 values, four sub-blocks) at a time for one-row products
+// (`repack_q4_k`): bytes 0-63 hold values 0-63 in their low nibbles and 64-127 in their high
+// nibbles (as Q5_0R), bytes 64-79 the four sub-block scales d * sc and bytes 80-95 the four mins
+// dmin * m, as fp32 (both products are exact in fp32). 96 bytes where Q4_K takes 72, for about
+// a third of the generic path's instructions.
+struct FmtQ4_KR {
+    static constexpr int VALS = 128, BYTES = 96;
+    static constexpr bool TWO_SCALES = false, HAS_MIN = true;
+    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
+        __m512i u0, u1;
+        unsigned_quants(b, u0, u1);
+        float s[4], m[4];
+        std::memcpy(s, b + 64, 16);
+        std::memcpy(m, b + 80, 16);
+        f(0, _mm512_castsi512_si256(u0), s[0], s[0], m[0]);
+        f(1, _mm512_extracti64x4_epi64(u0, 1), s[1], s[1], m[1]);
+        f(2, _mm512_castsi512_si256(u1), s[2], s[2], m[2]);
+        f(3, _mm512_extracti64x4_epi64(u1, 1), s[3], s[3], m[3]);
+    }
+    static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) {
+        const __m512i x = _mm512_loadu_si512(b), m4 = _mm512_set1_epi8(0x0F);
+        u0 = _mm512_and_si512(x, m4);
+        u1 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+    }
+    static INLINE __m128 scales(const uint8_t* b) { return _mm_loadu_ps((const float*)(b + 64)); }
+    static INLINE __m128 mins(const uint8_t* b, __m128) { return _mm_loadu_ps((const float*)(b + 80)); }
 };
 
 struct FmtQ4_K {
@@ -181,6 +221,7 @@ template <class F> auto dispatch(int64_t type, F&& f) {
         case Q4_K: return f(FmtQ4_K{});
         case Q6_K: return f(FmtQ6_K{});
         case Q5_0R: return f(FmtQ5_0R{});
+        case Q4_KR: return f(FmtQ4_KR{});
     }
     TORCH_CHECK(false, "gemma3 kernels: unsupported GGML type ", type);
 }
@@ -319,19 +360,19 @@ void dot_rows_mt(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act
     }
 }
 
-// One activation row times R rows of Q5_0R weights, the decode step's case. Per 128 weights and
-// row: one load, two masks for the fifth bits, and per 64 values two vpdpbusd (unsigned 5-bit
-// weights times the activations' int8 halves: exactly the int16 dot product) then one FMA with
-// the two blocks' scales; the weights' +16 offset is taken off at the end through the block sums.
-// About a third of the instructions of the generic path, which widens every block to int16.
-template <int R>
-INLINE void dot_tile_q5r(const uint8_t* W, int64_t rb, int64_t n, const Act& a, float* Y) {
+// One activation row times R rows of a repacked 128-value format (Q5_0R, Q4_KR), the decode step's
+// case. Per 128 weights and row: one load, a few masks for the unsigned stored values, and per 64
+// values two vpdpbusd (unsigned weights times the activations' int8 halves: exactly the int16 dot
+// product) then one FMA with the two blocks' scales; the stored values' offset (Q5_0) or the
+// blocks' mins (Q4_K) are taken off at the end through the activation block sums. About a third
+// of the instructions of the generic path, which widens every block to int16.
+template <class Fmt, int R>
+INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act& a, float* Y) {
     const int64_t ng = a.K / 128;
-    const __m512i m4 = _mm512_set1_epi8(0x0F), bit5 = _mm512_set1_epi8(0x10);
     const __m512i first = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(2));
     __m512 acc[R];
-    __m128 off[R];  // sum over blocks of scale * block sum: the offset's contribution / 16
+    __m128 off[R];  // sum over blocks of min * activation scale * activation block sum
     for (int r = 0; r < R; r++) {
         acc[r] = _mm512_setzero_ps();
         off[r] = _mm_setzero_ps();
@@ -343,31 +384,26 @@ INLINE void dot_tile_q5r(const uint8_t* W, int64_t rb, int64_t n, const Act& a, 
         const __m512i h0 = _mm512_loadu_si512(a.hi + 128 * g), l0 = _mm512_loadu_si512(a.lo + 128 * g);
         const __m512i h1 = _mm512_loadu_si512(a.hi + 128 * g + 64), l1 = _mm512_loadu_si512(a.lo + 128 * g + 64);
         const __m128 da = _mm_loadu_ps(a.d + 4 * g);
-        const __m128 bs = _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)(a.bsum + 4 * g)));
+        const __m128 bs = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)(a.bsum + 4 * g))), da);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
-            const uint8_t* p = W + (n + r) * rb + g * FmtQ5_0R::BYTES;
-            const __m512i x = _mm512_loadu_si512(p);
-            uint64_t k0, k1;
-            std::memcpy(&k0, p + 64, 8);
-            std::memcpy(&k1, p + 72, 8);
-            __m512i u0 = _mm512_and_si512(x, m4), u1 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
-            u0 = _mm512_mask_add_epi8(u0, k0, u0, bit5);  // nibble + 16 = the stored 5-bit value
-            u1 = _mm512_mask_add_epi8(u1, k1, u1, bit5);
+            const uint8_t* p = W + (n + r) * rb + g * Fmt::BYTES;
+            __m512i u0, u1;
+            Fmt::unsigned_quants(p, u0, u1);
             __m512i t0 = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, h0), 8);
             __m512i t1 = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u1, h1), 8);
             t0 = _mm512_dpbusd_epi32(t0, u0, l0);  // lanes 0-7: block 4g, lanes 8-15: block 4g + 1
             t1 = _mm512_dpbusd_epi32(t1, u1, l1);
-            const __m128 cs = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(p + 80))), da);
-            const __m512 cs4 = _mm512_castps128_ps512(cs);
+            const __m128 ws = Fmt::scales(p);
+            const __m512 cs4 = _mm512_castps128_ps512(_mm_mul_ps(ws, da));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t0), _mm512_permutexvar_ps(first, cs4), acc[r]);
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t1), _mm512_permutexvar_ps(second, cs4), acc[r]);
-            off[r] = _mm_fmadd_ps(cs, bs, off[r]);
+            off[r] = _mm_fmadd_ps(Fmt::mins(p, ws), bs, off[r]);
         }
     }
     for (int r = 0; r < R; r++) {
         const __m128 o = _mm_hadd_ps(_mm_hadd_ps(off[r], off[r]), off[r]);
-        Y[n + r] = _mm512_reduce_add_ps(acc[r]) - 16.f * _mm_cvtss_f32(o);
+        Y[n + r] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(o);
     }
 }
 
@@ -375,11 +411,11 @@ constexpr int MT = 4;  // activation rows sharing one decoded weight block
 
 template <class T>
 void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, int mt, float* Y, int64_t ldy) {
-    if constexpr (std::is_same_v<T, FmtQ5_0R>) {
+    if constexpr (std::is_same_v<T, FmtQ5_0R> || std::is_same_v<T, FmtQ4_KR>) {
         if (mt == 1) {
             int64_t n = n0;
-            for (; n + 4 <= n1; n += 4) dot_tile_q5r<4>(W, rb, n, acts[0], Y);
-            for (; n < n1; n++) dot_tile_q5r<1>(W, rb, n, acts[0], Y);
+            for (; n + 4 <= n1; n += 4) dot_tile_g128<T, 4>(W, rb, n, acts[0], Y);
+            for (; n < n1; n++) dot_tile_g128<T, 1>(W, rb, n, acts[0], Y);
             return;
         }
     }
@@ -616,6 +652,35 @@ torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K) {
                 }
                 for (int i = 0; i < 64; i++) dst[i] = u[i] | (u[64 + i] << 4);
                 std::memcpy(dst + 64, bits, 16);
+            }
+    });
+    return out;
+}
+
+// Q4_K rows [N, K / 256 * 144 bytes] -> Q4_KR rows [N, K / 128 * 96] (see FmtQ4_KR); K % 256 == 0.
+torch::Tensor repack_q4_k(torch::Tensor w, int64_t N, int64_t K) {
+    TORCH_CHECK(K % 256 == 0, "repack_q4_k: row length ", K, " is not a multiple of 256");
+    check_weight(w, N, K / 256 * FmtQ4_K::BYTES);
+    auto out = torch::empty({N, K / 128 * FmtQ4_KR::BYTES}, torch::kUInt8);
+    const uint8_t* in = w.data_ptr<uint8_t>();
+    uint8_t* o = out.data_ptr<uint8_t>();
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t sb = 0; sb < K / 256; sb++) {
+                const uint8_t* src = in + n * (K / 256 * FmtQ4_K::BYTES) + sb * FmtQ4_K::BYTES;
+                uint8_t u[256];
+                float scale[8], min[8];
+                FmtQ4_K::decode(src, [&](int i, __m256i q, float s, float, float m) {
+                    _mm256_storeu_si256((__m256i*)(u + 32 * i), q);  // sub-block i: values 32i .. 32i + 31
+                    scale[i] = s;
+                    min[i] = m;
+                });
+                for (int h = 0; h < 2; h++) {
+                    uint8_t* dst = o + n * (K / 128 * FmtQ4_KR::BYTES) + (2 * sb + h) * FmtQ4_KR::BYTES;
+                    for (int i = 0; i < 64; i++) dst[i] = u[128 * h + i] | (u[128 * h + 64 + i] << 4);
+                    std::memcpy(dst + 64, scale + 4 * h, 16);
+                    std::memcpy(dst + 80, min + 4 * h, 16);
+                }
             }
     });
     return out;
@@ -1042,6 +1107,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("mlp", &mlp, "down(gelu_tanh(gate(x)) * up(x)) with GGUF weights", nogil);
     m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows", nogil);
     m.def("repack_q5_0", &repack_q5_0, "Q5_0 rows -> Q5_0R rows (four blocks per group, for one-row products)", nogil);
+    m.def("repack_q4_k", &repack_q4_k, "Q4_K rows -> Q4_KR rows (half super-blocks, for one-row products)", nogil);
     m.def("bf16_linear", &bf16_linear, "x @ W^T with W dequantized to bf16 tile by tile (oneMKL GEMM)", nogil);
     m.def("rms_norm", &rms_norm, "RMSNorm with weight (1 + w) precomputed", nogil);
     m.def("qk_norm_rope", &qk_norm_rope, "QK-norm (1 + w) and RoPE for one position (shared or per row)", nogil);

@@ -81,17 +81,17 @@ def test_quant_linear_matches_reference(qtype, rows):
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype,cols", [(T.Q5_0, 640), (T.Q4_K, 1024)], ids=["Q5_0", "Q4_K"])
+@pytest.mark.parametrize("qtype,cols", [(T.Q5_0, 640), (T.Q4_K, 1024), (T.Q6_K, 2048)], ids=["Q5_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 5, 67])
 def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
-    """QuantLinear.pack (Q5_0 rows of a multiple of 128 values, Q4_K rows) adds a one-row
+    """QuantLinear.pack (Q5_0 rows of a multiple of 128 values, Q4_K and Q6_K rows) adds a one-row
     kernel's layout: it decodes to exactly the GGUF blocks' values, and one-row products through
     it match the reference like every kernel (more rows keep reading the blocks)."""
     layer = QuantLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
     layer.pack()
     packed, packed_type = layer.weight_for(1)
     want_type, _, _ = kernels.PACKED[int(qtype)]
-    group_bytes = {T.Q5_0: 88, T.Q4_K: 96}[qtype]
+    group_bytes = {T.Q5_0: 88, T.Q4_K: 96, T.Q6_K: 108}[qtype]
     assert packed_type == want_type and packed.shape == (rows, cols // 128 * group_bytes)
     assert layer.weight_for(2) == (layer.blocks, int(qtype))
     out = torch.empty(rows, cols)
@@ -112,6 +112,8 @@ def test_repack_refuses_rows_without_whole_groups():
         kernels.ops().repack_q5_0(odd.blocks, 3, 96)
     with pytest.raises(RuntimeError, match="multiple of 256"):
         kernels.ops().repack_q4_k(torch.zeros(3 * 144, dtype=torch.uint8), 3, 128)
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        kernels.ops().repack_q6_k(torch.zeros(3 * 210, dtype=torch.uint8), 3, 128)
 
 
 @needs_kernels

@@ -30,8 +30,8 @@ namespace {
 
 #define INLINE inline __attribute__((always_inline))
 
-// Q5_0R and Q4_KR are ours, not GGML's: their rows repacked for one-row products (repack_q5_0/_q4_k).
-enum GGMLType : int64_t { Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q5_0R = 1006, Q4_KR = 1012 };
+// Q5_0R, Q4_KR and Q6_KR are ours, not GGML's: rows repacked for one-row products (repack_*).
+enum GGMLType : int64_t { Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q5_0R = 1006, Q4_KR = 1012, Q6_KR = 1014 };
 
 INLINE float h2f(const uint8_t* p) {
     uint16_t h;
@@ -165,6 +165,41 @@ struct FmtQ4_KR {
     static INLINE __m128 mins(const uint8_t* b, __m128) { return _mm_loadu_ps((const float*)(b + 80)); }
 };
 
+// Q6_K repacked half a super-block (128 values, eight 16-value sub-blocks) at a time for one-row
+// products (`repack_q6_k`): bytes 0-63 hold the low 4 bits of values 0-63 in their low nibbles and
+// of 64-127 in their high nibbles (as Q5_0R), bytes 64-95 the fifth and sixth bits as four 64-bit
+// masks (bit 4 of values 0-63, bit 5 of 0-63, bit 4 of 64-127, bit 5 of 64-127), bytes 96-103 the
+// eight int8 sub-block scales and bytes 104-107 the super-block's d as fp32. Stored values u are
+// 0..63 and value = d * sc * (u - 32), as in Q6_K. 108 bytes where Q6_K takes 105.
+struct FmtQ6_KR {
+    static constexpr int VALS = 128, BYTES = 108;
+    static constexpr bool TWO_SCALES = true, HAS_MIN = false;
+    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
+        __m512i u0, u1;
+        unsigned_quants(b, u0, u1);
+        const __m512i q0 = _mm512_sub_epi8(u0, _mm512_set1_epi8(32)), q1 = _mm512_sub_epi8(u1, _mm512_set1_epi8(32));
+        const int8_t* sc = (const int8_t*)(b + 96);
+        float d;
+        std::memcpy(&d, b + 104, 4);
+        f(0, _mm512_castsi512_si256(q0), d * sc[0], d * sc[1], 0.f);
+        f(1, _mm512_extracti64x4_epi64(q0, 1), d * sc[2], d * sc[3], 0.f);
+        f(2, _mm512_castsi512_si256(q1), d * sc[4], d * sc[5], 0.f);
+        f(3, _mm512_extracti64x4_epi64(q1, 1), d * sc[6], d * sc[7], 0.f);
+    }
+    static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) {
+        const __m512i x = _mm512_loadu_si512(b), m4 = _mm512_set1_epi8(0x0F);
+        const __m512i b4 = _mm512_set1_epi8(0x10), b5 = _mm512_set1_epi8(0x20);
+        uint64_t k[4];
+        std::memcpy(k, b + 64, 32);
+        u0 = _mm512_and_si512(x, m4);
+        u1 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+        u0 = _mm512_mask_add_epi8(u0, k[0], u0, b4);
+        u0 = _mm512_mask_add_epi8(u0, k[1], u0, b5);
+        u1 = _mm512_mask_add_epi8(u1, k[2], u1, b4);
+        u1 = _mm512_mask_add_epi8(u1, k[3], u1, b5);
+    }
+};
+
 struct FmtQ4_K {
     static constexpr int VALS = 256, BYTES = 144;
     static constexpr bool TWO_SCALES = false, HAS_MIN = true;
@@ -222,6 +257,7 @@ template <class F> auto dispatch(int64_t type, F&& f) {
         case Q6_K: return f(FmtQ6_K{});
         case Q5_0R: return f(FmtQ5_0R{});
         case Q4_KR: return f(FmtQ4_KR{});
+        case Q6_KR: return f(FmtQ6_KR{});
     }
     TORCH_CHECK(false, "gemma3 kernels: unsupported GGML type ", type);
 }
@@ -233,17 +269,19 @@ template <class T> int64_t row_bytes(int64_t K) {
 
 // ---- int16 activations -----------------------------------------------------------------------
 
-// One activation row: a[K] int16 with one scale d per block of 32 (x ~= d * a), the block sums
-// of a (for formats with a min or an offset), and a split into int8 halves a = 256 * hi + lo (for
-// vpdpbusd, which multiplies unsigned by signed bytes: two of them give the int16 product).
+// One activation row: a[K] int16 with one scale d per block of 32 (x ~= d * a), the sums of a
+// per block and per half block (for formats with a min or an offset; Q6_K's scales cover 16
+// values), and a split into int8 halves a = 256 * hi + lo (for vpdpbusd, which multiplies unsigned
+// by signed bytes: two of them give the int16 product).
 struct Act {
     int64_t K, nb;
     int16_t* a;
     float* d;
     int32_t* bsum;
     int8_t *hi, *lo;
+    int32_t* bsum16;
 };
-constexpr int64_t ACT_BYTES_PER_BLOCK = 64 + 4 + 4 + 64;
+constexpr int64_t ACT_BYTES_PER_BLOCK = 64 + 4 + 4 + 64 + 8;
 // |a| <= 127 * 256 + 127, so that hi = round(a / 256) fits an int8 (~2^-15 relative precision).
 constexpr float ACT_MAX = 32639.f;
 
@@ -257,7 +295,9 @@ void quantize_row(const float* x, Act& act) {
         _mm256_storeu_si256((__m256i*)(act.a + 32 * j), _mm512_cvtsepi32_epi16(i0));
         _mm256_storeu_si256((__m256i*)(act.a + 32 * j + 16), _mm512_cvtsepi32_epi16(i1));
         act.d[j] = amax / ACT_MAX;
-        act.bsum[j] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        act.bsum16[2 * j] = _mm512_reduce_add_epi32(i0);
+        act.bsum16[2 * j + 1] = _mm512_reduce_add_epi32(i1);
+        act.bsum[j] = act.bsum16[2 * j] + act.bsum16[2 * j + 1];
         for (int h = 0; h < 2; h++) {
             const __m512i v = h ? i1 : i0;
             const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(128)), 8);
@@ -360,22 +400,82 @@ void dot_rows_mt(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act
     }
 }
 
-// One activation row times R rows of a repacked 128-value format (Q5_0R, Q4_KR), the decode step's
-// case. Per 128 weights and row: one load, a few masks for the unsigned stored values, and per 64
-// values two vpdpbusd (unsigned weights times the activations' int8 halves: exactly the int16 dot
-// product) then one FMA with the two blocks' scales; the stored values' offset (Q5_0) or the
-// blocks' mins (Q4_K) are taken off at the end through the activation block sums. About a third
+// What the one-row kernel below needs from the activations for one 128-value group, and how a
+// format's scales turn the group's two integer dot products into floats. Lanes of a vpdpbusd
+// result hold four consecutive values: lanes 0-7 are the first 32-value block, 8-15 the second.
+const __m512i LANES_FIRST = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+const __m512i LANES_SECOND = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+
+INLINE float hsum128(__m128 o) {
+    o = _mm_hadd_ps(o, o);
+    return _mm_cvtss_f32(_mm_hadd_ps(o, o));
+}
+
+// Q5_0R and Q4_KR: one scale per 32-value block and a per-block min (Q5_0's +16 offset, Q4_K's
+// dmin * m) taken off through the activation block sums.
+template <class Fmt> struct Group32 {
+    using Off = __m128;
+    __m128 da, bs;  // activation scales, block sums times them
+    Group32(const Act& a, int64_t g)
+        : da(_mm_loadu_ps(a.d + 4 * g)),
+          bs(_mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)(a.bsum + 4 * g))), da)) {}
+    INLINE void add(const uint8_t* p, __m512i t0, __m512i t1, __m512& acc, Off& off) const {
+        const __m128 ws = Fmt::scales(p);
+        const __m512 cs4 = _mm512_castps128_ps512(_mm_mul_ps(ws, da));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t0), _mm512_permutexvar_ps(LANES_FIRST, cs4), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t1), _mm512_permutexvar_ps(LANES_SECOND, cs4), acc);
+        off = _mm_fmadd_ps(Fmt::mins(p, ws), bs, off);
+    }
+    static INLINE float total(Off o) { return hsum128(o); }
+};
+
+// Q6_KR: one scale per 16-value sub-block (four lanes), values stored +32, taken off through
+// the activations' half-block sums.
+struct Group16 {
+    using Off = __m256;
+    __m512 da0, da1;  // each lane's activation scale, values 0-63 and 64-127
+    __m256 bs;        // 32 * half-block sums * activation scale, for the eight sub-blocks
+    Group16(const Act& a, int64_t g) {
+        const __m128 da = _mm_loadu_ps(a.d + 4 * g);
+        da0 = _mm512_permutexvar_ps(LANES_FIRST, _mm512_castps128_ps512(da));
+        da1 = _mm512_permutexvar_ps(LANES_SECOND, _mm512_castps128_ps512(da));
+        const __m256 da8 = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(da), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+        const __m256 sums = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(a.bsum16 + 8 * g)));
+        bs = _mm256_mul_ps(_mm256_mul_ps(sums, da8), _mm256_set1_ps(32.f));
+    }
+    INLINE void add(const uint8_t* p, __m512i t0, __m512i t1, __m512& acc, Off& off) const {
+        float d;
+        std::memcpy(&d, p + 104, 4);
+        const __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 96)))),
+                                        _mm256_set1_ps(d));
+        const __m512 sc16 = _mm512_castps256_ps512(sc);
+        const __m512i first = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(4));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t0), _mm512_mul_ps(_mm512_permutexvar_ps(first, sc16), da0), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t1), _mm512_mul_ps(_mm512_permutexvar_ps(second, sc16), da1), acc);
+        off = _mm256_fmadd_ps(sc, bs, off);
+    }
+    static INLINE float total(Off o) { return hsum128(_mm_add_ps(_mm256_castps256_ps128(o), _mm256_extractf128_ps(o, 1))); }
+};
+
+template <class Fmt> struct GroupOf { using type = Group32<Fmt>; };
+template <> struct GroupOf<FmtQ6_KR> { using type = Group16; };
+
+// One activation row times R rows of a repacked 128-value format (Q5_0R, Q4_KR, Q6_KR), the decode
+// step's case. Per 128 weights and row: one load, a few masks for the unsigned stored values, and
+// per 64 values two vpdpbusd (unsigned weights times the activations' int8 halves: exactly the
+// int16 dot product) then one FMA with the blocks' scales; the stored values' offset (Q5_0, Q6_K)
+// or the blocks' mins (Q4_K) are taken off at the end through activation block sums. About a third
 // of the instructions of the generic path, which widens every block to int16.
 template <class Fmt, int R>
 INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act& a, float* Y) {
+    using G = typename GroupOf<Fmt>::type;
     const int64_t ng = a.K / 128;
-    const __m512i first = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(2));
     __m512 acc[R];
-    __m128 off[R];  // sum over blocks of min * activation scale * activation block sum
+    typename G::Off off[R];
     for (int r = 0; r < R; r++) {
         acc[r] = _mm512_setzero_ps();
-        off[r] = _mm_setzero_ps();
+        std::memset(&off[r], 0, sizeof(off[r]));
     }
     const char* ahead = (const char*)(W + (n + 2 * R) * rb);  // the tile after the next, as in dot_tile32
     const int64_t lines = (R * rb + 63) / 64, per_group = (lines + ng - 1) / ng;
@@ -383,8 +483,7 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act& a,
         for (int64_t l = 0; l < per_group; l++) _mm_prefetch(ahead + (g * per_group + l) * 64, _MM_HINT_T0);
         const __m512i h0 = _mm512_loadu_si512(a.hi + 128 * g), l0 = _mm512_loadu_si512(a.lo + 128 * g);
         const __m512i h1 = _mm512_loadu_si512(a.hi + 128 * g + 64), l1 = _mm512_loadu_si512(a.lo + 128 * g + 64);
-        const __m128 da = _mm_loadu_ps(a.d + 4 * g);
-        const __m128 bs = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)(a.bsum + 4 * g))), da);
+        const G group(a, g);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const uint8_t* p = W + (n + r) * rb + g * Fmt::BYTES;
@@ -392,26 +491,19 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act& a,
             Fmt::unsigned_quants(p, u0, u1);
             __m512i t0 = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, h0), 8);
             __m512i t1 = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u1, h1), 8);
-            t0 = _mm512_dpbusd_epi32(t0, u0, l0);  // lanes 0-7: block 4g, lanes 8-15: block 4g + 1
-            t1 = _mm512_dpbusd_epi32(t1, u1, l1);
-            const __m128 ws = Fmt::scales(p);
-            const __m512 cs4 = _mm512_castps128_ps512(_mm_mul_ps(ws, da));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t0), _mm512_permutexvar_ps(first, cs4), acc[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t1), _mm512_permutexvar_ps(second, cs4), acc[r]);
-            off[r] = _mm_fmadd_ps(Fmt::mins(p, ws), bs, off[r]);
+            t0 = _mm512_dpbusd_epi32(t0, u0, l0);  // values 0-63 of the group
+            t1 = _mm512_dpbusd_epi32(t1, u1, l1);  // values 64-127
+            group.add(p, t0, t1, acc[r], off[r]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        const __m128 o = _mm_hadd_ps(_mm_hadd_ps(off[r], off[r]), off[r]);
-        Y[n + r] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(o);
-    }
+    for (int r = 0; r < R; r++) Y[n + r] = _mm512_reduce_add_ps(acc[r]) - G::total(off[r]);
 }
 
 constexpr int MT = 4;  // activation rows sharing one decoded weight block
 
 template <class T>
 void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, int mt, float* Y, int64_t ldy) {
-    if constexpr (std::is_same_v<T, FmtQ5_0R> || std::is_same_v<T, FmtQ4_KR>) {
+    if constexpr (std::is_same_v<T, FmtQ5_0R> || std::is_same_v<T, FmtQ4_KR> || std::is_same_v<T, FmtQ6_KR>) {
         if (mt == 1) {
             int64_t n = n0;
             for (; n + 4 <= n1; n += 4) dot_tile_g128<T, 4>(W, rb, n, acts[0], Y);
@@ -488,7 +580,7 @@ struct Acts {
         for (int64_t m = 0; m < M; m++) {
             int8_t* base = buf.data_ptr<int8_t>() + m * buf.size(1);
             rows[m] = Act{K, nb, (int16_t*)base, (float*)(base + 2 * K), (int32_t*)(base + 2 * K + 4 * nb),
-                          base + 2 * K + 8 * nb, base + 3 * K + 8 * nb};
+                          base + 2 * K + 8 * nb, base + 3 * K + 8 * nb, (int32_t*)(base + 4 * K + 8 * nb)};
             quantize_row(x + m * K, rows[m]);
         }
     }
@@ -680,6 +772,40 @@ torch::Tensor repack_q4_k(torch::Tensor w, int64_t N, int64_t K) {
                     for (int i = 0; i < 64; i++) dst[i] = u[128 * h + i] | (u[128 * h + 64 + i] << 4);
                     std::memcpy(dst + 64, scale + 4 * h, 16);
                     std::memcpy(dst + 80, min + 4 * h, 16);
+                }
+            }
+    });
+    return out;
+}
+
+// Q6_K rows [N, K / 256 * 210 bytes] -> Q6_KR rows [N, K / 128 * 108] (see FmtQ6_KR); K % 256 == 0.
+torch::Tensor repack_q6_k(torch::Tensor w, int64_t N, int64_t K) {
+    TORCH_CHECK(K % 256 == 0, "repack_q6_k: row length ", K, " is not a multiple of 256");
+    check_weight(w, N, K / 256 * FmtQ6_K::BYTES);
+    auto out = torch::empty({N, K / 128 * FmtQ6_KR::BYTES}, torch::kUInt8);
+    const uint8_t* in = w.data_ptr<uint8_t>();
+    uint8_t* o = out.data_ptr<uint8_t>();
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t sb = 0; sb < K / 256; sb++) {
+                const uint8_t* src = in + n * (K / 256 * FmtQ6_K::BYTES) + sb * FmtQ6_K::BYTES;
+                int8_t q[256];  // value - 32 offset removed: -32 .. 31
+                FmtQ6_K::decode(src, [&](int i, __m256i v, float, float, float) { _mm256_storeu_si256((__m256i*)(q + 32 * i), v); });
+                const float d = h2f(src + 208);
+                for (int h = 0; h < 2; h++) {
+                    uint8_t* dst = o + n * (K / 128 * FmtQ6_KR::BYTES) + (2 * sb + h) * FmtQ6_KR::BYTES;
+                    uint64_t bits[4] = {0, 0, 0, 0};
+                    for (int i = 0; i < 128; i++) {
+                        const uint8_t u = (uint8_t)(q[128 * h + i] + 32);
+                        const int half = i / 64, t = i % 64;
+                        bits[2 * half] |= (uint64_t)((u >> 4) & 1) << t;
+                        bits[2 * half + 1] |= (uint64_t)((u >> 5) & 1) << t;
+                        if (half == 0) dst[t] = u & 0x0F;
+                        else dst[t] |= (u & 0x0F) << 4;
+                    }
+                    std::memcpy(dst + 64, bits, 32);
+                    std::memcpy(dst + 96, src + 192 + 8 * h, 8);  // the eight int8 scales of this half
+                    std::memcpy(dst + 104, &d, 4);
                 }
             }
     });
@@ -1108,6 +1234,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows", nogil);
     m.def("repack_q5_0", &repack_q5_0, "Q5_0 rows -> Q5_0R rows (four blocks per group, for one-row products)", nogil);
     m.def("repack_q4_k", &repack_q4_k, "Q4_K rows -> Q4_KR rows (half super-blocks, for one-row products)", nogil);
+    m.def("repack_q6_k", &repack_q6_k, "Q6_K rows -> Q6_KR rows (half super-blocks, for one-row products)", nogil);
     m.def("bf16_linear", &bf16_linear, "x @ W^T with W dequantized to bf16 tile by tile (oneMKL GEMM)", nogil);
     m.def("rms_norm", &rms_norm, "RMSNorm with weight (1 + w) precomputed", nogil);
     m.def("qk_norm_rope", &qk_norm_rope, "QK-norm (1 + w) and RoPE for one position (shared or per row)", nogil);

@@ -38,6 +38,24 @@ def test_greedy_is_argmax():
     assert sample(logits, SamplingParams()) == int(logits.argmax())
 
 
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 1000, 262144])
+def test_greedy_kernel_matches_torch_max_on_ties_nans_and_infinities(vocab):
+    """sampling.greedy's one-pass kernel (ops.argmax_rows) gives torch.max(dim)'s index: the first
+    maximum on ties, the first NaN where there is one, 0 for an all -inf row; 1-D or batched."""
+    from gemma3.sampling import greedy
+
+    g = torch.Generator().manual_seed(vocab)
+    rows = [torch.randn(vocab, generator=g), torch.randint(-2, 2, (vocab,), generator=g).float(),
+            torch.full((vocab,), float("-inf"))]
+    with_nan = torch.randn(vocab, generator=g)
+    with_nan[vocab // 2] = with_nan[-1] = float("nan")
+    rows.append(with_nan)
+    batch = torch.stack(rows)
+    assert torch.equal(greedy(batch), batch.max(-1).indices)
+    for row in rows:
+        assert int(greedy(row)) == int(row.max(-1).indices)
+
+
 def test_top_k_1_is_greedy_even_when_hot():
     logits = torch.randn(100)
     params = SamplingParams(temperature=5.0, top_k=1, seed=0)

@@ -1224,10 +1224,48 @@ struct DecodeLayer {
     }
 };
 
+// Index of the largest value of each row of x [B, V] float32 (the first one on ties, and the first
+// NaN if there is one: torch.max(dim)'s answers). One pass, 16 lanes each keeping its best value
+// and index; ~25 us over a 262k vocabulary where torch's max(dim) takes ~130.
+torch::Tensor argmax_rows(torch::Tensor x) {
+    x = as_rows(x);
+    const int64_t B = x.size(0), V = x.size(1);
+    TORCH_CHECK(V > 0, "argmax_rows: empty rows");
+    auto out = torch::empty({B}, torch::kInt64);
+    for (int64_t b = 0; b < B; b++) {
+        const float* row = x.data_ptr<float>() + b * V;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i best_i = _mm512_set1_epi32(-1), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __mmask16 nan = 0;
+        int64_t i = 0;
+        for (; i < V && !nan; i += 16, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16))) {
+            const __mmask16 k = tail16(V - i);
+            const __m512 v = _mm512_maskz_loadu_ps(k, row + i);
+            nan = _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q);
+            const __mmask16 gt = _mm512_mask_cmp_ps_mask(k, v, best, _CMP_GT_OQ);  // strictly: keeps the first
+            best = _mm512_mask_mov_ps(best, gt, v);
+            best_i = _mm512_mask_mov_epi32(best_i, gt, idx);
+        }
+        int64_t arg;
+        if (nan) {
+            arg = i - 16 + __builtin_ctz(nan);
+        } else {
+            // Among lanes holding the maximum, the smallest index (-1 lanes never held a value).
+            const float m = _mm512_reduce_max_ps(best);
+            const __mmask16 at = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ) &
+                                 _mm512_cmp_epi32_mask(best_i, _mm512_set1_epi32(-1), _MM_CMPINT_NE);
+            arg = at ? _mm512_mask_reduce_min_epi32(at, best_i) : 0;  // all -inf: index 0, as torch
+        }
+        out.data_ptr<int64_t>()[b] = arg;
+    }
+    return out;
+}
+
 // The kernels release the GIL: a server's event loop thread keeps running while the engine thread
 // is inside a long matmul, instead of both taking turns at Python's switch interval.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const auto nogil = py::call_guard<py::gil_scoped_release>();
+    m.def("argmax_rows", &argmax_rows, "index of each row's largest value (first on ties, NaN first), as torch.max(dim)", nogil);
     m.def("qmatmul", &qmatmul, "x @ W^T with W in GGUF blocks, int8 (VNNI) activations", nogil);
     m.def("qmatmul_many", &qmatmul_many, "several x @ W^T sharing one activation quantization", nogil);
     m.def("mlp", &mlp, "down(gelu_tanh(gate(x)) * up(x)) with GGUF weights", nogil);

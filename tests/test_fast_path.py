@@ -275,6 +275,37 @@ def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kv_dtype", ["fp32", "int8"])
+def test_batch_1_decode_runs_in_one_call_and_follows_the_cache_as_it_grows(kv_dtype):
+    """A batch-1 step of the fast model goes through one ops.DecodeStack call holding the cache's
+    tensors: model.py's logits all the way past GROW_CHUNK, where the global layers' buffers are
+    reallocated and the stack has to be rebuilt (exactly once)."""
+    from conftest import random_model, tiny_config
+
+    from gemma3.cache import GROW_CHUNK
+
+    cfg = tiny_config(layers=6, heads=4, kv_heads=1, head_dim=32, hidden=128, window=8)
+    fast, ref = quantized_copy(random_model(cfg), T.Q5_0)
+    n = GROW_CHUNK + 24
+    ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(5))
+    tol = 1e-3 if kv_dtype == "fp32" else 2e-2
+    stacks = []
+    with torch.inference_mode():
+        cf, cr = fast.new_cache(1, n, kv_dtype=kv_dtype), ref.new_cache(1, n, kv_dtype=kv_dtype)
+        fast(ids[:, :5], cf), ref(ids[:, :5], cr)
+        for t in range(5, n):
+            a = fast(ids[:, t:t + 1], cf, last_only=True)
+            b = ref(ids[:, t:t + 1], cr, last_only=True)
+            stack = cf.__dict__["_decode_stack"][2]
+            if not any(stack is s for s in stacks):
+                stacks.append(stack)
+            if t % 50 == 0 or t >= GROW_CHUNK - 2:
+                assert rel_err(a, b) < tol, t
+    assert len(stacks) == 2
+    assert cf.pos == cr.pos == n
+
+
+@needs_kernels
 @pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
 def test_decode_attention_reads_quantized_cache_like_model_py(kv_dtype):
     """The kernel reads bf16/int8 K/V in place (int8 scales applied per row inside the loop);

@@ -378,12 +378,12 @@ def test_decode_attention_kernel_matches_softmax_attention(head_dim):
 
 
 @needs_kernels
-@pytest.mark.parametrize("kv_dtype,n_seqs", [("fp32", 4), ("bf16", 4), ("int8", 4), ("fp32", 10)])
+@pytest.mark.parametrize("kv_dtype,n_seqs", [("fp32", 1), ("fp32", 4), ("bf16", 4), ("int8", 4), ("fp32", 10)])
 def test_continuous_batch_decode_matches_model_py(kv_dtype, n_seqs):
     """model.decode over sequences that each own a cache (the server's continuous batch), at
     different lengths on both sides of the window: one decode_attention_list call per layer stores
     every row's key/value and attends, as model.py's per-sequence loop does. 10 rows take the bf16
-    GEMM projections (more than MAX_VNNI_ROWS)."""
+    GEMM projections (more than MAX_VNNI_ROWS); a single row takes the one-call step (ops.DecodeStack)."""
     from conftest import random_model, tiny_config
 
     cfg = tiny_config(layers=6, heads=4, kv_heads=2, head_dim=32, hidden=64, window=8)
@@ -405,6 +405,7 @@ def test_continuous_batch_decode_matches_model_py(kv_dtype, n_seqs):
             assert a.shape == (n_seqs, cfg.vocab_size)
             assert rel_err(a, b) < tol, step
             tokens = b.argmax(-1)
+    assert ("_decode_stack" in caches["fast"][0].__dict__) == (n_seqs == 1)
     for cf, cr in zip(caches["fast"], caches["ref"]):
         assert cf.pos == cr.pos
         for lf, lr in zip(cf.layers, cr.layers):

@@ -172,6 +172,12 @@ class FastGemma3(Gemma3):
         cache.pos += 1
         return self.norm(x.view(1, 1, -1))
 
+    def decode(self, tokens, caches):
+        """model.decode; one sequence (a server serving one request) takes the one-call step."""
+        if len(caches) == 1 and caches[0].pos < caches[0].max_len and self._stack(caches[0]) is not None:
+            return self.logits(self.forward_hidden(tokens.view(1, 1), caches[0]))[:, 0]
+        return super().decode(tokens, caches)
+
     def _stack(self, cache):
         """The cache's DecodeStack, (re)built when the cache's storage changed (a global layer's
         buffer grows every GROW_CHUNK tokens); None where the step cannot run in one call."""

@@ -30,8 +30,8 @@ namespace {
 
 #define INLINE inline __attribute__((always_inline))
 
-// Q5_0R, Q4_KR and Q6_KR are ours, not GGML's: rows repacked for one-row products (repack_*).
-enum GGMLType : int64_t { Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q5_0R = 1006, Q4_KR = 1012, Q6_KR = 1014 };
+// Q4_0R, Q5_0R, Q4_KR and Q6_KR are ours, not GGML's: rows repacked for one-row products (repack_*).
+enum GGMLType : int64_t { Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q4_0R = 1002, Q5_0R = 1006, Q4_KR = 1012, Q6_KR = 1014 };
 
 INLINE float h2f(const uint8_t* p) {
     uint16_t h;
@@ -137,6 +137,30 @@ struct FmtQ5_0R {
     static INLINE __m128 mins(const uint8_t*, __m128 scales) { return _mm_mul_ps(scales, _mm_set1_ps(16.f)); }
 };
 
+// Q4_0 repacked four blocks (128 values) at a time for one-row products (`repack_q4_0`; the same
+// 72 bytes as four Q4_0 blocks): bytes 0-63 the stored nibbles (values + 8) laid out as Q5_0R's,
+// bytes 64-71 the four f16 scales.
+struct FmtQ4_0R {
+    static constexpr int VALS = 128, BYTES = 72;
+    static constexpr bool TWO_SCALES = false, HAS_MIN = false;
+    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
+        __m512i u0, u1;
+        unsigned_quants(b, u0, u1);
+        const __m512i q0 = _mm512_sub_epi8(u0, _mm512_set1_epi8(8)), q1 = _mm512_sub_epi8(u1, _mm512_set1_epi8(8));
+        f(0, _mm512_castsi512_si256(q0), h2f(b + 64), h2f(b + 64), 0.f);
+        f(1, _mm512_extracti64x4_epi64(q0, 1), h2f(b + 66), h2f(b + 66), 0.f);
+        f(2, _mm512_castsi512_si256(q1), h2f(b + 68), h2f(b + 68), 0.f);
+        f(3, _mm512_extracti64x4_epi64(q1, 1), h2f(b + 70), h2f(b + 70), 0.f);
+    }
+    static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) {
+        const __m512i x = _mm512_loadu_si512(b), m4 = _mm512_set1_epi8(0x0F);
+        u0 = _mm512_and_si512(x, m4);
+        u1 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+    }
+    static INLINE __m128 scales(const uint8_t* b) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(b + 64))); }
+    static INLINE __m128 mins(const uint8_t*, __m128 scales) { return _mm_mul_ps(scales, _mm_set1_ps(8.f)); }
+};
+
 // Q4_K repacked half a super-block (128 values, four sub-blocks) at a time for one-row products
 // (`repack_q4_k`): bytes 0-63 hold values 0-63 in their low nibbles and 64-127 in their high
 // nibbles (as Q5_0R), bytes 64-79 the four sub-block scales d * sc and bytes 80-95 the four mins
@@ -156,11 +180,7 @@ struct FmtQ4_KR {
         f(2, _mm512_castsi512_si256(u1), s[2], s[2], m[2]);
         f(3, _mm512_extracti64x4_epi64(u1, 1), s[3], s[3], m[3]);
     }
-    static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) {
-        const __m512i x = _mm512_loadu_si512(b), m4 = _mm512_set1_epi8(0x0F);
-        u0 = _mm512_and_si512(x, m4);
-        u1 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
-    }
+    static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) { FmtQ4_0R::unsigned_quants(b, u0, u1); }
     static INLINE __m128 scales(const uint8_t* b) { return _mm_loadu_ps((const float*)(b + 64)); }
     static INLINE __m128 mins(const uint8_t* b, __m128) { return _mm_loadu_ps((const float*)(b + 80)); }
 };
@@ -257,6 +277,7 @@ template <class F> auto dispatch(int64_t type, F&& f) {
         case Q6_K: return f(FmtQ6_K{});
         case Q5_0R: return f(FmtQ5_0R{});
         case Q4_KR: return f(FmtQ4_KR{});
+        case Q4_0R: return f(FmtQ4_0R{});
         case Q6_KR: return f(FmtQ6_KR{});
     }
     TORCH_CHECK(false, "gemma3 kernels: unsupported GGML type ", type);
@@ -503,7 +524,8 @@ constexpr int MT = 4;  // activation rows sharing one decoded weight block
 
 template <class T>
 void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, int mt, float* Y, int64_t ldy) {
-    if constexpr (std::is_same_v<T, FmtQ5_0R> || std::is_same_v<T, FmtQ4_KR> || std::is_same_v<T, FmtQ6_KR>) {
+    if constexpr (std::is_same_v<T, FmtQ4_0R> || std::is_same_v<T, FmtQ5_0R> || std::is_same_v<T, FmtQ4_KR> ||
+                  std::is_same_v<T, FmtQ6_KR>) {
         if (mt == 1) {
             int64_t n = n0;
             for (; n + 4 <= n1; n += 4) dot_tile_g128<T, 4>(W, rb, n, acts[0], Y);
@@ -718,6 +740,35 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, int64_t type, int64_
     return y;
 }
 
+// 128 values 0..15 as the repacked formats' 64 bytes: value i in the low nibble of byte i, value
+// 64 + i in its high nibble.
+void pack_nibbles(const uint8_t* u, uint8_t* dst) {
+    for (int i = 0; i < 64; i++) dst[i] = u[i] | (u[64 + i] << 4);
+}
+
+// Q4_0 rows [N, K / 32 * 18 bytes] -> Q4_0R rows [N, K / 128 * 72] (see FmtQ4_0R); K % 128 == 0.
+torch::Tensor repack_q4_0(torch::Tensor w, int64_t N, int64_t K) {
+    TORCH_CHECK(K % 128 == 0, "repack_q4_0: row length ", K, " is not a multiple of 128");
+    check_weight(w, N, K / 32 * FmtQ4_0::BYTES);
+    auto out = torch::empty({N, K / 128 * FmtQ4_0R::BYTES}, torch::kUInt8);
+    const uint8_t* in = w.data_ptr<uint8_t>();
+    uint8_t* o = out.data_ptr<uint8_t>();
+    at::parallel_for(0, N * (K / 128), 1024, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; g++) {  // the groups of all rows are contiguous in both layouts
+            const uint8_t* src = in + g * 4 * FmtQ4_0::BYTES;
+            uint8_t* dst = o + g * FmtQ4_0R::BYTES;
+            uint8_t u[128];
+            for (int b = 0; b < 4; b++) {
+                const __m256i q = _mm256_add_epi8(FmtQ4_0::quants(src + b * FmtQ4_0::BYTES), _mm256_set1_epi8(8));
+                _mm256_storeu_si256((__m256i*)(u + 32 * b), q);
+                std::memcpy(dst + 64 + 2 * b, src + b * FmtQ4_0::BYTES, 2);
+            }
+            pack_nibbles(u, dst);
+        }
+    });
+    return out;
+}
+
 // Q5_0 rows [N, K / 32 * 22 bytes] -> Q5_0R rows [N, K / 128 * 88] (see FmtQ5_0R); K % 128 == 0.
 torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K) {
     TORCH_CHECK(K % 128 == 0, "repack_q5_0: row length ", K, " is not a multiple of 128");
@@ -742,7 +793,7 @@ torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K) {
                     }
                     std::memcpy(dst + 80 + 2 * b, blk, 2);
                 }
-                for (int i = 0; i < 64; i++) dst[i] = u[i] | (u[64 + i] << 4);
+                pack_nibbles(u, dst);
                 std::memcpy(dst + 64, bits, 16);
             }
     });
@@ -769,7 +820,7 @@ torch::Tensor repack_q4_k(torch::Tensor w, int64_t N, int64_t K) {
                 });
                 for (int h = 0; h < 2; h++) {
                     uint8_t* dst = o + n * (K / 128 * FmtQ4_KR::BYTES) + (2 * sb + h) * FmtQ4_KR::BYTES;
-                    for (int i = 0; i < 64; i++) dst[i] = u[128 * h + i] | (u[128 * h + 64 + i] << 4);
+                    pack_nibbles(u + 128 * h, dst);
                     std::memcpy(dst + 64, scale + 4 * h, 16);
                     std::memcpy(dst + 80, min + 4 * h, 16);
                 }
@@ -1300,6 +1351,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("mlp", &mlp, "down(gelu_tanh(gate(x)) * up(x)) with GGUF weights", nogil);
     m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows", nogil);
     m.def("repack_q5_0", &repack_q5_0, "Q5_0 rows -> Q5_0R rows (four blocks per group, for one-row products)", nogil);
+    m.def("repack_q4_0", &repack_q4_0, "Q4_0 rows -> Q4_0R rows (four blocks per group, for one-row products)", nogil);
     m.def("repack_q4_k", &repack_q4_k, "Q4_K rows -> Q4_KR rows (half super-blocks, for one-row products)", nogil);
     m.def("repack_q6_k", &repack_q6_k, "Q6_K rows -> Q6_KR rows (half super-blocks, for one-row products)", nogil);
     m.def("bf16_linear", &bf16_linear, "x @ W^T with W dequantized to bf16 tile by tile (oneMKL GEMM)", nogil);

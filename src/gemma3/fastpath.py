@@ -209,7 +209,7 @@ def _decode_layer(block: Block):
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if ops is None or not all(kernel_ready(p) and not p._forward_hooks for p in linears):
         return None  # a hook (tensor parallelism's all-reduce) must see each projection's output
-    weights = [ops.QWeight(p.blocks, p.ggml_type, p.out_features, p.packed, p.packed_type) for p in linears]
+    weights = [ops.QWeight(p.blocks, p.storage_type, p.out_features, p.packed, p.packed_type) for p in linears]
     norms = (block.input_layernorm, block.post_attention_layernorm, block.pre_feedforward_layernorm,
              block.post_feedforward_layernorm)
     return ops.DecodeLayer(*weights, *(n.weight1 for n in norms), attn.q_norm.weight, attn.k_norm.weight,

@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <sys/mman.h>
+
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -769,6 +771,16 @@ torch::Tensor repack_q4_0(torch::Tensor w, int64_t N, int64_t K) {
     return out;
 }
 
+// Lets go of the pages of `t` in this process (MADV_DONTNEED on the whole pages inside it), for a
+// tensor read once from a private, unmodified file mapping (the GGUF's) and not needed again:
+// resident memory drops by its size, and the page cache keeps the file. Never for other memory:
+// anonymous pages would read back as zeros.
+void drop_file_pages(torch::Tensor t) {
+    const uintptr_t page = 4096, begin = (uintptr_t)t.data_ptr(), end = begin + t.numel() * t.element_size();
+    const uintptr_t a = (begin + page - 1) / page * page, b = end / page * page;
+    if (b > a) TORCH_CHECK(madvise((void*)a, b - a, MADV_DONTNEED) == 0, "drop_file_pages: madvise failed");
+}
+
 // Q5_0 rows [N, K / 32 * 22 bytes] -> Q5_0R rows [N, K / 128 * 88] (see FmtQ5_0R); K % 128 == 0.
 torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K) {
     TORCH_CHECK(K % 128 == 0, "repack_q5_0: row length ", K, " is not a multiple of 128");
@@ -1352,6 +1364,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows", nogil);
     m.def("repack_q5_0", &repack_q5_0, "Q5_0 rows -> Q5_0R rows (four blocks per group, for one-row products)", nogil);
     m.def("repack_q4_0", &repack_q4_0, "Q4_0 rows -> Q4_0R rows (four blocks per group, for one-row products)", nogil);
+    m.def("drop_file_pages", &drop_file_pages, "madvise(DONTNEED) a tensor read once from a private file mapping", nogil);
     m.def("repack_q4_k", &repack_q4_k, "Q4_K rows -> Q4_KR rows (half super-blocks, for one-row products)", nogil);
     m.def("repack_q6_k", &repack_q6_k, "Q6_K rows -> Q6_KR rows (half super-blocks, for one-row products)", nogil);
     m.def("bf16_linear", &bf16_linear, "x @ W^T with W dequantized to bf16 tile by tile (oneMKL GEMM)", nogil);

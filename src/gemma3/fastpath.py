@@ -190,11 +190,10 @@ class FastGemma3(Gemma3):
         if held is not None and held[0] is self and all(a is c.k.data for a, c in zip(held[1], cache.layers)):
             return held[2]
         layers = [layer.fused() for layer in self.layers]
-        ring = [isinstance(c, RingKV) for c in cache.layers]
-        if (self.dtype != torch.float32 or None in layers or not all(ring[i] or isinstance(c, LinearKV)
-                                                                      for i, c in enumerate(cache.layers))
-                or cache.layers[0].k.data.shape[0] != 1):
+        if (self.dtype != torch.float32 or None in layers or cache.layers[0].k.data.shape[0] != 1
+                or not all(isinstance(c, (RingKV, LinearKV)) for c in cache.layers)):
             return None
+        ring = [isinstance(c, RingKV) for c in cache.layers]
         stack = kernels.ops().DecodeStack(
             layers, [c.k.data for c in cache.layers], [c.v.data for c in cache.layers],
             [c.k.scale for c in cache.layers], [c.v.scale for c in cache.layers],

@@ -106,61 +106,61 @@ struct FmtQ4_0 : Block32<FmtQ4_0, 18> {  // what `gemma3 quantize --to int4-bloc
     }
 };
 
-// Q5_0 repacked four blocks (128 values) at a time for one-row products (`repack_q5_0`; same
-// 88 bytes as four Q5_0 blocks): bytes 0-63 hold the low 4 bits of values 0-63 in their low
-// nibbles and of values 64-127 in their high nibbles, so one 64-byte load and two masks give 2 x 64
-// values in order; bytes 64-79 are the 128 fifth bits (one 64-bit mask per half), bytes 80-87 the
-// four f16 scales.
-struct FmtQ5_0R {
-    static constexpr int VALS = 128, BYTES = 88;
+// The repacked 128-value layouts (Q4_0R, Q5_0R, Q4_KR, Q6_KR) keep the group's values as two
+// 64-byte halves of unsigned bytes (`unsigned_quants`); their decoders hand the four 32-value
+// quarters on as signed values q = u - offset, each with its scales for values 0-15 and 16-31
+// and its min.
+template <class F>
+INLINE void quarters(__m512i q0, __m512i q1, const float* lo, const float* hi, const float* mn, F&& f) {
+    f(0, _mm512_castsi512_si256(q0), lo[0], hi[0], mn[0]);
+    f(1, _mm512_extracti64x4_epi64(q0, 1), lo[1], hi[1], mn[1]);
+    f(2, _mm512_castsi512_si256(q1), lo[2], hi[2], mn[2]);
+    f(3, _mm512_extracti64x4_epi64(q1, 1), lo[3], hi[3], mn[3]);
+}
+
+INLINE __m512i low_nibbles(__m512i x) { return _mm512_and_si512(x, _mm512_set1_epi8(0x0F)); }
+INLINE __m512i high_nibbles(__m512i x) { return low_nibbles(_mm512_srli_epi16(x, 4)); }
+
+// Q4_0 and Q5_0 repacked four blocks (128 values) at a time for one-row products (`repack_q4_0`,
+// `repack_q5_0`; the same bytes as four GGUF blocks): the stored values u (value = d * (u -
+// OFFSET)) first, then the four f16 scales at SCALES_AT. For dot_tile_g128, `scales` are the
+// four blocks' d and `mins` what each block subtracts per unit of activation sum.
+template <class Fmt, int OFFSET, int SCALES_AT> struct Packed32 {
+    static constexpr int VALS = 128, BYTES = SCALES_AT + 8;
     static constexpr bool TWO_SCALES = false, HAS_MIN = false;
     template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
         __m512i u0, u1;
-        unsigned_quants(b, u0, u1);
-        const __m512i q0 = _mm512_sub_epi8(u0, _mm512_set1_epi8(16)), q1 = _mm512_sub_epi8(u1, _mm512_set1_epi8(16));
-        f(0, _mm512_castsi512_si256(q0), h2f(b + 80), h2f(b + 80), 0.f);
-        f(1, _mm512_extracti64x4_epi64(q0, 1), h2f(b + 82), h2f(b + 82), 0.f);
-        f(2, _mm512_castsi512_si256(q1), h2f(b + 84), h2f(b + 84), 0.f);
-        f(3, _mm512_extracti64x4_epi64(q1, 1), h2f(b + 86), h2f(b + 86), 0.f);
+        Fmt::unsigned_quants(b, u0, u1);
+        const __m512i off = _mm512_set1_epi8(OFFSET);
+        float d[4];
+        const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+        _mm_storeu_ps(d, scales(b));
+        quarters(_mm512_sub_epi8(u0, off), _mm512_sub_epi8(u1, off), d, d, zero, f);
     }
-    // For dot_tile_g128: the 2 x 64 stored (unsigned) values, the four block scales, and what each
-    // block subtracts per unit of activation sum (value = scale * (u - 16)).
+    static INLINE __m128 scales(const uint8_t* b) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(b + SCALES_AT))); }
+    static INLINE __m128 mins(const uint8_t*, __m128 scales) { return _mm_mul_ps(scales, _mm_set1_ps((float)OFFSET)); }
+};
+
+// Q4_0R: bytes 0-63 hold the stored nibbles (values + 8) of values 0-63 in their low nibbles and
+// of values 64-127 in their high nibbles, so one 64-byte load gives 2 x 64 values in order.
+struct FmtQ4_0R : Packed32<FmtQ4_0R, 8, 64> {
     static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) {
-        const __m512i x = _mm512_loadu_si512(b), m4 = _mm512_set1_epi8(0x0F), bit5 = _mm512_set1_epi8(0x10);
+        const __m512i x = _mm512_loadu_si512(b);
+        u0 = low_nibbles(x);
+        u1 = high_nibbles(x);
+    }
+};
+
+// Q5_0R: the low 4 bits as Q4_0R's nibbles, then the 128 fifth bits (one 64-bit mask per half).
+struct FmtQ5_0R : Packed32<FmtQ5_0R, 16, 80> {
+    static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) {
         uint64_t k0, k1;
         std::memcpy(&k0, b + 64, 8);
         std::memcpy(&k1, b + 72, 8);
-        u0 = _mm512_and_si512(x, m4);
-        u1 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
-        u0 = _mm512_mask_add_epi8(u0, k0, u0, bit5);  // nibble + 16 = the stored 5-bit value
-        u1 = _mm512_mask_add_epi8(u1, k1, u1, bit5);
+        FmtQ4_0R::unsigned_quants(b, u0, u1);
+        u0 = _mm512_mask_add_epi8(u0, k0, u0, _mm512_set1_epi8(0x10));  // nibble + 16 = the stored 5-bit value
+        u1 = _mm512_mask_add_epi8(u1, k1, u1, _mm512_set1_epi8(0x10));
     }
-    static INLINE __m128 scales(const uint8_t* b) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(b + 80))); }
-    static INLINE __m128 mins(const uint8_t*, __m128 scales) { return _mm_mul_ps(scales, _mm_set1_ps(16.f)); }
-};
-
-// Q4_0 repacked four blocks (128 values) at a time for one-row products (`repack_q4_0`; the same
-// 72 bytes as four Q4_0 blocks): bytes 0-63 the stored nibbles (values + 8) laid out as Q5_0R's,
-// bytes 64-71 the four f16 scales.
-struct FmtQ4_0R {
-    static constexpr int VALS = 128, BYTES = 72;
-    static constexpr bool TWO_SCALES = false, HAS_MIN = false;
-    template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
-        __m512i u0, u1;
-        unsigned_quants(b, u0, u1);
-        const __m512i q0 = _mm512_sub_epi8(u0, _mm512_set1_epi8(8)), q1 = _mm512_sub_epi8(u1, _mm512_set1_epi8(8));
-        f(0, _mm512_castsi512_si256(q0), h2f(b + 64), h2f(b + 64), 0.f);
-        f(1, _mm512_extracti64x4_epi64(q0, 1), h2f(b + 66), h2f(b + 66), 0.f);
-        f(2, _mm512_castsi512_si256(q1), h2f(b + 68), h2f(b + 68), 0.f);
-        f(3, _mm512_extracti64x4_epi64(q1, 1), h2f(b + 70), h2f(b + 70), 0.f);
-    }
-    static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) {
-        const __m512i x = _mm512_loadu_si512(b), m4 = _mm512_set1_epi8(0x0F);
-        u0 = _mm512_and_si512(x, m4);
-        u1 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
-    }
-    static INLINE __m128 scales(const uint8_t* b) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(b + 64))); }
-    static INLINE __m128 mins(const uint8_t*, __m128 scales) { return _mm_mul_ps(scales, _mm_set1_ps(8.f)); }
 };
 
 // Q4_K repacked half a super-block (128 values, four sub-blocks) at a time for one-row products
@@ -177,10 +177,7 @@ struct FmtQ4_KR {
         float s[4], m[4];
         std::memcpy(s, b + 64, 16);
         std::memcpy(m, b + 80, 16);
-        f(0, _mm512_castsi512_si256(u0), s[0], s[0], m[0]);
-        f(1, _mm512_extracti64x4_epi64(u0, 1), s[1], s[1], m[1]);
-        f(2, _mm512_castsi512_si256(u1), s[2], s[2], m[2]);
-        f(3, _mm512_extracti64x4_epi64(u1, 1), s[3], s[3], m[3]);
+        quarters(u0, u1, s, s, m, f);
     }
     static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) { FmtQ4_0R::unsigned_quants(b, u0, u1); }
     static INLINE __m128 scales(const uint8_t* b) { return _mm_loadu_ps((const float*)(b + 64)); }
@@ -201,20 +198,20 @@ struct FmtQ6_KR {
         unsigned_quants(b, u0, u1);
         const __m512i q0 = _mm512_sub_epi8(u0, _mm512_set1_epi8(32)), q1 = _mm512_sub_epi8(u1, _mm512_set1_epi8(32));
         const int8_t* sc = (const int8_t*)(b + 96);
-        float d;
+        float d, lo[4], hi[4];
+        const float zero[4] = {0.f, 0.f, 0.f, 0.f};
         std::memcpy(&d, b + 104, 4);
-        f(0, _mm512_castsi512_si256(q0), d * sc[0], d * sc[1], 0.f);
-        f(1, _mm512_extracti64x4_epi64(q0, 1), d * sc[2], d * sc[3], 0.f);
-        f(2, _mm512_castsi512_si256(q1), d * sc[4], d * sc[5], 0.f);
-        f(3, _mm512_extracti64x4_epi64(q1, 1), d * sc[6], d * sc[7], 0.f);
+        for (int i = 0; i < 4; i++) {
+            lo[i] = d * sc[2 * i];
+            hi[i] = d * sc[2 * i + 1];
+        }
+        quarters(q0, q1, lo, hi, zero, f);
     }
     static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) {
-        const __m512i x = _mm512_loadu_si512(b), m4 = _mm512_set1_epi8(0x0F);
         const __m512i b4 = _mm512_set1_epi8(0x10), b5 = _mm512_set1_epi8(0x20);
         uint64_t k[4];
         std::memcpy(k, b + 64, 32);
-        u0 = _mm512_and_si512(x, m4);
-        u1 = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+        FmtQ4_0R::unsigned_quants(b, u0, u1);
         u0 = _mm512_mask_add_epi8(u0, k[0], u0, b4);
         u0 = _mm512_mask_add_epi8(u0, k[1], u0, b5);
         u1 = _mm512_mask_add_epi8(u1, k[2], u1, b4);

@@ -523,8 +523,7 @@ constexpr int MT = 4;  // activation rows sharing one decoded weight block
 
 template <class T>
 void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, int mt, float* Y, int64_t ldy) {
-    if constexpr (std::is_same_v<T, FmtQ4_0R> || std::is_same_v<T, FmtQ5_0R> || std::is_same_v<T, FmtQ4_KR> ||
-                  std::is_same_v<T, FmtQ6_KR>) {
+    if constexpr (T::VALS == 128) {  // the repacked layouts
         if (mt == 1) {
             int64_t n = n0;
             for (; n + 4 <= n1; n += 4) dot_tile_g128<T, 4>(W, rb, n, acts[0], Y);
@@ -745,29 +744,6 @@ void pack_nibbles(const uint8_t* u, uint8_t* dst) {
     for (int i = 0; i < 64; i++) dst[i] = u[i] | (u[64 + i] << 4);
 }
 
-// Q4_0 rows [N, K / 32 * 18 bytes] -> Q4_0R rows [N, K / 128 * 72] (see FmtQ4_0R); K % 128 == 0.
-torch::Tensor repack_q4_0(torch::Tensor w, int64_t N, int64_t K) {
-    TORCH_CHECK(K % 128 == 0, "repack_q4_0: row length ", K, " is not a multiple of 128");
-    check_weight(w, N, K / 32 * FmtQ4_0::BYTES);
-    auto out = torch::empty({N, K / 128 * FmtQ4_0R::BYTES}, torch::kUInt8);
-    const uint8_t* in = w.data_ptr<uint8_t>();
-    uint8_t* o = out.data_ptr<uint8_t>();
-    at::parallel_for(0, N * (K / 128), 1024, [&](int64_t g0, int64_t g1) {
-        for (int64_t g = g0; g < g1; g++) {  // the groups of all rows are contiguous in both layouts
-            const uint8_t* src = in + g * 4 * FmtQ4_0::BYTES;
-            uint8_t* dst = o + g * FmtQ4_0R::BYTES;
-            uint8_t u[128];
-            for (int b = 0; b < 4; b++) {
-                const __m256i q = _mm256_add_epi8(FmtQ4_0::quants(src + b * FmtQ4_0::BYTES), _mm256_set1_epi8(8));
-                _mm256_storeu_si256((__m256i*)(u + 32 * b), q);
-                std::memcpy(dst + 64 + 2 * b, src + b * FmtQ4_0::BYTES, 2);
-            }
-            pack_nibbles(u, dst);
-        }
-    });
-    return out;
-}
-
 // Lets go of the pages of `t` in this process (MADV_DONTNEED on the whole pages inside it), for a
 // tensor read once from a private, unmodified file mapping (the GGUF's) and not needed again:
 // resident memory drops by its size, and the page cache keeps the file. Never for other memory:
@@ -778,98 +754,97 @@ void drop_file_pages(torch::Tensor t) {
     if (b > a) TORCH_CHECK(madvise((void*)a, b - a, MADV_DONTNEED) == 0, "drop_file_pages: madvise failed");
 }
 
-// Q5_0 rows [N, K / 32 * 22 bytes] -> Q5_0R rows [N, K / 128 * 88] (see FmtQ5_0R); K % 128 == 0.
-torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K) {
-    TORCH_CHECK(K % 128 == 0, "repack_q5_0: row length ", K, " is not a multiple of 128");
-    check_weight(w, N, K / 32 * FmtQ5_0::BYTES);
-    auto out = torch::empty({N, K / 128 * FmtQ5_0R::BYTES}, torch::kUInt8);
+// Rows of GGUF blocks (Src) -> rows of a repacked layout (Dst), one unit at a time: four 32-value
+// blocks make one 128-value group, a 256-value super-block two. Both layouts store a row's units
+// in order and rows one after another, so unit u sits at u times its size on both sides, and
+// `unit(src, dst)` converts one.
+template <class Src, class Dst, class F>
+torch::Tensor repack(const char* name, const torch::Tensor& w, int64_t N, int64_t K, F&& unit) {
+    constexpr int64_t VALS = Src::VALS > 128 ? Src::VALS : 128;
+    TORCH_CHECK(K % VALS == 0, name, ": row length ", K, " is not a multiple of ", VALS);
+    check_weight(w, N, K / Src::VALS * Src::BYTES);
+    torch::Tensor out = torch::empty({N, K / 128 * Dst::BYTES}, torch::kUInt8);
     const uint8_t* in = w.data_ptr<uint8_t>();
     uint8_t* o = out.data_ptr<uint8_t>();
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; n++)
-            for (int64_t g = 0; g < K / 128; g++) {
-                const uint8_t* src = in + n * (K / 32 * FmtQ5_0::BYTES) + g * 4 * FmtQ5_0::BYTES;
-                uint8_t* dst = o + n * (K / 128 * FmtQ5_0R::BYTES) + g * FmtQ5_0R::BYTES;
-                uint8_t u[128], bits[16] = {0};
-                for (int b = 0; b < 4; b++) {
-                    const uint8_t* blk = src + b * FmtQ5_0::BYTES;
-                    uint32_t qh;
-                    std::memcpy(&qh, blk + 2, 4);
-                    for (int j = 0; j < 32; j++) {
-                        const int i = 32 * b + j;
-                        u[i] = j < 16 ? blk[6 + j] & 0x0F : blk[6 + j - 16] >> 4;
-                        bits[i / 8] |= ((qh >> j) & 1u) << (i % 8);
-                    }
-                    std::memcpy(dst + 80 + 2 * b, blk, 2);
-                }
-                pack_nibbles(u, dst);
-                std::memcpy(dst + 64, bits, 16);
-            }
+    constexpr int64_t src_bytes = VALS / Src::VALS * Src::BYTES, dst_bytes = VALS / 128 * Dst::BYTES;
+    at::parallel_for(0, N * (K / VALS), 256, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; u++) unit(in + u * src_bytes, o + u * dst_bytes);
     });
     return out;
+}
+
+// Q4_0 rows [N, K / 32 * 18 bytes] -> Q4_0R rows [N, K / 128 * 72] (see FmtQ4_0R); K % 128 == 0.
+torch::Tensor repack_q4_0(torch::Tensor w, int64_t N, int64_t K) {
+    return repack<FmtQ4_0, FmtQ4_0R>("repack_q4_0", w, N, K, [](const uint8_t* src, uint8_t* dst) {
+        uint8_t u[128];
+        for (int b = 0; b < 4; b++) {
+            const __m256i q = _mm256_add_epi8(FmtQ4_0::quants(src + b * FmtQ4_0::BYTES), _mm256_set1_epi8(8));
+            _mm256_storeu_si256((__m256i*)(u + 32 * b), q);
+            std::memcpy(dst + 64 + 2 * b, src + b * FmtQ4_0::BYTES, 2);
+        }
+        pack_nibbles(u, dst);
+    });
+}
+
+// Q5_0 rows [N, K / 32 * 22 bytes] -> Q5_0R rows [N, K / 128 * 88] (see FmtQ5_0R); K % 128 == 0.
+torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K) {
+    return repack<FmtQ5_0, FmtQ5_0R>("repack_q5_0", w, N, K, [](const uint8_t* src, uint8_t* dst) {
+        uint8_t u[128], bits[16] = {0};
+        for (int b = 0; b < 4; b++) {
+            const uint8_t* blk = src + b * FmtQ5_0::BYTES;
+            uint32_t qh;
+            std::memcpy(&qh, blk + 2, 4);
+            for (int j = 0; j < 32; j++) {
+                const int i = 32 * b + j;
+                u[i] = j < 16 ? blk[6 + j] & 0x0F : blk[6 + j - 16] >> 4;
+                bits[i / 8] |= ((qh >> j) & 1u) << (i % 8);
+            }
+            std::memcpy(dst + 80 + 2 * b, blk, 2);
+        }
+        pack_nibbles(u, dst);
+        std::memcpy(dst + 64, bits, 16);
+    });
 }
 
 // Q4_K rows [N, K / 256 * 144 bytes] -> Q4_KR rows [N, K / 128 * 96] (see FmtQ4_KR); K % 256 == 0.
 torch::Tensor repack_q4_k(torch::Tensor w, int64_t N, int64_t K) {
-    TORCH_CHECK(K % 256 == 0, "repack_q4_k: row length ", K, " is not a multiple of 256");
-    check_weight(w, N, K / 256 * FmtQ4_K::BYTES);
-    auto out = torch::empty({N, K / 128 * FmtQ4_KR::BYTES}, torch::kUInt8);
-    const uint8_t* in = w.data_ptr<uint8_t>();
-    uint8_t* o = out.data_ptr<uint8_t>();
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; n++)
-            for (int64_t sb = 0; sb < K / 256; sb++) {
-                const uint8_t* src = in + n * (K / 256 * FmtQ4_K::BYTES) + sb * FmtQ4_K::BYTES;
-                uint8_t u[256];
-                float scale[8], min[8];
-                FmtQ4_K::decode(src, [&](int i, __m256i q, float s, float, float m) {
-                    _mm256_storeu_si256((__m256i*)(u + 32 * i), q);  // sub-block i: values 32i .. 32i + 31
-                    scale[i] = s;
-                    min[i] = m;
-                });
-                for (int h = 0; h < 2; h++) {
-                    uint8_t* dst = o + n * (K / 128 * FmtQ4_KR::BYTES) + (2 * sb + h) * FmtQ4_KR::BYTES;
-                    pack_nibbles(u + 128 * h, dst);
-                    std::memcpy(dst + 64, scale + 4 * h, 16);
-                    std::memcpy(dst + 80, min + 4 * h, 16);
-                }
-            }
+    return repack<FmtQ4_K, FmtQ4_KR>("repack_q4_k", w, N, K, [](const uint8_t* src, uint8_t* dst) {
+        uint8_t u[256];
+        float scale[8], min[8];
+        FmtQ4_K::decode(src, [&](int i, __m256i q, float s, float, float m) {
+            _mm256_storeu_si256((__m256i*)(u + 32 * i), q);  // sub-block i: values 32i .. 32i + 31
+            scale[i] = s;
+            min[i] = m;
+        });
+        for (int h = 0; h < 2; h++, dst += FmtQ4_KR::BYTES) {
+            pack_nibbles(u + 128 * h, dst);
+            std::memcpy(dst + 64, scale + 4 * h, 16);
+            std::memcpy(dst + 80, min + 4 * h, 16);
+        }
     });
-    return out;
 }
 
 // Q6_K rows [N, K / 256 * 210 bytes] -> Q6_KR rows [N, K / 128 * 108] (see FmtQ6_KR); K % 256 == 0.
 torch::Tensor repack_q6_k(torch::Tensor w, int64_t N, int64_t K) {
-    TORCH_CHECK(K % 256 == 0, "repack_q6_k: row length ", K, " is not a multiple of 256");
-    check_weight(w, N, K / 256 * FmtQ6_K::BYTES);
-    auto out = torch::empty({N, K / 128 * FmtQ6_KR::BYTES}, torch::kUInt8);
-    const uint8_t* in = w.data_ptr<uint8_t>();
-    uint8_t* o = out.data_ptr<uint8_t>();
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; n++)
-            for (int64_t sb = 0; sb < K / 256; sb++) {
-                const uint8_t* src = in + n * (K / 256 * FmtQ6_K::BYTES) + sb * FmtQ6_K::BYTES;
-                int8_t q[256];  // value - 32 offset removed: -32 .. 31
-                FmtQ6_K::decode(src, [&](int i, __m256i v, float, float, float) { _mm256_storeu_si256((__m256i*)(q + 32 * i), v); });
-                const float d = h2f(src + 208);
-                for (int h = 0; h < 2; h++) {
-                    uint8_t* dst = o + n * (K / 128 * FmtQ6_KR::BYTES) + (2 * sb + h) * FmtQ6_KR::BYTES;
-                    uint64_t bits[4] = {0, 0, 0, 0};
-                    for (int i = 0; i < 128; i++) {
-                        const uint8_t u = (uint8_t)(q[128 * h + i] + 32);
-                        const int half = i / 64, t = i % 64;
-                        bits[2 * half] |= (uint64_t)((u >> 4) & 1) << t;
-                        bits[2 * half + 1] |= (uint64_t)((u >> 5) & 1) << t;
-                        if (half == 0) dst[t] = u & 0x0F;
-                        else dst[t] |= (u & 0x0F) << 4;
-                    }
-                    std::memcpy(dst + 64, bits, 32);
-                    std::memcpy(dst + 96, src + 192 + 8 * h, 8);  // the eight int8 scales of this half
-                    std::memcpy(dst + 104, &d, 4);
-                }
+    return repack<FmtQ6_K, FmtQ6_KR>("repack_q6_k", w, N, K, [](const uint8_t* src, uint8_t* dst) {
+        int8_t q[256];  // value - 32 offset removed: -32 .. 31
+        FmtQ6_K::decode(src, [&](int i, __m256i v, float, float, float) { _mm256_storeu_si256((__m256i*)(q + 32 * i), v); });
+        const float d = h2f(src + 208);
+        for (int h = 0; h < 2; h++, dst += FmtQ6_KR::BYTES) {
+            uint8_t u[128];
+            uint64_t bits[4] = {0, 0, 0, 0};
+            for (int i = 0; i < 128; i++) {
+                u[i] = (uint8_t)(q[128 * h + i] + 32);
+                bits[2 * (i / 64)] |= (uint64_t)((u[i] >> 4) & 1) << (i % 64);
+                bits[2 * (i / 64) + 1] |= (uint64_t)((u[i] >> 5) & 1) << (i % 64);
+                u[i] &= 0x0F;
             }
+            pack_nibbles(u, dst);
+            std::memcpy(dst + 64, bits, 32);
+            std::memcpy(dst + 96, src + 192 + 8 * h, 8);  // the eight int8 scales of this half
+            std::memcpy(dst + 104, &d, 4);
+        }
     });
-    return out;
 }
 
 // ---- decode-step helpers (one query token per row; see fastpath.py) --------------------------------
@@ -914,6 +889,19 @@ std::vector<torch::Tensor> qk_norm_rope(torch::Tensor q, torch::Tensor k, torch:
     return outs;
 }
 
+// y = rms_norm(x) * w1 row by row (w1 = 1 + w); with `residual`, y = residual + that.
+void rms_norm_rows(const float* x, const float* w1, float eps, int64_t rows, int64_t D, float* y,
+                   const float* residual = nullptr) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float* xr = x + r * D;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
+        const float inv = 1.f / std::sqrt(ss / (float)D + eps);
+        for (int64_t i = 0; i < D; i++) y[r * D + i] = (residual ? residual[r * D + i] : 0.f) + xr[i] * inv * w1[i];
+    }
+}
+
 // Gemma's RMSNorm over the last dim with a precomputed weight w1 = 1 + w (fp32 in, fp32 out).
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w1, double eps) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && w1.dtype() == torch::kFloat32, "fp32 only");
@@ -923,13 +911,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w1, double eps) {
     const float *xp = x.data_ptr<float>(), *wp = w1.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; r++) {
-            const float* xr = xp + r * D;
-            float ss = 0.f;
-            for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
-            const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
-            for (int64_t i = 0; i < D; i++) yp[r * D + i] = xr[i] * inv * wp[i];
-        }
+        rms_norm_rows(xp + r0 * D, wp, (float)eps, r1 - r0, D, yp + r0 * D);
     });
     return y;
 }
@@ -1226,19 +1208,6 @@ struct QWeight {
     Product product(int64_t rows, float* Y) const { return {bytes(rows), kind(rows), N, Y}; }
 };
 
-// y = rms_norm(x) * w1 row by row (w1 = 1 + w); with `residual`, y = residual + that.
-void rms_norm_rows(const float* x, const float* w1, float eps, int64_t rows, int64_t D, float* y,
-                   const float* residual = nullptr) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float* xr = x + r * D;
-        float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
-        const float inv = 1.f / std::sqrt(ss / (float)D + eps);
-        for (int64_t i = 0; i < D; i++) y[r * D + i] = (residual ? residual[r * D + i] : 0.f) + xr[i] * inv * w1[i];
-    }
-}
-
 // Block.forward of model.py for one token per row, each row with its own cache (the arguments
 // of decode_attention_list): FastBlock builds one per layer and calls it once per decode step,
 // instead of ~15 Python-level module calls and kernel launches.
@@ -1258,8 +1227,8 @@ struct DecodeLayer {
         const float e = (float)eps;
         auto h = torch::empty({B, d}, torch::kFloat32);
         rms_norm_rows(x.data_ptr<float>(), in_norm.data_ptr<float>(), e, B, d, h.data_ptr<float>());
-        auto qkv = torch::empty({B, (Hq + 2 * Hk) * D}, torch::kFloat32);
-        float* qp = qkv.data_ptr<float>();
+        auto o_out = torch::empty({B, d}, torch::kFloat32);
+        float* op = o_out.data_ptr<float>();
         {
             Acts acts(h.data_ptr<float>(), B, d);
             auto qt = torch::empty({B, Hq * D}, torch::kFloat32), kt = torch::empty({B, Hk * D}, torch::kFloat32),
@@ -1270,11 +1239,11 @@ struct DecodeLayer {
             auto att = decode_attention_list(qk[0], qk[1], vt.view({B, Hk, D}), keys, values, k_scales, v_scales,
                                              key_pos, slots, positions, window, scale);
             Acts att_acts(att.data_ptr<float>(), B, Hq * D);
-            matmul_acts(att_acts, {o.product(B, qp)});
+            matmul_acts(att_acts, {o.product(B, op)});
         }
         // x += post_attn_norm(o); h = pre_ffw_norm(x)
         auto x1 = torch::empty({B, d}, torch::kFloat32);
-        rms_norm_rows(qp, post_attn_norm.data_ptr<float>(), e, B, d, x1.data_ptr<float>(), x.data_ptr<float>());
+        rms_norm_rows(op, post_attn_norm.data_ptr<float>(), e, B, d, x1.data_ptr<float>(), x.data_ptr<float>());
         rms_norm_rows(x1.data_ptr<float>(), pre_ffw_norm.data_ptr<float>(), e, B, d, h.data_ptr<float>());
         auto m = mlp(h, gate.bytes(B), gate.kind(B), up.bytes(B), up.kind(B), down.bytes(B), down.kind(B), F, d);
         auto out = torch::empty({B, d}, torch::kFloat32);

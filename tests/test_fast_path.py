@@ -81,18 +81,18 @@ def test_quant_linear_matches_reference(qtype, rows):
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype,cols", [(T.Q4_0, 640), (T.Q5_0, 640), (T.Q4_K, 1024), (T.Q6_K, 2048)],
-                         ids=["Q4_0", "Q5_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype,cols", [(T.Q4_0, 640), (T.Q5_0, 640), (T.Q8_0, 640), (T.Q4_K, 1024), (T.Q6_K, 2048)],
+                         ids=["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 5, 67])
 def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
-    """QuantLinear.pack (Q4_0/Q5_0 rows of a multiple of 128 values, Q4_K and Q6_K rows) adds a one-row
+    """QuantLinear.pack (Q4_0/Q5_0/Q8_0 rows of a multiple of 128 values, Q4_K and Q6_K rows) adds a one-row
     kernel's layout: it decodes to exactly the GGUF blocks' values, and one-row products through
     it match the reference like every kernel (more rows keep reading the blocks)."""
     layer = QuantLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
     layer.pack()
     packed, packed_type = layer.weight_for(1)
     want_type, _, _ = kernels.PACKED[int(qtype)]
-    group_bytes = {T.Q4_0: 72, T.Q5_0: 88, T.Q4_K: 96, T.Q6_K: 108}[qtype]
+    group_bytes = {T.Q4_0: 72, T.Q5_0: 88, T.Q8_0: 136, T.Q4_K: 96, T.Q6_K: 108}[qtype]
     assert packed_type == want_type and packed.shape == (rows, cols // 128 * group_bytes)
     assert layer.weight_for(2) == (layer.blocks, int(qtype))
     out = torch.empty(rows, cols)
@@ -102,6 +102,9 @@ def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
     for _ in range(3):
         x = torch.randn(1, cols, generator=g) * 10 ** torch.empty(1).uniform_(-2, 2, generator=g)
         assert dot_err(layer, x, layer(x)) < 2e-5
+    for m in (2, 3, 4, 7):  # a repacked LM head (pack(in_place=True)) takes batches of up to 8 rows too
+        x = torch.randn(m, cols, generator=g)
+        assert dot_err(layer, x, kernels.ops().qmatmul(x, packed, packed_type, rows)) < 2e-5, m
 
 
 @needs_kernels

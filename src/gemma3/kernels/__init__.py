@@ -26,11 +26,10 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
 # GGML types with a kernel; anything else stays on the reference path.
 TYPES = frozenset({2, 6, 8, 12, 14})  # Q4_0, Q5_0, Q8_0, Q4_K, Q6_K
-Q4_0, Q5_0, Q4_K, Q6_K = 2, 6, 12, 14
+Q4_0, Q5_0, Q8_0, Q4_K, Q6_K = 2, 6, 8, 12, 14
 # Not GGML types: rows repacked for one-row products (qlinear.QuantLinear.pack), by the op named.
-# (Q8_0 has none: a repacked Q8_0 LM head measured no faster per decode step.)
-Q4_0R, Q5_0R, Q4_KR, Q6_KR = 1002, 1006, 1012, 1014
-PACKED = {Q4_0: (Q4_0R, "repack_q4_0", 128), Q5_0: (Q5_0R, "repack_q5_0", 128),
+Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR = 1002, 1006, 1008, 1012, 1014
+PACKED = {Q4_0: (Q4_0R, "repack_q4_0", 128), Q5_0: (Q5_0R, "repack_q5_0", 128), Q8_0: (Q8_0R, "repack_q8_0", 128),
           Q4_K: (Q4_KR, "repack_q4_k", 256), Q6_K: (Q6_KR, "repack_q6_k", 256)}  # packed type, op, row multiple
 
 _state: dict[str, object] = {}

@@ -32,8 +32,10 @@ namespace {
 
 #define INLINE inline __attribute__((always_inline))
 
-// Q4_0R, Q5_0R, Q4_KR and Q6_KR are ours, not GGML's: rows repacked for one-row products (repack_*).
-enum GGMLType : int64_t { Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q4_0R = 1002, Q5_0R = 1006, Q4_KR = 1012, Q6_KR = 1014 };
+// Q4_0R, Q5_0R, Q8_0R, Q4_KR and Q6_KR are ours, not GGML's: rows repacked for one-row products (repack_*).
+enum GGMLType : int64_t {
+    Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q4_0R = 1002, Q5_0R = 1006, Q8_0R = 1008, Q4_KR = 1012, Q6_KR = 1014
+};
 
 INLINE float h2f(const uint8_t* p) {
     uint16_t h;
@@ -106,7 +108,7 @@ struct FmtQ4_0 : Block32<FmtQ4_0, 18> {  // what `gemma3 quantize --to int4-bloc
     }
 };
 
-// The repacked 128-value layouts (Q4_0R, Q5_0R, Q4_KR, Q6_KR) keep the group's values as two
+// The repacked 128-value layouts (Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR) keep the group's values as two
 // 64-byte halves of unsigned bytes (`unsigned_quants`); their decoders hand the four 32-value
 // quarters on as signed values q = u - offset, each with its scales for values 0-15 and 16-31
 // and its min.
@@ -121,8 +123,8 @@ INLINE void quarters(__m512i q0, __m512i q1, const float* lo, const float* hi, c
 INLINE __m512i low_nibbles(__m512i x) { return _mm512_and_si512(x, _mm512_set1_epi8(0x0F)); }
 INLINE __m512i high_nibbles(__m512i x) { return low_nibbles(_mm512_srli_epi16(x, 4)); }
 
-// Q4_0 and Q5_0 repacked four blocks (128 values) at a time for one-row products (`repack_q4_0`,
-// `repack_q5_0`; the same bytes as four GGUF blocks): the stored values u (value = d * (u -
+// Q4_0, Q5_0 and Q8_0 repacked four blocks (128 values) at a time for one-row products
+// (`repack_q4_0`, `repack_q5_0`, `repack_q8_0`; the same bytes as four GGUF blocks): the stored values u (value = d * (u -
 // OFFSET)) first, then the four f16 scales at SCALES_AT. For dot_tile_g128, `scales` are the
 // four blocks' d and `mins` what each block subtracts per unit of activation sum.
 template <class Fmt, int OFFSET, int SCALES_AT> struct Packed32 {
@@ -160,6 +162,16 @@ struct FmtQ5_0R : Packed32<FmtQ5_0R, 16, 80> {
         FmtQ4_0R::unsigned_quants(b, u0, u1);
         u0 = _mm512_mask_add_epi8(u0, k0, u0, _mm512_set1_epi8(0x10));  // nibble + 16 = the stored 5-bit value
         u1 = _mm512_mask_add_epi8(u1, k1, u1, _mm512_set1_epi8(0x10));
+    }
+};
+
+// Q8_0R: the 128 values + 128 as unsigned bytes, which vpdpbusd takes as they are (the Q8_0
+// kernel widens every value to int16 and converts each block's scale on its own: ~40% more
+// instructions per block, and the LM head is compute-bound enough for it to show).
+struct FmtQ8_0R : Packed32<FmtQ8_0R, 128, 128> {
+    static INLINE void unsigned_quants(const uint8_t* b, __m512i& u0, __m512i& u1) {
+        u0 = _mm512_loadu_si512(b);
+        u1 = _mm512_loadu_si512(b + 64);
     }
 };
 
@@ -277,6 +289,7 @@ template <class F> auto dispatch(int64_t type, F&& f) {
         case Q5_0R: return f(FmtQ5_0R{});
         case Q4_KR: return f(FmtQ4_KR{});
         case Q4_0R: return f(FmtQ4_0R{});
+        case Q8_0R: return f(FmtQ8_0R{});
         case Q6_KR: return f(FmtQ6_KR{});
     }
     TORCH_CHECK(false, "gemma3 kernels: unsupported GGML type ", type);
@@ -422,9 +435,10 @@ void dot_rows_mt(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act
     }
 }
 
-// What the one-row kernel below needs from the activations for one 128-value group, and how a
-// format's scales turn the group's two integer dot products into floats. Lanes of a vpdpbusd
-// result hold four consecutive values: lanes 0-7 are the first 32-value block, 8-15 the second.
+// What the repacked layouts' kernel below (dot_tile_g128) needs from the activations for one
+// 128-value group, and how a format's scales turn the group's two integer dot products into
+// floats. Lanes of a vpdpbusd result hold four consecutive values: lanes 0-7 are the first
+// 32-value block, 8-15 the second.
 const __m512i LANES_FIRST = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
 const __m512i LANES_SECOND = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
 
@@ -489,36 +503,49 @@ template <> struct GroupOf<FmtQ6_KR> { using type = Group16; };
 // int16 dot product) then one FMA with the blocks' scales; the stored values' offset (Q5_0, Q6_K)
 // or the blocks' mins (Q4_K) are taken off at the end through activation block sums. About a third
 // of the instructions of the generic path, which widens every block to int16.
-template <class Fmt, int R>
-INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act& a, float* Y) {
+template <class Fmt, int R, int MT>
+INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* acts, float* Y, int64_t ldy) {
     using G = typename GroupOf<Fmt>::type;
-    const int64_t ng = a.K / 128;
-    __m512 acc[R];
-    typename G::Off off[R];
-    for (int r = 0; r < R; r++) {
-        acc[r] = _mm512_setzero_ps();
-        std::memset(&off[r], 0, sizeof(off[r]));
-    }
+    const int64_t ng = acts[0].K / 128;
+    __m512 acc[R][MT];
+    typename G::Off off[R][MT];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MT; m++) {
+            acc[r][m] = _mm512_setzero_ps();
+            std::memset(&off[r][m], 0, sizeof(off[r][m]));
+        }
     const char* ahead = (const char*)(W + (n + 2 * R) * rb);  // the tile after the next, as in dot_tile32
     const int64_t lines = (R * rb + 63) / 64, per_group = (lines + ng - 1) / ng;
     for (int64_t g = 0; g < ng; g++) {
         for (int64_t l = 0; l < per_group; l++) _mm_prefetch(ahead + (g * per_group + l) * 64, _MM_HINT_T1);
-        const __m512i h0 = _mm512_loadu_si512(a.hi + 128 * g), l0 = _mm512_loadu_si512(a.lo + 128 * g);
-        const __m512i h1 = _mm512_loadu_si512(a.hi + 128 * g + 64), l1 = _mm512_loadu_si512(a.lo + 128 * g + 64);
-        const G group(a, g);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             const uint8_t* p = W + (n + r) * rb + g * Fmt::BYTES;
             __m512i u0, u1;
             Fmt::unsigned_quants(p, u0, u1);
-            __m512i t0 = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, h0), 8);
-            __m512i t1 = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u1, h1), 8);
-            t0 = _mm512_dpbusd_epi32(t0, u0, l0);  // values 0-63 of the group
-            t1 = _mm512_dpbusd_epi32(t1, u1, l1);  // values 64-127
-            group.add(p, t0, t1, acc[r], off[r]);
+#pragma GCC unroll 4
+            for (int m = 0; m < MT; m++) {  // the weights decoded once for every activation row
+                const Act& a = acts[m];
+                const __m512i h0 = _mm512_loadu_si512(a.hi + 128 * g), l0 = _mm512_loadu_si512(a.lo + 128 * g);
+                const __m512i h1 = _mm512_loadu_si512(a.hi + 128 * g + 64), l1 = _mm512_loadu_si512(a.lo + 128 * g + 64);
+                __m512i t0 = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, h0), 8);
+                __m512i t1 = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u1, h1), 8);
+                t0 = _mm512_dpbusd_epi32(t0, u0, l0);  // values 0-63 of the group
+                t1 = _mm512_dpbusd_epi32(t1, u1, l1);  // values 64-127
+                G(a, g).add(p, t0, t1, acc[r][m], off[r][m]);
+            }
         }
     }
-    for (int r = 0; r < R; r++) Y[n + r] = _mm512_reduce_add_ps(acc[r]) - G::total(off[r]);
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MT; m++) Y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) - G::total(off[r][m]);
+}
+
+template <class T, int MT>
+void dot_rows_g128(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+    constexpr int R = MT <= 2 ? 4 : 2;
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) dot_tile_g128<T, R, MT>(W, rb, n, acts, Y, ldy);
+    for (; n < n1; n++) dot_tile_g128<T, 1, MT>(W, rb, n, acts, Y, ldy);
 }
 
 constexpr int MT = 4;  // activation rows sharing one decoded weight block
@@ -526,18 +553,19 @@ constexpr int MT = 4;  // activation rows sharing one decoded weight block
 template <class T>
 void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, int mt, float* Y, int64_t ldy) {
     if constexpr (T::VALS == 128) {  // the repacked layouts
-        if (mt == 1) {
-            int64_t n = n0;
-            for (; n + 4 <= n1; n += 4) dot_tile_g128<T, 4>(W, rb, n, acts[0], Y);
-            for (; n < n1; n++) dot_tile_g128<T, 1>(W, rb, n, acts[0], Y);
-            return;
+        switch (mt) {
+            case 1: return dot_rows_g128<T, 1>(W, rb, n0, n1, acts, Y, ldy);
+            case 2: return dot_rows_g128<T, 2>(W, rb, n0, n1, acts, Y, ldy);
+            case 3: return dot_rows_g128<T, 3>(W, rb, n0, n1, acts, Y, ldy);
+            default: return dot_rows_g128<T, 4>(W, rb, n0, n1, acts, Y, ldy);
         }
-    }
-    switch (mt) {
-        case 1: return dot_rows_mt<T, 1>(W, rb, n0, n1, acts, Y, ldy);
-        case 2: return dot_rows_mt<T, 2>(W, rb, n0, n1, acts, Y, ldy);
-        case 3: return dot_rows_mt<T, 3>(W, rb, n0, n1, acts, Y, ldy);
-        default: return dot_rows_mt<T, 4>(W, rb, n0, n1, acts, Y, ldy);
+    } else {
+        switch (mt) {
+            case 1: return dot_rows_mt<T, 1>(W, rb, n0, n1, acts, Y, ldy);
+            case 2: return dot_rows_mt<T, 2>(W, rb, n0, n1, acts, Y, ldy);
+            case 3: return dot_rows_mt<T, 3>(W, rb, n0, n1, acts, Y, ldy);
+            default: return dot_rows_mt<T, 4>(W, rb, n0, n1, acts, Y, ldy);
+        }
     }
 }
 
@@ -808,6 +836,17 @@ torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K) {
         }
         pack_nibbles(u, dst);
         std::memcpy(dst + 64, bits, 16);
+    });
+}
+
+// Q8_0 rows [N, K / 32 * 34 bytes] -> Q8_0R rows [N, K / 128 * 136] (see FmtQ8_0R); K % 128 == 0.
+torch::Tensor repack_q8_0(torch::Tensor w, int64_t N, int64_t K) {
+    return repack<FmtQ8_0, FmtQ8_0R>("repack_q8_0", w, N, K, [](const uint8_t* src, uint8_t* dst) {
+        for (int b = 0; b < 4; b++) {
+            const __m256i q = FmtQ8_0::quants(src + b * FmtQ8_0::BYTES);
+            _mm256_storeu_si256((__m256i*)(dst + 32 * b), _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80)));  // + 128
+            std::memcpy(dst + 128 + 2 * b, src + b * FmtQ8_0::BYTES, 2);
+        }
     });
 }
 
@@ -1335,6 +1374,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows", nogil);
     m.def("repack_q5_0", &repack_q5_0, "Q5_0 rows -> Q5_0R rows (four blocks per group, for one-row products)", nogil);
     m.def("repack_q4_0", &repack_q4_0, "Q4_0 rows -> Q4_0R rows (four blocks per group, for one-row products)", nogil);
+    m.def("repack_q8_0", &repack_q8_0, "Q8_0 rows -> Q8_0R rows (four blocks per group, for one-row products)", nogil);
     m.def("drop_file_pages", &drop_file_pages, "madvise(DONTNEED) a tensor read once from a private file mapping", nogil);
     m.def("repack_q4_k", &repack_q4_k, "Q4_K rows -> Q4_KR rows (half super-blocks, for one-row products)", nogil);
     m.def("repack_q6_k", &repack_q6_k, "Q6_K rows -> Q6_KR rows (half super-blocks, for one-row products)", nogil);

@@ -4,7 +4,7 @@
 // - a decode step's pattern on the 270M model: the layers' 72 MB, then the 178 MB LM head, again
 //   and again (the two together do not fit in the L3), mean time per "step" over 20 steps.
 //   gcc -O3 -march=native -fopenmp scripts/read_bandwidth.c -o /tmp/bw && /tmp/bw      (hardware prefetch)
-//   gcc -O3 -march=native -fopenmp -DPF=1024 scripts/read_bandwidth.c -o /tmp/bw && /tmp/bw   (+ software, 1 KB ahead)
+//   gcc -O3 -march=native -fopenmp -DPF=1024 scripts/read_bandwidth.c -o /tmp/bw && /tmp/bw   (+ software, into the L2, 1 KB ahead)
 #include <immintrin.h>
 #include <omp.h>
 #include <stdio.h>
@@ -28,7 +28,7 @@ static void read2(const char* buf, size_t n) {
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
         for (size_t i = 0; i < n / 2; i += 256) {
 #ifdef PF
-            for (int l = 0; l < 256; l += 64) _mm_prefetch(p + i + PF + l, _MM_HINT_T0);
+            for (int l = 0; l < 256; l += 64) _mm_prefetch(p + i + PF + l, _MM_HINT_T1);
 #endif
             a0 = _mm512_add_epi32(a0, _mm512_load_si512(p + i));
             a1 = _mm512_add_epi32(a1, _mm512_load_si512(p + i + 64));

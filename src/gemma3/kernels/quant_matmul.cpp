@@ -420,21 +420,6 @@ INLINE void dot_tile32(const uint8_t* W, int64_t rb, int64_t n, const Act* acts,
         for (int m = 0; m < MT; m++) Y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// Rows [n0, n1) for MT activation rows: several weight rows at a time, then the tail.
-template <class T, int MT>
-void dot_rows_mt(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
-    constexpr int R = MT <= 2 ? 4 : 2;
-    int64_t n = n0;
-    if constexpr (T::VALS == 32) {
-        std::vector<float> cs(R * MT * (acts[0].K / 32));
-        for (; n + R <= n1; n += R) dot_tile32<T, R, MT>(W, rb, n, acts, Y, ldy, cs.data());
-        for (; n < n1; n++) dot_tile32<T, 1, MT>(W, rb, n, acts, Y, ldy, cs.data());
-    } else {
-        for (; n + R <= n1; n += R) dot_tile<T, R, MT>(W, rb, n, acts, Y, ldy);
-        for (; n < n1; n++) dot_tile<T, 1, MT>(W, rb, n, acts, Y, ldy);
-    }
-}
-
 // What the repacked layouts' kernel below (dot_tile_g128) needs from the activations for one
 // 128-value group, and how a format's scales turn the group's two integer dot products into
 // floats. Lanes of a vpdpbusd result hold four consecutive values: lanes 0-7 are the first
@@ -524,7 +509,10 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* ac
             __m512i u0, u1;
             Fmt::unsigned_quants(p, u0, u1);
 #pragma GCC unroll 4
-            for (int m = 0; m < MT; m++) {  // the weights decoded once for every activation row
+            // The weights decoded once for every activation row. The activation loads and G(a, g)
+            // do not depend on r: the compiler hoists them (A/B equal to a one-row kernel that
+            // loaded them once per group).
+            for (int m = 0; m < MT; m++) {
                 const Act& a = acts[m];
                 const __m512i h0 = _mm512_loadu_si512(a.hi + 128 * g), l0 = _mm512_loadu_si512(a.lo + 128 * g);
                 const __m512i h1 = _mm512_loadu_si512(a.hi + 128 * g + 64), l1 = _mm512_loadu_si512(a.lo + 128 * g + 64);
@@ -540,32 +528,34 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* ac
         for (int m = 0; m < MT; m++) Y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) - G::total(off[r][m]);
 }
 
+// Rows [n0, n1) for MT activation rows: several weight rows at a time, then the tail, through
+// the kernel of the format's layout (32-value blocks, the repacked 128-value groups, K-quants).
 template <class T, int MT>
-void dot_rows_g128(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+void dot_rows_mt(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
     constexpr int R = MT <= 2 ? 4 : 2;
     int64_t n = n0;
-    for (; n + R <= n1; n += R) dot_tile_g128<T, R, MT>(W, rb, n, acts, Y, ldy);
-    for (; n < n1; n++) dot_tile_g128<T, 1, MT>(W, rb, n, acts, Y, ldy);
+    if constexpr (T::VALS == 32) {
+        std::vector<float> cs(R * MT * (acts[0].K / 32));
+        for (; n + R <= n1; n += R) dot_tile32<T, R, MT>(W, rb, n, acts, Y, ldy, cs.data());
+        for (; n < n1; n++) dot_tile32<T, 1, MT>(W, rb, n, acts, Y, ldy, cs.data());
+    } else if constexpr (T::VALS == 128) {
+        for (; n + R <= n1; n += R) dot_tile_g128<T, R, MT>(W, rb, n, acts, Y, ldy);
+        for (; n < n1; n++) dot_tile_g128<T, 1, MT>(W, rb, n, acts, Y, ldy);
+    } else {
+        for (; n + R <= n1; n += R) dot_tile<T, R, MT>(W, rb, n, acts, Y, ldy);
+        for (; n < n1; n++) dot_tile<T, 1, MT>(W, rb, n, acts, Y, ldy);
+    }
 }
 
 constexpr int MT = 4;  // activation rows sharing one decoded weight block
 
 template <class T>
 void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, int mt, float* Y, int64_t ldy) {
-    if constexpr (T::VALS == 128) {  // the repacked layouts
-        switch (mt) {
-            case 1: return dot_rows_g128<T, 1>(W, rb, n0, n1, acts, Y, ldy);
-            case 2: return dot_rows_g128<T, 2>(W, rb, n0, n1, acts, Y, ldy);
-            case 3: return dot_rows_g128<T, 3>(W, rb, n0, n1, acts, Y, ldy);
-            default: return dot_rows_g128<T, 4>(W, rb, n0, n1, acts, Y, ldy);
-        }
-    } else {
-        switch (mt) {
-            case 1: return dot_rows_mt<T, 1>(W, rb, n0, n1, acts, Y, ldy);
-            case 2: return dot_rows_mt<T, 2>(W, rb, n0, n1, acts, Y, ldy);
-            case 3: return dot_rows_mt<T, 3>(W, rb, n0, n1, acts, Y, ldy);
-            default: return dot_rows_mt<T, 4>(W, rb, n0, n1, acts, Y, ldy);
-        }
+    switch (mt) {
+        case 1: return dot_rows_mt<T, 1>(W, rb, n0, n1, acts, Y, ldy);
+        case 2: return dot_rows_mt<T, 2>(W, rb, n0, n1, acts, Y, ldy);
+        case 3: return dot_rows_mt<T, 3>(W, rb, n0, n1, acts, Y, ldy);
+        default: return dot_rows_mt<T, 4>(W, rb, n0, n1, acts, Y, ldy);
     }
 }
 

@@ -136,6 +136,33 @@ def test_embedding_repacked_in_place_from_a_file_mapping_keeps_every_path_exact(
 
 
 @needs_kernels
+def test_packing_into_huge_pages_writes_the_same_bytes_in_disjoint_aligned_slices():
+    """kernels.HugePages: one buffer (2 MB aligned, from ops.huge_empty) sized for the given packs;
+    pack(memory=...) writes exactly what a separate pack writes, each weight in a 64-byte aligned
+    slice of its own; a pack that does not fit is an error, not a silent second allocation."""
+    shapes = [(T.Q5_0, 5, 640), (T.Q4_K, 3, 1024), (T.Q6_K, 7, 2048), (T.Q8_0, 1, 640), (T.Q4_0, 9, 256)]
+    layers = [QuantLinear(random_blocks(q, r, c, seed=r), int(q), r, c) for q, r, c in shapes]
+    memory = kernels.HugePages([layer.packed_nbytes() for layer in layers])
+    assert memory.buffer.data_ptr() % (2 << 20) == 0
+    spans = []
+    for layer in layers:
+        alone = QuantLinear(layer.blocks, layer.ggml_type, layer.out_features, layer.in_features)
+        alone.pack()
+        layer.pack(memory=memory)
+        assert torch.equal(layer.packed, alone.packed) and layer.packed.numel() == layer.packed_nbytes()
+        start = layer.packed.data_ptr() - memory.buffer.data_ptr()
+        assert start % 64 == 0 and 0 <= start and start + layer.packed.numel() <= memory.buffer.numel()
+        spans.append((start, start + layer.packed.numel()))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    with pytest.raises(ValueError, match="left"):
+        layers[0].packed = None
+        layers[0].pack(memory=memory)
+    with pytest.raises(RuntimeError, match="out must be contiguous uint8 with"):
+        kernels.ops().repack_q5_0(layers[0].blocks, 5, 640, out=torch.empty(5, 10, dtype=torch.uint8))
+
+
+@needs_kernels
 def test_repack_refuses_rows_without_whole_groups():
     odd = QuantLinear(random_blocks(T.Q5_0, 3, 96), int(T.Q5_0), 3, 96)
     odd.pack()  # 96 values per row: no four-block groups, stays on the blocks
@@ -198,6 +225,20 @@ def test_fast_model_holds_no_float_weights(models):
     floats = sum(p.numel() for p in fast.parameters())
     assert floats < 100_000  # norms only
     assert isinstance(fast.embed_tokens, QuantEmbedding)
+
+
+@needs_kernels
+def test_loader_puts_every_streamed_weight_in_one_huge_page_buffer(models):
+    """What a decode step reads (the layers' repacked copies and the LM head repacked in place)
+    lies in one 2 MB-aligned allocation, packed back to back."""
+    fast, _, _ = models
+    linears = [m for m in fast.modules() if type(m) is QuantLinear]
+    tensors = [m.packed for m in linears if m.packed is not None] + [fast.embed_tokens.blocks]
+    assert len(tensors) == 7 * len(fast.layers) + 1
+    bases = {t.untyped_storage().data_ptr() for t in tensors}
+    assert len(bases) == 1 and bases.pop() % (2 << 20) == 0
+    used = sum(-(-t.numel() // 64) * 64 for t in tensors)
+    assert used == tensors[0].untyped_storage().nbytes()
 
 
 @needs_kernels

@@ -49,33 +49,41 @@ class QuantLinear(nn.Module):
                              persistent=False)
         self.register_buffer("packed", None, persistent=False)  # see pack()
 
-    def pack(self, in_place: bool = False, drop_source: bool = False):
+    def packed_nbytes(self) -> int:
+        """Bytes pack() writes: 0 where the weight has no repacked layout (or no kernels)."""
+        ops, packing = kernels.ops(), kernels.PACKED.get(self.ggml_type)
+        if ops is None or packing is None or self.in_features % packing[2] or self.storage_type != self.ggml_type:
+            return 0
+        return self.out_features * ops.layout_row_bytes(packing[0], self.in_features)
+
+    def pack(self, in_place: bool = False, drop_source: bool = False, memory: kernels.HugePages | None = None):
         """Repacks Q4_0 / Q5_0 / Q8_0 / Q4_K / Q6_K weights into a one-row kernel's layout
         (kernels.PACKED: 128 values per group, unsigned values for vpdpbusd): single-row products
         (batch-1 decode) read it at about a third of the GGUF layout's instructions. By default
         as a copy, the weight's size again (Q4_KR 4/3 of it), and everything else keeps reading
         `blocks`; `in_place` replaces `blocks` instead (every kernel reads both layouts).
         `drop_source` (in place only) vouches that `blocks` lie in a private, unmodified file
-        mapping (the GGUF's) whose pages this process may let go (ops.drop_file_pages)."""
-        ops, packing = kernels.ops(), kernels.PACKED.get(self.ggml_type)
-        if ops is None or packing is None or self.in_features % packing[2] or self.storage_type != self.ggml_type:
+        mapping (the GGUF's) whose pages this process may let go (ops.drop_file_pages).
+        `memory`: where the repacked rows go (2 MB pages; a new tensor otherwise)."""
+        nbytes = self.packed_nbytes()
+        if not nbytes:
             return
-        repack = getattr(ops, packing[1])
+        ops, (packed_type, op, _) = kernels.ops(), kernels.PACKED[self.ggml_type]
+        repack = getattr(ops, op)
+        shape = (self.out_features, nbytes // self.out_features)
+        packed = memory.take(*shape) if memory is not None else torch.empty(shape, dtype=torch.uint8)
         if not in_place:
-            self.packed = repack(self.blocks, self.out_features, self.in_features)
+            self.packed = repack(self.blocks, self.out_features, self.in_features, out=packed)
             return
         # In row slices, each slice's source pages let go as soon as it is repacked (with
         # `drop_source`, for blocks read from the GGUF file mapping): memory never holds both.
-        packed, step = None, max(1, (8 << 20) // self.blocks.shape[1])
+        step = max(1, (8 << 20) // self.blocks.shape[1])
         for r0 in range(0, self.out_features, step):
             source = self.blocks[r0:r0 + step]
-            part = repack(source, source.shape[0], self.in_features)
-            if packed is None:
-                packed = torch.empty(self.out_features, part.shape[1], dtype=torch.uint8)
-            packed[r0:r0 + step] = part
+            repack(source, source.shape[0], self.in_features, out=packed[r0:r0 + step])
             if drop_source:
                 ops.drop_file_pages(source)
-        self.blocks, self.storage_type = packed, packing[0]
+        self.blocks, self.storage_type = packed, packed_type
 
     @property
     def packed_type(self) -> int:
@@ -205,12 +213,14 @@ def load_gguf_quantized(path: str | Path) -> tuple[Gemma3Config, nn.Module, GGUF
         with torch.device("meta"):
             model = Gemma3(cfg)
     quantize_from_gguf(model, gg)
-    for module in model.modules():
-        if type(module) is QuantLinear:
-            module.pack()
+    # Everything a decode step streams goes to one allocation on 2 MB pages (kernels.HugePages).
+    linears = [m for m in model.modules() if type(m) is QuantLinear]
+    memory = kernels.HugePages([m.packed_nbytes() for m in linears + [model.embed_tokens]])
+    for module in linears:
+        module.pack(memory=memory)
     # The tied table is the biggest tensor: repacked in place rather than copied (the 270M's Q8_0
     # LM head: step 11.5 -> 10.8 ms; a Q4_0 one on a --to int4-block32 file: 8.2 -> 7.1 ms).
-    model.embed_tokens.pack(in_place=True, drop_source=True)
+    model.embed_tokens.pack(in_place=True, drop_source=True, memory=memory)
     # What is left are the norms (llama.cpp stores Gemma norms as 1 + w; we keep w) and any float Linear.
     state = {}
     for ours_name, param in model.state_dict().items():

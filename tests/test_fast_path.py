@@ -379,6 +379,36 @@ def test_batch_1_decode_runs_in_one_call_and_follows_the_cache_as_it_grows(kv_dt
 
 
 @needs_kernels
+def test_one_call_step_is_bit_exact_with_the_module_path():
+    """ops.DecodeStack.step (embedding row, layers, final norm, LM head in one call; RoPE rows cut
+    from 64-position tables) computes exactly what the fast modules compute one call at a time
+    (model.py's loop over the FastBlocks, model.embed, FastRMSNorm, the QuantEmbedding head),
+    across a RoPE table boundary; forward_hidden takes it too; a token id outside the vocabulary
+    is refused by name."""
+    from conftest import random_model, tiny_config
+
+    from gemma3.fastpath import ROPE_BLOCK
+    from gemma3.model import Gemma3
+
+    cfg = tiny_config(layers=4, heads=4, kv_heads=1, head_dim=32, hidden=128, window=8)
+    fast, _ = quantized_copy(random_model(cfg), T.Q8_0)
+    ids = torch.randint(0, cfg.vocab_size, (1, ROPE_BLOCK + 8), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        one, mod = fast.new_cache(1, ids.shape[1]), fast.new_cache(1, ids.shape[1])
+        fast(ids[:, :ROPE_BLOCK - 4], one), fast(ids[:, :ROPE_BLOCK - 4], mod)
+        for t in range(ROPE_BLOCK - 4, ids.shape[1] - 1):
+            a = fast(ids[:, t:t + 1], one)
+            b = fast.logits(Gemma3.forward_hidden(fast, ids[:, t:t + 1], mod))
+            assert one.__dict__.get("_decode_stack") is not None and mod.__dict__.get("_decode_stack") is None
+            assert torch.equal(a, b), t
+        t = ids.shape[1] - 1
+        assert torch.equal(fast.forward_hidden(ids[:, t:], one), Gemma3.forward_hidden(fast, ids[:, t:], mod))
+        assert one.pos == mod.pos == ids.shape[1]
+        with pytest.raises(RuntimeError, match="token id .* is not in"):
+            fast(torch.tensor([[cfg.vocab_size]]), fast.new_cache(1, 4))
+
+
+@needs_kernels
 @pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
 def test_decode_attention_reads_quantized_cache_like_model_py(kv_dtype):
     """The kernel reads bf16/int8 K/V in place (int8 scales applied per row inside the loop);

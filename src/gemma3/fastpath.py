@@ -25,6 +25,8 @@ Tests compare every swapped module with the original (tests/test_fast_path.py).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -32,6 +34,8 @@ from . import kernels
 from .cache import LinearKV, RingKV
 from .model import MLP, Attention, Block, Gemma3, RMSNorm, rope_cos_sin
 from .qlinear import MAX_VNNI_ROWS, QuantLinear
+
+ROPE_BLOCK = 64  # positions per RoPE table of the one-call step (FastGemma3._rope_at)
 
 
 class FastRMSNorm(RMSNorm):
@@ -153,30 +157,55 @@ class FastBlock(Block):
 
 
 class FastGemma3(Gemma3):
-    """A batch-1 decode step (one token, one sequence, a KVCache of its own) runs every layer in
-    one kernel call (ops.DecodeStack, built once per cache and kept on it): per-layer calls cost
-    ~25 us each in Python and argument conversion, ~0.45 ms of a ~12 ms step on the 270M model.
-    Everything else goes through model.py's loop over the (fast) blocks."""
+    """A batch-1 decode step (one token, one sequence, a KVCache of its own) is one kernel call
+    (ops.DecodeStack, built once per cache and kept on it): embedding, every layer, final norm and
+    LM head. Per-layer calls cost ~25 us each in Python and argument conversion, and the Python
+    around the layers another ~0.3 ms of a ~9.5 ms step on the 270M model. Everything else goes
+    through model.py's loop over the (fast) blocks."""
+
+    def forward(self, input_ids, cache=None, last_only=False, embeds=None, groups=None):
+        stack = self._one_call(input_ids, cache, embeds, groups)
+        if stack is None:
+            return super().forward(input_ids, cache, last_only, embeds, groups)
+        return self._step(stack, input_ids, cache, logits=True).view(1, 1, -1)
 
     def forward_hidden(self, input_ids, cache, embeds=None, groups=None):
-        stack = None
-        if input_ids.shape == (1, 1) and embeds is None and groups is None and cache.pos < cache.max_len:
-            stack = self._stack(cache)
+        stack = self._one_call(input_ids, cache, embeds, groups)
         if stack is None:
             return super().forward_hidden(input_ids, cache, embeds, groups)
-        positions = torch.tensor([cache.pos])
-        local = rope_cos_sin(positions, self.rope_local, self.dtype)
-        glob = rope_cos_sin(positions, self.rope_global, self.dtype)
-        x = stack.forward(self.embed(input_ids).view(1, -1), *local, *glob, cache.pos)
-        advance(cache.layers)
-        cache.pos += 1
-        return self.norm(x.view(1, 1, -1))
+        return self._step(stack, input_ids, cache, logits=False).view(1, 1, -1)
 
     def decode(self, tokens, caches):
         """model.decode; one sequence (a server serving one request) takes the one-call step."""
-        if len(caches) == 1 and caches[0].pos < caches[0].max_len and self._stack(caches[0]) is not None:
-            return self.logits(self.forward_hidden(tokens.view(1, 1), caches[0]))[:, 0]
-        return super().decode(tokens, caches)
+        stack = self._one_call(tokens.view(1, 1), caches[0]) if len(caches) == 1 else None
+        if stack is None:
+            return super().decode(tokens, caches)
+        return self._step(stack, tokens, caches[0], logits=True)
+
+    def _one_call(self, input_ids, cache, embeds=None, groups=None):
+        """The cache's DecodeStack where this call is a one-call step, else None."""
+        if (cache is None or input_ids.shape != (1, 1) or embeds is not None or groups is not None
+                or cache.pos >= cache.max_len):
+            return None
+        return self._stack(cache)
+
+    def _step(self, stack, input_ids, cache, logits: bool) -> torch.Tensor:
+        out = stack.step(int(input_ids.reshape(())), *self._rope_at(cache.pos), cache.pos, logits)
+        advance(cache.layers)
+        cache.pos += 1
+        return out
+
+    def _rope_at(self, pos: int) -> tuple:
+        """(cos, sin) of the local then the global RoPE at `pos`: rows of tables that rope_cos_sin
+        computes ROPE_BLOCK positions at a time (two calls per step cost ~0.1 ms of a ~9 ms step)."""
+        start = pos - pos % ROPE_BLOCK
+        held = self.__dict__.get("_rope_block")
+        if held is None or held[0] != start:
+            positions = torch.arange(start, start + ROPE_BLOCK)
+            tables = (*rope_cos_sin(positions, self.rope_local, self.dtype),
+                      *rope_cos_sin(positions, self.rope_global, self.dtype))
+            held = self.__dict__["_rope_block"] = (start, tables)
+        return tuple(t[pos - start] for t in held[1])
 
     def _stack(self, cache):
         """The cache's DecodeStack, (re)built when the cache's storage changed (a global layer's
@@ -190,15 +219,22 @@ class FastGemma3(Gemma3):
         if held is not None and held[0] is self and all(a is c.k.data for a, c in zip(held[1], cache.layers)):
             return held[2]
         layers = [layer.fused() for layer in self.layers]
+        table = self.embed_tokens
         if (self.dtype != torch.float32 or None in layers or cache.layers[0].k.data.shape[0] != 1
-                or not all(isinstance(c, (RingKV, LinearKV)) for c in cache.layers)):
+                or not all(isinstance(c, (RingKV, LinearKV)) for c in cache.layers)
+                or not kernel_ready(table) or not isinstance(self.norm, FastRMSNorm)
+                or table._forward_hooks or self.norm._forward_hooks):
             return None
+        ops = kernels.ops()
+        embed_scale = torch.tensor(math.sqrt(self.config.hidden_size), dtype=self.dtype).item()  # as model.embed
         ring = [isinstance(c, RingKV) for c in cache.layers]
-        stack = kernels.ops().DecodeStack(
+        stack = ops.DecodeStack(
             layers, [c.k.data for c in cache.layers], [c.v.data for c in cache.layers],
             [c.k.scale for c in cache.layers], [c.v.scale for c in cache.layers],
             [c.pos if r else None for c, r in zip(cache.layers, ring)],
-            [c.window if r else 0 for c, r in zip(cache.layers, ring)])
+            [c.window if r else 0 for c, r in zip(cache.layers, ring)],
+            ops.QWeight(table.blocks, table.storage_type, table.out_features, table.packed, table.packed_type),
+            embed_scale, self.norm.weight1, self.norm.eps)
         cache.__dict__["_decode_stack"] = (self, [c.k.data for c in cache.layers], stack)
         return stack
 

@@ -933,6 +933,7 @@ std::vector<torch::Tensor> qk_norm_rope(torch::Tensor q, torch::Tensor k, torch:
             const float* cr = cp + (per_row ? r / heads * D : 0);
             const float* sr = sp + (per_row ? r / heads * D : 0);
             float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
             for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
             const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
             for (int64_t i = 0; i < D; i++) tmp[i] = xr[i] * inv * (1.f + wp[i]);
@@ -1311,21 +1312,43 @@ struct DecodeLayer {
     }
 };
 
-// Every layer of a decode step for one sequence, holding that sequence's cache tensors (built once
-// per cache by fastpath.FastGemma3): one call per step, where per-layer calls cost ~25 us each in
-// Python and argument conversion. Layer i's new key/value go to slot pos % window[i] of a ring
-// (sliding-window layer) or slot pos of a linear cache (window 0: global layer).
+// A whole one-token step for one sequence, holding that sequence's cache tensors (built once per
+// cache by fastpath.FastGemma3): the embedding lookup, every layer, the final norm and the LM head
+// in one call. Per-layer calls cost ~25 us each in Python and argument conversion, and every
+// Python op between kernels runs cold (a step streams ~250 MB through the caches): the embedding,
+// RoPE rows, final norm and head calls around the layers took ~0.3 ms of a ~9.5 ms step. Layer i's
+// new key/value go to slot pos % window[i] of a ring (sliding-window layer) or slot pos of a linear
+// cache (window 0: global layer).
 struct DecodeStack {
     std::vector<DecodeLayer> layers;
     std::vector<torch::Tensor> keys, values;
     std::vector<c10::optional<torch::Tensor>> k_scales, v_scales, key_pos;  // int8 scales; ring positions
     std::vector<int64_t> windows;
+    QWeight table;           // the tied embedding / LM head: vocab rows of d values
+    double embed_scale;      // sqrt(d) rounded to fp32, as model.embed does
+    torch::Tensor out_norm;  // the final norm's 1 + w
+    double eps;
 
-    torch::Tensor forward(torch::Tensor x, torch::Tensor cos_local, torch::Tensor sin_local, torch::Tensor cos_global,
-                          torch::Tensor sin_global, int64_t pos) const {
+    // model.forward for token `token` at `pos`: logits [1, vocab], or with `logits` false the
+    // final-normed hidden state [1, d] (model.forward_hidden). The same arithmetic as the modules:
+    // the table row decoded exactly then scaled, DecodeLayer per layer, rms_norm_rows, qmatmul.
+    torch::Tensor step(int64_t token, torch::Tensor cos_local, torch::Tensor sin_local, torch::Tensor cos_global,
+                       torch::Tensor sin_global, int64_t pos, bool logits) const {
         TORCH_CHECK(keys.size() == layers.size() && values.size() == layers.size() && windows.size() == layers.size() &&
                         k_scales.size() == layers.size() && v_scales.size() == layers.size() &&
                         key_pos.size() == layers.size(), "DecodeStack: one cache entry per layer");
+        TORCH_CHECK(token >= 0 && token < table.N, "DecodeStack.step: token id ", token, " is not in [0, ", table.N, ")");
+        const int64_t d = out_norm.numel();
+        auto x = torch::empty({1, d}, torch::kFloat32);
+        dispatch(table.type, [&](auto fmt) {
+            using T = decltype(fmt);
+            const int64_t rb = row_bytes<T>(d);
+            check_weight(table.blocks, table.N, rb);
+            dequant_rows<T, false>(table.blocks.data_ptr<uint8_t>(), rb, d, token, token + 1, x.data_ptr<float>(), d);
+            return 0;
+        });
+        float* xp = x.data_ptr<float>();
+        for (int64_t i = 0; i < d; i++) xp[i] *= (float)embed_scale;
         const std::vector<torch::Tensor> none;
         for (size_t i = 0; i < layers.size(); i++) {
             const bool ring = windows[i] > 0;
@@ -1336,7 +1359,13 @@ struct DecodeStack {
                                   {values[i]}, one(k_scales[i]), one(v_scales[i]), ring ? one(key_pos[i]) : none,
                                   {ring ? pos % windows[i] : pos}, {pos});
         }
-        return x;
+        auto h = torch::empty({1, d}, torch::kFloat32);
+        rms_norm_rows(x.data_ptr<float>(), out_norm.data_ptr<float>(), (float)eps, 1, d, h.data_ptr<float>());
+        if (!logits) return h;
+        Acts acts(h.data_ptr<float>(), 1, d);
+        auto y = torch::empty({1, table.N}, torch::kFloat32);
+        matmul_acts(acts, {table.product(1, y.data_ptr<float>())});
+        return y;
     }
 };
 
@@ -1418,6 +1447,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     py::class_<DecodeStack>(m, "DecodeStack")
         .def(py::init<std::vector<DecodeLayer>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                       std::vector<c10::optional<torch::Tensor>>, std::vector<c10::optional<torch::Tensor>>,
-                      std::vector<c10::optional<torch::Tensor>>, std::vector<int64_t>>())
-        .def("forward", &DecodeStack::forward, "every layer of a one-token decode step over the held cache", nogil);
+                      std::vector<c10::optional<torch::Tensor>>, std::vector<int64_t>, QWeight, double, torch::Tensor,
+                      double>())
+        .def("step", &DecodeStack::step, "a one-token step over the held cache: embedding, layers, final norm (and LM head)",
+             nogil);
 }

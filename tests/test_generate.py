@@ -41,7 +41,8 @@ def test_greedy_is_argmax():
 @pytest.mark.parametrize("vocab", [1, 15, 16, 17, 1000, 262144])
 def test_greedy_kernel_matches_torch_max_on_ties_nans_and_infinities(vocab):
     """sampling.greedy's one-pass kernel (ops.argmax_rows) gives torch.max(dim)'s index: the first
-    maximum on ties, the first NaN where there is one, 0 for an all -inf row; 1-D or batched."""
+    maximum on ties, the first NaN where there is one, 0 for an all -inf row; 1-D or batched (a
+    262k row is split over the threads: ties and NaNs across the split)."""
     from gemma3.sampling import greedy
 
     g = torch.Generator().manual_seed(vocab)
@@ -50,6 +51,9 @@ def test_greedy_kernel_matches_torch_max_on_ties_nans_and_infinities(vocab):
     with_nan = torch.randn(vocab, generator=g)
     with_nan[vocab // 2] = with_nan[-1] = float("nan")
     rows.append(with_nan)
+    late = torch.full((vocab,), float("-inf"))  # the kernel scans a long row in slices, one per thread:
+    late[-1] = 0.0  # a maximum only in the last one
+    rows.append(late)
     batch = torch.stack(rows)
     assert torch.equal(greedy(batch), batch.max(-1).indices)
     for row in rows:

@@ -25,8 +25,6 @@ Tests compare every swapped module with the original (tests/test_fast_path.py).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -226,7 +224,6 @@ class FastGemma3(Gemma3):
                 or table._forward_hooks or self.norm._forward_hooks):
             return None
         ops = kernels.ops()
-        embed_scale = torch.tensor(math.sqrt(self.config.hidden_size), dtype=self.dtype).item()  # as model.embed
         ring = [isinstance(c, RingKV) for c in cache.layers]
         stack = ops.DecodeStack(
             layers, [c.k.data for c in cache.layers], [c.v.data for c in cache.layers],
@@ -234,7 +231,7 @@ class FastGemma3(Gemma3):
             [c.pos if r else None for c, r in zip(cache.layers, ring)],
             [c.window if r else 0 for c, r in zip(cache.layers, ring)],
             ops.QWeight(table.blocks, table.storage_type, table.out_features, table.packed, table.packed_type),
-            embed_scale, self.norm.weight1, self.norm.eps)
+            self.embed_scale().item(), self.norm.weight1, self.norm.eps)
         cache.__dict__["_decode_stack"] = (self, [c.k.data for c in cache.layers], stack)
         return stack
 

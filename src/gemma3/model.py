@@ -185,10 +185,12 @@ class Gemma3(nn.Module):
         """`kv_dtype`: "fp32" | "bf16" | "int8" storage (default: the model's dtype)."""
         return KVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device, kv_dtype=kv_dtype)
 
-    def embed(self, input_ids):
+    def embed_scale(self) -> torch.Tensor:
         # The sqrt(d_model) factor is rounded to the activation dtype first, as the reference does.
-        scale = torch.tensor(math.sqrt(self.config.hidden_size), dtype=self.dtype)
-        return self.embed_tokens(input_ids) * scale
+        return torch.tensor(math.sqrt(self.config.hidden_size), dtype=self.dtype)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids) * self.embed_scale()
 
     def chunks(self, length: int, groups: torch.Tensor | None):
         """Prefill chunk boundaries; a chunk is extended rather than cut through an image."""

@@ -113,8 +113,8 @@ class HugePages:
     ALIGN = 64
 
     def __init__(self, sizes: list[int]):
-        total = sum(-(-n // self.ALIGN) * self.ALIGN for n in sizes if n)
-        self.buffer = ops().huge_empty(total) if total and ops() is not None else None
+        total, kernels = sum(-(-n // self.ALIGN) * self.ALIGN for n in sizes if n), ops()
+        self.buffer = kernels.huge_empty(total) if total and kernels is not None else None
         self.used = 0
 
     def take(self, rows: int, cols: int) -> torch.Tensor:

@@ -1340,13 +1340,7 @@ struct DecodeStack {
         TORCH_CHECK(token >= 0 && token < table.N, "DecodeStack.step: token id ", token, " is not in [0, ", table.N, ")");
         const int64_t d = out_norm.numel();
         auto x = torch::empty({1, d}, torch::kFloat32);
-        dispatch(table.type, [&](auto fmt) {
-            using T = decltype(fmt);
-            const int64_t rb = row_bytes<T>(d);
-            check_weight(table.blocks, table.N, rb);
-            dequant_rows<T, false>(table.blocks.data_ptr<uint8_t>(), rb, d, token, token + 1, x.data_ptr<float>(), d);
-            return 0;
-        });
+        dequant(table.blocks.narrow(0, token, 1), table.type, x);
         float* xp = x.data_ptr<float>();
         for (int64_t i = 0; i < d; i++) xp[i] *= (float)embed_scale;
         const std::vector<torch::Tensor> none;

@@ -108,6 +108,31 @@ def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows,cols", [(16, 96), (48, 640), (2048, 640)])  # 96: not a multiple of 128
+def test_q5_0_copies_of_whole_16_row_groups_interleave_their_rows(rows, cols):
+    """A Q5_0 weight with a multiple of 16 rows packs to Q5_0X (16 rows across the vector lanes):
+    the same bytes' worth, decoding to exactly the GGUF values; one-row products, a few rows, and
+    products whose row ranges start inside a group (after a 5-row weight in one qmatmul_many
+    call, so the threads' chunks cut groups) all match the reference."""
+    layer = QuantLinear(random_blocks(T.Q5_0, rows, cols, seed=rows), int(T.Q5_0), rows, cols)
+    layer.pack()
+    packed, packed_type = layer.weight_for(1)
+    assert packed_type == kernels.Q5_0X and packed.shape == (rows, cols // 32 * 22)
+    assert layer.weight_for(2) == (layer.blocks, int(T.Q5_0))
+    out = torch.empty(rows, cols)
+    kernels.ops().dequant(packed, packed_type, out)
+    assert torch.equal(out, layer.dequantize())
+    g = torch.Generator().manual_seed(3)
+    for m in (1, 1, 2, 5):
+        x = torch.randn(m, cols, generator=g) * 10 ** torch.empty(1).uniform_(-2, 2, generator=g)
+        assert dot_err(layer, x, kernels.ops().qmatmul(x, packed, packed_type, rows)) < 2e-5, m
+    first = QuantLinear(random_blocks(T.Q8_0, 5, cols, seed=1), int(T.Q8_0), 5, cols)
+    x = torch.randn(1, cols, generator=g)
+    a, b = kernels.ops().qmatmul_many(x, [first.blocks, packed], [int(T.Q8_0), packed_type], [5, rows])
+    assert dot_err(first, x, a) < 2e-5 and dot_err(layer, x, b) < 2e-5
+
+
+@needs_kernels
 def test_embedding_repacked_in_place_from_a_file_mapping_keeps_every_path_exact(tmp_path):
     """The GGUF loader repacks the tied table in place (a Q4_0 LM head decodes ~13% faster) and
     lets go of the file pages it read, slice by slice: lookups stay bit-exact, the LM head matches
@@ -140,7 +165,8 @@ def test_packing_into_huge_pages_writes_the_same_bytes_in_disjoint_aligned_slice
     """kernels.HugePages: one buffer (2 MB aligned, from ops.huge_empty) sized for the given packs;
     pack(memory=...) writes exactly what a separate pack writes, each weight in a 64-byte aligned
     slice of its own; a pack that does not fit is an error, not a silent second allocation."""
-    shapes = [(T.Q5_0, 5, 640), (T.Q4_K, 3, 1024), (T.Q6_K, 7, 2048), (T.Q8_0, 1, 640), (T.Q4_0, 9, 256)]
+    shapes = [(T.Q5_0, 5, 640), (T.Q4_K, 3, 1024), (T.Q6_K, 7, 2048), (T.Q8_0, 1, 640), (T.Q4_0, 9, 256),
+              (T.Q5_0, 32, 96)]
     layers = [QuantLinear(random_blocks(q, r, c, seed=r), int(q), r, c) for q, r, c in shapes]
     memory = kernels.HugePages([layer.packed_nbytes() for layer in layers])
     assert memory.buffer.data_ptr() % (2 << 20) == 0
@@ -169,6 +195,10 @@ def test_repack_refuses_rows_without_whole_groups():
     assert odd.packed is None
     with pytest.raises(RuntimeError, match="multiple of 128"):
         kernels.ops().repack_q5_0(odd.blocks, 3, 96)
+    with pytest.raises(RuntimeError, match="3 rows is not a multiple of 16"):
+        kernels.ops().repack_q5_0x(odd.blocks, 3, 96)
+    with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
+        kernels.ops().qmatmul(torch.randn(1, 96), odd.blocks, kernels.Q5_0X, 3)
     with pytest.raises(RuntimeError, match="multiple of 256"):
         kernels.ops().repack_q4_k(torch.zeros(3 * 144, dtype=torch.uint8), 3, 128)
     with pytest.raises(RuntimeError, match="multiple of 256"):
@@ -235,6 +265,7 @@ def test_loader_puts_every_streamed_weight_in_one_huge_page_buffer(models):
     linears = [m for m in fast.modules() if type(m) is QuantLinear]
     tensors = [m.packed for m in linears if m.packed is not None] + [fast.embed_tokens.blocks]
     assert len(tensors) == 7 * len(fast.layers) + 1
+    assert {m.packed_type for m in linears if m.ggml_type == T.Q5_0} == {kernels.Q5_0X}  # all 16-row multiples
     bases = {t.untyped_storage().data_ptr() for t in tensors}
     assert len(bases) == 1 and bases.pop() % (2 << 20) == 0
     used = sum(-(-t.numel() // 64) * 64 for t in tensors)

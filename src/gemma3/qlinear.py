@@ -49,31 +49,42 @@ class QuantLinear(nn.Module):
                              persistent=False)
         self.register_buffer("packed", None, persistent=False)  # see pack()
 
-    def packed_nbytes(self) -> int:
+    def layout(self, in_place: bool = False) -> tuple[int, str] | None:
+        """(type, repack op) of the layout pack() would write, or None: Q5_0 copies of whole
+        16-row groups interleave their rows (kernels.INTERLEAVED), the rest get PACKED's rows."""
+        if kernels.ops() is None or self.storage_type != self.ggml_type:
+            return None
+        interleaved = kernels.INTERLEAVED.get(self.ggml_type)
+        if interleaved and not in_place and self.out_features % 16 == 0 and self.in_features % interleaved[2] == 0:
+            return interleaved[:2]
+        packing = kernels.PACKED.get(self.ggml_type)
+        return packing[:2] if packing and self.in_features % packing[2] == 0 else None
+
+    def packed_nbytes(self, in_place: bool = False) -> int:
         """Bytes pack() writes: 0 where the weight has no repacked layout (or no kernels)."""
-        ops, packing = kernels.ops(), kernels.PACKED.get(self.ggml_type)
-        if ops is None or packing is None or self.in_features % packing[2] or self.storage_type != self.ggml_type:
-            return 0
-        return self.out_features * ops.layout_row_bytes(packing[0], self.in_features)
+        layout = self.layout(in_place)
+        return self.out_features * kernels.ops().layout_row_bytes(layout[0], self.in_features) if layout else 0
 
     def pack(self, in_place: bool = False, drop_source: bool = False, memory: kernels.HugePages | None = None):
         """Repacks Q4_0 / Q5_0 / Q8_0 / Q4_K / Q6_K weights into a one-row kernel's layout
-        (kernels.PACKED: 128 values per group, unsigned values for vpdpbusd): single-row products
-        (batch-1 decode) read it at about a third of the GGUF layout's instructions. By default
-        as a copy, the weight's size again (Q4_KR 4/3 of it), and everything else keeps reading
-        `blocks`; `in_place` replaces `blocks` instead (every kernel reads both layouts).
-        `drop_source` (in place only) vouches that `blocks` lie in a private, unmodified file
-        mapping (the GGUF's) whose pages this process may let go (ops.drop_file_pages).
-        `memory`: where the repacked rows go (2 MB pages; a new tensor otherwise)."""
-        nbytes = self.packed_nbytes()
-        if not nbytes:
+        (kernels.PACKED: 128 values per group, unsigned values for vpdpbusd; INTERLEAVED: 16
+        rows across the vector lanes): single-row products (batch-1 decode) read it at a third to
+        a quarter of the GGUF layout's instructions. By default as a copy, the weight's size again
+        (Q4_KR 4/3 of it), and everything else keeps reading `blocks`; `in_place` replaces
+        `blocks` instead (every kernel reads PACKED's layouts). `drop_source` (in place only)
+        vouches that `blocks` lie in a private, unmodified file mapping (the GGUF's) whose pages
+        this process may let go (ops.drop_file_pages). `memory`: where the repacked rows go
+        (2 MB pages; a new tensor otherwise)."""
+        layout = self.layout(in_place)
+        if layout is None:
             return
-        ops, (packed_type, op, _) = kernels.ops(), kernels.PACKED[self.ggml_type]
+        (packed_type, op), nbytes, ops = layout, self.packed_nbytes(in_place), kernels.ops()
         repack = getattr(ops, op)
         shape = (self.out_features, nbytes // self.out_features)
         packed = memory.take(*shape) if memory is not None else torch.empty(shape, dtype=torch.uint8)
         if not in_place:
             self.packed = repack(self.blocks, self.out_features, self.in_features, out=packed)
+            self._packed_type = packed_type
             return
         # In row slices, each slice's source pages let go as soon as it is repacked (with
         # `drop_source`, for blocks read from the GGUF file mapping): memory never holds both.
@@ -87,7 +98,7 @@ class QuantLinear(nn.Module):
 
     @property
     def packed_type(self) -> int:
-        return kernels.PACKED[self.ggml_type][0] if self.packed is not None else self.storage_type
+        return self._packed_type if self.packed is not None else self.storage_type
 
     def weight_for(self, rows: int) -> tuple[torch.Tensor, int]:
         """The bytes and type the kernels read for a product with `rows` activation rows."""
@@ -215,7 +226,7 @@ def load_gguf_quantized(path: str | Path) -> tuple[Gemma3Config, nn.Module, GGUF
     quantize_from_gguf(model, gg)
     # Everything a decode step streams goes to one allocation on 2 MB pages (kernels.HugePages).
     linears = [m for m in model.modules() if type(m) is QuantLinear]
-    memory = kernels.HugePages([m.packed_nbytes() for m in linears + [model.embed_tokens]])
+    memory = kernels.HugePages([m.packed_nbytes() for m in linears] + [model.embed_tokens.packed_nbytes(in_place=True)])
     for module in linears:
         module.pack(memory=memory)
     # The tied table is the biggest tensor: repacked in place rather than copied (the 270M's Q8_0

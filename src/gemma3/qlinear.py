@@ -78,13 +78,12 @@ class QuantLinear(nn.Module):
         layout = self.layout(in_place)
         if layout is None:
             return
-        (packed_type, op), nbytes, ops = layout, self.packed_nbytes(in_place), kernels.ops()
+        (packed_type, op), ops = layout, kernels.ops()
         repack = getattr(ops, op)
-        shape = (self.out_features, nbytes // self.out_features)
+        shape = (self.out_features, ops.layout_row_bytes(packed_type, self.in_features))
         packed = memory.take(*shape) if memory is not None else torch.empty(shape, dtype=torch.uint8)
         if not in_place:
             self.packed = repack(self.blocks, self.out_features, self.in_features, out=packed)
-            self._packed_type = packed_type
             return
         # In row slices, each slice's source pages let go as soon as it is repacked (with
         # `drop_source`, for blocks read from the GGUF file mapping): memory never holds both.
@@ -98,7 +97,7 @@ class QuantLinear(nn.Module):
 
     @property
     def packed_type(self) -> int:
-        return self._packed_type if self.packed is not None else self.storage_type
+        return self.layout()[0] if self.packed is not None else self.storage_type
 
     def weight_for(self, rows: int) -> tuple[torch.Tensor, int]:
         """The bytes and type the kernels read for a product with `rows` activation rows."""

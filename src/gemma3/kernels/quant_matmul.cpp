@@ -542,15 +542,12 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* ac
 // not contiguous: the layout serves one-row products (and dequant, for tests), never an embedding
 // table (pack(in_place=True) keeps Q5_0R). The bytes are Q5_0's, rearranged.
 //
-// Per 16 rows and 32 values (four-value quads q = 0..7, lane 4r + i for value i of a quad of row
-// r): 4 x 64 bytes of low 4 bits, byte 64c + lane holding quad 2c in its low nibble and quad 2c + 1
-// in its high nibble (x16_nibbles). Values are stored + 16, as in Q5_0, and the offset is taken off
-// through the activation block sums.
-INLINE void x16_nibbles(const uint8_t* d, int c, __m512i& even, __m512i& odd) {
-    const __m512i raw = _mm512_loadu_si512(d + 64 * c), m4 = _mm512_set1_epi8(0x0F);
-    even = _mm512_and_si512(raw, m4);
-    odd = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
-}
+// Per 16 rows and 32-value block, 352 bytes (Q5_0's 22 per row), with four-value quads q = 0..7
+// and lane 4r + i for value i of a quad of row r:
+// - 4 x 64 bytes of low 4 bits: byte 64c + lane holds quad 2c in its low nibble, 2c + 1 in its high;
+// - 8 x 8 bytes: a 64-bit mask per quad whose bit `lane` is that value's fifth bit;
+// - the 16 rows' f16 scales.
+// Values are stored + 16, as in Q5_0, and the offset is taken off through the activation block sums.
 
 // Adds the products of one quad's 16 x 4 stored values with the activation quad (int16 split in
 // high and low bytes) to the high and low sums.
@@ -559,10 +556,8 @@ INLINE void x16_quad(__m512i u, int32_t a_hi, int32_t a_lo, __m512i& sh, __m512i
     sl = _mm512_dpbusd_epi32(sl, u, _mm512_set1_epi32(a_lo));
 }
 
-// Q5_0X, per 16 rows and 32-value block, 352 bytes (Q5_0's 22 per row): the nibbles; 8 x 8 bytes,
-// a 64-bit mask per quad whose bit `lane` is that value's fifth bit; the 16 rows' f16 scales.
 struct X16Q5_0 {
-    static constexpr int64_t VALS = 32, BYTES = 352;
+    static constexpr int64_t BYTES = 352;
     static INLINE void group(const uint8_t* G, int64_t K, const Act& a, float* y) {
         const __m512i b16 = _mm512_set1_epi8(0x10);
         __m512 acc = _mm512_setzero_ps();
@@ -575,8 +570,7 @@ struct X16Q5_0 {
             const int32_t* al = (const int32_t*)(a.lo + 32 * b);
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++) {
-                __m512i u0, u1;
-                x16_nibbles(d, c, u0, u1);
+                const __m512i raw = _mm512_loadu_si512(d + 64 * c), u0 = low_nibbles(raw), u1 = high_nibbles(raw);
                 __mmask64 k0, k1;
                 std::memcpy(&k0, d + 256 + 16 * c, 8);
                 std::memcpy(&k1, d + 256 + 16 * c + 8, 8);
@@ -599,37 +593,24 @@ struct X16Q5_0 {
     }
 };
 
-// Calls f(X{}) for an interleaved type; false for any other type.
-template <class F> bool interleaved(int64_t type, F&& f) {
-    if (type == Q5_0X) return f(X16Q5_0{}), true;
-    return false;
-}
-
-template <class X> int64_t x16_row_bytes(int64_t K) {
-    TORCH_CHECK(K % X::VALS == 0, "row length ", K, " is not a multiple of the block size ", X::VALS);
-    return K / X::VALS * X::BYTES / 16;
-}
-
 // y[n0, n1) for one activation row; a range that starts or ends inside a group computes that group
 // whole and keeps its rows in range.
-template <class X> void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act& a, float* y) {
-    const int64_t group_bytes = 16 * x16_row_bytes<X>(K);
+void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act& a, float* y) {
+    const int64_t group_bytes = K / 32 * X16Q5_0::BYTES;
     for (int64_t g = n0 / 16; g * 16 < n1; g++) {
         if (g * 16 >= n0 && g * 16 + 16 <= n1) {
-            X::group(W + g * group_bytes, K, a, y + g * 16);
+            X16Q5_0::group(W + g * group_bytes, K, a, y + g * 16);
             continue;
         }
         float part[16];
-        X::group(W + g * group_bytes, K, a, part);
+        X16Q5_0::group(W + g * group_bytes, K, a, part);
         for (int64_t n = std::max(n0, g * 16); n < std::min(n1, g * 16 + 16); n++) y[n] = part[n - g * 16];
     }
 }
 
-// Bytes per row of K values in a layout (GGML or repacked; an interleaved row's share of its group).
+// Bytes per row of K values in a layout (GGML or repacked; a Q5_0X row's share of its group, Q5_0's).
 int64_t weight_row_bytes(int64_t type, int64_t K) {
-    int64_t rb = 0;
-    if (interleaved(type, [&](auto x) { rb = x16_row_bytes<decltype(x)>(K); })) return rb;
-    return dispatch(type, [&](auto fmt) { return row_bytes<decltype(fmt)>(K); });
+    return dispatch(type == Q5_0X ? (int64_t)Q5_0 : type, [&](auto fmt) { return row_bytes<decltype(fmt)>(K); });
 }
 
 // Rows [n0, n1) for MT activation rows: several weight rows at a time, then the tail, through
@@ -744,7 +725,7 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products) {
     std::vector<int64_t> start{0};
     for (const auto& p : products) {
         check_weight(p.w, p.N, weight_row_bytes(p.type, K));
-        TORCH_CHECK(!interleaved(p.type, [](auto) {}) || p.N % 16 == 0, "interleaved weights hold whole groups of 16 rows, not ", p.N);
+        TORCH_CHECK(p.type != Q5_0X || p.N % 16 == 0, "interleaved weights hold whole groups of 16 rows, not ", p.N);
         start.push_back(start.back() + p.N);
     }
     // Dynamic scheduling over a few chunks per thread: a thread that gets preempted (other
@@ -762,11 +743,10 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products) {
             const int64_t n0 = std::max(r0, start[i]) - start[i], n1 = std::min(r1, start[i + 1]) - start[i];
             if (n0 >= n1) continue;
             const Product& p = products[i];
-            const bool done = interleaved(p.type, [&](auto x) {
-                for (int64_t m = 0; m < M; m++)
-                    x16_rows<decltype(x)>(p.w.data_ptr<uint8_t>(), K, n0, n1, acts.rows[m], p.Y + m * p.N);
-            });
-            if (done) continue;
+            if (p.type == Q5_0X) {
+                for (int64_t m = 0; m < M; m++) x16_rows(p.w.data_ptr<uint8_t>(), K, n0, n1, acts.rows[m], p.Y + m * p.N);
+                continue;
+            }
             dispatch(p.type, [&](auto fmt) {
                 using T = decltype(fmt);
                 const uint8_t* W = p.w.data_ptr<uint8_t>();
@@ -832,22 +812,21 @@ void dequant(torch::Tensor w, int64_t type, torch::Tensor out) {
     const int64_t N = out.size(0), K = out.size(1);
     const bool bf16 = out.scalar_type() == torch::kBFloat16;
     TORCH_CHECK(bf16 || out.scalar_type() == torch::kFloat32, "out must be float32 or bfloat16");
-    const bool done = interleaved(type, [&](auto x) {  // for tests and inspection: one value at a time
-        using X = decltype(x);
+    if (type == Q5_0X) {  // for tests and inspection: one value at a time
         TORCH_CHECK(N % 16 == 0, "interleaved weights hold whole groups of 16 rows, not ", N);
-        const int64_t rb = x16_row_bytes<X>(K);
+        const int64_t rb = weight_row_bytes(type, K);
         check_weight(w, N, rb);
         const uint8_t* W = w.data_ptr<uint8_t>();
         at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
             for (int64_t n = n0; n < n1; n++)
                 for (int64_t k = 0; k < K; k++) {
-                    const float v = X::value(W + n / 16 * 16 * rb, K, (int)(n % 16), k);
+                    const float v = X16Q5_0::value(W + n / 16 * 16 * rb, K, (int)(n % 16), k);
                     if (bf16) out.data_ptr<at::BFloat16>()[n * K + k] = at::BFloat16(v);
                     else out.data_ptr<float>()[n * K + k] = v;
                 }
         });
-    });
-    if (done) return;
+        return;
+    }
     dispatch(type, [&](auto fmt) {
         using T = decltype(fmt);
         const int64_t rb = row_bytes<T>(K);
@@ -977,49 +956,37 @@ torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K, c10::optional<t
     });
 }
 
-// GGUF rows (Src blocks) -> an interleaved layout X, one (16-row group, X block) unit at a time:
-// unit(rows, dst) gets the 16 rows' source blocks and writes the unit's X::BYTES (zeroed first).
-// N % 16 == 0, K % X::VALS == 0. Into `dest` where given, a new tensor otherwise.
-template <class Src, class X, class F>
-torch::Tensor repack_x16(const char* name, const torch::Tensor& w, int64_t N, int64_t K,
-                         const c10::optional<torch::Tensor>& dest, F&& unit) {
-    TORCH_CHECK(K % X::VALS == 0, name, ": row length ", K, " is not a multiple of ", X::VALS);
-    TORCH_CHECK(N % 16 == 0, name, ": ", N, " rows is not a multiple of 16");
-    const int64_t nb = K / X::VALS, src_row = K / Src::VALS * Src::BYTES, bytes = N * x16_row_bytes<X>(K);
-    check_weight(w, N, src_row);
-    torch::Tensor out = dest.has_value() ? *dest : torch::empty({N, x16_row_bytes<X>(K)}, torch::kUInt8);
-    TORCH_CHECK(out.dtype() == torch::kUInt8 && out.is_contiguous() && out.numel() == bytes, name,
-                ": out must be contiguous uint8 with ", bytes, " bytes");
+// Q5_0 rows [N, K / 32 * 22 bytes] -> Q5_0X, the same size (see X16Q5_0); N % 16 == 0, K % 32 == 0.
+// Into `out` where given, a new tensor otherwise.
+torch::Tensor repack_q5_0x(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
+    TORCH_CHECK(K % 32 == 0, "repack_q5_0x: row length ", K, " is not a multiple of 32");
+    TORCH_CHECK(N % 16 == 0, "repack_q5_0x: ", N, " rows is not a multiple of 16");
+    const int64_t nb = K / 32, rb = nb * FmtQ5_0::BYTES;
+    check_weight(w, N, rb);
+    torch::Tensor o = out.has_value() ? *out : torch::empty({N, rb}, torch::kUInt8);
+    TORCH_CHECK(o.dtype() == torch::kUInt8 && o.is_contiguous() && o.numel() == N * rb,
+                "repack_q5_0x: out must be contiguous uint8 with ", N * rb, " bytes");
     const uint8_t* in = w.data_ptr<uint8_t>();
-    uint8_t* o = out.data_ptr<uint8_t>();
+    uint8_t* op = o.data_ptr<uint8_t>();
     at::parallel_for(0, N / 16 * nb, 16, [&](int64_t u0, int64_t u1) {
         for (int64_t u = u0; u < u1; u++) {  // group u / nb, block u % nb
-            const uint8_t* rows[16];
-            for (int r = 0; r < 16; r++) rows[r] = in + (u / nb * 16 + r) * src_row + u % nb * (X::VALS / Src::VALS) * Src::BYTES;
-            uint8_t* dst = o + u * X::BYTES;
-            std::memset(dst, 0, X::BYTES);
-            unit(rows, dst);
-        }
-    });
-    return out;
-}
-
-// Q5_0 rows [N, K / 32 * 22 bytes] -> Q5_0X, the same size (see X16Q5_0).
-torch::Tensor repack_q5_0x(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
-    return repack_x16<FmtQ5_0, X16Q5_0>("repack_q5_0x", w, N, K, out, [](const uint8_t* const* rows, uint8_t* dst) {
-        for (int r = 0; r < 16; r++) {
-            const uint8_t* blk = rows[r];
-            uint32_t qh;
-            std::memcpy(&qh, blk + 2, 4);
-            std::memcpy(dst + 320 + 2 * r, blk, 2);
-            for (int j = 0; j < 32; j++) {
-                const int nib = j < 16 ? blk[6 + j] & 0x0F : blk[6 + j - 16] >> 4;
-                const int quad = j / 4, lane = 4 * r + j % 4;
-                dst[64 * (quad / 2) + lane] |= nib << (4 * (quad % 2));
-                dst[256 + 8 * quad + lane / 8] |= ((qh >> j) & 1u) << (lane % 8);
+            uint8_t* dst = op + u * X16Q5_0::BYTES;
+            std::memset(dst, 0, X16Q5_0::BYTES);
+            for (int r = 0; r < 16; r++) {
+                const uint8_t* blk = in + (u / nb * 16 + r) * rb + u % nb * FmtQ5_0::BYTES;
+                uint32_t qh;
+                std::memcpy(&qh, blk + 2, 4);
+                std::memcpy(dst + 320 + 2 * r, blk, 2);
+                for (int j = 0; j < 32; j++) {
+                    const int nib = j < 16 ? blk[6 + j] & 0x0F : blk[6 + j - 16] >> 4;
+                    const int quad = j / 4, lane = 4 * r + j % 4;
+                    dst[64 * (quad / 2) + lane] |= nib << (4 * (quad % 2));
+                    dst[256 + 8 * quad + lane / 8] |= ((qh >> j) & 1u) << (lane % 8);
+                }
             }
         }
     });
+    return o;
 }
 
 // Q8_0 rows [N, K / 32 * 34 bytes] -> Q8_0R rows [N, K / 128 * 136] (see FmtQ8_0R); K % 128 == 0.

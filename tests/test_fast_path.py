@@ -108,20 +108,25 @@ def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q8_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows,cols", [(16, 96), (48, 640), (2048, 640)])  # 96: not a multiple of 128
-def test_q5_0_copies_of_whole_16_row_groups_interleave_their_rows(rows, cols):
-    """A Q5_0 weight with a multiple of 16 rows packs to Q5_0X (16 rows across the vector lanes):
-    the same bytes' worth, decoding to exactly the GGUF values; one-row products, a few rows, and
-    products whose row ranges start inside a group (after a 5-row weight in one qmatmul_many
-    call, so the threads' chunks cut groups) all match the reference."""
-    layer = QuantLinear(random_blocks(T.Q5_0, rows, cols, seed=rows), int(T.Q5_0), rows, cols)
+def test_weights_of_whole_16_row_groups_interleave_their_rows(qtype, rows, cols):
+    """A Q5_0 or Q8_0 weight with a multiple of 16 rows packs to Q5_0X / Q8_0X (16 rows across the
+    vector lanes): the same bytes' worth, decoding to exactly the GGUF values (fp32, and bf16
+    rounded as torch does); one-row products, a few rows, and products whose row ranges start
+    inside a group (after a 5-row weight in one qmatmul_many call, so the threads' chunks cut
+    groups) all match the reference."""
+    layer = QuantLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
     layer.pack()
     packed, packed_type = layer.weight_for(1)
-    assert packed_type == kernels.Q5_0X and packed.shape == (rows, cols // 32 * 22)
-    assert layer.weight_for(2) == (layer.blocks, int(T.Q5_0))
-    out = torch.empty(rows, cols)
+    assert packed_type == kernels.INTERLEAVED[int(qtype)][0]
+    assert packed.shape == (rows, cols // 32 * BLOCK_INFO[qtype][1])
+    assert layer.weight_for(2) == (layer.blocks, int(qtype))
+    want = layer.dequantize()
+    out, out16 = torch.empty(rows, cols), torch.empty(rows, cols, dtype=torch.bfloat16)
     kernels.ops().dequant(packed, packed_type, out)
-    assert torch.equal(out, layer.dequantize())
+    kernels.ops().dequant(packed, packed_type, out16)
+    assert torch.equal(out, want) and torch.equal(out16, want.bfloat16())
     g = torch.Generator().manual_seed(3)
     for m in (1, 1, 2, 5):
         x = torch.randn(m, cols, generator=g) * 10 ** torch.empty(1).uniform_(-2, 2, generator=g)
@@ -133,27 +138,32 @@ def test_q5_0_copies_of_whole_16_row_groups_interleave_their_rows(rows, cols):
 
 
 @needs_kernels
-def test_embedding_repacked_in_place_from_a_file_mapping_keeps_every_path_exact(tmp_path):
-    """The GGUF loader repacks the tied table in place (a Q4_0 LM head decodes ~13% faster) and
-    lets go of the file pages it read, slice by slice: lookups stay bit-exact, the LM head matches
-    the reference for one row (repacked kernel) and for many (bf16 GEMM over the repacked layout),
-    and the file mapping still reads the file's bytes afterwards."""
+@pytest.mark.parametrize("qtype,layout", [(T.Q4_0, kernels.Q4_0R), (T.Q8_0, kernels.Q8_0X)], ids=["Q4_0", "Q8_0"])
+def test_embedding_repacked_in_place_from_a_file_mapping_keeps_every_path_exact(tmp_path, qtype, layout):
+    """The GGUF loader repacks the tied table in place (a Q4_0 LM head decodes ~13% faster; the
+    270M's Q8_0 one interleaves its rows) and lets go of the file pages it read, slice by slice:
+    lookups stay bit-exact (rows decoded from their 16-row group where interleaved), the LM head
+    matches the reference for one row and a few (repacked kernel) and for many (bf16 GEMM over the
+    repacked layout), and the file mapping still reads the file's bytes afterwards."""
     import mmap
 
-    rows, cols = 70_000, 256  # 10 MB: two of pack()'s 8 MB slices
-    raw = random_blocks(T.Q4_0, rows, cols, seed=9)
+    rows, cols = 70_000, 256  # 10 / 19 MB: two or three of pack()'s 8 MB slices; 16-row groups
+    raw = random_blocks(qtype, rows, cols, seed=9)
     path = tmp_path / "table.bin"
     path.write_bytes(raw.numpy().tobytes())
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     mapped = torch.frombuffer(buf, dtype=torch.uint8)
-    table = QuantEmbedding(mapped, int(T.Q4_0), rows, cols)
+    table = QuantEmbedding(mapped, int(qtype), rows, cols)
     want = table.dequantize()
     ids = torch.randint(0, rows, (7, 5), generator=torch.Generator().manual_seed(0))
+    ids[0, :3] = torch.tensor([0, 15, rows - 1])  # a group's first and last rows, the table's last
     table.pack(in_place=True, drop_source=True)
-    assert table.storage_type == kernels.Q4_0R and table.weight_for(1) == (table.blocks, kernels.Q4_0R)
+    assert table.storage_type == layout and table.weight_for(1) == (table.blocks, layout)
     assert torch.equal(table.dequantize(), want)
     assert torch.equal(table(ids), want[ids])
+    with pytest.raises(RuntimeError, match=f"token id {rows} is not in"):
+        table(torch.tensor([3, rows]))
     for n in (1, 3, MAX_VNNI_ROWS + 4):
         x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n))
         assert dot_err(table, x, table.attend(x)) < (2e-5 if n <= MAX_VNNI_ROWS else 2e-3), n
@@ -166,7 +176,7 @@ def test_packing_into_huge_pages_writes_the_same_bytes_in_disjoint_aligned_slice
     pack(memory=...) writes exactly what a separate pack writes, each weight in a 64-byte aligned
     slice of its own; a pack that does not fit is an error, not a silent second allocation."""
     shapes = [(T.Q5_0, 5, 640), (T.Q4_K, 3, 1024), (T.Q6_K, 7, 2048), (T.Q8_0, 1, 640), (T.Q4_0, 9, 256),
-              (T.Q5_0, 32, 96)]
+              (T.Q5_0, 32, 96), (T.Q8_0, 16, 640)]
     layers = [QuantLinear(random_blocks(q, r, c, seed=r), int(q), r, c) for q, r, c in shapes]
     memory = kernels.HugePages([layer.packed_nbytes() for layer in layers])
     assert memory.buffer.data_ptr() % (2 << 20) == 0
@@ -199,6 +209,11 @@ def test_repack_refuses_rows_without_whole_groups():
         kernels.ops().repack_q5_0x(odd.blocks, 3, 96)
     with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
         kernels.ops().qmatmul(torch.randn(1, 96), odd.blocks, kernels.Q5_0X, 3)
+    odd8 = random_blocks(T.Q8_0, 3, 96)
+    with pytest.raises(RuntimeError, match="3 rows is not a multiple of 16"):
+        kernels.ops().repack_q8_0x(odd8, 3, 96)
+    with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
+        kernels.ops().dequant(odd8, kernels.Q8_0X, torch.empty(3, 96))
     with pytest.raises(RuntimeError, match="multiple of 256"):
         kernels.ops().repack_q4_k(torch.zeros(3 * 144, dtype=torch.uint8), 3, 128)
     with pytest.raises(RuntimeError, match="multiple of 256"):
@@ -266,6 +281,8 @@ def test_loader_puts_every_streamed_weight_in_one_huge_page_buffer(models):
     tensors = [m.packed for m in linears if m.packed is not None] + [fast.embed_tokens.blocks]
     assert len(tensors) == 7 * len(fast.layers) + 1
     assert {m.packed_type for m in linears if m.ggml_type == T.Q5_0} == {kernels.Q5_0X}  # all 16-row multiples
+    assert {m.packed_type for m in linears if m.ggml_type == T.Q8_0} == {kernels.Q8_0X}
+    assert fast.embed_tokens.storage_type == kernels.Q8_0X
     bases = {t.untyped_storage().data_ptr() for t in tensors}
     assert len(bases) == 1 and bases.pop() % (2 << 20) == 0
     used = sum(-(-t.numel() // 64) * 64 for t in tensors)
@@ -352,7 +369,7 @@ def quantized_copy(model, qtype=T.Q8_0):
 def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
     """Prefill chunks, then one-token steps far past the window (ring wrap-around, local and global
     layers, GQA): the swapped modules give model.py's logits. Q4_0 is what `gemma3 quantize --to
-    int4-block32` writes; Q5_0 with batch 1 runs the repacked one-row kernel (hidden 128) inside
+    int4-block32` writes; Q5_0 and Q8_0 weights get interleaved copies, which batch 1 reads inside
     FastBlock's one-call layer; batch 3 shares one cache and takes the per-module path."""
     from conftest import random_model, tiny_config
 
@@ -363,7 +380,7 @@ def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
     fast, ref = quantized_copy(random_model(cfg), qtype)
     assert {type(m) for m in fast.modules()} >= {FastAttention, FastBlock, FastMLP, FastRMSNorm, QuantLinear}
     assert all(layer.fused() is not None for layer in fast.layers)  # batch 1 decodes a layer in one call
-    assert (qtype == T.Q5_0) == (fast.layers[0].mlp.up_proj.packed is not None)
+    assert (qtype != T.Q4_0) == (fast.layers[0].mlp.up_proj.packed is not None)  # Q5_0X, Q8_0X
     ids = torch.randint(0, cfg.vocab_size, (batch, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         cf, cr = fast.new_cache(batch, 64), ref.new_cache(batch, 64)

@@ -49,33 +49,33 @@ class QuantLinear(nn.Module):
                              persistent=False)
         self.register_buffer("packed", None, persistent=False)  # see pack()
 
-    def layout(self, in_place: bool = False) -> tuple[int, str] | None:
-        """(type, repack op) of the layout pack() would write, or None: Q5_0 copies of whole
-        16-row groups interleave their rows (kernels.INTERLEAVED), the rest get PACKED's rows."""
+    def layout(self) -> tuple[int, str] | None:
+        """(type, repack op) of the layout pack() would write, or None: Q5_0 and Q8_0 weights of
+        whole 16-row groups interleave their rows (kernels.INTERLEAVED), the rest get PACKED's rows."""
         if kernels.ops() is None or self.storage_type != self.ggml_type:
             return None
         interleaved = kernels.INTERLEAVED.get(self.ggml_type)
-        if interleaved and not in_place and self.out_features % 16 == 0 and self.in_features % interleaved[2] == 0:
+        if interleaved and self.out_features % 16 == 0 and self.in_features % interleaved[2] == 0:
             return interleaved[:2]
         packing = kernels.PACKED.get(self.ggml_type)
         return packing[:2] if packing and self.in_features % packing[2] == 0 else None
 
-    def packed_nbytes(self, in_place: bool = False) -> int:
+    def packed_nbytes(self) -> int:
         """Bytes pack() writes: 0 where the weight has no repacked layout (or no kernels)."""
-        layout = self.layout(in_place)
+        layout = self.layout()
         return self.out_features * kernels.ops().layout_row_bytes(layout[0], self.in_features) if layout else 0
 
     def pack(self, in_place: bool = False, drop_source: bool = False, memory: kernels.HugePages | None = None):
         """Repacks Q4_0 / Q5_0 / Q8_0 / Q4_K / Q6_K weights into a one-row kernel's layout
-        (kernels.PACKED: 128 values per group, unsigned values for vpdpbusd; INTERLEAVED: 16
-        rows across the vector lanes): single-row products (batch-1 decode) read it at a third to
+        (kernels.INTERLEAVED: 16 rows across the vector lanes; PACKED: 128 values per group,
+        unsigned values for vpdpbusd): single-row products (batch-1 decode) read it at a third to
         a quarter of the GGUF layout's instructions. By default as a copy, the weight's size again
         (Q4_KR 4/3 of it), and everything else keeps reading `blocks`; `in_place` replaces
-        `blocks` instead (every kernel reads PACKED's layouts). `drop_source` (in place only)
+        `blocks` instead (every kernel and lookup reads the repacked layouts). `drop_source` (in place only)
         vouches that `blocks` lie in a private, unmodified file mapping (the GGUF's) whose pages
         this process may let go (ops.drop_file_pages). `memory`: where the repacked rows go
         (2 MB pages; a new tensor otherwise)."""
-        layout = self.layout(in_place)
+        layout = self.layout()
         if layout is None:
             return
         (packed_type, op), ops = layout, kernels.ops()
@@ -85,9 +85,10 @@ class QuantLinear(nn.Module):
         if not in_place:
             self.packed = repack(self.blocks, self.out_features, self.in_features, out=packed)
             return
-        # In row slices, each slice's source pages let go as soon as it is repacked (with
-        # `drop_source`, for blocks read from the GGUF file mapping): memory never holds both.
-        step = max(1, (8 << 20) // self.blocks.shape[1])
+        # In row slices (of whole 16-row groups), each slice's source pages let go as soon as it is
+        # repacked (with `drop_source`, for blocks read from the GGUF file mapping): memory never
+        # holds both.
+        step = max(16, (8 << 20) // self.blocks.shape[1] // 16 * 16)
         for r0 in range(0, self.out_features, step):
             source = self.blocks[r0:r0 + step]
             repack(source, source.shape[0], self.in_features, out=packed[r0:r0 + step])
@@ -118,14 +119,13 @@ class QuantLinear(nn.Module):
 
         return GGMLQuantizationType(self.ggml_type).name
 
-    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 weight (or the given rows of it), exactly as quants.py decodes it (repacked
-        blocks through the kernels' decoder, which tests hold bit-exact with it)."""
-        blocks = self.blocks if rows is None else self.blocks[rows]
+    def dequantize(self) -> torch.Tensor:
+        """float32 weight, exactly as quants.py decodes it (repacked blocks through the kernels'
+        decoder, which tests hold bit-exact with it)."""
         if self.storage_type == self.ggml_type:
-            return dequantize(blocks.reshape(-1), self.ggml_type, (blocks.shape[0], self.in_features))
-        out = torch.empty(blocks.shape[0], self.in_features)
-        kernels.ops().dequant(blocks, self.storage_type, out)
+            return dequantize(self.blocks.reshape(-1), self.ggml_type, (self.out_features, self.in_features))
+        out = torch.empty(self.out_features, self.in_features)
+        kernels.ops().dequant(self.blocks, self.storage_type, out)
         return out
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,13 +148,14 @@ class QuantEmbedding(QuantLinear):
     `attend(hidden)` is the LM head, hidden @ table.T, through the same kernels as QuantLinear."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.blocks[ids.reshape(-1)]
+        flat = ids.reshape(-1)
         ops = kernels.ops()
         if ops is None or self.ggml_type not in kernels.TYPES:
+            rows = self.blocks[flat]
             out = dequantize(rows.reshape(-1), self.ggml_type, (rows.shape[0], self.in_features))
         else:  # the same values (the kernel's decoders are bit-exact with quants.py), ~4x faster per token
-            out = torch.empty(rows.shape[0], self.in_features)
-            ops.dequant(rows, self.storage_type, out)
+            out = torch.empty(flat.shape[0], self.in_features)
+            ops.lookup(self.blocks, self.storage_type, self.out_features, flat.to(torch.int64).contiguous(), out)
         return out.reshape(*ids.shape, self.in_features)
 
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -225,7 +226,7 @@ def load_gguf_quantized(path: str | Path) -> tuple[Gemma3Config, nn.Module, GGUF
     quantize_from_gguf(model, gg)
     # Everything a decode step streams goes to one allocation on 2 MB pages (kernels.HugePages).
     linears = [m for m in model.modules() if type(m) is QuantLinear]
-    memory = kernels.HugePages([m.packed_nbytes() for m in linears] + [model.embed_tokens.packed_nbytes(in_place=True)])
+    memory = kernels.HugePages([m.packed_nbytes() for m in linears + [model.embed_tokens]])
     for module in linears:
         module.pack(memory=memory)
     # The tied table is the biggest tensor: repacked in place rather than copied (the 270M's Q8_0

@@ -32,10 +32,11 @@ namespace {
 
 #define INLINE inline __attribute__((always_inline))
 
-// Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR and Q5_0X are ours, not GGML's: weights repacked for one-row products (repack_*).
+// Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR, Q5_0X and Q8_0X are ours, not GGML's: weights repacked for
+// few-row products (repack_*).
 enum GGMLType : int64_t {
     Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q4_0R = 1002, Q5_0R = 1006, Q8_0R = 1008, Q4_KR = 1012, Q6_KR = 1014,
-    Q5_0X = 1106
+    Q5_0X = 1106, Q8_0X = 1108
 };
 
 INLINE float h2f(const uint8_t* p) {
@@ -530,87 +531,143 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* ac
 }
 
 
-// ---- Q5_0X: sixteen rows interleaved -------------------------------------------------------------
+// ---- Q5_0X and Q8_0X: sixteen rows interleaved ---------------------------------------------------
 //
-// A layout for one-row products with the rows, not the values, across the lanes (llama.cpp's
+// Layouts for few-row products with the rows, not the values, across the lanes (llama.cpp's
 // repacked CPU layouts do the same): each vpdpbusd lane is one of 16 rows and multiplies four of
 // its values by four activation values broadcast to every lane. The scales of 16 rows then come in
-// one vector, and nothing is summed across lanes: ~30% fewer instructions than Q5_0R. On the 270M
-// model the Q5_0 weights (q, k, gate, up) were the layers' compute-bound part: a step ran ~0.2-0.3
-// ms faster. (A Q6_K version, 31% faster warm, changed nothing in the step: the down projection
-// already streams at memory speed.) Rows come in whole groups of 16 (N % 16 == 0), and a row is
-// not contiguous: the layout serves one-row products (and dequant, for tests), never an embedding
-// table (pack(in_place=True) keeps Q5_0R). The bytes are Q5_0's, rearranged.
+// one vector, nothing is summed across lanes, and a group's bytes are read front to back.
+// - Q5_0X: ~30% fewer instructions than Q5_0R; on the 270M model the Q5_0 weights (q, k, gate, up)
+//   were the layers' compute-bound part, and a step ran ~0.2-0.3 ms faster.
+// - Q8_0X: the 270M's LM head (178 MB) streams from memory at the speed of a bare read of its
+//   bytes, 5.0 ms where Q8_0R's four-row tiles took 6.2 (the hardware fetches the rows' strided
+//   136-byte groups less well than one stream); the whole step ~1 ms faster.
+// (A Q6_K version, 31% faster warm, changed nothing in the step: the down projection already
+// streams at memory speed.) Rows come in whole groups of 16 (N % 16 == 0) and a row is not
+// contiguous: `lookup` decodes table rows from their group. The bytes are the GGUF format's, rearranged.
 //
-// Per 16 rows and 32-value block, 352 bytes (Q5_0's 22 per row), with four-value quads q = 0..7
-// and lane 4r + i for value i of a quad of row r:
-// - 4 x 64 bytes of low 4 bits: byte 64c + lane holds quad 2c in its low nibble, 2c + 1 in its high;
-// - 8 x 8 bytes: a 64-bit mask per quad whose bit `lane` is that value's fifth bit;
-// - the 16 rows' f16 scales.
-// Values are stored + 16, as in Q5_0, and the offset is taken off through the activation block sums.
-
-// Adds the products of one quad's 16 x 4 stored values with the activation quad (int16 split in
-// high and low bytes) to the high and low sums.
-INLINE void x16_quad(__m512i u, int32_t a_hi, int32_t a_lo, __m512i& sh, __m512i& sl) {
-    sh = _mm512_dpbusd_epi32(sh, u, _mm512_set1_epi32(a_hi));
-    sl = _mm512_dpbusd_epi32(sl, u, _mm512_set1_epi32(a_lo));
-}
-
+// Per 16 rows and 32-value block, with four-value quads q = 0..7 and lane 4r + i for value i of a
+// quad of row r, values stored + OFFSET (unsigned for vpdpbusd; the offset is taken off through the
+// activation block sums), and the 16 rows' f16 scales at SCALES_AT:
+// - Q5_0X, 352 bytes (Q5_0's 22 per row): 4 x 64 bytes of low 4 bits (byte 64c + lane holds quad 2c
+//   in its low nibble, 2c + 1 in its high), then 8 x 8 bytes: a 64-bit mask per quad whose bit
+//   `lane` is that value's fifth bit;
+// - Q8_0X, 544 bytes (Q8_0's 34 per row): 8 x 64 bytes, quad q at byte 64q + lane.
 struct X16Q5_0 {
-    static constexpr int64_t BYTES = 352;
-    static INLINE void group(const uint8_t* G, int64_t K, const Act& a, float* y) {
-        const __m512i b16 = _mm512_set1_epi8(0x10);
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t b = 0; b < K / 32; b++) {
-            const uint8_t* d = G + b * BYTES;
-            // 8 blocks ahead (2.8 KB; 2 or 4 left the cores waiting, 16 or 32 were no better).
-            for (int l = 0; l < BYTES; l += 64) _mm_prefetch((const char*)d + 8 * BYTES + l, _MM_HINT_T1);
-            __m512i sh = _mm512_setzero_si512(), sl = _mm512_setzero_si512();
-            const int32_t* ah = (const int32_t*)(a.hi + 32 * b);  // the activation quads
-            const int32_t* al = (const int32_t*)(a.lo + 32 * b);
-#pragma GCC unroll 4
-            for (int c = 0; c < 4; c++) {
-                const __m512i raw = _mm512_loadu_si512(d + 64 * c), u0 = low_nibbles(raw), u1 = high_nibbles(raw);
-                __mmask64 k0, k1;
-                std::memcpy(&k0, d + 256 + 16 * c, 8);
-                std::memcpy(&k1, d + 256 + 16 * c + 8, 8);
-                x16_quad(_mm512_mask_add_epi8(u0, k0, u0, b16), ah[2 * c], al[2 * c], sh, sl);
-                x16_quad(_mm512_mask_add_epi8(u1, k1, u1, b16), ah[2 * c + 1], al[2 * c + 1], sh, sl);
-            }
-            const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(sh, 8), sl), _mm512_set1_epi32(16 * a.bsum[b]));
-            const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d + 320)));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sc, _mm512_set1_ps(a.d[b])), acc);
-        }
-        _mm512_storeu_ps(y, acc);
+    static constexpr int64_t SRC = Q5_0, BYTES = 352, SCALES_AT = 320, OFFSET = 16;
+    static INLINE __m512i quad(const uint8_t* d, int q) {
+        const __m512i raw = _mm512_loadu_si512(d + 64 * (q / 2)), u = q % 2 ? high_nibbles(raw) : low_nibbles(raw);
+        __mmask64 fifth;
+        std::memcpy(&fifth, d + 256 + 8 * q, 8);
+        return _mm512_mask_add_epi8(u, fifth, u, _mm512_set1_epi8(0x10));
     }
-    // Value k of row r of the group at G, as quants.py decodes Q5_0: d * (stored - 16).
-    static float value(const uint8_t* G, int64_t K, int r, int64_t k) {
-        const uint8_t* d = G + k / 32 * BYTES;
-        const int j = k % 32, quad = j / 4, lane = 4 * r + j % 4;
-        const int nib = (d[64 * (quad / 2) + lane] >> (4 * (quad % 2))) & 0x0F;
-        const int bit = (d[256 + 8 * quad + lane / 8] >> (lane % 8)) & 1;
-        return h2f(d + 320 + 2 * r) * (float)(nib + 16 * bit - 16);
+    // Row r's 32 stored values in the block at d (decoding tables and tests: one at a time).
+    static __m256i stored32(const uint8_t* d, int r) {
+        alignas(32) uint8_t v[32];
+        for (int j = 0; j < 32; j++) {
+            const int q = j / 4, lane = 4 * r + j % 4;
+            const int nib = (d[64 * (q / 2) + lane] >> (4 * (q % 2))) & 0x0F;
+            v[j] = (uint8_t)(nib + 16 * ((d[256 + 8 * q + lane / 8] >> (lane % 8)) & 1));
+        }
+        return _mm256_load_si256((const __m256i*)v);
+    }
+    // Row r's block from Q5_0 block `src`, into a zeroed `dst`.
+    static void pack(const uint8_t* src, int r, uint8_t* dst) {
+        uint32_t qh;
+        std::memcpy(&qh, src + 2, 4);
+        std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
+        for (int j = 0; j < 32; j++) {
+            const int nib = j < 16 ? src[6 + j] & 0x0F : src[6 + j - 16] >> 4, q = j / 4, lane = 4 * r + j % 4;
+            dst[64 * (q / 2) + lane] |= nib << (4 * (q % 2));
+            dst[256 + 8 * q + lane / 8] |= ((qh >> j) & 1u) << (lane % 8);
+        }
     }
 };
 
-// y[n0, n1) for one activation row; a range that starts or ends inside a group computes that group
-// whole and keeps its rows in range.
-void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act& a, float* y) {
-    const int64_t group_bytes = K / 32 * X16Q5_0::BYTES;
+struct X16Q8_0 {
+    static constexpr int64_t SRC = Q8_0, BYTES = 544, SCALES_AT = 512, OFFSET = 128;
+    static INLINE __m512i quad(const uint8_t* d, int q) { return _mm512_loadu_si512(d + 64 * q); }
+    // Row r's quads: the 4-byte lane r of each 64 bytes.
+    static INLINE __m256i quads() { return _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112); }
+    static INLINE __m256i stored32(const uint8_t* d, int r) { return _mm256_i32gather_epi32((const int*)(d + 4 * r), quads(), 4); }
+    static void pack(const uint8_t* src, int r, uint8_t* dst) {
+        std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
+        const __m256i stored = _mm256_xor_si256(FmtQ8_0::quants(src), _mm256_set1_epi8((char)0x80));  // + 128
+        _mm256_i32scatter_epi32((int*)(dst + 4 * r), quads(), stored, 4);
+    }
+};
+
+// f(X16Q5_0{}) or f(X16Q8_0{}) for an interleaved type; false for any other.
+template <class F> bool interleaved(int64_t type, F&& f) {
+    if (type == Q5_0X) return f(X16Q5_0{}), true;
+    if (type == Q8_0X) return f(X16Q8_0{}), true;
+    return false;
+}
+
+// Y[m, 16 rows of the group at G] for MT activation rows: the weights decoded once for all of them.
+template <class X, int MT>
+INLINE void x16_group(const uint8_t* G, int64_t K, const Act* acts, float* Y, int64_t ldy) {
+    __m512 acc[MT];
+    for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t* d = G + b * X::BYTES;
+        // 8 blocks ahead (2.8 KB of Q5_0X; 2 or 4 left the cores waiting, 16 or 32 were no better).
+        for (int l = 0; l < X::BYTES; l += 64) _mm_prefetch((const char*)d + 8 * X::BYTES + l, _MM_HINT_T1);
+        __m512i sh[MT], sl[MT];  // the products with the activations' high and low bytes
+        for (int m = 0; m < MT; m++) sh[m] = sl[m] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; q++) {
+            const __m512i u = X::quad(d, q);
+#pragma GCC unroll 4
+            for (int m = 0; m < MT; m++) {
+                const int32_t* ah = (const int32_t*)(acts[m].hi + 32 * b);  // the activation quads
+                const int32_t* al = (const int32_t*)(acts[m].lo + 32 * b);
+                sh[m] = _mm512_dpbusd_epi32(sh[m], u, _mm512_set1_epi32(ah[q]));
+                sl[m] = _mm512_dpbusd_epi32(sl[m], u, _mm512_set1_epi32(al[q]));
+            }
+        }
+        const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d + X::SCALES_AT)));
+        for (int m = 0; m < MT; m++) {
+            const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(sh[m], 8), sl[m]),
+                                               _mm512_set1_epi32((int32_t)X::OFFSET * acts[m].bsum[b]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sc, _mm512_set1_ps(acts[m].d[b])), acc[m]);
+        }
+    }
+    for (int m = 0; m < MT; m++) _mm512_storeu_ps(Y + m * ldy, acc[m]);
+}
+
+// Y[m, n0..n1) for MT activation rows; a range that starts or ends inside a group computes that
+// group whole and keeps its rows in range.
+template <class X, int MT>
+void x16_rows_mt(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+    const int64_t group_bytes = K / 32 * X::BYTES;
     for (int64_t g = n0 / 16; g * 16 < n1; g++) {
         if (g * 16 >= n0 && g * 16 + 16 <= n1) {
-            X16Q5_0::group(W + g * group_bytes, K, a, y + g * 16);
+            x16_group<X, MT>(W + g * group_bytes, K, acts, Y + g * 16, ldy);
             continue;
         }
-        float part[16];
-        X16Q5_0::group(W + g * group_bytes, K, a, part);
-        for (int64_t n = std::max(n0, g * 16); n < std::min(n1, g * 16 + 16); n++) y[n] = part[n - g * 16];
+        float part[MT * 16];
+        x16_group<X, MT>(W + g * group_bytes, K, acts, part, 16);
+        for (int m = 0; m < MT; m++)
+            for (int64_t n = std::max(n0, g * 16); n < std::min(n1, g * 16 + 16); n++) Y[m * ldy + n] = part[m * 16 + n - g * 16];
     }
 }
 
-// Bytes per row of K values in a layout (GGML or repacked; a Q5_0X row's share of its group, Q5_0's).
+template <class X>
+void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, int mt, float* Y, int64_t ldy) {
+    switch (mt) {
+        case 1: return x16_rows_mt<X, 1>(W, K, n0, n1, acts, Y, ldy);
+        case 2: return x16_rows_mt<X, 2>(W, K, n0, n1, acts, Y, ldy);
+        case 3: return x16_rows_mt<X, 3>(W, K, n0, n1, acts, Y, ldy);
+        default: return x16_rows_mt<X, 4>(W, K, n0, n1, acts, Y, ldy);
+    }
+}
+
+// Bytes per row of K values in a layout (GGML or repacked; an interleaved row's share of its
+// group, the GGUF format's row).
 int64_t weight_row_bytes(int64_t type, int64_t K) {
-    return dispatch(type == Q5_0X ? (int64_t)Q5_0 : type, [&](auto fmt) { return row_bytes<decltype(fmt)>(K); });
+    interleaved(type, [&](auto x) { type = decltype(x)::SRC; });
+    return dispatch(type, [&](auto fmt) { return row_bytes<decltype(fmt)>(K); });
 }
 
 // Rows [n0, n1) for MT activation rows: several weight rows at a time, then the tail, through
@@ -687,9 +744,39 @@ void dequant_rows(const uint8_t* W, int64_t rb, int64_t K, int64_t n0, int64_t n
     }
 }
 
+// Row r of the 16-row group at G, as quants.py decodes the GGUF format: d * (stored - OFFSET).
+template <class X, bool BF16>
+void x16_row(const uint8_t* G, int64_t K, int r, void* out) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t* d = G + b * X::BYTES;
+        const float s = h2f(d + X::SCALES_AT + 2 * r);
+        const __m256i q = _mm256_sub_epi8(X::stored32(d, r), _mm256_set1_epi8((char)X::OFFSET));  // int8 again
+        store_sub<FmtQ8_0, BF16>(q, s, s, 0.f, (char*)out + 32 * b * (BF16 ? 2 : 4));
+    }
+}
+
+// Row n of a weight in any layout (W: all its rows) decoded into `out` (K values).
+template <bool BF16>
+void decode_row(const uint8_t* W, int64_t type, int64_t K, int64_t n, void* out) {
+    const bool x16 = interleaved(type, [&](auto x) {
+        using X = decltype(x);
+        x16_row<X, BF16>(W + n / 16 * (K / 32 * X::BYTES), K, (int)(n % 16), out);
+    });
+    if (!x16) dispatch(type, [&](auto fmt) {
+        using T = decltype(fmt);
+        dequant_rows<T, BF16>(W, row_bytes<T>(K), K, n, n + 1, out, K);
+        return 0;
+    });
+}
+
 void check_weight(const torch::Tensor& w, int64_t N, int64_t rb) {
     TORCH_CHECK(w.dtype() == torch::kUInt8 && w.is_contiguous(), "weight blocks must be contiguous uint8");
     TORCH_CHECK(w.numel() == N * rb, "weight has ", w.numel(), " bytes, expected ", N * rb);
+}
+
+void check_layout(const torch::Tensor& w, int64_t type, int64_t N, int64_t K) {
+    check_weight(w, N, weight_row_bytes(type, K));
+    TORCH_CHECK(!interleaved(type, [](auto) {}) || N % 16 == 0, "interleaved weights hold whole groups of 16 rows, not ", N);
 }
 
 }  // namespace
@@ -724,8 +811,7 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products) {
     const int64_t M = (int64_t)acts.rows.size(), K = acts.rows[0].K;
     std::vector<int64_t> start{0};
     for (const auto& p : products) {
-        check_weight(p.w, p.N, weight_row_bytes(p.type, K));
-        TORCH_CHECK(p.type != Q5_0X || p.N % 16 == 0, "interleaved weights hold whole groups of 16 rows, not ", p.N);
+        check_layout(p.w, p.type, p.N, K);
         start.push_back(start.back() + p.N);
     }
     // Dynamic scheduling over a few chunks per thread: a thread that gets preempted (other
@@ -743,13 +829,13 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products) {
             const int64_t n0 = std::max(r0, start[i]) - start[i], n1 = std::min(r1, start[i + 1]) - start[i];
             if (n0 >= n1) continue;
             const Product& p = products[i];
-            if (p.type == Q5_0X) {
-                for (int64_t m = 0; m < M; m++) x16_rows(p.w.data_ptr<uint8_t>(), K, n0, n1, acts.rows[m], p.Y + m * p.N);
-                continue;
-            }
-            dispatch(p.type, [&](auto fmt) {
+            const uint8_t* W = p.w.data_ptr<uint8_t>();
+            const bool x16 = interleaved(p.type, [&](auto x) {
+                for (int64_t m = 0; m < M; m += MT)
+                    x16_rows<decltype(x)>(W, K, n0, n1, acts.rows.data() + m, (int)std::min<int64_t>(MT, M - m), p.Y + m * p.N, p.N);
+            });
+            if (!x16) dispatch(p.type, [&](auto fmt) {
                 using T = decltype(fmt);
-                const uint8_t* W = p.w.data_ptr<uint8_t>();
                 for (int64_t m = 0; m < M; m += MT)
                     dot_rows<T>(W, row_bytes<T>(K), n0, n1, acts.rows.data() + m, (int)std::min<int64_t>(MT, M - m),
                                 p.Y + m * p.N, p.N);
@@ -812,32 +898,30 @@ void dequant(torch::Tensor w, int64_t type, torch::Tensor out) {
     const int64_t N = out.size(0), K = out.size(1);
     const bool bf16 = out.scalar_type() == torch::kBFloat16;
     TORCH_CHECK(bf16 || out.scalar_type() == torch::kFloat32, "out must be float32 or bfloat16");
-    if (type == Q5_0X) {  // for tests and inspection: one value at a time
-        TORCH_CHECK(N % 16 == 0, "interleaved weights hold whole groups of 16 rows, not ", N);
-        const int64_t rb = weight_row_bytes(type, K);
-        check_weight(w, N, rb);
-        const uint8_t* W = w.data_ptr<uint8_t>();
-        at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-            for (int64_t n = n0; n < n1; n++)
-                for (int64_t k = 0; k < K; k++) {
-                    const float v = X16Q5_0::value(W + n / 16 * 16 * rb, K, (int)(n % 16), k);
-                    if (bf16) out.data_ptr<at::BFloat16>()[n * K + k] = at::BFloat16(v);
-                    else out.data_ptr<float>()[n * K + k] = v;
-                }
-        });
-        return;
-    }
-    dispatch(type, [&](auto fmt) {
-        using T = decltype(fmt);
-        const int64_t rb = row_bytes<T>(K);
-        check_weight(w, N, rb);
-        const uint8_t* W = w.data_ptr<uint8_t>();
-        char* o = (char*)out.data_ptr();
-        at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-            if (bf16) dequant_rows<T, true>(W, rb, K, n0, n1, o + n0 * K * 2, K);
-            else dequant_rows<T, false>(W, rb, K, n0, n1, o + n0 * K * 4, K);
-        });
-        return 0;
+    check_layout(w, type, N, K);
+    const uint8_t* W = w.data_ptr<uint8_t>();
+    char* o = (char*)out.data_ptr();
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; n++)
+            if (bf16) decode_row<true>(W, type, K, n, o + n * K * 2);
+            else decode_row<false>(W, type, K, n, o + n * K * 4);
+    });
+}
+
+// Rows `ids` of a table of N rows (any layout) as float32 [len(ids), K] in `out`: embedding lookups.
+void lookup(torch::Tensor w, int64_t type, int64_t N, torch::Tensor ids, torch::Tensor out) {
+    TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == torch::kFloat32,
+                "out must be a contiguous float32 [len(ids), K] tensor");
+    TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kInt64 && ids.is_contiguous() && ids.numel() == out.size(0),
+                "ids must be a contiguous int64 vector of out's row count");
+    const int64_t K = out.size(1);
+    check_layout(w, type, N, K);
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t i = 0; i < ids.numel(); i++)
+        TORCH_CHECK(id[i] >= 0 && id[i] < N, "token id ", id[i], " is not in [0, ", N, ")");
+    const uint8_t* W = w.data_ptr<uint8_t>();
+    at::parallel_for(0, ids.numel(), 64, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; i++) decode_row<false>(W, type, K, id[i], out.data_ptr<float>() + i * K);
     });
 }
 
@@ -848,16 +932,13 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, int64_t type, int64_
     auto xb = x.to(torch::kBFloat16).contiguous();
     auto y = torch::empty({M, N}, torch::kFloat32);
     auto buf = torch::empty({std::min(tile, N), K}, torch::kBFloat16);
+    check_layout(w, type, N, K);
+    const uint8_t* W = w.data_ptr<uint8_t>();
+    uint16_t* o = (uint16_t*)buf.data_ptr();
     for (int64_t n0 = 0; n0 < N; n0 += tile) {
         const int64_t nt = std::min(tile, N - n0);
-        dispatch(type, [&](auto fmt) {
-            using T = decltype(fmt);
-            const int64_t rb = row_bytes<T>(K);
-            check_weight(w, N, rb);
-            const uint8_t* W = w.data_ptr<uint8_t>() + n0 * rb;
-            uint16_t* o = (uint16_t*)buf.data_ptr();
-            at::parallel_for(0, nt, 64, [&](int64_t a, int64_t b) { dequant_rows<T, true>(W, rb, K, a, b, o + a * K, K); });
-            return 0;
+        at::parallel_for(0, nt, 64, [&](int64_t a, int64_t b) {
+            for (int64_t n = a; n < b; n++) decode_row<true>(W, type, K, n0 + n, o + n * K);
         });
         // CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112
         cblas_gemm_bf16bf16f32(101, 111, 112, M, nt, K, 1.f, (const uint16_t*)xb.data_ptr(), K,
@@ -956,37 +1037,35 @@ torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K, c10::optional<t
     });
 }
 
-// Q5_0 rows [N, K / 32 * 22 bytes] -> Q5_0X, the same size (see X16Q5_0); N % 16 == 0, K % 32 == 0.
-// Into `out` where given, a new tensor otherwise.
-torch::Tensor repack_q5_0x(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
-    TORCH_CHECK(K % 32 == 0, "repack_q5_0x: row length ", K, " is not a multiple of 32");
-    TORCH_CHECK(N % 16 == 0, "repack_q5_0x: ", N, " rows is not a multiple of 16");
-    const int64_t nb = K / 32, rb = nb * FmtQ5_0::BYTES;
+// GGUF rows (Q5_0, Q8_0) [N, K / 32 * block bytes] -> their interleaved layout (X16Q5_0, X16Q8_0),
+// the same size; N % 16 == 0, K % 32 == 0. Into `out` where given, a new tensor otherwise.
+template <class X>
+torch::Tensor repack_x16(const char* name, const torch::Tensor& w, int64_t N, int64_t K, const c10::optional<torch::Tensor>& out) {
+    TORCH_CHECK(K % 32 == 0, name, ": row length ", K, " is not a multiple of 32");
+    TORCH_CHECK(N % 16 == 0, name, ": ", N, " rows is not a multiple of 16");
+    const int64_t nb = K / 32, rb = weight_row_bytes(X::SRC, K), src_bytes = rb / nb;
     check_weight(w, N, rb);
     torch::Tensor o = out.has_value() ? *out : torch::empty({N, rb}, torch::kUInt8);
-    TORCH_CHECK(o.dtype() == torch::kUInt8 && o.is_contiguous() && o.numel() == N * rb,
-                "repack_q5_0x: out must be contiguous uint8 with ", N * rb, " bytes");
+    TORCH_CHECK(o.dtype() == torch::kUInt8 && o.is_contiguous() && o.numel() == N * rb, name,
+                ": out must be contiguous uint8 with ", N * rb, " bytes");
     const uint8_t* in = w.data_ptr<uint8_t>();
     uint8_t* op = o.data_ptr<uint8_t>();
     at::parallel_for(0, N / 16 * nb, 16, [&](int64_t u0, int64_t u1) {
         for (int64_t u = u0; u < u1; u++) {  // group u / nb, block u % nb
-            uint8_t* dst = op + u * X16Q5_0::BYTES;
-            std::memset(dst, 0, X16Q5_0::BYTES);
-            for (int r = 0; r < 16; r++) {
-                const uint8_t* blk = in + (u / nb * 16 + r) * rb + u % nb * FmtQ5_0::BYTES;
-                uint32_t qh;
-                std::memcpy(&qh, blk + 2, 4);
-                std::memcpy(dst + 320 + 2 * r, blk, 2);
-                for (int j = 0; j < 32; j++) {
-                    const int nib = j < 16 ? blk[6 + j] & 0x0F : blk[6 + j - 16] >> 4;
-                    const int quad = j / 4, lane = 4 * r + j % 4;
-                    dst[64 * (quad / 2) + lane] |= nib << (4 * (quad % 2));
-                    dst[256 + 8 * quad + lane / 8] |= ((qh >> j) & 1u) << (lane % 8);
-                }
-            }
+            uint8_t* dst = op + u * X::BYTES;
+            std::memset(dst, 0, X::BYTES);
+            for (int r = 0; r < 16; r++) X::pack(in + (u / nb * 16 + r) * rb + u % nb * src_bytes, r, dst);
         }
     });
     return o;
+}
+
+torch::Tensor repack_q5_0x(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
+    return repack_x16<X16Q5_0>("repack_q5_0x", w, N, K, out);
+}
+
+torch::Tensor repack_q8_0x(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
+    return repack_x16<X16Q8_0>("repack_q8_0x", w, N, K, out);
 }
 
 // Q8_0 rows [N, K / 32 * 34 bytes] -> Q8_0R rows [N, K / 128 * 136] (see FmtQ8_0R); K % 128 == 0.
@@ -1476,7 +1555,7 @@ struct DecodeStack {
         TORCH_CHECK(token >= 0 && token < table.N, "DecodeStack.step: token id ", token, " is not in [0, ", table.N, ")");
         const int64_t d = out_norm.numel();
         auto x = torch::empty({1, d}, torch::kFloat32);
-        dequant(table.blocks.narrow(0, token, 1), table.type, x);
+        lookup(table.blocks, table.type, table.N, torch::full({1}, token, torch::kInt64), x);
         float* xp = x.data_ptr<float>();
         for (int64_t i = 0; i < d; i++) xp[i] *= (float)embed_scale;
         const std::vector<torch::Tensor> none;
@@ -1568,9 +1647,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("qmatmul_many", &qmatmul_many, "several x @ W^T sharing one activation quantization", nogil);
     m.def("mlp", &mlp, "down(gelu_tanh(gate(x)) * up(x)) with GGUF weights", nogil);
     m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows", nogil);
+    m.def("lookup", &lookup, "rows `ids` of a table (any layout) -> float32 rows: embedding lookups", nogil);
     m.def("repack_q5_0", &repack_q5_0, "Q5_0 rows -> Q5_0R rows (four blocks per group, for one-row products)", nogil, py::arg("w"), py::arg("N"),
           py::arg("K"), py::arg("out") = py::none());
     m.def("repack_q5_0x", &repack_q5_0x, "Q5_0 rows -> Q5_0X (16 rows interleaved, for one-row products)", nogil, py::arg("w"),
+          py::arg("N"), py::arg("K"), py::arg("out") = py::none());
+    m.def("repack_q8_0x", &repack_q8_0x, "Q8_0 rows -> Q8_0X (16 rows interleaved, for one-row products)", nogil, py::arg("w"),
           py::arg("N"), py::arg("K"), py::arg("out") = py::none());
     m.def("repack_q4_0", &repack_q4_0, "Q4_0 rows -> Q4_0R rows (four blocks per group, for one-row products)", nogil, py::arg("w"), py::arg("N"),
           py::arg("K"), py::arg("out") = py::none());

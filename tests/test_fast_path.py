@@ -457,6 +457,45 @@ def test_one_call_step_is_bit_exact_with_the_module_path():
 
 
 @needs_kernels
+def test_greedy_step_takes_the_argmax_inside_the_lm_head():
+    """sampling.greedy_step on a one-call step (FastGemma3.fused_greedy: the argmax scanned chunk
+    by chunk inside the LM head's product, the logits never returned) picks what greedy() picks
+    from the step's logits and leaves the cache where a plain step leaves it. Ties go to the first
+    index across the head's chunks (a table of identical rows: every logit equal), the first NaN
+    wins as in torch.max, and a step that is not one call (batch 2) takes greedy(logits)."""
+    from conftest import random_model, tiny_config
+
+    from gemma3.sampling import greedy, greedy_step
+
+    cfg = tiny_config(layers=4, heads=4, kv_heads=1, head_dim=32, hidden=128, window=8, vocab=4096)  # 8 chunks
+    fast, _ = quantized_copy(random_model(cfg), T.Q8_0)
+    ids = torch.randint(0, 90, (2, 30), generator=torch.Generator().manual_seed(4))
+
+    def twins(rows=1):
+        one, plain = fast.new_cache(rows, 64), fast.new_cache(rows, 64)
+        fast(ids[:rows, :4], one), fast(ids[:rows, :4], plain)
+        return one, plain
+
+    with torch.inference_mode():
+        one, plain = twins()
+        for t in range(4, 29):
+            a = greedy_step(fast, ids[:1, t:t + 1], one)
+            assert one.__dict__.get("_decode_stack") is not None
+            assert torch.equal(a, greedy(fast(ids[:1, t:t + 1], plain, last_only=True)[:, -1])), t
+        assert torch.equal(fast(ids[:1, 29:], one), fast(ids[:1, 29:], plain))
+        one, plain = twins(rows=2)
+        assert torch.equal(greedy_step(fast, ids[:, 4:5], one), greedy(fast(ids[:, 4:5], plain, last_only=True)[:, -1]))
+        table = fast.embed_tokens.blocks
+        table[:] = table[0].clone()  # every row the same: every logit ties
+        one, plain = twins()
+        assert greedy_step(fast, ids[:1, 4:5], one).tolist() == [0]
+        table[[3000, 100], :2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # f16 NaN scales: NaN logits
+        one, plain = twins()
+        assert greedy_step(fast, ids[:1, 4:5], one).tolist() == [100]
+        assert greedy(fast(ids[:1, 4:5], plain, last_only=True)[:, -1]).tolist() == [100]
+
+
+@needs_kernels
 @pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
 def test_decode_attention_reads_quantized_cache_like_model_py(kv_dtype):
     """The kernel reads bf16/int8 K/V in place (int8 scales applied per row inside the loop);

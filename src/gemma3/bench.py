@@ -52,7 +52,7 @@ def run_ours(args):
 
     torch.set_num_threads(args.threads)
     from gemma3.load import load
-    from gemma3.sampling import greedy
+    from gemma3.sampling import greedy_step
 
     start = time.perf_counter()
     if args.device == "cuda":  # bf16 float weights: the quantized kernels are CPU-only
@@ -61,8 +61,8 @@ def run_ours(args):
         model, _ = load(args.model, precision=args.precision)
     emit("load_s", time.perf_counter() - start)
 
-    def step(ids, cache):  # .tolist() waits for the GPU, so the timings below are complete
-        return greedy(model(torch.tensor(ids, device=model.device), cache, last_only=True)[:, -1]).tolist()
+    def step(ids, cache):  # greedy next tokens, as `generate` decodes; .tolist() waits for the GPU
+        return greedy_step(model, torch.tensor(ids, device=model.device), cache).tolist()
 
     with torch.inference_mode():
         for phase in args.phases:

@@ -165,20 +165,27 @@ class FastGemma3(Gemma3):
         stack = self._one_call(input_ids, cache, embeds, groups)
         if stack is None:
             return super().forward(input_ids, cache, last_only, embeds, groups)
-        return self._step(stack, input_ids, cache, logits=True).view(1, 1, -1)
+        return self._step(stack.step, input_ids, cache, True).view(1, 1, -1)
 
     def forward_hidden(self, input_ids, cache, embeds=None, groups=None):
         stack = self._one_call(input_ids, cache, embeds, groups)
         if stack is None:
             return super().forward_hidden(input_ids, cache, embeds, groups)
-        return self._step(stack, input_ids, cache, logits=False).view(1, 1, -1)
+        return self._step(stack.step, input_ids, cache, False).view(1, 1, -1)
 
     def decode(self, tokens, caches):
         """model.decode; one sequence (a server serving one request) takes the one-call step."""
         stack = self._one_call(tokens.view(1, 1), caches[0]) if len(caches) == 1 else None
         if stack is None:
             return super().decode(tokens, caches)
-        return self._step(stack, tokens, caches[0], logits=True)
+        return self._step(stack.step, tokens, caches[0], True)
+
+    def fused_greedy(self, input_ids, cache) -> torch.Tensor | None:
+        """The greedy next token [1] of a one-call step, its argmax taken inside the LM head (the
+        logits are never returned: scanning them afterwards, out of the caches, cost ~0.14 ms of
+        a ~8.5 ms step); None where the step is not one call (sampling.greedy_step)."""
+        stack = self._one_call(input_ids, cache)
+        return None if stack is None else torch.tensor([self._step(stack.next_token, input_ids, cache)])
 
     def _one_call(self, input_ids, cache, embeds=None, groups=None):
         """The cache's DecodeStack where this call is a one-call step, else None."""
@@ -187,8 +194,9 @@ class FastGemma3(Gemma3):
             return None
         return self._stack(cache)
 
-    def _step(self, stack, input_ids, cache, logits: bool) -> torch.Tensor:
-        out = stack.step(int(input_ids.reshape(())), *self._rope_at(cache.pos), cache.pos, logits)
+    def _step(self, run, input_ids, cache, *extra):
+        """run(token, RoPE rows, pos, *extra): a DecodeStack method; then the cache moves on."""
+        out = run(int(input_ids.reshape(())), *self._rope_at(cache.pos), cache.pos, *extra)
         advance(cache.layers)
         cache.pos += 1
         return out

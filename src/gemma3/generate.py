@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .multimodal import MultimodalPrompt
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, greedy_step, sample
 from .tokenizer import StreamDecoder
 
 
@@ -60,13 +60,20 @@ def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: S
         cache = model.new_cache(1, max_len=max_len, kv_dtype=kv_dtype)
         with torch.inference_mode():
             logits = model(torch.tensor([history], device=model.device), cache, last_only=True, **prefill)[0, -1]
+    # Plain greedy decoding needs no logits: greedy_step lets a fast model take the argmax itself.
+    plain_greedy = params.temperature == 0.0 and params.repetition_penalty == 1.0
     with torch.inference_mode():
+        token = sample(logits.cpu(), params, generator, history)  # the generator lives on the CPU
         for i in range(max_tokens):
-            token = sample(logits.cpu(), params, generator, history)  # the generator lives on the CPU
             yield token
             history.append(token)
-            if i + 1 < max_tokens:
-                logits = model(torch.tensor([[token]], device=model.device), cache, last_only=True)[0, -1]
+            if i + 1 == max_tokens:
+                break
+            ids = torch.tensor([[token]], device=model.device)
+            if plain_greedy:
+                token = int(greedy_step(model, ids, cache))
+            else:
+                token = sample(model(ids, cache, last_only=True)[0, -1].cpu(), params, generator, history)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

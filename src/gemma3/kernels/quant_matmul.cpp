@@ -798,6 +798,48 @@ struct Acts {
     }
 };
 
+INLINE __mmask16 tail16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+// The largest value of row[i0, i1) and its first index, or the first NaN's index (nan = true).
+struct Best {
+    float value;
+    int64_t index;
+    bool nan;
+};
+
+Best best_of(const float* row, int64_t i0, int64_t i1) {
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __m512i best_i = _mm512_set1_epi32(-1), idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                                    _mm512_set1_epi32((int)i0));
+    __mmask16 nan = 0;
+    int64_t i = i0;
+    for (; i < i1 && !nan; i += 16, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16))) {
+        const __mmask16 k = tail16(i1 - i);
+        const __m512 v = _mm512_maskz_loadu_ps(k, row + i);
+        nan = _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q);
+        const __mmask16 gt = _mm512_mask_cmp_ps_mask(k, v, best, _CMP_GT_OQ);  // strictly: keeps the first
+        best = _mm512_mask_mov_ps(best, gt, v);
+        best_i = _mm512_mask_mov_epi32(best_i, gt, idx);
+    }
+    if (nan) return {NAN, i - 16 + __builtin_ctz(nan), true};
+    // Among lanes holding the maximum, the smallest index (-1 lanes never held a value).
+    const float m = _mm512_reduce_max_ps(best);
+    const __mmask16 at = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ) &
+                         _mm512_cmp_epi32_mask(best_i, _mm512_set1_epi32(-1), _MM_CMPINT_NE);
+    return {m, at ? (int64_t)_mm512_mask_reduce_min_epi32(at, best_i) : -1, false};
+}
+
+// The answer over consecutive slices' bests, in order: the first NaN, else the first slice
+// holding the maximum; index -1 where every value is -inf.
+Best first_best(const std::vector<Best>& parts) {
+    Best best{-INFINITY, -1, false};
+    for (const Best& p : parts) {
+        if (p.nan) return p;
+        if (p.index >= 0 && (best.index < 0 || p.value > best.value)) best = p;
+    }
+    return best;
+}
+
 // One product acts @ W^T -> Y [M, N] of a batch of products sharing the same activations.
 struct Product {
     const torch::Tensor& w;
@@ -806,8 +848,11 @@ struct Product {
 };
 
 // All products in one parallel region (one fork/join: on a busy machine every barrier can cost
-// a scheduler time slice), their weight rows concatenated and split over the threads.
-void matmul_acts(const Acts& acts, const std::vector<Product>& products) {
+// a scheduler time slice), their weight rows concatenated and split over the threads. With `best`
+// (one product, one activation row): also its largest output (argmax_rows' answer), each chunk
+// scanned right after it is written, while it is still in its core's caches (a separate scan
+// after the 270M's LM head, which has streamed 178 MB through them since, took ~0.14 ms).
+void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* best = nullptr) {
     const int64_t M = (int64_t)acts.rows.size(), K = acts.rows[0].K;
     std::vector<int64_t> start{0};
     for (const auto& p : products) {
@@ -822,6 +867,8 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products) {
     const int64_t total = start.back(), threads = at::get_num_threads();
     const int64_t chunk = std::max<int64_t>(16, total / (threads * 4) / 16 * 16);
     const int64_t chunks = (total + chunk - 1) / chunk;
+    TORCH_CHECK(!best || (products.size() == 1 && M == 1), "matmul_acts: a best output needs one product of one row");
+    std::vector<Best> chunk_best(best ? chunks : 0);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && chunks > 1)
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t r0 = c * chunk, r1 = std::min(total, r0 + chunk);
@@ -841,8 +888,10 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products) {
                                 p.Y + m * p.N, p.N);
                 return 0;
             });
+            if (best) chunk_best[c] = best_of(p.Y, n0, n1);
         }
     }
+    if (best) *best = first_best(chunk_best);
 }
 
 torch::Tensor as_rows(const torch::Tensor& x) {
@@ -1200,7 +1249,6 @@ INLINE __m512 kv_load16(const at::BFloat16* p, __mmask16 k) {
 INLINE __m512 kv_load16(const int8_t* p, __mmask16 k) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
 }
-INLINE __mmask16 tail16(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
 // One row's view of its cache for one query token: where its K/V live (storage dtype T), their
 // strides, the int8 scales (null otherwise) and the slots the query may see.
@@ -1549,6 +1597,30 @@ struct DecodeStack {
     // the table row decoded exactly then scaled, DecodeLayer per layer, rms_norm_rows, qmatmul.
     torch::Tensor step(int64_t token, torch::Tensor cos_local, torch::Tensor sin_local, torch::Tensor cos_global,
                        torch::Tensor sin_global, int64_t pos, bool logits) const {
+        auto h = hidden(token, cos_local, sin_local, cos_global, sin_global, pos);
+        return logits ? head(h) : h;
+    }
+
+    // The same step's greedy next token, argmax(logits) as argmax_rows finds it, scanned inside the
+    // LM head's product: the logits are not returned.
+    int64_t next_token(int64_t token, torch::Tensor cos_local, torch::Tensor sin_local, torch::Tensor cos_global,
+                       torch::Tensor sin_global, int64_t pos) const {
+        Best best;
+        head(hidden(token, cos_local, sin_local, cos_global, sin_global, pos), &best);
+        return best.index < 0 ? 0 : best.index;  // all -inf: index 0, as torch
+    }
+
+    // Logits [1, vocab] of the final-normed hidden state h (and with `best`, their argmax).
+    torch::Tensor head(const torch::Tensor& h, Best* best = nullptr) const {
+        Acts acts(h.data_ptr<float>(), 1, h.size(1));
+        auto y = torch::empty({1, table.N}, torch::kFloat32);
+        matmul_acts(acts, {table.product(1, y.data_ptr<float>())}, best);
+        return y;
+    }
+
+    // Embedding, layers and final norm: the final-normed hidden state [1, d].
+    torch::Tensor hidden(int64_t token, torch::Tensor cos_local, torch::Tensor sin_local, torch::Tensor cos_global,
+                         torch::Tensor sin_global, int64_t pos) const {
         TORCH_CHECK(keys.size() == layers.size() && values.size() == layers.size() && windows.size() == layers.size() &&
                         k_scales.size() == layers.size() && v_scales.size() == layers.size() &&
                         key_pos.size() == layers.size(), "DecodeStack: one cache entry per layer");
@@ -1570,42 +1642,9 @@ struct DecodeStack {
         }
         auto h = torch::empty({1, d}, torch::kFloat32);
         rms_norm_rows(x.data_ptr<float>(), out_norm.data_ptr<float>(), (float)eps, 1, d, h.data_ptr<float>());
-        if (!logits) return h;
-        Acts acts(h.data_ptr<float>(), 1, d);
-        auto y = torch::empty({1, table.N}, torch::kFloat32);
-        matmul_acts(acts, {table.product(1, y.data_ptr<float>())});
-        return y;
+        return h;
     }
 };
-
-// The largest value of row[i0, i1) and its first index, or the first NaN's index (nan = true).
-struct Best {
-    float value;
-    int64_t index;
-    bool nan;
-};
-
-Best best_of(const float* row, int64_t i0, int64_t i1) {
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    __m512i best_i = _mm512_set1_epi32(-1), idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                                    _mm512_set1_epi32((int)i0));
-    __mmask16 nan = 0;
-    int64_t i = i0;
-    for (; i < i1 && !nan; i += 16, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16))) {
-        const __mmask16 k = tail16(i1 - i);
-        const __m512 v = _mm512_maskz_loadu_ps(k, row + i);
-        nan = _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q);
-        const __mmask16 gt = _mm512_mask_cmp_ps_mask(k, v, best, _CMP_GT_OQ);  // strictly: keeps the first
-        best = _mm512_mask_mov_ps(best, gt, v);
-        best_i = _mm512_mask_mov_epi32(best_i, gt, idx);
-    }
-    if (nan) return {NAN, i - 16 + __builtin_ctz(nan), true};
-    // Among lanes holding the maximum, the smallest index (-1 lanes never held a value).
-    const float m = _mm512_reduce_max_ps(best);
-    const __mmask16 at = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ) &
-                         _mm512_cmp_epi32_mask(best_i, _mm512_set1_epi32(-1), _MM_CMPINT_NE);
-    return {m, at ? (int64_t)_mm512_mask_reduce_min_epi32(at, best_i) : -1, false};
-}
 
 // Index of the largest value of each row of x [B, V] float32 (the first one on ties, and the first
 // NaN if there is one: torch.max(dim)'s answers). One pass, 16 lanes each keeping its best value
@@ -1624,15 +1663,7 @@ torch::Tensor argmax_rows(torch::Tensor x) {
         at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
             for (int64_t t = t0; t < t1; t++) parts[t] = best_of(row, V * t / threads, V * (t + 1) / threads);
         });
-        // Slices in order: the first NaN, else the first slice holding the maximum.
-        Best best{-INFINITY, -1, false};
-        for (const Best& p : parts) {
-            if (p.nan) {
-                best = p;
-                break;
-            }
-            if (p.index >= 0 && (best.index < 0 || p.value > best.value)) best = p;
-        }
+        const Best best = first_best(parts);
         out.data_ptr<int64_t>()[b] = best.index < 0 ? 0 : best.index;  // all -inf: index 0, as torch
     }
     return out;
@@ -1687,5 +1718,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       std::vector<c10::optional<torch::Tensor>>, std::vector<int64_t>, QWeight, double, torch::Tensor,
                       double>())
         .def("step", &DecodeStack::step, "a one-token step over the held cache: embedding, layers, final norm (and LM head)",
-             nogil);
+             nogil)
+        .def("next_token", &DecodeStack::next_token, "the step's greedy next token (argmax inside the LM head)", nogil);
 }

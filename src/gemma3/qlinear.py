@@ -33,6 +33,10 @@ from .quants import BLOCK_INFO, dequantize
 # AMX machine: at 8 rows VNNI is ~1.3x faster, at 16 rows bf16 is ~1.5x faster; the VNNI cost grows
 # with the rows, the bf16 one is mostly the dequantization).
 MAX_VNNI_ROWS = 8
+# Weights stored interleaved (a table repacked in place, e.g. the 270M's Q8_0 LM head) decode
+# slowly for the GEMM (a gather per row and block), while their VNNI kernel reads them once per 4
+# rows: it stays faster up to ~32 rows (the 270M head at 16 rows: 20.7 ms against 36 ms).
+MAX_VNNI_ROWS_INTERLEAVED = 32
 TILE_ROWS = 2048  # weight rows dequantized to bf16 at a time on the GEMM path (a few MB, transient)
 
 
@@ -136,7 +140,8 @@ class QuantLinear(nn.Module):
         if ops is None or self.ggml_type not in kernels.TYPES or x.device.type != "cpu":
             return self.reference(x)
         x2 = x.reshape(-1, self.in_features).float()
-        if x2.shape[0] <= MAX_VNNI_ROWS:
+        interleaved = self.storage_type in {packed for packed, _, _ in kernels.INTERLEAVED.values()}
+        if x2.shape[0] <= (MAX_VNNI_ROWS_INTERLEAVED if interleaved else MAX_VNNI_ROWS):
             y = ops.qmatmul(x2, *self.weight_for(x2.shape[0]), self.out_features)
         else:
             y = ops.bf16_linear(x2, self.blocks, self.storage_type, self.out_features, TILE_ROWS)

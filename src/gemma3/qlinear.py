@@ -140,7 +140,7 @@ class QuantLinear(nn.Module):
         if ops is None or self.ggml_type not in kernels.TYPES or x.device.type != "cpu":
             return self.reference(x)
         x2 = x.reshape(-1, self.in_features).float()
-        interleaved = self.storage_type in {packed for packed, _, _ in kernels.INTERLEAVED.values()}
+        interleaved = self.storage_type in kernels.INTERLEAVED_TYPES
         if x2.shape[0] <= (MAX_VNNI_ROWS_INTERLEAVED if interleaved else MAX_VNNI_ROWS):
             y = ops.qmatmul(x2, *self.weight_for(x2.shape[0]), self.out_features)
         else:

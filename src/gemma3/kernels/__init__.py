@@ -36,6 +36,7 @@ PACKED = {Q4_0: (Q4_0R, "repack_q4_0", 128), Q5_0: (Q5_0R, "repack_q5_0", 128), 
 # multiple of 16. Others keep PACKED's row layouts.
 Q5_0X, Q8_0X = 1106, 1108
 INTERLEAVED = {Q5_0: (Q5_0X, "repack_q5_0x", 32), Q8_0: (Q8_0X, "repack_q8_0x", 32)}  # packed type, op, row multiple
+INTERLEAVED_TYPES = frozenset(packed for packed, _, _ in INTERLEAVED.values())
 
 _state: dict[str, object] = {}
 

@@ -541,7 +541,7 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* ac
 //   were the layers' compute-bound part, and a step ran ~0.2-0.3 ms faster.
 // - Q8_0X: the 270M's LM head (178 MB) streams from memory at the speed of a bare read of its
 //   bytes, 5.0 ms where Q8_0R's four-row tiles took 6.2 (the hardware fetches the rows' strided
-//   136-byte groups less well than one stream); the whole step ~1 ms faster.
+//   136-byte groups less well than one stream); the whole step 8.4 -> 7.95 ms.
 // (A Q6_K version, 31% faster warm, changed nothing in the step: the down projection already
 // streams at memory speed.) Rows come in whole groups of 16 (N % 16 == 0) and a row is not
 // contiguous: `lookup` decodes table rows from their group. The bytes are the GGUF format's, rearranged.
@@ -639,7 +639,7 @@ INLINE void x16_group(const uint8_t* G, int64_t K, const Act* acts, float* Y, in
 // Y[m, n0..n1) for MT activation rows; a range that starts or ends inside a group computes that
 // group whole and keeps its rows in range.
 template <class X, int MT>
-void x16_rows_mt(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
     const int64_t group_bytes = K / 32 * X::BYTES;
     for (int64_t g = n0 / 16; g * 16 < n1; g++) {
         if (g * 16 >= n0 && g * 16 + 16 <= n1) {
@@ -653,16 +653,6 @@ void x16_rows_mt(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act*
     }
 }
 
-template <class X>
-void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, int mt, float* Y, int64_t ldy) {
-    switch (mt) {
-        case 1: return x16_rows_mt<X, 1>(W, K, n0, n1, acts, Y, ldy);
-        case 2: return x16_rows_mt<X, 2>(W, K, n0, n1, acts, Y, ldy);
-        case 3: return x16_rows_mt<X, 3>(W, K, n0, n1, acts, Y, ldy);
-        default: return x16_rows_mt<X, 4>(W, K, n0, n1, acts, Y, ldy);
-    }
-}
-
 // Bytes per row of K values in a layout (GGML or repacked; an interleaved row's share of its
 // group, the GGUF format's row).
 int64_t weight_row_bytes(int64_t type, int64_t K) {
@@ -673,7 +663,7 @@ int64_t weight_row_bytes(int64_t type, int64_t K) {
 // Rows [n0, n1) for MT activation rows: several weight rows at a time, then the tail, through
 // the kernel of the format's layout (32-value blocks, the repacked 128-value groups, K-quants).
 template <class T, int MT>
-void dot_rows_mt(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
     constexpr int R = MT <= 2 ? 4 : 2;
     int64_t n = n0;
     if constexpr (T::VALS == 32) {
@@ -691,13 +681,14 @@ void dot_rows_mt(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act
 
 constexpr int MT = 4;  // activation rows sharing one decoded weight block
 
-template <class T>
-void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, int mt, float* Y, int64_t ldy) {
+// f(std::integral_constant<int, mt>{}) for mt = 1..MT: the kernels take the row count as a
+// compile-time constant (their accumulators live in registers).
+template <class F> void with_rows(int64_t mt, F&& f) {
     switch (mt) {
-        case 1: return dot_rows_mt<T, 1>(W, rb, n0, n1, acts, Y, ldy);
-        case 2: return dot_rows_mt<T, 2>(W, rb, n0, n1, acts, Y, ldy);
-        case 3: return dot_rows_mt<T, 3>(W, rb, n0, n1, acts, Y, ldy);
-        default: return dot_rows_mt<T, 4>(W, rb, n0, n1, acts, Y, ldy);
+        case 1: return f(std::integral_constant<int, 1>{});
+        case 2: return f(std::integral_constant<int, 2>{});
+        case 3: return f(std::integral_constant<int, 3>{});
+        default: return f(std::integral_constant<int, MT>{});
     }
 }
 
@@ -877,17 +868,18 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* b
             if (n0 >= n1) continue;
             const Product& p = products[i];
             const uint8_t* W = p.w.data_ptr<uint8_t>();
-            const bool x16 = interleaved(p.type, [&](auto x) {
-                for (int64_t m = 0; m < M; m += MT)
-                    x16_rows<decltype(x)>(W, K, n0, n1, acts.rows.data() + m, (int)std::min<int64_t>(MT, M - m), p.Y + m * p.N, p.N);
-            });
-            if (!x16) dispatch(p.type, [&](auto fmt) {
-                using T = decltype(fmt);
-                for (int64_t m = 0; m < M; m += MT)
-                    dot_rows<T>(W, row_bytes<T>(K), n0, n1, acts.rows.data() + m, (int)std::min<int64_t>(MT, M - m),
-                                p.Y + m * p.N, p.N);
-                return 0;
-            });
+            for (int64_t m = 0; m < M; m += MT)  // MT activation rows per read of the weights
+                with_rows(std::min<int64_t>(MT, M - m), [&](auto rows) {
+                    constexpr int R = decltype(rows)::value;
+                    const Act* a = acts.rows.data() + m;
+                    float* Y = p.Y + m * p.N;
+                    if (!interleaved(p.type, [&](auto x) { x16_rows<decltype(x), R>(W, K, n0, n1, a, Y, p.N); }))
+                        dispatch(p.type, [&](auto fmt) {
+                            using T = decltype(fmt);
+                            dot_rows<T, R>(W, row_bytes<T>(K), n0, n1, a, Y, p.N);
+                            return 0;
+                        });
+                });
             if (best) chunk_best[c] = best_of(p.Y, n0, n1);
         }
     }
@@ -1624,10 +1616,9 @@ struct DecodeStack {
         TORCH_CHECK(keys.size() == layers.size() && values.size() == layers.size() && windows.size() == layers.size() &&
                         k_scales.size() == layers.size() && v_scales.size() == layers.size() &&
                         key_pos.size() == layers.size(), "DecodeStack: one cache entry per layer");
-        TORCH_CHECK(token >= 0 && token < table.N, "DecodeStack.step: token id ", token, " is not in [0, ", table.N, ")");
         const int64_t d = out_norm.numel();
         auto x = torch::empty({1, d}, torch::kFloat32);
-        lookup(table.blocks, table.type, table.N, torch::full({1}, token, torch::kInt64), x);
+        lookup(table.blocks, table.type, table.N, torch::full({1}, token, torch::kInt64), x);  // refuses bad ids
         float* xp = x.data_ptr<float>();
         for (int64_t i = 0; i < d; i++) xp[i] *= (float)embed_scale;
         const std::vector<torch::Tensor> none;
@@ -1681,9 +1672,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("lookup", &lookup, "rows `ids` of a table (any layout) -> float32 rows: embedding lookups", nogil);
     m.def("repack_q5_0", &repack_q5_0, "Q5_0 rows -> Q5_0R rows (four blocks per group, for one-row products)", nogil, py::arg("w"), py::arg("N"),
           py::arg("K"), py::arg("out") = py::none());
-    m.def("repack_q5_0x", &repack_q5_0x, "Q5_0 rows -> Q5_0X (16 rows interleaved, for one-row products)", nogil, py::arg("w"),
+    m.def("repack_q5_0x", &repack_q5_0x, "Q5_0 rows -> Q5_0X (16 rows interleaved, for few-row products)", nogil, py::arg("w"),
           py::arg("N"), py::arg("K"), py::arg("out") = py::none());
-    m.def("repack_q8_0x", &repack_q8_0x, "Q8_0 rows -> Q8_0X (16 rows interleaved, for one-row products)", nogil, py::arg("w"),
+    m.def("repack_q8_0x", &repack_q8_0x, "Q8_0 rows -> Q8_0X (16 rows interleaved, for few-row products)", nogil, py::arg("w"),
           py::arg("N"), py::arg("K"), py::arg("out") = py::none());
     m.def("repack_q4_0", &repack_q4_0, "Q4_0 rows -> Q4_0R rows (four blocks per group, for one-row products)", nogil, py::arg("w"), py::arg("N"),
           py::arg("K"), py::arg("out") = py::none());

@@ -113,9 +113,10 @@ def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
 def test_weights_of_whole_16_row_groups_interleave_their_rows(qtype, rows, cols):
     """A Q5_0 or Q8_0 weight with a multiple of 16 rows packs to Q5_0X / Q8_0X (16 rows across the
     vector lanes): the same bytes' worth, decoding to exactly the GGUF values (fp32, and bf16
-    rounded as torch does); one-row products, a few rows, and products whose row ranges start
-    inside a group (after a 5-row weight in one qmatmul_many call, so the threads' chunks cut
-    groups) all match the reference."""
+    rounded as torch does); one-row products (whole groups read as four streams, the groups left
+    over one at a time), a few rows, and products whose row ranges start inside a group (after a
+    5-row weight in one qmatmul_many call, so the threads' chunks cut groups and hold 15 whole
+    groups: three per stream and three left over) all match the reference."""
     layer = QuantLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
     layer.pack()
     packed, packed_type = layer.weight_for(1)

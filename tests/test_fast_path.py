@@ -108,10 +108,10 @@ def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", [T.Q5_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows,cols", [(16, 96), (48, 640), (2048, 640)])  # 96: not a multiple of 128
 def test_weights_of_whole_16_row_groups_interleave_their_rows(qtype, rows, cols):
-    """A Q5_0 or Q8_0 weight with a multiple of 16 rows packs to Q5_0X / Q8_0X (16 rows across the
+    """A Q4_0, Q5_0 or Q8_0 weight with a multiple of 16 rows packs to Q4_0X / Q5_0X / Q8_0X (16 rows across the
     vector lanes): the same bytes' worth, decoding to exactly the GGUF values (fp32, and bf16
     rounded as torch does); one-row products (whole groups read as four streams, the groups left
     over one at a time), a few rows, and products whose row ranges start inside a group (after a
@@ -139,16 +139,17 @@ def test_weights_of_whole_16_row_groups_interleave_their_rows(qtype, rows, cols)
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype,layout", [(T.Q4_0, kernels.Q4_0R), (T.Q8_0, kernels.Q8_0X)], ids=["Q4_0", "Q8_0"])
-def test_embedding_repacked_in_place_from_a_file_mapping_keeps_every_path_exact(tmp_path, qtype, layout):
-    """The GGUF loader repacks the tied table in place (a Q4_0 LM head decodes ~13% faster; the
-    270M's Q8_0 one interleaves its rows) and lets go of the file pages it read, slice by slice:
+@pytest.mark.parametrize("qtype,rows,layout", [(T.Q4_0, 70_000, kernels.Q4_0X), (T.Q8_0, 70_000, kernels.Q8_0X),
+                                               (T.Q4_0, 69_999, kernels.Q4_0R)], ids=["Q4_0", "Q8_0", "Q4_0-rows"])
+def test_embedding_repacked_in_place_from_a_file_mapping_keeps_every_path_exact(tmp_path, qtype, rows, layout):
+    """The GGUF loader repacks the tied table in place (whole 16-row groups interleave their rows,
+    other row counts get the row layout) and lets go of the file pages it read, slice by slice:
     lookups stay bit-exact (rows decoded from their 16-row group where interleaved), the LM head
     matches the reference for one row and a few (repacked kernel) and for many (bf16 GEMM over the
     repacked layout), and the file mapping still reads the file's bytes afterwards."""
     import mmap
 
-    rows, cols = 70_000, 256  # 10 / 19 MB: two or three of pack()'s 8 MB slices; 16-row groups
+    cols = 256  # 10 / 19 MB: two or three of pack()'s 8 MB slices
     raw = random_blocks(qtype, rows, cols, seed=9)
     path = tmp_path / "table.bin"
     path.write_bytes(raw.numpy().tobytes())
@@ -167,7 +168,7 @@ def test_embedding_repacked_in_place_from_a_file_mapping_keeps_every_path_exact(
         table(torch.tensor([3, rows]))
     for n in (1, 3, MAX_VNNI_ROWS + 4, MAX_VNNI_ROWS_INTERLEAVED + 4):  # an interleaved table: VNNI up to 32 rows
         x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n))
-        gemm = n > (MAX_VNNI_ROWS_INTERLEAVED if layout == kernels.Q8_0X else MAX_VNNI_ROWS)
+        gemm = n > (MAX_VNNI_ROWS_INTERLEAVED if layout in kernels.INTERLEAVED_TYPES else MAX_VNNI_ROWS)
         assert dot_err(table, x, table.attend(x)) < (2e-3 if gemm else 2e-5), n
     assert torch.equal(mapped, raw)  # dropped pages come back from the file
 
@@ -211,6 +212,8 @@ def test_repack_refuses_rows_without_whole_groups():
         kernels.ops().repack_q5_0x(odd.blocks, 3, 96)
     with pytest.raises(RuntimeError, match="whole groups of 16 rows"):
         kernels.ops().qmatmul(torch.randn(1, 96), odd.blocks, kernels.Q5_0X, 3)
+    with pytest.raises(RuntimeError, match="3 rows is not a multiple of 16"):
+        kernels.ops().repack_q4_0x(random_blocks(T.Q4_0, 3, 96), 3, 96)
     odd8 = random_blocks(T.Q8_0, 3, 96)
     with pytest.raises(RuntimeError, match="3 rows is not a multiple of 16"):
         kernels.ops().repack_q8_0x(odd8, 3, 96)
@@ -371,7 +374,7 @@ def quantized_copy(model, qtype=T.Q8_0):
 def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
     """Prefill chunks, then one-token steps far past the window (ring wrap-around, local and global
     layers, GQA): the swapped modules give model.py's logits. Q4_0 is what `gemma3 quantize --to
-    int4-block32` writes; Q5_0 and Q8_0 weights get interleaved copies, which batch 1 reads inside
+    int4-block32` writes; Q4_0, Q5_0 and Q8_0 weights get interleaved copies, which batch 1 reads inside
     FastBlock's one-call layer; batch 3 shares one cache and takes the per-module path."""
     from conftest import random_model, tiny_config
 
@@ -382,7 +385,7 @@ def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
     fast, ref = quantized_copy(random_model(cfg), qtype)
     assert {type(m) for m in fast.modules()} >= {FastAttention, FastBlock, FastMLP, FastRMSNorm, QuantLinear}
     assert all(layer.fused() is not None for layer in fast.layers)  # batch 1 decodes a layer in one call
-    assert (qtype != T.Q4_0) == (fast.layers[0].mlp.up_proj.packed is not None)  # Q5_0X, Q8_0X
+    assert fast.layers[0].mlp.up_proj.packed_type in kernels.INTERLEAVED_TYPES
     ids = torch.randint(0, cfg.vocab_size, (batch, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         cf, cr = fast.new_cache(batch, 64), ref.new_cache(batch, 64)

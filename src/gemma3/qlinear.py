@@ -54,7 +54,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("packed", None, persistent=False)  # see pack()
 
     def layout(self) -> tuple[int, str] | None:
-        """(type, repack op) of the layout pack() would write, or None: Q5_0 and Q8_0 weights of
+        """(type, repack op) of the layout pack() would write, or None: Q4_0, Q5_0 and Q8_0 weights of
         whole 16-row groups interleave their rows (kernels.INTERLEAVED), the rest get PACKED's rows."""
         if kernels.ops() is None or self.storage_type != self.ggml_type:
             return None

@@ -34,8 +34,9 @@ PACKED = {Q4_0: (Q4_0R, "repack_q4_0", 128), Q5_0: (Q5_0R, "repack_q5_0", 128), 
 # Sixteen rows interleaved (fewer instructions per value, one stream through memory; a row is not
 # contiguous, and table lookups decode it from its group): for weights whose row count is a
 # multiple of 16. Others keep PACKED's row layouts.
-Q5_0X, Q8_0X = 1106, 1108
-INTERLEAVED = {Q5_0: (Q5_0X, "repack_q5_0x", 32), Q8_0: (Q8_0X, "repack_q8_0x", 32)}  # packed type, op, row multiple
+Q4_0X, Q5_0X, Q8_0X = 1102, 1106, 1108
+INTERLEAVED = {Q4_0: (Q4_0X, "repack_q4_0x", 32), Q5_0: (Q5_0X, "repack_q5_0x", 32),
+               Q8_0: (Q8_0X, "repack_q8_0x", 32)}  # packed type, op, row multiple
 INTERLEAVED_TYPES = frozenset(packed for packed, _, _ in INTERLEAVED.values())
 
 _state: dict[str, object] = {}

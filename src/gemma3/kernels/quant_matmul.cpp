@@ -32,11 +32,11 @@ namespace {
 
 #define INLINE inline __attribute__((always_inline))
 
-// Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR, Q5_0X and Q8_0X are ours, not GGML's: weights repacked for
-// few-row products (repack_*).
+// Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR, Q4_0X, Q5_0X and Q8_0X are ours, not GGML's: weights
+// repacked for few-row products (repack_*).
 enum GGMLType : int64_t {
     Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q4_0R = 1002, Q5_0R = 1006, Q8_0R = 1008, Q4_KR = 1012, Q6_KR = 1014,
-    Q5_0X = 1106, Q8_0X = 1108
+    Q4_0X = 1102, Q5_0X = 1106, Q8_0X = 1108
 };
 
 INLINE float h2f(const uint8_t* p) {
@@ -531,7 +531,7 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* ac
 }
 
 
-// ---- Q5_0X and Q8_0X: sixteen rows interleaved ---------------------------------------------------
+// ---- Q4_0X, Q5_0X and Q8_0X: sixteen rows interleaved --------------------------------------------
 //
 // Layouts for few-row products with the rows, not the values, across the lanes (llama.cpp's
 // repacked CPU layouts do the same): each vpdpbusd lane is one of 16 rows and multiplies four of
@@ -542,6 +542,7 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* ac
 // - Q8_0X: the 270M's LM head (178 MB) streams from memory at the speed of a bare read of its
 //   bytes, 5.0 ms where Q8_0R's four-row tiles took 6.2 (the hardware fetches the rows' strided
 //   136-byte groups less well than one stream); the whole step 8.4 -> 7.95 ms.
+// - Q4_0X: the same for our own Q4_0 files (`gemma3 quantize --to int4-block32`), head included.
 // (A Q6_K version, 31% faster warm, changed nothing in the step: the down projection already
 // streams at memory speed.) Rows come in whole groups of 16 (N % 16 == 0) and a row is not
 // contiguous: `lookup` decodes table rows from their group. The bytes are the GGUF format's, rearranged.
@@ -549,37 +550,67 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* ac
 // Per 16 rows and 32-value block, with four-value quads q = 0..7 and lane 4r + i for value i of a
 // quad of row r, values stored + OFFSET (unsigned for vpdpbusd; the offset is taken off through the
 // activation block sums), and the 16 rows' f16 scales at SCALES_AT:
-// - Q5_0X, 352 bytes (Q5_0's 22 per row): 4 x 64 bytes of low 4 bits (byte 64c + lane holds quad 2c
-//   in its low nibble, 2c + 1 in its high), then 8 x 8 bytes: a 64-bit mask per quad whose bit
-//   `lane` is that value's fifth bit;
+// - Q4_0X, 288 bytes (Q4_0's 18 per row): 4 x 64 bytes of 4-bit values, byte 64c + lane holding
+//   quad 2c in its low nibble and 2c + 1 in its high (Nibbles16);
+// - Q5_0X, 352 bytes (Q5_0's 22 per row): the low 4 bits as Q4_0X's, then 8 x 8 bytes: a 64-bit
+//   mask per quad whose bit `lane` is that value's fifth bit;
 // - Q8_0X, 544 bytes (Q8_0's 34 per row): 8 x 64 bytes, quad q at byte 64q + lane.
+struct Nibbles16 {
+    static INLINE __m512i quad(const uint8_t* d, int q) {
+        const __m512i raw = _mm512_loadu_si512(d + 64 * (q / 2));
+        return q % 2 ? high_nibbles(raw) : low_nibbles(raw);
+    }
+    static int lane(int r, int j) { return 4 * r + j % 4; }  // of value j of row r, in quad j / 4
+    // Value j of row r (decoding tables and tests: one at a time).
+    static int get(const uint8_t* d, int r, int j) { return (d[64 * (j / 8) + lane(r, j)] >> (4 * (j / 4 % 2))) & 0x0F; }
+    // Value j of a GGUF block's 16 nibble bytes qs (values 0-15 low nibbles, 16-31 high), into a zeroed d.
+    static void put(const uint8_t* qs, int r, int j, uint8_t* d) {
+        const int nib = j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4;
+        d[64 * (j / 8) + lane(r, j)] |= nib << (4 * (j / 4 % 2));
+    }
+};
+
+struct X16Q4_0 {
+    static constexpr int64_t SRC = Q4_0, BYTES = 288, SCALES_AT = 256, OFFSET = 8;
+    static INLINE __m512i quad(const uint8_t* d, int q) { return Nibbles16::quad(d, q); }
+    // Row r's 32 stored values in the block at d.
+    static __m256i stored32(const uint8_t* d, int r) {
+        alignas(32) uint8_t v[32];
+        for (int j = 0; j < 32; j++) v[j] = (uint8_t)Nibbles16::get(d, r, j);
+        return _mm256_load_si256((const __m256i*)v);
+    }
+    // Row r's block from Q4_0 block `src` (f16 scale, 16 nibble bytes), into a zeroed `dst`.
+    static void pack(const uint8_t* src, int r, uint8_t* dst) {
+        std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
+        for (int j = 0; j < 32; j++) Nibbles16::put(src + 2, r, j, dst);
+    }
+};
+
 struct X16Q5_0 {
     static constexpr int64_t SRC = Q5_0, BYTES = 352, SCALES_AT = 320, OFFSET = 16;
     static INLINE __m512i quad(const uint8_t* d, int q) {
-        const __m512i raw = _mm512_loadu_si512(d + 64 * (q / 2)), u = q % 2 ? high_nibbles(raw) : low_nibbles(raw);
+        const __m512i u = Nibbles16::quad(d, q);
         __mmask64 fifth;
         std::memcpy(&fifth, d + 256 + 8 * q, 8);
         return _mm512_mask_add_epi8(u, fifth, u, _mm512_set1_epi8(0x10));
     }
-    // Row r's 32 stored values in the block at d (decoding tables and tests: one at a time).
     static __m256i stored32(const uint8_t* d, int r) {
         alignas(32) uint8_t v[32];
         for (int j = 0; j < 32; j++) {
-            const int q = j / 4, lane = 4 * r + j % 4;
-            const int nib = (d[64 * (q / 2) + lane] >> (4 * (q % 2))) & 0x0F;
-            v[j] = (uint8_t)(nib + 16 * ((d[256 + 8 * q + lane / 8] >> (lane % 8)) & 1));
+            const int lane = Nibbles16::lane(r, j);
+            v[j] = (uint8_t)(Nibbles16::get(d, r, j) + 16 * ((d[256 + 8 * (j / 4) + lane / 8] >> (lane % 8)) & 1));
         }
         return _mm256_load_si256((const __m256i*)v);
     }
-    // Row r's block from Q5_0 block `src`, into a zeroed `dst`.
+    // Row r's block from Q5_0 block `src` (f16 scale, 32 fifth bits, 16 nibble bytes).
     static void pack(const uint8_t* src, int r, uint8_t* dst) {
         uint32_t qh;
         std::memcpy(&qh, src + 2, 4);
         std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
         for (int j = 0; j < 32; j++) {
-            const int nib = j < 16 ? src[6 + j] & 0x0F : src[6 + j - 16] >> 4, q = j / 4, lane = 4 * r + j % 4;
-            dst[64 * (q / 2) + lane] |= nib << (4 * (q % 2));
-            dst[256 + 8 * q + lane / 8] |= ((qh >> j) & 1u) << (lane % 8);
+            const int lane = Nibbles16::lane(r, j);
+            Nibbles16::put(src + 6, r, j, dst);
+            dst[256 + 8 * (j / 4) + lane / 8] |= ((qh >> j) & 1u) << (lane % 8);
         }
     }
 };
@@ -597,8 +628,9 @@ struct X16Q8_0 {
     }
 };
 
-// f(X16Q5_0{}) or f(X16Q8_0{}) for an interleaved type; false for any other.
+// f(X16Q4_0{}), f(X16Q5_0{}) or f(X16Q8_0{}) for an interleaved type; false for any other.
 template <class F> bool interleaved(int64_t type, F&& f) {
+    if (type == Q4_0X) return f(X16Q4_0{}), true;
     if (type == Q5_0X) return f(X16Q5_0{}), true;
     if (type == Q8_0X) return f(X16Q8_0{}), true;
     return false;
@@ -1109,7 +1141,7 @@ torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K, c10::optional<t
     });
 }
 
-// GGUF rows (Q5_0, Q8_0) [N, K / 32 * block bytes] -> their interleaved layout (X16Q5_0, X16Q8_0),
+// GGUF rows (Q4_0, Q5_0, Q8_0) [N, K / 32 * block bytes] -> their interleaved layout (X16Q*),
 // the same size; N % 16 == 0, K % 32 == 0. Into `out` where given, a new tensor otherwise.
 template <class X>
 torch::Tensor repack_x16(const char* name, const torch::Tensor& w, int64_t N, int64_t K, const c10::optional<torch::Tensor>& out) {
@@ -1130,6 +1162,10 @@ torch::Tensor repack_x16(const char* name, const torch::Tensor& w, int64_t N, in
         }
     });
     return o;
+}
+
+torch::Tensor repack_q4_0x(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
+    return repack_x16<X16Q4_0>("repack_q4_0x", w, N, K, out);
 }
 
 torch::Tensor repack_q5_0x(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
@@ -1703,6 +1739,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("lookup", &lookup, "rows `ids` of a table (any layout) -> float32 rows: embedding lookups", nogil);
     m.def("repack_q5_0", &repack_q5_0, "Q5_0 rows -> Q5_0R rows (four blocks per group, for one-row products)", nogil, py::arg("w"), py::arg("N"),
           py::arg("K"), py::arg("out") = py::none());
+    m.def("repack_q4_0x", &repack_q4_0x, "Q4_0 rows -> Q4_0X (16 rows interleaved, for few-row products)", nogil, py::arg("w"),
+          py::arg("N"), py::arg("K"), py::arg("out") = py::none());
     m.def("repack_q5_0x", &repack_q5_0x, "Q5_0 rows -> Q5_0X (16 rows interleaved, for few-row products)", nogil, py::arg("w"),
           py::arg("N"), py::arg("K"), py::arg("out") = py::none());
     m.def("repack_q8_0x", &repack_q8_0x, "Q8_0 rows -> Q8_0X (16 rows interleaved, for few-row products)", nogil, py::arg("w"),

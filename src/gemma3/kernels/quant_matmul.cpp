@@ -543,8 +543,8 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* ac
 //   bytes, 5.0 ms where Q8_0R's four-row tiles took 6.2 (the hardware fetches the rows' strided
 //   136-byte groups less well than one stream); the whole step 8.4 -> 7.95 ms.
 // - Q4_0X: the same for our own Q4_0 files (`gemma3 quantize --to int4-block32`), head included.
-// (A Q6_K version, 31% faster warm, changed nothing in the step: the down projection already
-// streams at memory speed.) Rows come in whole groups of 16 (N % 16 == 0) and a row is not
+// (Q6_K and Q4_K versions, 31% and 17% faster warm, changed nothing in the step when a core read
+// one stream; not retried with four.) Rows come in whole groups of 16 (N % 16 == 0) and a row is not
 // contiguous: `lookup` decodes table rows from their group. The bytes are the GGUF format's, rearranged.
 //
 // Per 16 rows and 32-value block, with four-value quads q = 0..7 and lane 4r + i for value i of a

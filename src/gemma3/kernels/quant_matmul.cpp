@@ -686,11 +686,13 @@ template <class X, int MT>
 void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
     constexpr int S = MT == 1 ? 4 : 1;
     const int64_t group_bytes = K / 32 * X::BYTES;
+    auto one = [&](int64_t g, float* out, int64_t ld) {  // group g alone
+        const uint8_t* G = W + g * group_bytes;
+        x16_groups<X, 1, MT>(&G, K, acts, &out, ld);
+    };
     auto partial = [&](int64_t g) {
         float part[MT * 16];
-        const uint8_t* G = W + g * group_bytes;
-        float* P = part;
-        x16_groups<X, 1, MT>(&G, K, acts, &P, 16);
+        one(g, part, 16);
         for (int m = 0; m < MT; m++)
             for (int64_t n = std::max(n0, g * 16); n < std::min(n1, g * 16 + 16); n++) Y[m * ldy + n] = part[m * 16 + n - g * 16];
     };
@@ -709,11 +711,7 @@ void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* ac
         }
         x16_groups<X, S, MT>(G, K, acts, Ys, ldy);
     }
-    for (int64_t g = g0 + S * per; g < g1; g++) {
-        const uint8_t* G = W + g * group_bytes;
-        float* Yg = Y + g * 16;
-        x16_groups<X, 1, MT>(&G, K, acts, &Yg, ldy);
-    }
+    for (int64_t g = g0 + S * per; g < g1; g++) one(g, Y + g * 16, ldy);
 }
 
 // Bytes per row of K values in a layout (GGML or repacked; an interleaved row's share of its

@@ -52,6 +52,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("blocks", blocks.reshape(out_features, in_features // block_values * block_bytes),
                              persistent=False)
         self.register_buffer("packed", None, persistent=False)  # see pack()
+        self.packed_layout: int | None = None  # the type of `packed`'s bytes
 
     def layout(self) -> tuple[int, str] | None:
         """(type, repack op) of the layout pack() would write, or None: Q4_0, Q5_0 and Q8_0 weights of
@@ -88,6 +89,7 @@ class QuantLinear(nn.Module):
         packed = memory.take(*shape) if memory is not None else torch.empty(shape, dtype=torch.uint8)
         if not in_place:
             self.packed = repack(self.blocks, self.out_features, self.in_features, out=packed)
+            self.packed_layout = packed_type
             return
         # In row slices (of whole 16-row groups), each slice's source pages let go as soon as it is
         # repacked (with `drop_source`, for blocks read from the GGUF file mapping): memory never
@@ -102,7 +104,7 @@ class QuantLinear(nn.Module):
 
     @property
     def packed_type(self) -> int:
-        return self.layout()[0] if self.packed is not None else self.storage_type
+        return self.packed_layout if self.packed is not None else self.storage_type
 
     def weight_for(self, rows: int) -> tuple[torch.Tensor, int]:
         """The bytes and type the kernels read for a product with `rows` activation rows."""

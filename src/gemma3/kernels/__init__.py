@@ -31,9 +31,9 @@ Q4_0, Q5_0, Q8_0, Q4_K, Q6_K = 2, 6, 8, 12, 14
 Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR = 1002, 1006, 1008, 1012, 1014
 PACKED = {Q4_0: (Q4_0R, "repack_q4_0", 128), Q5_0: (Q5_0R, "repack_q5_0", 128), Q8_0: (Q8_0R, "repack_q8_0", 128),
           Q4_K: (Q4_KR, "repack_q4_k", 256), Q6_K: (Q6_KR, "repack_q6_k", 256)}  # packed type, op, row multiple
-# Sixteen rows interleaved (fewer instructions per value, one stream through memory; a row is not
-# contiguous, and table lookups decode it from its group): for weights whose row count is a
-# multiple of 16. Others keep PACKED's row layouts.
+# Sixteen rows interleaved (fewer instructions per value, each group's bytes read front to back; a
+# row is not contiguous, and table lookups decode it from its group): for weights whose row count
+# is a multiple of 16. Others keep PACKED's row layouts.
 Q4_0X, Q5_0X, Q8_0X = 1102, 1106, 1108
 INTERLEAVED = {Q4_0: (Q4_0X, "repack_q4_0x", 32), Q5_0: (Q5_0X, "repack_q5_0x", 32),
                Q8_0: (Q8_0X, "repack_q8_0x", 32)}  # packed type, op, row multiple

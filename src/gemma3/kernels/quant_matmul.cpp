@@ -628,6 +628,9 @@ struct X16Q8_0 {
     }
 };
 
+// Bytes of one 16-row group of K values.
+template <class X> constexpr int64_t group_bytes(int64_t K) { return K / 32 * X::BYTES; }
+
 // f(X16Q4_0{}), f(X16Q5_0{}) or f(X16Q8_0{}) for an interleaved type; false for any other.
 template <class F> bool interleaved(int64_t type, F&& f) {
     if (type == Q4_0X) return f(X16Q4_0{}), true;
@@ -685,9 +688,8 @@ INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, floa
 template <class X, int MT>
 void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
     constexpr int S = MT == 1 ? 4 : 1;
-    const int64_t group_bytes = K / 32 * X::BYTES;
     auto one = [&](int64_t g, float* out, int64_t ld) {  // group g alone
-        const uint8_t* G = W + g * group_bytes;
+        const uint8_t* G = W + g * group_bytes<X>(K);
         x16_groups<X, 1, MT>(&G, K, acts, &out, ld);
     };
     auto partial = [&](int64_t g) {
@@ -706,7 +708,7 @@ void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* ac
         float* Ys[S];
         for (int s = 0; s < S; s++) {
             const int64_t g = g0 + s * per + i;
-            G[s] = W + g * group_bytes;
+            G[s] = W + g * group_bytes<X>(K);
             Ys[s] = Y + g * 16;
         }
         x16_groups<X, S, MT>(G, K, acts, Ys, ldy);
@@ -812,7 +814,7 @@ template <bool BF16>
 void decode_row(const uint8_t* W, int64_t type, int64_t K, int64_t n, void* out) {
     const bool x16 = interleaved(type, [&](auto x) {
         using X = decltype(x);
-        x16_row<X, BF16>(W + n / 16 * (K / 32 * X::BYTES), K, (int)(n % 16), out);
+        x16_row<X, BF16>(W + n / 16 * group_bytes<X>(K), K, (int)(n % 16), out);
     });
     if (!x16) dispatch(type, [&](auto fmt) {
         using T = decltype(fmt);

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gemma3.multimodal import PanAndScan, encode_image, views
-from gemma3.vision import VisionModel, siglip_so400m
+from gemma3.inference.multimodal import PanAndScan, encode_image, views
+from gemma3.model.vision import VisionModel, siglip_so400m
 
 
 def timed(fn, repeat):

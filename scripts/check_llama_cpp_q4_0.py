@@ -52,7 +52,7 @@ def ours(path: str, outdir: str) -> list[dict]:
     """Main venv: greedy ids with our loader (float32); logits of each step saved as .npy."""
     import torch
 
-    from gemma3.load import load
+    from gemma3.inference.load import load
 
     model, tok = load(path)
     out = []

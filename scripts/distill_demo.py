@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from gemma3.cli import main as gemma3
+from gemma3.cli.commands import main as gemma3
 from gemma3.eval.perplexity import perplexity
-from gemma3.load import load
+from gemma3.inference.load import load
 from gemma3.train.metrics import plot_curves, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import time
 import torch
 
 from gemma3 import load
-from gemma3.memory import kv_bytes_windowed
+from gemma3.model.memory import kv_bytes_windowed
 
 
 def main():

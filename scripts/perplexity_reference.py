@@ -96,7 +96,7 @@ def transformers_perplexity(model, tokens: list[int], ctx: int, bos: int) -> dic
 
 def ours(precision: str, text: str, ctx: int):
     from gemma3.eval.perplexity import perplexity
-    from gemma3.load import load
+    from gemma3.inference.load import load
 
     model, tok = load(precision=precision)
     r = perplexity(model, tok, text, ctx=ctx, progress=False)
@@ -127,7 +127,7 @@ def main():
     import torch
     import transformers
 
-    from gemma3.load import embedded_gguf_path, load_tokenizer
+    from gemma3.inference.load import embedded_gguf_path, load_tokenizer
 
     if len(text.encode()) < 20_000:
         print(f"warning: {args.text} has {len(text.encode())} bytes; the acceptance asks for ≥ 20 KB", file=sys.stderr)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from gemma3.cli import main as gemma3
+from gemma3.cli.commands import main as gemma3
 from gemma3.eval.perplexity import perplexity
-from gemma3.load import load
+from gemma3.inference.load import load
 from gemma3.train.metrics import read_metrics
 from gemma3.train.qat import recipe_for
 
@@ -88,10 +88,10 @@ def plot(result, runs, path):
 
 def byte_level_model(work: Path, train: Path, held_out: Path, args) -> Path:
     """A 1.5M-parameter Gemma 3 over bytes, pretrained from scratch; returns its directory."""
-    from gemma3.config import Gemma3Config, layer_pattern
-    from gemma3.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
+    from gemma3.model.config import Gemma3Config, layer_pattern
+    from gemma3.formats.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
     from gemma3.train.student import new_model
-    from gemma3.weights import save_hf_dir
+    from gemma3.formats.checkpoint import save_hf_dir
 
     # Gemma's special ids, "\n" and "▁" (space) as pieces, every other character as its UTF-8 bytes.
     pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "\n", "\u2581"] + [f"<0x{b:02X}>" for b in range(256)]

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gemma3.config import Gemma3Config, layer_pattern
-from gemma3.model import Gemma3
+from gemma3.model.config import Gemma3Config, layer_pattern
+from gemma3.model.decoder import Gemma3
 
 
 def tiny_config(layers=7, local_per_global=5, heads=4, kv_heads=2, head_dim=16, hidden=64, window=8,
@@ -41,7 +41,7 @@ def tiny():
 
 def run_cli(args, capsys):
     """Runs the gemma3 CLI in-process; returns (exit code, stdout, stderr)."""
-    from gemma3.cli import main
+    from gemma3.cli.commands import main
 
     code = 0
     try:

@@ -2,7 +2,7 @@
 
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from gemma3.config import GLOBAL, Gemma3Config
+from gemma3.model.config import GLOBAL, Gemma3Config
 
 
 def hf_config(cfg: Gemma3Config) -> Gemma3TextConfig:

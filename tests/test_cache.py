@@ -4,9 +4,9 @@ import torch
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 
 from conftest import random_model, tiny_config
-from gemma3.memory import kv_bytes_planned
-from gemma3.model import rope_cos_sin
-from gemma3.prefix_cache import PrefixCache
+from gemma3.model.memory import kv_bytes_planned
+from gemma3.model.decoder import rope_cos_sin
+from gemma3.inference.prefix_cache import PrefixCache
 from hf_reference import hf_config
 
 

@@ -7,8 +7,8 @@ import sys
 import torch
 
 from conftest import random_model, run_cli, tiny_config
-from gemma3.load import embedded_gguf_path
-from gemma3.weights import save_hf_dir
+from gemma3.inference.load import embedded_gguf_path
+from gemma3.formats.checkpoint import save_hf_dir
 
 
 def test_generate_entry_point_json():
@@ -26,7 +26,7 @@ def test_generate_streams_human_text(capsys):
 
 
 def test_tokenize_json_one_list_per_line(capsys, monkeypatch, tmp_path):
-    from gemma3.load import load_tokenizer
+    from gemma3.inference.load import load_tokenizer
 
     tok = load_tokenizer()
     text = "Hello world\n   spaces\tand tabs\n<start_of_turn>user\n"

@@ -103,10 +103,10 @@ def test_report_has_a_table_per_kind_and_links_plots(tmp_path):
 
 
 def test_perplexity_and_report_through_the_cli(tmp_path, capsys, monkeypatch):
-    import gemma3.cli
+    import gemma3.cli.commands
 
     model = random_model(tiny_config(vocab=len(WORDS) + 1))
-    monkeypatch.setattr(gemma3.cli, "_load", lambda args: (model, WordTokenizer()))
+    monkeypatch.setattr(gemma3.cli.commands, "_load", lambda args: (model, WordTokenizer()))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "text.txt").write_text(" ".join(WORDS * 2))
     code, out, err = run_cli(["perplexity", "text.txt", "--ctx", "64", "--json"], capsys)
@@ -126,13 +126,13 @@ def test_perplexity_and_report_through_the_cli(tmp_path, capsys, monkeypatch):
 
 
 def test_needle_and_quant_commands_record_their_json(tmp_path, capsys, monkeypatch):
-    import gemma3.cli
+    import gemma3.cli.commands
     import gemma3.eval.needle
     import gemma3.eval.quant
     from gemma3.eval.needle import NeedleResult
 
     cfg = tiny_config()
-    monkeypatch.setattr(gemma3.cli, "_load", lambda args: (random_model(cfg), WordTokenizer()))
+    monkeypatch.setattr(gemma3.cli.commands, "_load", lambda args: (random_model(cfg), WordTokenizer()))
     monkeypatch.setattr(gemma3.eval.needle, "run_needle", lambda *a, **k: [
         NeedleResult(64, 0.5, "12345", " 12345.", True, -0.1), NeedleResult(64, 1.0, "777", " 8", False, -9.0)])
     row = {"format": "q8_0", "recipe": "q8_0", "file": "gguf", "file_bytes": 2**20, "weight_bytes": 1, "bits_per_param": 8.5,

@@ -13,9 +13,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from gemma3 import kernels
-from gemma3.qlinear import MAX_VNNI_ROWS, MAX_VNNI_ROWS_INTERLEAVED, QuantEmbedding, QuantLinear
-from gemma3.quants import BLOCK_INFO, dequantize
+from gemma3.cpu import kernels
+from gemma3.cpu.qlinear import MAX_VNNI_ROWS, MAX_VNNI_ROWS_INTERLEAVED, QuantEmbedding, QuantLinear
+from gemma3.formats.ggml import BLOCK_INFO, dequantize
 
 TEXT = (Path(__file__).parent / "data" / "gpl-3.0.txt").read_text()
 KERNEL_TYPES = [T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K]
@@ -251,7 +251,7 @@ def test_fallback_without_kernels(monkeypatch):
     x = torch.randn(3, 64)
     assert torch.equal(layer(x), layer.reference(x))
 
-    from gemma3.load import load
+    from gemma3.inference.load import load
 
     model, _ = load(precision="fast")
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
@@ -262,7 +262,7 @@ def test_fallback_without_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def models():
-    from gemma3.load import load
+    from gemma3.inference.load import load
 
     fast, tok = load(precision="fast")
     ref, _ = load(precision="fp32")
@@ -307,8 +307,8 @@ def test_fast_perplexity_within_1_percent_of_fp32(models):
 
 @needs_kernels
 def test_fast_greedy_matches_fp32(models):
-    from gemma3.generate import generate_step
-    from gemma3.sampling import SamplingParams
+    from gemma3.inference.generate import generate_step
+    from gemma3.inference.sampling import SamplingParams
 
     fast, ref, tok = models
     prompts = ["The history of the printing press begins", "def fibonacci(n):",
@@ -351,7 +351,7 @@ def quantized_copy(model, qtype=T.Q8_0):
     import numpy as np
     from gguf import quants
 
-    from gemma3.fastpath import make_fast
+    from gemma3.cpu.fused import make_fast
 
     fast, ref = copy.deepcopy(model), copy.deepcopy(model)
     for name, module in list(model.named_modules()):
@@ -378,7 +378,7 @@ def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
     FastBlock's one-call layer; batch 3 shares one cache and takes the per-module path."""
     from conftest import random_model, tiny_config
 
-    from gemma3.fastpath import FastAttention, FastBlock, FastMLP, FastRMSNorm
+    from gemma3.cpu.fused import FastAttention, FastBlock, FastMLP, FastRMSNorm
 
     hidden = 128 if qtype == T.Q5_0 else 64
     cfg = tiny_config(layers=6, heads=4, kv_heads=kv_heads, head_dim=32, hidden=hidden, window=8)
@@ -408,7 +408,7 @@ def test_batch_1_decode_runs_in_one_call_and_follows_the_cache_as_it_grows(kv_dt
     reallocated and the stack has to be rebuilt (exactly once)."""
     from conftest import random_model, tiny_config
 
-    from gemma3.cache import GROW_CHUNK
+    from gemma3.model.cache import GROW_CHUNK
 
     cfg = tiny_config(layers=6, heads=4, kv_heads=1, head_dim=32, hidden=128, window=8)
     fast, ref = quantized_copy(random_model(cfg), T.Q5_0)
@@ -440,8 +440,8 @@ def test_one_call_step_is_bit_exact_with_the_module_path():
     is refused by name."""
     from conftest import random_model, tiny_config
 
-    from gemma3.fastpath import ROPE_BLOCK
-    from gemma3.model import Gemma3
+    from gemma3.cpu.fused import ROPE_BLOCK
+    from gemma3.model.decoder import Gemma3
 
     cfg = tiny_config(layers=4, heads=4, kv_heads=1, head_dim=32, hidden=128, window=8)
     fast, _ = quantized_copy(random_model(cfg), T.Q8_0)
@@ -470,7 +470,7 @@ def test_greedy_step_takes_the_argmax_inside_the_lm_head():
     wins as in torch.max, and a step that is not one call (batch 2) takes greedy(logits)."""
     from conftest import random_model, tiny_config
 
-    from gemma3.sampling import greedy, greedy_step
+    from gemma3.inference.sampling import greedy, greedy_step
 
     cfg = tiny_config(layers=4, heads=4, kv_heads=1, head_dim=32, hidden=128, window=8, vocab=4096)  # 8 chunks
     fast, _ = quantized_copy(random_model(cfg), T.Q8_0)
@@ -528,8 +528,8 @@ def test_decode_attention_reads_quantized_cache_like_model_py(kv_dtype):
 @needs_kernels
 def test_decode_attention_kernel_int8_equals_dequantized_fp32():
     """Direct kernel check: int8 storage + scales gives the attention of the dequantized fp32 cache."""
-    from gemma3 import kernels
-    from gemma3.cache import Slots
+    from gemma3.cpu import kernels
+    from gemma3.model.cache import Slots
 
     g = torch.Generator().manual_seed(0)
     b, hq, hk, s, d = 2, 4, 2, 50, 32
@@ -554,7 +554,7 @@ def test_decode_attention_kernel_matches_softmax_attention(head_dim):
     """The kernel's full-width loops (head_dim 256: 64-float score chunks, 128-float value chunks),
     its masked tails (80 = 64 + 16) and short heads (16), against plain softmax attention over
     the visible slots of a ring (a window, empty slots, two splits of the keys)."""
-    from gemma3 import kernels
+    from gemma3.cpu import kernels
 
     g = torch.Generator().manual_seed(3)
     hq, hk, slots = 8, 2, 300
@@ -616,7 +616,7 @@ def test_continuous_batch_decode_matches_model_py(kv_dtype, n_seqs):
 
 @needs_kernels
 def test_decode_attention_list_rejects_mismatched_rows():
-    from gemma3 import kernels
+    from gemma3.cpu import kernels
 
     ops = kernels.ops()
     q, k = torch.zeros(2, 4, 32), torch.zeros(2, 2, 32)

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gemma3.generate import generate, stream_generate
-from gemma3.load import load_tokenizer
-from gemma3.sampling import SamplingParams, apply_repetition_penalty, draw, filter_logits, sample
+from gemma3.inference.generate import generate, stream_generate
+from gemma3.inference.load import load_tokenizer
+from gemma3.inference.sampling import SamplingParams, apply_repetition_penalty, draw, filter_logits, sample
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_greedy_kernel_matches_torch_max_on_ties_nans_and_infinities(vocab):
     """sampling.greedy's one-pass kernel (ops.argmax_rows) gives torch.max(dim)'s index: the first
     maximum on ties, the first NaN where there is one, 0 for an all -inf row; 1-D or batched (a
     262k row is split over the threads: ties and NaNs across the split)."""
-    from gemma3.sampling import greedy
+    from gemma3.inference.sampling import greedy
 
     g = torch.Generator().manual_seed(vocab)
     rows = [torch.randn(vocab, generator=g), torch.randint(-2, 2, (vocab,), generator=g).float(),

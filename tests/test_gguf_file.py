@@ -13,10 +13,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from gemma3.gguf_file import GGUFError, QTensor, read_gguf
+from gemma3.formats.gguf import GGUFError, QTensor, read_gguf
 
 
-from gemma3.load import embedded_gguf_path as gemma_270m_path
+from gemma3.inference.load import embedded_gguf_path as gemma_270m_path
 
 
 # ---- a small valid file written by gguf.GGUFWriter ---------------------------------

@@ -5,7 +5,7 @@ import pytest
 from conftest import random_model, tiny_config
 from gemma3.eval.needle import ANSWER_ROOM, build_prompt, plot_heatmap, run_needle, to_json
 from gemma3.eval.perplexity import EvalInputError
-from gemma3.load import load_tokenizer
+from gemma3.inference.load import load_tokenizer
 
 
 @pytest.fixture(scope="module")

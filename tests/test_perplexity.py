@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_model, tiny_config
 from gemma3.eval.perplexity import EvalInputError, perplexity, read_text
-from gemma3.load import load_tokenizer
+from gemma3.inference.load import load_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "Pack my box with five dozen liquor jugs. " * 30
 

@@ -14,7 +14,7 @@ from gguf import quants as gq
 from conftest import random_model, tiny_config
 from gemma3.quant import FORMATS, QuantError, dequantize, fake_quant, parse_recipe, quantize, quantize_model, sfp8
 from gemma3.quant.apply import QuantizedEmbedding, QuantizedLinear, float_state
-from gemma3.model import Gemma3
+from gemma3.model.decoder import Gemma3
 
 
 def weights(rows=96, cols=256, seed=0):
@@ -285,7 +285,7 @@ def test_requantizing_converts_between_formats():
 def test_real_270m_int4_block32_bytes_and_q4_0_embed_q8_swap():
     """On the embedded model's real weights: Q4_0 bytes equal gguf's, and the mixed recipe's
     module swap gives the logits of its own dequantized weights."""
-    from gemma3.load import load
+    from gemma3.inference.load import load
 
     model, tok = load()
     for name in ("layers.0.self_attn.q_proj.weight", "layers.5.mlp.down_proj.weight"):

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import random_model, run_cli, tiny_config
-from gemma3.gguf_file import read_gguf
-from gemma3.load import load
+from gemma3.formats.gguf import read_gguf
+from gemma3.inference.load import load
 from gemma3.quant import parse_recipe, quantize_model
 from gemma3.quant.apply import QuantizedLinear, float_state
 from gemma3.quant.gguf_writer import metadata_from_config, write_gguf
-from gemma3.tokenizer import Tokenizer
+from gemma3.formats.tokenizer import Tokenizer
 
 TEXT = Path(__file__).parent / "data" / "gpl-3.0.txt"
 REFVENV_PYTHON = Path(os.environ.get("GEMMA3_REFVENV_PYTHON", "/work/refvenv/bin/python"))

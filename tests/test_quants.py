@@ -9,8 +9,8 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from gemma3.gguf_file import read_gguf
-from gemma3.quants import SUPPORTED_TYPES, dequantize
+from gemma3.formats.gguf import read_gguf
+from gemma3.formats.ggml import SUPPORTED_TYPES, dequantize
 
 # Byte offsets of the f16 scale fields (d, m / dmin) inside each ggml block struct.
 F16_FIELDS = {
@@ -138,7 +138,7 @@ def test_rejects_non_byte_tensor():
         dequantize(torch.zeros(8, dtype=torch.float32), T.F32, (8,))
 
 
-from gemma3.load import embedded_gguf_path as gemma_270m_path
+from gemma3.inference.load import embedded_gguf_path as gemma_270m_path
 
 
 EMBEDDING_ROWS = 2048  # of 262144: enough to cover the Q8_0 path without 1.3 GB of temporaries

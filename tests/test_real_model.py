@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma3.load import load
+from gemma3.inference.load import load
 from hf_reference import hf_model
 
 TEXT = (Path(__file__).parent / "data" / "gpl-3.0.txt").read_text()
@@ -34,8 +34,8 @@ def test_real_weights_logits_match_transformers(pair):
 
 
 def test_real_weights_greedy_128_tokens_match_transformers(pair):
-    from gemma3.generate import generate_step
-    from gemma3.sampling import SamplingParams
+    from gemma3.inference.generate import generate_step
+    from gemma3.inference.sampling import SamplingParams
 
     model, tok, ref = pair
     prompt = tok.encode("The history of the printing press begins")

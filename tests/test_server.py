@@ -67,7 +67,7 @@ def test_models(client):
 
 
 def test_completion_greedy_equals_generate(client, local):
-    from gemma3.generate import encode_prompt, generate
+    from gemma3.inference.generate import encode_prompt, generate
 
     model, tok = local
     prompt = "The capital of France is"
@@ -79,7 +79,7 @@ def test_completion_greedy_equals_generate(client, local):
 
 
 def test_chat_greedy_equals_generate(client, local):
-    from gemma3.tokenizer import apply_chat_template
+    from gemma3.formats.tokenizer import apply_chat_template
 
     model, tok = local
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
@@ -90,7 +90,7 @@ def test_chat_greedy_equals_generate(client, local):
 
 
 def generate_text(local, prompt, n, **kw):
-    from gemma3.generate import generate
+    from gemma3.inference.generate import generate
 
     return generate(*local, prompt, max_tokens=n, **kw)
 
@@ -171,7 +171,7 @@ def test_logprobs(client):
 
 
 def test_token_id_prompt_and_echo(client, local):
-    from gemma3.generate import encode_prompt
+    from gemma3.inference.generate import encode_prompt
 
     ids = encode_prompt(local[1], "The capital of France is")
     by_ids = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=4, temperature=0).choices[0].text

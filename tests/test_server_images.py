@@ -18,10 +18,10 @@ from hf_reference import hf_multimodal_model  # noqa: E402
 from server_helpers import ServerProcess  # noqa: E402
 from test_vision import TALL, WIDE, _png_claiming, picture, random_vision  # noqa: E402
 
-from gemma3 import multimodal as mm  # noqa: E402
-from gemma3.generate import generate  # noqa: E402
-from gemma3.load import load, load_tokenizer, load_vision  # noqa: E402
-from gemma3.tokenizer import apply_chat_template, encode_chat  # noqa: E402
+from gemma3.inference import multimodal as mm  # noqa: E402
+from gemma3.inference.generate import generate  # noqa: E402
+from gemma3.inference.load import load, load_tokenizer, load_vision  # noqa: E402
+from gemma3.formats.tokenizer import apply_chat_template, encode_chat  # noqa: E402
 
 MODEL = "tiny-mm"
 N = 6  # completion tokens per request

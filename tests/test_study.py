@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from gemma3 import memory
-from gemma3.load import load
+from gemma3.model import memory
+from gemma3.inference.load import load
 from gemma3.study import ablation
 from gemma3.study.tiny import ModelSize, byte_tokenizer, kv_figures, load_corpus
 

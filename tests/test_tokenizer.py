@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gemma3.gguf_file import read_gguf
-from gemma3.load import embedded_gguf_path
-from gemma3.tokenizer import (
+from gemma3.formats.gguf import read_gguf
+from gemma3.inference.load import embedded_gguf_path
+from gemma3.formats.tokenizer import (
     CONTROL, NORMAL, UNKNOWN, USER_DEFINED, StreamDecoder, Tokenizer, apply_chat_template,
 )
 
@@ -320,7 +320,7 @@ def test_from_dir_prefers_sentencepiece_model(sp_model_path, tmp_path):
 
 
 def test_encode_chat_equals_template_ids_and_blocks_injection(tok):
-    from gemma3.tokenizer import encode_chat
+    from gemma3.formats.tokenizer import encode_chat
 
     conversation = [
         {"role": "system", "content": "Be brief."},

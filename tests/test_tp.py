@@ -15,8 +15,8 @@ from conftest import random_model, run_cli, tiny_config
 from torch import nn
 from train_helpers import tiny_model_dir
 
-from gemma3 import tp
-from gemma3.config import PRESETS
+from gemma3.model import tp
+from gemma3.model.config import PRESETS
 
 WORKER = Path(__file__).parent / "tp_worker.py"
 needs_gloo = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
@@ -43,7 +43,7 @@ def test_shard_plan_splits_or_replicates_kv_heads():
 
 
 def test_memory_plan_splits_weights_and_kv_across_ranks():
-    from gemma3.memory import kv_bytes_windowed, tp_plan
+    from gemma3.model.memory import kv_bytes_windowed, tp_plan
 
     cfg = PRESETS["27b"]
     plan = tp_plan(cfg, 4, 131072)
@@ -208,7 +208,7 @@ def test_270m_on_cuda_bf16_matches_cpu_fp32():
     """bf16 weights and activations on CUDA against the fp32 CPU reference: bf16 keeps 8 bits of
     mantissa (relative error ~4e-3 per rounding), so logits are held to 3% of their range and the
     greedy choice to 97% agreement over 256 positions."""
-    from gemma3.load import load
+    from gemma3.inference.load import load
 
     cpu, tok = load(precision="fp32")
     gpu, _ = load(dtype=torch.bfloat16, precision="fp32")

@@ -9,8 +9,8 @@ import torch
 from conftest import random_model, tiny_config
 from train_helpers import TEXT, byte_tokenizer, tiny_model_dir
 
-from gemma3.cli import main
-from gemma3.load import load
+from gemma3.cli.commands import main
+from gemma3.inference.load import load
 from gemma3.train import lora
 from gemma3.train.data import PackedDataset, batch_indices, chat_document, text_document
 from gemma3.train.metrics import read_metrics
@@ -28,7 +28,7 @@ def test_chat_mask_covers_model_turns_only():
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
                 {"role": "assistant", "content": "4"}]
     doc = chat_document(tok, messages)
-    from gemma3.tokenizer import apply_chat_template
+    from gemma3.formats.tokenizer import apply_chat_template
 
     whole = tok.encode(apply_chat_template(messages, add_generation_prompt=False), add_bos=False, parse_special=True)
     assert doc.ids.tolist() == whole  # piecewise encoding = encoding of the whole conversation
@@ -193,8 +193,8 @@ def test_qat_trains_latent_weights_towards_the_float_model(tmp_path):
 
 def test_checkpoints_carry_the_real_tokenizer(tmp_path):
     """`Tokenizer.save` (tokenizer.model in every checkpoint) reads back as the same tokenizer."""
-    from gemma3.load import load_tokenizer
-    from gemma3.tokenizer import Tokenizer
+    from gemma3.inference.load import load_tokenizer
+    from gemma3.formats.tokenizer import Tokenizer
 
     tok = load_tokenizer()
     tok.save(tmp_path)

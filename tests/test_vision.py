@@ -17,13 +17,13 @@ from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImagePr
 
 from conftest import random_model, tiny_config
 from hf_reference import hf_multimodal_model
-from gemma3 import multimodal as mm
-from gemma3.config import UnsupportedModelError
-from gemma3.generate import generate_step
-from gemma3.load import load_tokenizer, load_vision
-from gemma3.sampling import SamplingParams
-from gemma3.vision import VisionConfig, VisionModel, from_gguf_metadata, from_hf_config, siglip_so400m
-from gemma3.weights import WeightsError, expected_shapes, load_hf_dir, load_mmproj, load_vision_hf_dir
+from gemma3.inference import multimodal as mm
+from gemma3.model.config import UnsupportedModelError
+from gemma3.inference.generate import generate_step
+from gemma3.inference.load import load_tokenizer, load_vision
+from gemma3.inference.sampling import SamplingParams
+from gemma3.model.vision import VisionConfig, VisionModel, from_gguf_metadata, from_hf_config, siglip_so400m
+from gemma3.formats.checkpoint import WeightsError, expected_shapes, load_hf_dir, load_mmproj, load_vision_hf_dir
 
 # 16×16 patches pooled 4×4 → 16 soft tokens per view: the real 64×64 → 256 structure, scaled down.
 VISION = VisionConfig(image_size=64, patch_size=4, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -383,7 +383,7 @@ def test_hf_vision_loading_is_strict(hf_dir, tmp_path, damage, match):
 
 
 def test_text_only_model_has_no_vision(tmp_path):
-    from gemma3.weights import save_hf_dir
+    from gemma3.formats.checkpoint import save_hf_dir
 
     model = random_model(tiny_config())
     save_hf_dir(tmp_path, model.config, model.state_dict())
@@ -545,7 +545,7 @@ def mmproj_270m(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_270m():
-    from gemma3.load import load
+    from gemma3.inference.load import load
 
     return load()
 
@@ -553,7 +553,7 @@ def model_270m():
 @pytest.fixture
 def cli_270m(model_270m, monkeypatch):
     """The CLI with the embedded 270M model loaded once for the module (loading is tested elsewhere)."""
-    from gemma3 import cli
+    from gemma3.cli import commands as cli
 
     monkeypatch.setattr(cli, "_load", lambda args: model_270m)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gemma3.config import PRESETS, UnsupportedModelError, from_gguf_metadata, from_hf_config
-from gemma3.weights import WeightsError, load_hf_dir, save_hf_dir
+from gemma3.model.config import PRESETS, UnsupportedModelError, from_gguf_metadata, from_hf_config
+from gemma3.formats.checkpoint import WeightsError, load_hf_dir, save_hf_dir
 
 
 def _save(tmp_path, model):

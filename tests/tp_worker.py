@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gemma3 import tp  # noqa: E402
-from gemma3.generate import generate_step  # noqa: E402
-from gemma3.sampling import SamplingParams  # noqa: E402
+from gemma3.model import tp  # noqa: E402
+from gemma3.inference.generate import generate_step  # noqa: E402
+from gemma3.inference.sampling import SamplingParams  # noqa: E402
 from gemma3.train.distributed import setup, teardown  # noqa: E402
 
 GENERATE = 64
@@ -28,7 +28,7 @@ def build(kind):
         model = random_model(tiny_config(kv_heads=2, heads=4, layers=6, window=8, vocab=257))
         prompt = torch.randint(3, 257, (20,), generator=torch.Generator().manual_seed(1)).tolist()
         return model, prompt
-    from gemma3.load import load
+    from gemma3.inference.load import load
 
     model, tok = load(precision="fp32")  # 1 KV head: replicated on both ranks
     return model, tok.encode("The history of the printing press begins in")

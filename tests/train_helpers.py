@@ -5,8 +5,8 @@ from pathlib import Path
 
 from conftest import random_model, tiny_config
 
-from gemma3.tokenizer import BYTE, CONTROL, UNKNOWN, USER_DEFINED, Tokenizer
-from gemma3.weights import save_hf_dir
+from gemma3.formats.tokenizer import BYTE, CONTROL, UNKNOWN, USER_DEFINED, Tokenizer
+from gemma3.formats.checkpoint import save_hf_dir
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 

@@ -204,7 +204,7 @@ def plot(result: dict, path) -> None:
 
 
 def cmd_eval_memorization(args):
-    from ..cli import _load
+    from ..cli.commands import _load
     from .results import emit
 
     texts = [(path, read_text(path)) for path in args.data]  # input errors before the slow load
@@ -235,7 +235,7 @@ def _rate(k: int, n: int, ci: tuple[float, float]) -> str:
 
 def add_command(evals):
     """Registers `memorization` under the `gemma3 eval` subcommands."""
-    from ..cli import _add_model_args
+    from ..cli.commands import _add_model_args
     from .results import add_results_argument
 
     p = evals.add_parser(

@@ -49,9 +49,9 @@ def build_prompt(tokenizer, haystack_ids: list[int], ctx: int, depth: float, ans
 
 def run_needle(model, tokenizer, haystack: str, ctxs: list[int], depths: list[float], seed: int = 0,
                progress: bool = True) -> list[NeedleResult]:
-    from ..generate import generate_step
-    from ..prefix_cache import PrefixCache
-    from ..sampling import SamplingParams
+    from ..inference.generate import generate_step
+    from ..inference.prefix_cache import PrefixCache
+    from ..inference.sampling import SamplingParams
 
     for c in ctxs:
         if c > model.config.max_context:

@@ -56,7 +56,7 @@ def decode_speed(model, tokenizer, tokens: int, prompt: str = DECODE_PROMPT) -> 
 
 def _dequantized_copy(model):
     from ..quant.apply import float_state
-    from ..model import Gemma3
+    from ..model.decoder import Gemma3
 
     with torch.device("meta"):
         plain = Gemma3(model.config)
@@ -167,7 +167,7 @@ def plot(result: dict, path: str | Path) -> None:
 
 
 def cmd_eval_quant(args):
-    from ..load import describe
+    from ..inference.load import describe
     from .results import emit
 
     if args.threads:

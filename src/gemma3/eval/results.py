@@ -42,7 +42,7 @@ def git_commit() -> str | None:
 def config_summary(config) -> dict:
     """The architecture in a few fields, from a Gemma3Config or its to_dict()."""
     if isinstance(config, dict):
-        from ..config import Gemma3Config
+        from ..model.config import Gemma3Config
 
         config = Gemma3Config(**{**config, "layer_types": tuple(config["layer_types"])})
     n_global = sum(t == "global" for t in config.layer_types)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..gguf_file import read_gguf
-from ..load import load, resolve
+from ..formats.gguf import read_gguf
+from ..inference.load import load, resolve
 from .apply import Recipe, quantize_model
 from .formats import QuantError, get_format
 from .gguf_writer import Metadata, metadata_from_config, metadata_from_gguf, write_gguf

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .. import quants
+from ..formats import ggml as quants
 from . import sfp8
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType
 
-from ..config import Gemma3Config
-from ..gguf_file import GGUFFile
-from ..tokenizer import Tokenizer
-from ..weights import ours_to_gguf
+from ..model.config import Gemma3Config
+from ..formats.gguf import GGUFFile
+from ..formats.tokenizer import Tokenizer
+from ..formats.checkpoint import ours_to_gguf
 from .apply import quantized_weights
 from .formats import QuantError, get_format
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_hf_config
-from ..gguf_file import read_gguf
-from ..model import Gemma3
-from ..tokenizer import Tokenizer
-from ..weights import WeightsError, check_names_and_shapes, hf_config
+from ..model.config import load_hf_config
+from ..formats.gguf import read_gguf
+from ..model.decoder import Gemma3
+from ..formats.tokenizer import Tokenizer
+from ..formats.checkpoint import WeightsError, check_names_and_shapes, hf_config
 from .apply import install, quantized_weights
 from .formats import Quantized, QuantError, dequantize
 from .gguf_writer import Metadata, write_metadata_gguf

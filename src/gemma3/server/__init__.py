@@ -21,7 +21,7 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
 
     from .app import create_app
     from .engine import Engine
-    from .heap import limit_arenas
+    from .arenas import limit_arenas
 
     limit_arenas()
     ctx = min(ctx or model.config.max_context, model.config.max_context)

@@ -18,10 +18,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..generate import encode_prompt
-from ..multimodal import IMAGE_MARK, ImageError, decode_image, encode_chat_with_images, without_marks
-from ..sampling import SamplingParams
-from ..tokenizer import encode_chat
+from ..inference.generate import encode_prompt
+from ..inference.multimodal import IMAGE_MARK, ImageError, decode_image, encode_chat_with_images, without_marks
+from ..inference.sampling import SamplingParams
+from ..formats.tokenizer import encode_chat
 from .engine import Done, Engine, Failed, QueueFull, Request, ShuttingDown
 from .schemas import ChatCompletionRequest, CompletionRequest
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import _held_back
-from ..multimodal import embed_prompt, encode_image
-from ..prefix_cache import PrefixCache
-from ..sampling import SamplingParams, sample
-from ..tokenizer import StreamDecoder
-from .heap import release_free_memory
+from ..inference.generate import _held_back
+from ..inference.multimodal import embed_prompt, encode_image
+from ..inference.prefix_cache import PrefixCache
+from ..inference.sampling import SamplingParams, sample
+from ..formats.tokenizer import StreamDecoder
+from .arenas import release_free_memory
 from .metrics import Metrics
 
 

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, get_state_dict,
                                                      set_optimizer_state_dict, set_state_dict)
 
-from ..weights import load_hf_dir, save_hf_dir
+from ..formats.checkpoint import load_hf_dir, save_hf_dir
 from . import lora
 from .distributed import DistContext, barrier
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..tokenizer import Tokenizer, apply_chat_template
+from ..formats.tokenizer import Tokenizer, apply_chat_template
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import PRESETS, Gemma3Config, from_hf_config, layer_pattern
-from ..model import Gemma3
+from ..model.config import PRESETS, Gemma3Config, from_hf_config, layer_pattern
+from ..model.decoder import Gemma3
 
 INIT_STD = 0.02  # transformers' Gemma 3 `initializer_range`
 

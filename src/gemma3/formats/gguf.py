@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from gemma3 import quants
+from . import ggml as quants
 
 _MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)  # v2 and v3 share the layout; v3 only added big-endian files

@@ -104,7 +104,7 @@ def add_commands(sub):
 
 
 def _train_config(args, **extra):
-    from .trainer import TrainConfig
+    from ..train.trainer import TrainConfig
 
     return TrainConfig(
         out=args.out, steps=args.steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
@@ -118,7 +118,7 @@ def _train_config(args, **extra):
 def _setup(args):
     import torch
 
-    from .distributed import setup
+    from ..train.distributed import setup
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,7 +126,7 @@ def _setup(args):
 
 
 def _datasets(args, tok):
-    from .data import PackedDataset
+    from ..train.data import PackedDataset
 
     if not args.data:
         raise ValueError(f"{args.command} needs --data")
@@ -149,11 +149,11 @@ def _frozen(model):
 def cmd_distill(args):
     from pathlib import Path
 
-    from ..load import load, load_tokenizer
-    from ..tokenizer import Tokenizer
-    from . import distill, student
-    from .distributed import teardown
-    from .trainer import WithOneHot, train
+    from ..inference.load import load, load_tokenizer
+    from ..formats.tokenizer import Tokenizer
+    from ..train import distill, student
+    from ..train.distributed import teardown
+    from ..train.trainer import WithOneHot, train
 
     ctx = _setup(args)
     # A store carries its teacher's tokenizer: the data must be tokenized as the teacher saw it.
@@ -193,11 +193,11 @@ def cmd_distill(args):
 
 
 def cmd_finetune(args):
-    from ..load import load
-    from ..weights import save_hf_dir
-    from . import lora
-    from .distributed import teardown
-    from .trainer import one_hot, train
+    from ..inference.load import load
+    from ..formats.checkpoint import save_hf_dir
+    from ..train import lora
+    from ..train.distributed import teardown
+    from ..train.trainer import one_hot, train
 
     if args.action == "merge":
         if not args.adapter:
@@ -226,11 +226,11 @@ def cmd_qat(args):
     import copy
     from pathlib import Path
 
-    from ..load import load
+    from ..inference.load import load
     from ..quant.convert import check_output, convert
-    from . import qat
-    from .distributed import teardown
-    from .trainer import train
+    from ..train import qat
+    from ..train.distributed import teardown
+    from ..train.trainer import train
 
     ctx = _setup(args)
     recipe = qat.recipe_for(args.format, args.recipe)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .config import Gemma3Config, from_gguf_metadata, load_hf_config
-from .gguf_file import GGUFFile, read_gguf
-from .vision import VisionConfig
+from ..model.config import Gemma3Config, from_gguf_metadata, load_hf_config
+from .gguf import GGUFFile, read_gguf
+from ..model.vision import VisionConfig
 
 
 class WeightsError(ValueError):
@@ -59,8 +59,8 @@ def ours_to_gguf(name: str) -> str:
 
 
 def expected_shapes(cfg: Gemma3Config | VisionConfig) -> dict[str, tuple[int, ...]]:
-    from .model import Gemma3  # the model's own parameter list is the source of truth
-    from .vision import VisionModel
+    from ..model.decoder import Gemma3  # the model's own parameter list is the source of truth
+    from ..model.vision import VisionModel
 
     with torch.device("meta"):
         model = VisionModel(cfg) if isinstance(cfg, VisionConfig) else Gemma3(cfg)
@@ -173,7 +173,7 @@ def save_hf_dir(path: str | Path, cfg: Gemma3Config, state: dict[str, torch.Tens
 
 def hf_config(cfg: Gemma3Config) -> dict:
     """`cfg` as a transformers Gemma3TextConfig `config.json`."""
-    from .config import GLOBAL
+    from ..model.config import GLOBAL
 
     return {
         "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
@@ -212,7 +212,7 @@ def _hf_vision_name(key: str) -> str | None:
 
 
 def load_vision_hf_dir(path: str | Path, dtype=torch.float32) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
-    from .vision import from_hf_config
+    from ..model.vision import from_hf_config
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -256,7 +256,7 @@ def load_mmproj(path: str | Path, dtype=torch.float32) -> tuple[VisionConfig, di
     [vision width, d_model]: clip.cpp transposes it at run time) and only one norm shifted:
     mm.soft_emb_norm holds 1 + w, while SigLIP's LayerNorms are stored as they are.
     """
-    from .vision import from_gguf_metadata
+    from ..model.vision import from_gguf_metadata
 
     gg = read_gguf(path)
     cfg = from_gguf_metadata(gg.metadata)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS
-from .model import Gemma3
-from .tokenizer import Tokenizer
-from .vision import VisionModel
-from .weights import WeightsError, load_gguf, load_hf_dir, load_mmproj, load_vision_hf_dir
+from ..model.config import PRESETS
+from ..model.decoder import Gemma3
+from ..formats.tokenizer import Tokenizer
+from ..model.vision import VisionModel
+from ..formats.checkpoint import WeightsError, load_gguf, load_hf_dir, load_mmproj, load_vision_hf_dir
 
 DEFAULT_MODEL = "270m"  # the embedded Gemma 3 270M Q4_K_M GGUF
 
@@ -49,14 +49,14 @@ def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     path = resolve(model)
     if precision == "fast" and path.is_file() and dtype == torch.float32:
-        from . import kernels
-        from .qlinear import load_gguf_quantized
+        from ..cpu import kernels
+        from ..cpu.qlinear import load_gguf_quantized
 
         if kernels.available():
             _, net, gg = load_gguf_quantized(path)
             return net, Tokenizer.from_gguf_metadata(gg.metadata)
     if (path / "quantization.json").is_file():  # written by `gemma3 quantize` (quant/store.py)
-        from .quant.store import load_dir
+        from ..quant.store import load_dir
 
         return load_dir(path, dtype)
     if path.is_dir():
@@ -91,12 +91,12 @@ def load_vision(model: str | Path | None = None, mmproj: str | Path | None = Non
 def load_tokenizer(model: str | Path | None = None) -> Tokenizer:
     path = resolve(model)
     if (path / "quantization.json").is_file():
-        from .quant.store import load_tokenizer_dir
+        from ..quant.store import load_tokenizer_dir
 
         return load_tokenizer_dir(path)
     if path.is_dir():
         return Tokenizer.from_dir(path)
-    from .gguf_file import read_gguf
+    from ..formats.gguf import read_gguf
 
     return Tokenizer.from_gguf_metadata(read_gguf(path).metadata)
 
@@ -106,7 +106,7 @@ def describe(model: str | Path | None = None) -> dict:
     weights here describes the preset's configuration alone."""
     from collections import Counter
 
-    from .config import load_hf_config, preset
+    from ..model.config import load_hf_config, preset
 
     name = str(model).lower() if model is not None else DEFAULT_MODEL
     if name in PRESETS and name != DEFAULT_MODEL and not Path(str(model)).exists():
@@ -132,8 +132,8 @@ def describe(model: str | Path | None = None) -> dict:
                     sizes[dtype] += n * {"F32": 4, "BF16": 2, "F16": 2}.get(dtype, 1)
         fmt, nbytes = "safetensors", sum(f.stat().st_size for f in files)
     else:
-        from .config import from_gguf_metadata
-        from .gguf_file import read_gguf
+        from ..model.config import from_gguf_metadata
+        from ..formats.gguf import read_gguf
 
         gg = read_gguf(path)
         embd = gg.tensors.get("token_embd.weight")

@@ -115,8 +115,8 @@ def cmd_study(args):
     from tqdm import tqdm
 
     from ..train import distributed
-    from . import ablation, teacher
-    from .tiny import ModelSize, Schedule, load_corpus
+    from ..study import ablation, teacher
+    from ..study.tiny import ModelSize, Schedule, load_corpus
 
     # Every argument is checked before the data is read and anything is trained.
     L = args.seq_len

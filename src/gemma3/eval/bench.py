@@ -51,8 +51,8 @@ def run_ours(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    from gemma3.load import load
-    from gemma3.sampling import greedy_step
+    from ..inference.load import load
+    from ..inference.sampling import greedy_step
 
     start = time.perf_counter()
     if args.device == "cuda":  # bf16 float weights: the quantized kernels are CPU-only
@@ -201,7 +201,7 @@ def run_llama(args):
 
 def worker_command(python, side, args, phases, no_extra_bufts=False):
     script = os.path.abspath(__file__)
-    cmd = [python, script] if side == "llama" else [python, "-m", "gemma3.bench"]
+    cmd = [python, script] if side == "llama" else [python, "-m", "gemma3.eval.bench"]
     cmd += ["--worker", side, "--model", args.model_path, "--threads", str(args.threads),
             "--ctx", str(args.ctx), "--decode", str(args.decode), "--phases", ",".join(phases)]
     if side == "ours":
@@ -321,7 +321,7 @@ def table(result: dict, args) -> str:
 
 
 def bench(args) -> dict:
-    from .load import resolve
+    from ..inference.load import resolve
 
     args.model_path = str(resolve(args.model))
     if args.device == "auto":

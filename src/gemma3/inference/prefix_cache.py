@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import KVCache, RingKV
+from ..model.cache import KVCache, RingKV
 
 
 @dataclass

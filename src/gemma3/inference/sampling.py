@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
+from ..cpu import kernels
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UnsupportedModelError
-from .model import RMSNorm
+from .decoder import RMSNorm
 
 
 @dataclass(frozen=True)

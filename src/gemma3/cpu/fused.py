@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .cache import LinearKV, RingKV
-from .model import MLP, Attention, Block, Gemma3, RMSNorm, rope_cos_sin
+from ..model.cache import LinearKV, RingKV
+from ..model.decoder import MLP, Attention, Block, Gemma3, RMSNorm, rope_cos_sin
 from .qlinear import MAX_VNNI_ROWS, QuantLinear
 
 ROPE_BLOCK = 64  # positions per RoPE table of the one-call step (FastGemma3._rope_at)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .apply import KEYS, RECIPES
-from .formats import ALIASES, FORMATS
+from ..quant.apply import KEYS, RECIPES
+from ..quant.formats import ALIASES, FORMATS
 
 
 def format_help() -> str:
@@ -18,8 +18,8 @@ def format_help() -> str:
 def cmd_quantize(args):
     import torch
 
-    from .apply import parse_recipe
-    from .convert import convert
+    from ..quant.apply import parse_recipe
+    from ..quant.convert import convert
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Gemma3Config
-from .model import MLP, Attention, Gemma3, TiedEmbedding
+from .decoder import MLP, Attention, Gemma3, TiedEmbedding
 
 
 @dataclass(frozen=True)

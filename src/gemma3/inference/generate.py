@@ -10,7 +10,7 @@ import torch
 
 from .multimodal import MultimodalPrompt
 from .sampling import SamplingParams, greedy_step, sample
-from .tokenizer import StreamDecoder
+from ..formats.tokenizer import StreamDecoder
 
 
 @dataclass(frozen=True)

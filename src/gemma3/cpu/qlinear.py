@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from . import kernels
-from .config import Gemma3Config
-from .gguf_file import GGUFFile, QTensor
-from .quants import BLOCK_INFO, dequantize
+from ..model.config import Gemma3Config
+from ..formats.gguf import GGUFFile, QTensor
+from ..formats.ggml import BLOCK_INFO, dequantize
 
 # Up to this many rows the VNNI kernel wins; above, dequantize-to-bf16 + GEMM does (one core of an
 # AMX machine: at 8 rows VNNI is ~1.3x faster, at 16 rows bf16 is ~1.5x faster; the VNNI cost grows
@@ -184,7 +184,7 @@ def quantize_from_gguf(model: nn.Module, gg: GGUFFile) -> nn.Module:
     The model may live on the meta device (nothing materialised); names are mapped with
     weights.gguf_to_ours, and shapes must match the module they replace.
     """
-    from .weights import WeightsError, gguf_to_ours
+    from ..formats.checkpoint import WeightsError, gguf_to_ours
 
     ours = {gguf_to_ours(name): t for name, t in gg.tensors.items()}
     for name, module in list(model.named_modules()):
@@ -223,8 +223,8 @@ _INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", 
 
 def load_gguf_quantized(path: str | Path) -> tuple[Gemma3Config, nn.Module, GGUFFile]:
     """A Gemma3 whose matmuls read the GGUF blocks in place; only the norms are materialised."""
-    from .model import Gemma3
-    from .weights import WeightsError, read_gemma3_gguf
+    from ..model.decoder import Gemma3
+    from ..formats.checkpoint import WeightsError, read_gemma3_gguf
 
     with _skip_init():  # check_names_and_shapes builds a meta model too
         cfg, gg, names = read_gemma3_gguf(path)
@@ -249,6 +249,6 @@ def load_gguf_quantized(path: str | Path) -> tuple[Gemma3Config, nn.Module, GGUF
     leftover = [n for n, p in model.state_dict().items() if p.device.type == "meta"]
     if leftover:
         raise WeightsError(f"{path}: no data for {leftover[0]}")
-    from .fastpath import make_fast
+    from .fused import make_fast
 
     return cfg, make_fast(model.eval()), gg

@@ -68,8 +68,8 @@ def _load(args, timeout=None):
     writes to stdout."""
     import torch
 
-    from . import tp
-    from .load import load
+    from ..model import tp
+    from ..inference.load import load
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,7 +83,7 @@ def _load(args, timeout=None):
     if world > 1:
         import atexit
 
-        from .train.distributed import setup, teardown
+        from ..train.distributed import setup, teardown
 
         ctx = setup(device=device, timeout=timeout)
         atexit.register(teardown, ctx)  # gloo's threads abort the process if it exits with the group alive
@@ -94,8 +94,8 @@ def _load(args, timeout=None):
 
 
 def _params(args):
-    from . import tp
-    from .sampling import SamplingParams
+    from ..model import tp
+    from ..inference.sampling import SamplingParams
 
     seed = args.seed
     if seed is None and tp.world_size() > 1:
@@ -113,17 +113,17 @@ def _add_vision_args(p: argparse.ArgumentParser):
 
 def _encoder(args):
     """(vision model, Pan & Scan settings) for args."""
-    from .load import load_vision
-    from .multimodal import PanAndScan
+    from ..inference.load import load_vision
+    from ..inference.multimodal import PanAndScan
 
     vision = load_vision(args.model, args.mmproj, dtype=_dtype(args, "cpu"))
     return vision, None if args.no_pan_and_scan else PanAndScan()
 
 
 def cmd_generate(args):
-    from .generate import stream_generate
-    from .multimodal import build_prompt, encode_image, load_image, with_placeholders
-    from .tokenizer import apply_chat_template
+    from ..inference.generate import stream_generate
+    from ..inference.multimodal import build_prompt, encode_image, load_image, with_placeholders
+    from ..formats.tokenizer import apply_chat_template
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     # Images and their encoder before the slow text model: a bad file or a missing mmproj fails fast.
@@ -161,11 +161,11 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
-    from .generate import stream_generate
-    from .multimodal import build_prompt, encode_image, load_image, with_placeholders
-    from .tokenizer import apply_chat_template
+    from ..inference.generate import stream_generate
+    from ..inference.multimodal import build_prompt, encode_image, load_image, with_placeholders
+    from ..formats.tokenizer import apply_chat_template
 
-    from .prefix_cache import PrefixCache
+    from ..inference.prefix_cache import PrefixCache
 
     model, tok = _load(args)
     # Each turn re-sends the whole conversation; the prefix cache resumes after the previous turns.
@@ -217,9 +217,9 @@ def cmd_chat(args):
 def cmd_serve(args):
     from pathlib import Path
 
-    from . import tp
-    from .load import resolve
-    from .server import ranks, serve
+    from ..model import tp
+    from ..inference.load import resolve
+    from ..server import ranks, serve
 
     for name in ("port", "max_batch", "max_queue", "ctx", "max_tokens", "tp"):
         value = getattr(args, name)
@@ -263,7 +263,7 @@ def cmd_serve(args):
 
 def _has_vision(model) -> bool:
     """An HF directory whose config describes a vision tower (Gemma3ForConditionalGeneration)."""
-    from .load import resolve
+    from ..inference.load import resolve
 
     path = resolve(model)
     config = path / "config.json"
@@ -271,7 +271,7 @@ def _has_vision(model) -> bool:
 
 
 def cmd_tokenize(args):
-    from .load import load_tokenizer
+    from ..inference.load import load_tokenizer
 
     tok = load_tokenizer(args.model)
     stream = open(args.file, encoding="utf-8", errors="strict") if args.file else sys.stdin
@@ -288,7 +288,7 @@ def cmd_tokenize(args):
 
 
 def cmd_info(args):
-    from .load import describe
+    from ..inference.load import describe
 
     info = describe(args.model)
     if args.json:
@@ -309,8 +309,8 @@ def cmd_info(args):
 
 
 def cmd_perplexity(args):
-    from .eval.perplexity import perplexity, read_text
-    from .eval.results import record
+    from ..eval.perplexity import perplexity, read_text
+    from ..eval.results import record
 
     text = read_text(args.file)
     model, tok = _load(args)
@@ -325,7 +325,7 @@ def cmd_perplexity(args):
 
 
 def cmd_memory(args):
-    from . import memory
+    from ..model import memory
 
     if args.tp:
         return _print_tp_plan(args, memory)
@@ -356,7 +356,7 @@ def cmd_memory(args):
 
 
 def _print_tp_plan(args, memory):
-    from .load import describe
+    from ..inference.load import describe
 
     cfg = _config(describe(args.model))
     ctx = args.ctx or cfg.max_context
@@ -380,7 +380,7 @@ def _print_tp_plan(args, memory):
 
 def _config(info: dict):
     """The text config in a `load.describe` result."""
-    from .config import Gemma3Config
+    from ..model.config import Gemma3Config
 
     return Gemma3Config(**{**info["config"], "layer_types": tuple(info["config"]["layer_types"])})
 
@@ -388,7 +388,7 @@ def _config(info: dict):
 def _measure_kv(args, memory) -> dict:
     import torch
 
-    from .load import describe
+    from ..inference.load import describe
 
     info = describe(args.model)
     cfg = _config(info)
@@ -413,9 +413,9 @@ def _measure_kv(args, memory) -> dict:
 
 
 def cmd_eval_needle(args):
-    from .eval.needle import plot_heatmap, run_needle, to_json
-    from .eval.perplexity import read_text
-    from .eval.results import emit
+    from ..eval.needle import plot_heatmap, run_needle, to_json
+    from ..eval.perplexity import read_text
+    from ..eval.results import emit
 
     haystack = read_text(args.haystack) if args.haystack else _default_haystack()
     ctxs = [int(c) for c in args.ctx.split(",")]
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_tokenize)
 
-    from .eval.results import add_results_argument
+    from ..eval.results import add_results_argument
 
     p = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity method by default)",
                        description="Perplexity of FILE. Default: llama.cpp's method (chunks of --ctx tokens, "
@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_memory)
 
-    from .bench import add_arguments as add_bench_arguments, cmd_bench
+    from ..eval.bench import add_arguments as add_bench_arguments, cmd_bench
 
     p = sub.add_parser("bench", help="load time, prefill/decode speed and peak memory, optionally vs llama.cpp",
                        description="Each side runs in fresh processes, repetitions interleaved, medians reported. "
@@ -541,22 +541,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
 
-    from .train.commands import add_commands as add_training_commands  # distill, finetune, qat
+    from .train import add_commands as add_training_commands  # distill, finetune, qat
 
     add_training_commands(sub)
 
-    from .quant.commands import add_commands as add_quant_commands  # quantize
+    from .quantize import add_commands as add_quant_commands  # quantize
 
     add_quant_commands(sub)
 
-    from .study.commands import add_commands as add_study_commands  # study ratio | window | teacher
+    from .study import add_commands as add_study_commands  # study ratio | window | teacher
 
     add_study_commands(sub)
 
     # `gemma3 eval <study>`: each evaluation module registers its own sub-subcommand here.
     p = sub.add_parser("eval", help="evaluations and studies (SPEC §8): quant, needle, …")
     evals = p.add_subparsers(dest="eval_command", required=True, metavar="STUDY")
-    from .eval.quant import add_command as add_eval_quant
+    from ..eval.quant import add_command as add_eval_quant
 
     add_eval_quant(evals)
     e = evals.add_parser("needle", help="needle in a haystack at several context lengths and depths",
@@ -571,8 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_results_argument(e)
     _add_model_args(e)
     e.set_defaults(func=cmd_eval_needle)
-    from .eval.memorization import add_command as add_eval_memorization
-    from .eval.results import add_command as add_eval_report
+    from ..eval.memorization import add_command as add_eval_memorization
+    from ..eval.results import add_command as add_eval_report
 
     add_eval_memorization(evals)
     add_eval_report(evals)
@@ -582,9 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line a --results entry records
-    from .config import UnsupportedModelError
-    from .gguf_file import GGUFError
-    from .weights import WeightsError
+    from ..model.config import UnsupportedModelError
+    from ..formats.gguf import GGUFError
+    from ..formats.checkpoint import WeightsError
 
     try:
         args.func(args)

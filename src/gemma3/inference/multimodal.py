@@ -235,7 +235,7 @@ def without_marks(text: str) -> str:
 def encode_chat_with_images(tokenizer, messages: list[dict], crops: Sequence[int], mm_tokens: int) -> list[int]:
     """`encode_chat` for messages holding IMAGE_MARK where image i goes (with crops[i] Pan & Scan
     crops): the ids transformers' processor gives for the template with <start_of_image> there."""
-    from .tokenizer import encode_chat
+    from ..formats.tokenizer import encode_chat
 
     boi, eoi = tokenizer.token_to_id(BOI), tokenizer.token_to_id(EOI)
     pending = list(crops)

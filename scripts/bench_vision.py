@@ -1,4 +1,4 @@
-"""Time the full-size Gemma 3 vision encoder (SigLIP-So400m at 896 px + projector, SPEC §3) on
+"""Time the full-size Gemma 3 vision encoder (SigLIP-So400m at 896 px + projector) on
 random weights: seconds per image, and per Pan & Scan crop set (the image plus its crops).
 
     .venv/bin/python scripts/bench_vision.py                   # float32, PyTorch's thread count

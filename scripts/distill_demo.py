@@ -1,4 +1,4 @@
-"""Distillation demo (SPEC §6): the embedded Gemma 3 270M teaches a 26M-parameter student (6 layers,
+"""Distillation demo: the embedded Gemma 3 270M teaches a 26M-parameter student (6 layers,
 5 local : 1 global, d_model 96, the teacher's 262k vocabulary) on the GPL-3.0 text shipped in
 tests/data; the same student trained on one-hot labels for the same steps is the baseline.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gemma3.cli.commands import main as gemma3
+from gemma3.cli import main as gemma3
 from gemma3.eval.perplexity import perplexity
 from gemma3.inference.load import load
 from gemma3.train.metrics import plot_curves, read_metrics

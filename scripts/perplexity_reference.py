@@ -7,8 +7,8 @@ The method is llama.cpp's `llama-perplexity` (what `gemma3 perplexity` does by d
 is tokenized once with <bos>, cut into chunks of --ctx tokens, each chunk's first token replaced by
 <bos>, and only the second half of each chunk scored.
 
-  (a) our code, `--precision fp32`: every weight dequantized to float32 (the reference path);
-  (b) our code, the default `--precision fast`: weights stay in their GGUF blocks (C++ kernels);
+  (a) our code, `--backend torch`: every weight dequantized to float32 (the reference path);
+  (b) our code, the default `--backend cpu`: weights stay in their GGUF blocks (C++ kernels);
   (c) transformers' Gemma3ForCausalLM carrying the weights of (a) (tests/hf_reference.py), fp32
       eager attention, chunked and scored here independently of our perplexity module;
   (d) llama.cpp through llama-cpp-python (`logits_all=True`) on the GGUF file itself: its own
@@ -94,11 +94,11 @@ def transformers_perplexity(model, tokens: list[int], ctx: int, bos: int) -> dic
     return {"nll": nll / count, "ppl": math.exp(nll / count), "tokens": count}
 
 
-def ours(precision: str, text: str, ctx: int):
+def ours(backend: str, text: str, ctx: int):
     from gemma3.eval.perplexity import perplexity
     from gemma3.inference.load import load
 
-    model, tok = load(precision=precision)
+    model, tok = load(backend=backend)
     r = perplexity(model, tok, text, ctx=ctx, progress=False)
     return model, {"nll": r.nll, "ppl": r.ppl, "tokens": r.tokens}
 
@@ -135,13 +135,13 @@ def main():
     tok = load_tokenizer()
     tokens = tok.encode(text, add_bos=True)
     results = {}
-    print("(a) ours, --precision fp32 …", file=sys.stderr)
-    model, results["ours_fp32"] = timed(ours, "fp32", text, args.ctx)
+    print("(a) ours, --backend torch …", file=sys.stderr)
+    model, results["ours_fp32"] = timed(ours, "torch", text, args.ctx)
     print("(c) transformers on the same dequantized weights …", file=sys.stderr)
     results["transformers_fp32"] = timed(transformers_perplexity, model, tokens, args.ctx, tok.bos_id)
     del model
-    print("(b) ours, --precision fast (default) …", file=sys.stderr)
-    _, results["ours_fast"] = timed(ours, "fast", text, args.ctx)
+    print("(b) ours, --backend cpu (default) …", file=sys.stderr)
+    _, results["ours_fast"] = timed(ours, "cpu", text, args.ctx)
     print(f"(d) llama.cpp via {args.llama_python} …", file=sys.stderr)
     start = time.perf_counter()
     proc = subprocess.run([args.llama_python, __file__, "--llama", gguf, "--text", args.text, "--ctx", str(args.ctx)],
@@ -172,7 +172,7 @@ def main():
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    names = {"ours_fp32": "ours, --precision fp32", "ours_fast": "ours, --precision fast (default)",
+    names = {"ours_fp32": "ours, --backend torch", "ours_fast": "ours, --backend cpu (default)",
              "transformers_fp32": "transformers Gemma3ForCausalLM (fp32)", "llama_cpp": "llama.cpp (llama-cpp-python)"}
     print(f"{out['text']}: {out['text_bytes']} bytes, {len(tokens)} tokens, ctx {args.ctx}, {out['chunks']} chunks, "
           f"{out['scored_tokens']} scored tokens")

@@ -1,4 +1,4 @@
-"""QAT demo (SPEC §5): int4 quantization-aware training closes the post-training int4 gap.
+"""QAT demo: int4 quantization-aware training closes the post-training int4 gap.
 
     .venv/bin/python scripts/qat_demo.py   # 7 min measured (1 thread, 2 cores); writes docs/qat_demo.{json,png}
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from gemma3.cli.commands import main as gemma3
+from gemma3.cli import main as gemma3
 from gemma3.eval.perplexity import perplexity
 from gemma3.inference.load import load
 from gemma3.train.metrics import read_metrics

@@ -41,7 +41,7 @@ def tiny():
 
 def run_cli(args, capsys):
     """Runs the gemma3 CLI in-process; returns (exit code, stdout, stderr)."""
-    from gemma3.cli.commands import main
+    from gemma3.cli import main
 
     code = 0
     try:

@@ -16,8 +16,8 @@ def test_ring_wraps_around_and_keeps_the_last_window(tiny):
     with torch.no_grad():
         tiny(torch.randint(0, 100, (1, 3 * window + 3)), cache)
     ring = cache.layers[tiny.config.local_layers[0]]
-    assert sorted(ring.pos.tolist()) == list(range(2 * window + 3, 3 * window + 3))
-    assert (ring.pos % window == torch.arange(window)).all()
+    assert sorted(ring.positions.tolist()) == list(range(2 * window + 3, 3 * window + 3))
+    assert (ring.positions % window == torch.arange(window)).all()
 
 
 def test_int8_kv_close_to_full_precision(tiny):

@@ -20,7 +20,7 @@ class WordTokenizer:
 
 
 def _args(**kw):
-    base = dict(model=None, precision="fast", results=None, argv=["perplexity", "x.txt"], func=print)
+    base = dict(model=None, backend="cpu", results=None, argv=["perplexity", "x.txt"], func=print)
     return Namespace(**{**base, **kw})
 
 
@@ -41,7 +41,7 @@ def test_each_run_appends_one_line(tmp_path):
     assert first["kind"] == "perplexity" and first["model"] == "270m"
     assert first["command"] == "gemma3 perplexity 'my file.txt' --ctx 64"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", first["timestamp"])
-    assert first["args"] == {"model": None, "precision": "fast"}  # no func, argv or the results path
+    assert first["args"] == {"model": None, "backend": "cpu"}  # no func, argv or the results path
     n_global = sum(t == "global" for t in cfg.layer_types)
     assert first["config"] == config_summary(cfg)
     assert first["config"]["local_global"] == f"{cfg.num_layers - n_global}:{n_global}"
@@ -83,17 +83,17 @@ def test_report_has_a_table_per_kind_and_links_plots(tmp_path):
                          "mean_edit_distance": 0.5, "mean_verbatim_tokens": 1.25}
                         for name, k in (("gpl.txt", 3), ("control", 0))], "plot": "plots/mem.png"}
     entries = [_entry("perplexity", {"ppl": 13.8289, "nll": 2.6267, "tokens": 3570, "chunks": [1.0]},
-                      file="gpl.txt", ctx=512, stride=None, precision="fp32"),
-               _entry("memorization", mem, precision="fast"),
+                      file="gpl.txt", ctx=512, stride=None, backend="torch"),
+               _entry("memorization", mem, backend="cpu"),
                _entry("perplexity", {"ppl": 14.1, "nll": 2.64, "tokens": 100, "chunks": []}, file="b.txt", ctx=64,
-                      stride=32),
+                      stride=32, precision="fast"),  # recorded before --backend replaced --precision
                _entry("study-ratio", {"best_ratio": "5:1", "runs": [1, 2], "plot": "ratio.png"})]
     md = render_report(entries, "/data/run/reports")
     sections = md.split("\n## ")
     assert [s.splitlines()[0] for s in sections[1:]] == ["perplexity", "memorization", "study-ratio"]
     ppl = sections[1]
     assert "13.8289" in ppl and "14.1000" in ppl and "llama-perplexity" in ppl and "stride 32" in ppl
-    assert ppl.count("| 1 |") == 1 and ppl.count("| 2 |") == 1 and "| fp32 |" in ppl
+    assert ppl.count("| 1 |") == 1 and ppl.count("| 2 |") == 1 and "| torch |" in ppl and "| cpu |" in ppl
     assert "`gemma3 eval perplexity`" in ppl
     memo = sections[2]
     assert "3/40 = 7.5% [0.0%, 10.0%]" in memo and "0/40 = 0.0%" in memo and "| 1.25 |" in memo
@@ -103,10 +103,10 @@ def test_report_has_a_table_per_kind_and_links_plots(tmp_path):
 
 
 def test_perplexity_and_report_through_the_cli(tmp_path, capsys, monkeypatch):
-    import gemma3.cli.commands
+    import gemma3.cli.options
 
     model = random_model(tiny_config(vocab=len(WORDS) + 1))
-    monkeypatch.setattr(gemma3.cli.commands, "_load", lambda args: (model, WordTokenizer()))
+    monkeypatch.setattr(gemma3.cli.options, "load_model", lambda args: (model, WordTokenizer()))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "text.txt").write_text(" ".join(WORDS * 2))
     code, out, err = run_cli(["perplexity", "text.txt", "--ctx", "64", "--json"], capsys)
@@ -126,13 +126,13 @@ def test_perplexity_and_report_through_the_cli(tmp_path, capsys, monkeypatch):
 
 
 def test_needle_and_quant_commands_record_their_json(tmp_path, capsys, monkeypatch):
-    import gemma3.cli.commands
+    import gemma3.cli.options
     import gemma3.eval.needle
     import gemma3.eval.quant
     from gemma3.eval.needle import NeedleResult
 
     cfg = tiny_config()
-    monkeypatch.setattr(gemma3.cli.commands, "_load", lambda args: (random_model(cfg), WordTokenizer()))
+    monkeypatch.setattr(gemma3.cli.options, "load_model", lambda args: (random_model(cfg), WordTokenizer()))
     monkeypatch.setattr(gemma3.eval.needle, "run_needle", lambda *a, **k: [
         NeedleResult(64, 0.5, "12345", " 12345.", True, -0.1), NeedleResult(64, 1.0, "777", " 8", False, -9.0)])
     row = {"format": "q8_0", "recipe": "q8_0", "file": "gguf", "file_bytes": 2**20, "weight_bytes": 1, "bits_per_param": 8.5,

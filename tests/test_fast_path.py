@@ -243,7 +243,7 @@ def test_quant_embedding_lookup_is_exact_and_attend_is_the_lm_head():
 
 
 def test_fallback_without_kernels(monkeypatch):
-    """With the extension unavailable, QuantLinear runs its reference and load(precision="fast")
+    """With the extension unavailable, QuantLinear runs its reference and load(backend="cpu")
     returns the fp32 reference model."""
     monkeypatch.setitem(kernels._state, "ops", None)
     monkeypatch.setitem(kernels._state, "error", "simulated")
@@ -253,7 +253,7 @@ def test_fallback_without_kernels(monkeypatch):
 
     from gemma3.inference.load import load
 
-    model, _ = load(precision="fast")
+    model, _ = load(backend="cpu")
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
@@ -264,8 +264,8 @@ def test_fallback_without_kernels(monkeypatch):
 def models():
     from gemma3.inference.load import load
 
-    fast, tok = load(precision="fast")
-    ref, _ = load(precision="fp32")
+    fast, tok = load(backend="cpu")
+    ref, _ = load(backend="torch")
     return fast, ref, tok
 
 
@@ -422,7 +422,7 @@ def test_batch_1_decode_runs_in_one_call_and_follows_the_cache_as_it_grows(kv_dt
         for t in range(5, n):
             a = fast(ids[:, t:t + 1], cf, last_only=True)
             b = ref(ids[:, t:t + 1], cr, last_only=True)
-            stack = cf.__dict__["_decode_stack"][2]
+            stack = fast.decode_stack(cf)
             if not any(stack is s for s in stacks):
                 stacks.append(stack)
             if t % 50 == 0 or t >= GROW_CHUNK - 2:
@@ -452,7 +452,7 @@ def test_one_call_step_is_bit_exact_with_the_module_path():
         for t in range(ROPE_BLOCK - 4, ids.shape[1] - 1):
             a = fast(ids[:, t:t + 1], one)
             b = fast.logits(Gemma3.forward_hidden(fast, ids[:, t:t + 1], mod))
-            assert one.__dict__.get("_decode_stack") is not None and mod.__dict__.get("_decode_stack") is None
+            assert fast.decode_stack(one) is not None and fast.decode_stack(mod) is None
             assert torch.equal(a, b), t
         t = ids.shape[1] - 1
         assert torch.equal(fast.forward_hidden(ids[:, t:], one), Gemma3.forward_hidden(fast, ids[:, t:], mod))
@@ -462,15 +462,15 @@ def test_one_call_step_is_bit_exact_with_the_module_path():
 
 
 @needs_kernels
-def test_greedy_step_takes_the_argmax_inside_the_lm_head():
-    """sampling.greedy_step on a one-call step (FastGemma3.fused_greedy: the argmax scanned chunk
+def test_greedy_next_takes_the_argmax_inside_the_lm_head():
+    """FastGemma3.greedy_next on a one-call step (the argmax scanned chunk
     by chunk inside the LM head's product, the logits never returned) picks what greedy() picks
     from the step's logits and leaves the cache where a plain step leaves it. Ties go to the first
     index across the head's chunks (a table of identical rows: every logit equal), the first NaN
     wins as in torch.max, and a step that is not one call (batch 2) takes greedy(logits)."""
     from conftest import random_model, tiny_config
 
-    from gemma3.inference.sampling import greedy, greedy_step
+    from gemma3.inference.sampling import greedy
 
     cfg = tiny_config(layers=4, heads=4, kv_heads=1, head_dim=32, hidden=128, window=8, vocab=4096)  # 8 chunks
     fast, _ = quantized_copy(random_model(cfg), T.Q8_0)
@@ -484,19 +484,19 @@ def test_greedy_step_takes_the_argmax_inside_the_lm_head():
     with torch.inference_mode():
         one, plain = twins()
         for t in range(4, 29):
-            a = greedy_step(fast, ids[:1, t:t + 1], one)
-            assert one.__dict__.get("_decode_stack") is not None
+            a = fast.greedy_next(ids[:1, t:t + 1], one)
+            assert fast.decode_stack(one) is not None
             assert torch.equal(a, greedy(fast(ids[:1, t:t + 1], plain, last_only=True)[:, -1])), t
         assert torch.equal(fast(ids[:1, 29:], one), fast(ids[:1, 29:], plain))
         one, plain = twins(rows=2)
-        assert torch.equal(greedy_step(fast, ids[:, 4:5], one), greedy(fast(ids[:, 4:5], plain, last_only=True)[:, -1]))
+        assert torch.equal(fast.greedy_next(ids[:, 4:5], one), greedy(fast(ids[:, 4:5], plain, last_only=True)[:, -1]))
         table = fast.embed_tokens.blocks
         table[:] = table[0].clone()  # every row the same: every logit ties
         one, plain = twins()
-        assert greedy_step(fast, ids[:1, 4:5], one).tolist() == [0]
+        assert fast.greedy_next(ids[:1, 4:5], one).tolist() == [0]
         table[[3000, 100], :2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # f16 NaN scales: NaN logits
         one, plain = twins()
-        assert greedy_step(fast, ids[:1, 4:5], one).tolist() == [100]
+        assert fast.greedy_next(ids[:1, 4:5], one).tolist() == [100]
         assert greedy(fast(ids[:1, 4:5], plain, last_only=True)[:, -1]).tolist() == [100]
 
 
@@ -515,7 +515,7 @@ def test_decode_attention_reads_quantized_cache_like_model_py(kv_dtype):
     ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         cf, cr = fast.new_cache(2, 64, kv_dtype=kv_dtype), ref.new_cache(2, 64, kv_dtype=kv_dtype)
-        assert cf.layers[0].k.data.dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[kv_dtype]
+        assert cf.layers[0].view().keys.dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[kv_dtype]
         worst = 0.0
         for t in range(40):
             a = fast(ids[:, t:t + 1], cf, last_only=True)
@@ -529,23 +529,22 @@ def test_decode_attention_reads_quantized_cache_like_model_py(kv_dtype):
 def test_decode_attention_kernel_int8_equals_dequantized_fp32():
     """Direct kernel check: int8 storage + scales gives the attention of the dequantized fp32 cache."""
     from gemma3.cpu import kernels
-    from gemma3.model.cache import Slots
+    from gemma3.model.cache import LinearKV
 
     g = torch.Generator().manual_seed(0)
     b, hq, hk, s, d = 2, 4, 2, 50, 32
     q = torch.randn(b, hq, d, generator=g)
-    k8 = Slots(b, hk, s, d, torch.int8, torch.float32, "cpu")
-    v8 = Slots(b, hk, s, d, torch.int8, torch.float32, "cpu")
-    k8.write(torch.arange(s), torch.randn(b, hk, s, d, generator=g) * 3)
-    v8.write(torch.arange(s), torch.randn(b, hk, s, d, generator=g))
+    layer = LinearKV.empty(b, hk, d, s, torch.int8, torch.float32, "cpu")
+    layer.store(torch.randn(b, hk, s, d, generator=g) * 3, torch.randn(b, hk, s, d, generator=g))
+    k8, v8 = layer.view(), layer.contents()
     pos = torch.arange(s)
     ops = kernels.ops()
     for window in (0, 16):
-        got = ops.decode_attention(q, k8.data, v8.data, pos, s - 1, window, 0.125, k8.scale, v8.scale)
-        want = ops.decode_attention(q, k8.read(), v8.read(), pos, s - 1, window, 0.125)
+        got = ops.decode_attention(q, k8.keys, k8.values, pos, s - 1, window, 0.125, k8.k_scale, k8.v_scale)
+        want = ops.decode_attention(q, *v8, pos, s - 1, window, 0.125)
         assert (got - want).abs().max() < 1e-5
     with pytest.raises(RuntimeError, match="scales"):
-        ops.decode_attention(q, k8.data, v8.data, pos, s - 1, 0, 0.125)
+        ops.decode_attention(q, k8.keys, k8.values, pos, s - 1, 0, 0.125)
 
 
 @needs_kernels
@@ -600,18 +599,13 @@ def test_continuous_batch_decode_matches_model_py(kv_dtype, n_seqs):
             assert a.shape == (n_seqs, cfg.vocab_size)
             assert rel_err(a, b) < tol, step
             tokens = b.argmax(-1)
-    assert ("_decode_stack" in caches["fast"][0].__dict__) == (n_seqs == 1)
+    assert (fast.decode_stack(caches["fast"][0]) is not None) == (n_seqs == 1)
     for cf, cr in zip(caches["fast"], caches["ref"]):
         assert cf.pos == cr.pos
         for lf, lr in zip(cf.layers, cr.layers):
-            if hasattr(lf, "length"):
-                assert lf.length == lr.length
-                n = lf.length
-                assert rel_err(lf.k.read(n), lr.k.read(n)) < tol
-            else:
-                assert torch.equal(lf.pos, lr.pos)
-                assert rel_err(lf.k.read(), lr.k.read()) < tol
-                assert rel_err(lf.v.read(), lr.v.read()) < tol
+            assert torch.equal(lf.key_positions(), lr.key_positions())
+            for a, b in zip(lf.contents(), lr.contents()):
+                assert rel_err(a, b) < tol
 
 
 @needs_kernels

@@ -32,6 +32,9 @@ class ScriptedModel:
         self.step += 1
         return logits
 
+    def greedy_next(self, ids, cache):
+        return self(ids, cache, last_only=True)[:, -1].argmax(-1)
+
 
 def test_greedy_is_argmax():
     logits = torch.randn(100)

@@ -162,9 +162,9 @@ def test_control_text_is_the_same_words_in_another_order():
 
 
 def test_command_end_to_end(tmp_path, capsys, monkeypatch):
-    import gemma3.cli.commands
+    import gemma3.cli.options
 
-    monkeypatch.setattr(gemma3.cli.commands, "_load", lambda args: (Oracle(), WordTokenizer()))
+    monkeypatch.setattr(gemma3.cli.options, "load_model", lambda args: (Oracle(), WordTokenizer()))
     (tmp_path / "doc.txt").write_text(DOC)
     args = ["eval", "memorization", "--data", str(tmp_path / "doc.txt"), "--control", "--samples", "5",
             "--plot", str(tmp_path / "mem.png"), "--results", str(tmp_path / "r.jsonl")]
@@ -182,9 +182,9 @@ def test_command_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def test_command_input_errors_are_one_line(tmp_path, capsys, monkeypatch):
-    import gemma3.cli.commands
+    import gemma3.cli.options
 
-    monkeypatch.setattr(gemma3.cli.commands, "_load", lambda args: (Oracle(), WordTokenizer()))
+    monkeypatch.setattr(gemma3.cli.options, "load_model", lambda args: (Oracle(), WordTokenizer()))
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 w1 w2".encode("latin-1"))
     (tmp_path / "short.txt").write_text("w1 w2 w3")

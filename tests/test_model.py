@@ -73,12 +73,12 @@ def test_cache_allocation_is_window_sized_for_local_layers(tiny):
         tiny(torch.randint(0, cfg.vocab_size, (1, 40)), cache)
     per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, fp32
     for layer, kind in zip(cache.layers, cfg.layer_types):
-        slots = layer.k.size
+        slots = layer.size
         if kind == "local":
             assert slots == cfg.sliding_window
         else:
             assert 40 <= slots < 4000  # grows with use, not reserved up front
-    slots = sum(layer.k.size for layer in cache.layers)
+    slots = sum(layer.size for layer in cache.layers)
     assert cache.nbytes() == slots * per_slot
 
 

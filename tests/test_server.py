@@ -40,7 +40,7 @@ def local():
     """The same model in this process: the reference the server's output must equal."""
     from gemma3 import load
 
-    return load(None, precision="fast")
+    return load(None, backend="cpu")
 
 
 def post(server, path, body, key=KEY, timeout=120):

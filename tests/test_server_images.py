@@ -1,4 +1,4 @@
-"""Images through the real server (SPEC §3, §7): `image_url` parts with base64 data URLs on a tiny
+"""Images through the real server: `image_url` parts with base64 data URLs on a tiny
 random multimodal HF directory served by uvicorn, answers equal to the library's, and every kind
 of bad image a 400 that names the part while the server keeps serving."""
 
@@ -48,7 +48,7 @@ def mm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(mm_dir):
-    srv = ServerProcess("--model", str(mm_dir), "--precision", "fp32", "--served-model-name", MODEL,
+    srv = ServerProcess("--model", str(mm_dir), "--backend", "torch", "--served-model-name", MODEL,
                         "--ctx", "1024", "--max-tokens", str(N), "--max-batch", "2")
     yield srv
     srv.stop()

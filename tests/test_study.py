@@ -1,5 +1,5 @@
 """`gemma3 study ratio | window | teacher` end to end on tiny settings (seconds), and the configs the
-studies compare: layer patterns, windows, parameter counts and KV figures (SPEC §8)."""
+studies compare: layer patterns, windows, parameter counts and KV figures."""
 
 import json
 import math

@@ -131,7 +131,7 @@ def test_real_270m_one_kv_head_matches_single_process(tmp_path):
 @needs_gloo
 def test_torchrun_generate_cli_matches_single_process(tmp_path):
     model = tiny_model_dir(tmp_path / "m")
-    args = ["generate", "Once upon a time", "-m", str(model), "-n", "64", "--json", "--precision", "fp32"]
+    args = ["generate", "Once upon a time", "-m", str(model), "-n", "64", "--json", "--backend", "torch"]
     single = subprocess.run([sys.executable, "-m", "gemma3", *args], capture_output=True, text=True, timeout=120,
                             env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr
@@ -175,7 +175,7 @@ def test_serve_tp_two_ranks_batches_and_matches_single_process():
     err = srv.proc.stderr.read() if srv.proc.stderr else ""  # None with GEMMA3_SERVER_LOG set
     assert code == 0 and "exited with status" not in err and "failed" not in err, err[-2000:]
     assert batched > 0
-    model, tok = load(None, precision="fp32")
+    model, tok = load(None, backend="torch")
     for prompt, out in zip(prompts, outs):
         assert out == generate(model, tok, prompt, max_tokens=n), prompt
     assert again.choices[0].text == outs[0]
@@ -210,8 +210,8 @@ def test_270m_on_cuda_bf16_matches_cpu_fp32():
     greedy choice to 97% agreement over 256 positions."""
     from gemma3.inference.load import load
 
-    cpu, tok = load(precision="fp32")
-    gpu, _ = load(dtype=torch.bfloat16, precision="fp32")
+    cpu, tok = load(backend="torch")
+    gpu, _ = load(dtype=torch.bfloat16, backend="torch")
     gpu = gpu.to("cuda")
     ids = torch.tensor([tok.encode((Path(__file__).parent / "data" / "gpl-3.0.txt").read_text())[:256]])
     with torch.inference_mode():

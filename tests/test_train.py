@@ -1,5 +1,5 @@
 """Training: data pipeline, LoRA, exact resume, and the distill / finetune / qat commands end to end
-on tiny models (SPEC §6)."""
+on tiny models."""
 
 import json
 
@@ -9,7 +9,7 @@ import torch
 from conftest import random_model, tiny_config
 from train_helpers import TEXT, byte_tokenizer, tiny_model_dir
 
-from gemma3.cli.commands import main
+from gemma3.cli import main
 from gemma3.inference.load import load
 from gemma3.train import lora
 from gemma3.train.data import PackedDataset, batch_indices, chat_document, text_document

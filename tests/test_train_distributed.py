@@ -1,4 +1,4 @@
-"""Scale-out (SPEC §6): the `gemma3` training commands under `torchrun --nproc-per-node 2` on CPU
+"""Scale-out: the `gemma3` training commands under `torchrun --nproc-per-node 2` on CPU
 (gloo) reach the same parameters as one process with the same global batch."""
 
 import os

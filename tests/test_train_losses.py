@@ -1,4 +1,4 @@
-"""The fused head loss against autograd references, and the sampled-target estimator (SPEC §6)."""
+"""The fused head loss against autograd references, and the sampled-target estimator."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Vision (SPEC §3): SigLIP + projector, Pan & Scan, prompt layout and bidirectional image attention,
+"""Vision: SigLIP + projector, Pan & Scan, prompt layout and bidirectional image attention,
 against transformers' Gemma3ForConditionalGeneration and Gemma3Processor on tiny random configs."""
 
 import dataclasses
@@ -23,7 +23,7 @@ from gemma3.inference.generate import generate_step
 from gemma3.inference.load import load_tokenizer, load_vision
 from gemma3.inference.sampling import SamplingParams
 from gemma3.model.vision import VisionConfig, VisionModel, from_gguf_metadata, from_hf_config, siglip_so400m
-from gemma3.formats.checkpoint import WeightsError, expected_shapes, load_hf_dir, load_mmproj, load_vision_hf_dir
+from gemma3.formats.checkpoint import WeightsError, expected_shapes, read_hf_dir, read_mmproj, read_vision_hf_dir
 
 # 16×16 patches pooled 4×4 → 16 soft tokens per view: the real 64×64 → 256 structure, scaled down.
 VISION = VisionConfig(image_size=64, patch_size=4, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -357,8 +357,8 @@ def test_hf_checkpoint_layouts_load(pair, hf_dir, tmp_path, layout):
     state = _rename(_read_state(hf_dir), layout)
     state["vision_tower.vision_model.head.probe"] = torch.zeros(32, 32)  # SigLIP's pooling head: not Gemma's
     save_file(state, str(tmp_path / "model.safetensors"))
-    cfg, text_state = load_hf_dir(tmp_path)
-    vcfg, vision_state = load_vision_hf_dir(tmp_path)
+    cfg, text_state = read_hf_dir(tmp_path)
+    vcfg, vision_state = read_vision_hf_dir(tmp_path)
     assert cfg.num_layers == 3 and vcfg == VISION
     for k, v in model.state_dict().items():
         assert torch.equal(text_state[k], v), k
@@ -379,7 +379,7 @@ def test_hf_vision_loading_is_strict(hf_dir, tmp_path, damage, match):
     damage(state)
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(WeightsError, match=match):
-        load_vision_hf_dir(tmp_path)
+        read_vision_hf_dir(tmp_path)
 
 
 def test_text_only_model_has_no_vision(tmp_path):
@@ -462,7 +462,7 @@ def test_mmproj_gguf_round_trip(pair, tmp_path, legacy):
 def test_mmproj_loading_is_strict(pair, tmp_path, kw, match):
     path = write_mmproj(tmp_path / "mmproj.gguf", pair[1], **kw)
     with pytest.raises(WeightsError, match=match):
-        load_mmproj(path)
+        read_mmproj(path)
 
 
 # ------------------------------------------------------------------ bad images
@@ -553,9 +553,9 @@ def model_270m():
 @pytest.fixture
 def cli_270m(model_270m, monkeypatch):
     """The CLI with the embedded 270M model loaded once for the module (loading is tested elsewhere)."""
-    from gemma3.cli import commands as cli
+    from gemma3.cli import options as cli
 
-    monkeypatch.setattr(cli, "_load", lambda args: model_270m)
+    monkeypatch.setattr(cli, "load_model", lambda args: model_270m)
 
 
 @pytest.fixture(scope="module")

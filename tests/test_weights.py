@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from gemma3.model.config import PRESETS, UnsupportedModelError, from_gguf_metadata, from_hf_config
-from gemma3.formats.checkpoint import WeightsError, load_hf_dir, save_hf_dir
+from gemma3.formats.checkpoint import WeightsError, read_hf_dir, save_hf_dir
 
 
 def _save(tmp_path, model):
@@ -16,7 +16,7 @@ def _save(tmp_path, model):
 
 
 def test_hf_dir_round_trip(tmp_path, tiny):
-    cfg, state = load_hf_dir(_save(tmp_path, tiny))
+    cfg, state = read_hf_dir(_save(tmp_path, tiny))
     assert cfg == tiny.config.replace(name=cfg.name)
     for k, v in tiny.state_dict().items():
         assert torch.equal(state[k], v), k
@@ -32,7 +32,7 @@ def test_conditional_generation_layout_loads_language_part(tmp_path, tiny):
     _save(tmp_path / "tmp", tiny)
     text = json.loads((tmp_path / "tmp" / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text}))
-    cfg, loaded = load_hf_dir(tmp_path)
+    cfg, loaded = read_hf_dir(tmp_path)
     assert set(loaded) == set(tiny.state_dict())
 
 
@@ -47,14 +47,14 @@ def test_strict_loading_names_the_tensor(tmp_path, tiny, damage, match):
     damage(state)
     save_hf_dir(tmp_path, tiny.config, state)
     with pytest.raises(WeightsError, match=match):
-        load_hf_dir(tmp_path)
+        read_hf_dir(tmp_path)
 
 
 def test_corrupt_safetensors_is_clear(tmp_path, tiny):
     _save(tmp_path, tiny)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(WeightsError, match="corrupt safetensors"):
-        load_hf_dir(tmp_path)
+        read_hf_dir(tmp_path)
 
 
 def test_hf_config_old_and_new_keys():

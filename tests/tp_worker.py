@@ -30,7 +30,7 @@ def build(kind):
         return model, prompt
     from gemma3.inference.load import load
 
-    model, tok = load(precision="fp32")  # 1 KV head: replicated on both ranks
+    model, tok = load(backend="torch")  # 1 KV head: replicated on both ranks
     return model, tok.encode("The history of the printing press begins in")
 
 

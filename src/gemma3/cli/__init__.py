@@ -1,5 +1,40 @@
-"""The `gemma3` command: the only place that parses arguments."""
+"""The `gemma3` command: the only place that parses arguments. Human output by default, machine
+output with --json. Shared options are defined once in options.py; each module registers one
+group of commands."""
 
-from .commands import main
+from __future__ import annotations
 
-__all__ = ["main"]
+import argparse
+import os
+import sys
+
+from . import evaluate, options, quantize, run, serve, study, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma3", description="Run Gemma 3 models in plain PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in (run, serve, evaluate, train, quantize, study):
+        group.register(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line a --results entry records
+    from ..formats.checkpoint import WeightsError
+    from ..formats.gguf import GGUFError
+    from ..model.config import UnsupportedModelError
+
+    try:
+        args.func(args)
+    except (GGUFError, WeightsError, UnsupportedModelError, OSError, UnicodeDecodeError, ValueError) as e:
+        if os.environ.get("GEMMA3_DEBUG"):
+            raise
+        print(f"gemma3: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+__all__ = ["build_parser", "main", "options"]

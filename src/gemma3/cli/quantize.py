@@ -7,6 +7,7 @@ import json
 
 from ..quant.apply import KEYS, RECIPES
 from ..quant.formats import ALIASES, FORMATS
+from . import options
 
 
 def format_help() -> str:
@@ -16,13 +17,10 @@ def format_help() -> str:
 
 
 def cmd_quantize(args):
-    import torch
-
     from ..quant.apply import parse_recipe
-    from ..quant.convert import convert
+    from ..inference.convert import convert
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.set_threads(args)
     recipe = parse_recipe(args.recipe, args.to)
     result = convert(args.model, recipe, args.out, progress=not args.json)
     if args.json:
@@ -32,7 +30,7 @@ def cmd_quantize(args):
               f"({recipe.spec})")
 
 
-def add_commands(sub: argparse._SubParsersAction):
+def register(sub):
     p = sub.add_parser(
         "quantize", help="convert a model's weights to another format (GGUF file or quantized directory)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,9 +45,6 @@ def add_commands(sub: argparse._SubParsersAction):
     p.add_argument("--recipe", default=None,
                    help="named recipe or key=format pairs, e.g. embed=q8_0,default=int4-block32")
     p.add_argument("--out", "-o", required=True, help="OUT.gguf, or a directory")
-    p.add_argument("--model", "-m", default=None,
-                   help="GGUF file, HF-style or quantized directory (default: the embedded Gemma 3 270M GGUF)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    options.add(p, "model", "threads", "json")
     p.set_defaults(func=cmd_quantize)
 

@@ -11,6 +11,8 @@ import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
+from . import options
+
 
 def _add_common(p: argparse.ArgumentParser, steps: int | None):
     g = p.add_argument_group("data and training (shared by every model of the study)")
@@ -25,17 +27,16 @@ def _add_common(p: argparse.ArgumentParser, steps: int | None):
     g.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
-    g.add_argument("--seed", type=int, default=0, help="initial weights and data order (default 0)")
     g.add_argument("--kv-ctx", type=int, default=None, help="context at which KV memory is stated (default: --seq-len)")
-    g.add_argument("--kv-dtype", choices=("bf16", "fp32", "int8"), default="bf16",
-                   help="KV dtype of the memory figures (default bf16)")
+    options.add(g, "seed", "kv_dtype", defaults={"seed": 0, "kv_dtype": "bf16"},
+                helps={"seed": "initial weights and data order (default: %(default)s)",
+                       "kv_dtype": "KV dtype of the memory figures (default: %(default)s)"})
     g = p.add_argument_group("output")
     g.add_argument("--out", "-o", default=None, help="directory for study_<name>.json and study_<name>.png")
     g.add_argument("--work", default=None, help="keep the trained models here (default: a temporary directory)")
-    g.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: tiny matmuls gain little from more, and on a busy machine "
-                        "two threads measured 20× slower than one)")
-    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    options.add(g, "threads", "json", defaults={"threads": 1},
+                helps={"threads": "CPU threads (default 1: tiny matmuls gain little from more, and on a busy machine "
+                                  "two threads measured 20× slower than one)"})
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -51,7 +52,7 @@ def _add_size(p: argparse.ArgumentParser):
                    help="train every variant with this many seeds (seed, seed+1, …) and average (default 1)")
 
 
-def add_commands(sub):
+def register(sub):
     p = sub.add_parser("study", help="the report's ablations in miniature: ratio, window, teacher (train tiny models)",
                        description="Train small Gemma 3 models from scratch on a text (byte-level tokens) and "
                                    "compare them: local:global ratio (Fig. 3), sliding window (Fig. 4), teacher "

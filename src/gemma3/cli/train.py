@@ -8,6 +8,8 @@ import argparse
 import json
 import sys
 
+from . import options
+
 
 def _add_data_args(p: argparse.ArgumentParser):
     p.add_argument("--data", action="append", default=None,
@@ -15,9 +17,8 @@ def _add_data_args(p: argparse.ArgumentParser):
                         "turns only), or a directory of them (repeatable)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per packed sequence (default 512)")
     p.add_argument("--out", "-o", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="data order and target sampling seed (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    options.add(p, "seed", "threads", "json", defaults={"seed": 0},
+                helps={"seed": "data order and target sampling seed (default: %(default)s)"})
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -47,10 +48,10 @@ def _add_train_args(p: argparse.ArgumentParser, lr: float, steps: int):
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest, exactly")
 
 
-def add_commands(sub):
+def register(sub):
     p = sub.add_parser(
         "distill", help="distill a teacher into a student with 256 sampled teacher logits per token",
-        description="Train a student on sparse teacher targets (SPEC §6): per token, 256 ids sampled from the "
+        description="Train a student on sparse teacher targets (the report's distillation: 256 sampled logits per token): per token, 256 ids sampled from the "
                     "teacher and the teacher's probabilities on them. `gemma3 distill precompute` runs the teacher "
                     "once and stores the targets in --out; `gemma3 distill --targets STORE` trains from them, "
                     "otherwise the teacher runs on the fly.")
@@ -75,7 +76,8 @@ def add_commands(sub):
                     "(saved in PEFT layout); `gemma3 finetune merge --model BASE --adapter A --out DIR` folds an "
                     "adapter into a full model.")
     p.add_argument("action", nargs="?", choices=("train", "merge"), default="train")
-    p.add_argument("--model", "-m", default=None, help="model to fine-tune (default: the embedded 270M)")
+    options.add(p, "model", helps={"model": "model to fine-tune: GGUF file, HF-style directory or preset "
+                                            "(default: the embedded 270M)"})
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0 = full weights)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 × rank)")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -91,7 +93,8 @@ def add_commands(sub):
                     "estimator) and train towards the unquantized model's output distribution (KL). OUT/final "
                     "holds the latent float weights; at the end they are quantized with the same recipe "
                     "into --export (default OUT/quantized), which `--model` loads.")
-    p.add_argument("--model", "-m", default=None, help="model to adapt (default: the embedded 270M)")
+    options.add(p, "model", helps={"model": "model to adapt: GGUF file, HF-style directory or preset "
+                                            "(default: the embedded 270M)"})
     p.add_argument("--format", default="int4-block32", choices=("int4-block32", "int4-channel", "sfp8"),
                    help="target format (default int4-block32)")
     p.add_argument("--recipe", default=None, help="per-weight formats as for `gemma3 quantize --recipe`")
@@ -116,12 +119,9 @@ def _train_config(args, **extra):
 
 
 def _setup(args):
-    import torch
-
     from ..train.distributed import setup
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.set_threads(args)
     return setup(getattr(args, "strategy", "ddp"))
 
 
@@ -227,7 +227,8 @@ def cmd_qat(args):
     from pathlib import Path
 
     from ..inference.load import load
-    from ..quant.convert import check_output, convert
+    from ..inference.convert import convert
+    from ..quant.store import check_output
     from ..train import qat
     from ..train.distributed import teardown
     from ..train.trainer import train

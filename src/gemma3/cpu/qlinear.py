@@ -11,23 +11,19 @@ kernels of `gemma3.kernels`:
 - many rows (prefill): weight tiles dequantized to bf16 and multiplied with a bf16 GEMM
   (oneMKL, AMX where present) with fp32 accumulation and output.
 
-`reference()` is the same product in plain PyTorch (exact dequantization from quants.py, then an
+`reference()` is the same product in plain PyTorch (exact dequantization from formats/ggml.py, then an
 fp32 matmul); the kernels are tested against it, and it is what runs where the kernels cannot be
 built.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from . import kernels
-from ..model.config import Gemma3Config
-from ..formats.gguf import GGUFFile, QTensor
 from ..formats.ggml import BLOCK_INFO, dequantize
+from ..formats.gguf import QTensor
+from . import kernels
 
 # Up to this many rows the VNNI kernel wins; above, dequantize-to-bf16 + GEMM does (one core of an
 # AMX machine: at 8 rows VNNI is ~1.3x faster, at 16 rows bf16 is ~1.5x faster; the VNNI cost grows
@@ -126,7 +122,7 @@ class QuantLinear(nn.Module):
         return GGMLQuantizationType(self.ggml_type).name
 
     def dequantize(self) -> torch.Tensor:
-        """float32 weight, exactly as quants.py decodes it (repacked blocks through the kernels'
+        """float32 weight, exactly as formats/ggml.py decodes it (repacked blocks through the kernels'
         decoder, which tests hold bit-exact with it)."""
         if self.storage_type == self.ggml_type:
             return dequantize(self.blocks.reshape(-1), self.ggml_type, (self.out_features, self.in_features))
@@ -160,95 +156,10 @@ class QuantEmbedding(QuantLinear):
         if ops is None or self.ggml_type not in kernels.TYPES:
             rows = self.blocks[flat]
             out = dequantize(rows.reshape(-1), self.ggml_type, (rows.shape[0], self.in_features))
-        else:  # the same values (the kernel's decoders are bit-exact with quants.py), ~4x faster per token
+        else:  # the same values (the kernel's decoders are bit-exact with formats/ggml.py), ~4x faster per token
             out = torch.empty(flat.shape[0], self.in_features)
             ops.lookup(self.blocks, self.storage_type, self.out_features, flat.to(torch.int64).contiguous(), out)
         return out.reshape(*ids.shape, self.in_features)
 
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
         return QuantLinear.forward(self, hidden)
-
-
-def _kernel_or_float(t: QTensor) -> nn.Module:
-    """QuantLinear for types with a kernel; other types (F16, Q4_1, ...) as a plain float Linear."""
-    if t.ggml_type in kernels.TYPES:
-        return QuantLinear.from_qtensor(t)
-    linear = nn.Linear(t.shape[1], t.shape[0], bias=False, device="cpu")
-    linear.weight = nn.Parameter(t.dequantize(torch.float32), requires_grad=False)
-    return linear
-
-
-def quantize_from_gguf(model: nn.Module, gg: GGUFFile) -> nn.Module:
-    """Swaps every nn.Linear of `model` and its tied embedding for modules holding the GGUF blocks.
-
-    The model may live on the meta device (nothing materialised); names are mapped with
-    weights.gguf_to_ours, and shapes must match the module they replace.
-    """
-    from ..formats.checkpoint import WeightsError, gguf_to_ours
-
-    ours = {gguf_to_ours(name): t for name, t in gg.tensors.items()}
-    for name, module in list(model.named_modules()):
-        if name == "embed_tokens" or isinstance(module, nn.Linear):
-            t = ours.get(f"{name}.weight")
-            if t is None:
-                raise WeightsError(f"{gg.path}: missing tensor for {name}.weight")
-            want = tuple(module.weight.shape)
-            if tuple(t.shape) != want:
-                raise WeightsError(f"{gg.path}: tensor {t.name} has shape {tuple(t.shape)}, expected {want}")
-            if name == "embed_tokens":
-                new = QuantEmbedding.from_qtensor(t)
-            else:
-                new = _kernel_or_float(t)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-    return model
-
-
-@contextmanager
-def _skip_init():
-    """No random init for modules built on the meta device. Besides being useless there, nn.init on
-    meta tensors imports torch._dynamo (0.5-1 s) on first use: a third of our cold-load time."""
-    saved = {name: getattr(nn.init, name) for name in _INITS}
-    for name in _INITS:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
-_INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
-
-
-def load_gguf_quantized(path: str | Path) -> tuple[Gemma3Config, nn.Module, GGUFFile]:
-    """A Gemma3 whose matmuls read the GGUF blocks in place; only the norms are materialised."""
-    from ..model.decoder import Gemma3
-    from ..formats.checkpoint import WeightsError, read_gemma3_gguf
-
-    with _skip_init():  # check_names_and_shapes builds a meta model too
-        cfg, gg, names = read_gemma3_gguf(path)
-        with torch.device("meta"):
-            model = Gemma3(cfg)
-    quantize_from_gguf(model, gg)
-    # Everything a decode step streams goes to one allocation on 2 MB pages (kernels.HugePages).
-    linears = [m for m in model.modules() if type(m) is QuantLinear]
-    memory = kernels.HugePages([m.packed_nbytes() for m in linears + [model.embed_tokens]])
-    for module in linears:
-        module.pack(memory=memory)
-    # The tied table is the biggest tensor: repacked in place rather than copied (the 270M's Q8_0
-    # LM head: step 11.5 -> 10.8 ms; a Q4_0 one on a --to int4-block32 file: 8.2 -> 7.1 ms).
-    model.embed_tokens.pack(in_place=True, drop_source=True, memory=memory)
-    # What is left are the norms (llama.cpp stores Gemma norms as 1 + w; we keep w) and any float Linear.
-    state = {}
-    for ours_name, param in model.state_dict().items():
-        if param.device.type == "meta":
-            w = gg.tensors[names[ours_name]].dequantize(torch.float32)
-            state[ours_name] = w - 1.0 if ours_name.endswith("norm.weight") else w
-    model.load_state_dict(state, strict=False, assign=True)
-    leftover = [n for n, p in model.state_dict().items() if p.device.type == "meta"]
-    if leftover:
-        raise WeightsError(f"{path}: no data for {leftover[0]}")
-    from .fused import make_fast
-
-    return cfg, make_fast(model.eval()), gg

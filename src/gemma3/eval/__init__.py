@@ -1,1 +1,2 @@
-"""Evaluations and the paper's studies (SPEC §8)."""
+"""Evaluations: perplexity, needle in a haystack, memorization, weight formats, speed (bench),
+the KV memory measurements, and the results file they all append to."""

@@ -8,6 +8,7 @@ warm-up, and a greedy decode loop that includes the argmax over the vocabulary.
 
 This file imports only the standard library at module level: the llama.cpp worker runs it as a
 plain script under another interpreter (`--llama-python`), which need not have torch or gemma3.
+The command's options are defined in cli/evaluate.py; a worker gets its part of them as JSON.
 """
 
 from __future__ import annotations
@@ -52,17 +53,16 @@ def run_ours(args):
 
     torch.set_num_threads(args.threads)
     from ..inference.load import load
-    from ..inference.sampling import greedy_step
 
     start = time.perf_counter()
     if args.device == "cuda":  # bf16 float weights: the quantized kernels are CPU-only
-        model = load(args.model, dtype=torch.bfloat16, precision="fp32")[0].to("cuda")
+        model = load(args.model, dtype=torch.bfloat16, backend="torch")[0].to("cuda")
     else:
-        model, _ = load(args.model, precision=args.precision)
+        model, _ = load(args.model, backend=args.backend)
     emit("load_s", time.perf_counter() - start)
 
     def step(ids, cache):  # greedy next tokens, as `generate` decodes; .tolist() waits for the GPU
-        return greedy_step(model, torch.tensor(ids, device=model.device), cache).tolist()
+        return model.greedy_next(torch.tensor(ids, device=model.device), cache).tolist()
 
     with torch.inference_mode():
         for phase in args.phases:
@@ -200,15 +200,14 @@ def run_llama(args):
 
 
 def worker_command(python, side, args, phases, no_extra_bufts=False):
-    script = os.path.abspath(__file__)
-    cmd = [python, script] if side == "llama" else [python, "-m", "gemma3.eval.bench"]
-    cmd += ["--worker", side, "--model", args.model_path, "--threads", str(args.threads),
-            "--ctx", str(args.ctx), "--decode", str(args.decode), "--phases", ",".join(phases)]
+    """One worker process: this file as a plain script (llama.cpp's side, another interpreter) or
+    as gemma3's module, told what to do by one JSON argument."""
+    spec = {"worker": side, "model": args.model_path, "threads": args.threads, "ctx": args.ctx,
+            "decode": args.decode, "phases": phases, "no_extra_bufts": no_extra_bufts}
     if side == "ours":
-        cmd += ["--precision", args.precision, "--device", args.device]
-    if no_extra_bufts:
-        cmd.append("--no-extra-bufts")
-    return cmd
+        spec |= {"backend": args.backend, "device": args.device}
+    head = [python, os.path.abspath(__file__)] if side == "llama" else [python, "-m", "gemma3.eval.bench"]
+    return head + [json.dumps(spec)]
 
 
 def run_worker(cmd) -> tuple[dict, int, str]:
@@ -354,44 +353,11 @@ def bench(args) -> dict:
     return result
 
 
-def add_arguments(p):
-    p.add_argument("--model", "-m", default=None, help="GGUF file (default: the embedded Gemma 3 270M Q4_K_M)")
-    p.add_argument("--precision", choices=("fast", "fp32"), default="fast", help="our weights path (default: fast)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
-                   help="cpu (default) or cuda (bf16 float weights; peak RSS is then host memory only)")
-    p.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
-    p.add_argument("--repeat", type=int, default=3, help="repetitions per side, interleaved; medians (default 3)")
-    p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
-                   help="also measure batched decode throughput for these batch sizes, e.g. 1,4,16")
-    p.add_argument("--against", choices=("llama.cpp",), default=None, help="measure llama-cpp-python side by side")
-    p.add_argument("--llama-python", default=None,
-                   help="interpreter with llama-cpp-python (default: this one, if it can import llama_cpp)")
-    p.add_argument("--ctx", type=int, default=max(PREFILL_LENGTHS) + DECODE_TOKENS,
-                   help="context size (KV cache) for both sides")
-    p.add_argument("--decode", type=int, default=DECODE_TOKENS, help="greedy tokens to time (default 256)")
-    p.add_argument("--json", action="store_true", help="print one JSON object {ours, llama_cpp, ratio}")
-
-
-def cmd_bench(args):
-    result = bench(args)
-    print(json.dumps(result) if args.json else table(result, args))
-
-
 def _worker_main(argv):
-    import argparse
+    from types import SimpleNamespace
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--worker", choices=("ours", "llama"), required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--threads", type=int, required=True)
-    p.add_argument("--ctx", type=int, required=True)
-    p.add_argument("--decode", type=int, required=True)
-    p.add_argument("--phases", type=lambda s: s.split(","), required=True)
-    p.add_argument("--precision", default="fast")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-extra-bufts", action="store_true")
-    args = p.parse_args(argv)
-    (run_ours if args.worker == "ours" else run_llama)(args)
+    spec = SimpleNamespace(**json.loads(argv[0]))
+    (run_ours if spec.worker == "ours" else run_llama)(spec)
 
 
 if __name__ == "__main__":

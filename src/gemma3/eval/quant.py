@@ -74,7 +74,8 @@ def _weight_bytes(model) -> int:
 def evaluate(model_arg, formats: list[str], text: str, ctx: int = 512, chunks: int | None = None,
              decode_tokens: int = 8, progress: bool = True) -> dict:
     from ..quant.apply import RECIPES, parse_recipe, quantize_model
-    from ..quant.convert import check_output, output_bytes, read_source, save
+    from ..inference.convert import read_source
+    from ..quant.store import check_output, output_bytes, save
 
     recipes = [parse_recipe(f) if f in RECIPES else parse_recipe(default=f) for f in formats]  # errors first
     base, tok, metadata = read_source(model_arg)
@@ -164,45 +165,3 @@ def plot(result: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def cmd_eval_quant(args):
-    from ..inference.load import describe
-    from .results import emit
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    text = read_text(args.text)
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    result = evaluate(args.model, formats, text, ctx=args.ctx, chunks=args.chunks,
-                      decode_tokens=args.decode_tokens, progress=not args.json)
-    result["text"] = str(args.text)
-    # The source's config, read from its file (evaluate() loads and drops the model); only --results needs it.
-    config = describe(args.model)["config"] if args.results else None
-    if not emit(args, "quant", result, config, plot=lambda path: plot(result, path)):
-        print(table(result))
-        if args.plot:
-            print(f"plot written to {args.plot}")
-
-
-def add_command(evals):
-    """Registers `quant` under the `gemma3 eval` subcommands."""
-    from .results import add_results_argument
-
-    p = evals.add_parser(
-        "quant", help="size, perplexity and decode speed of weight formats",
-        description="Quantize --model to each format (or named recipe) of --formats, and print file size, "
-                    "bits/param, perplexity on --text (llama-perplexity method) with its change from the float32 "
-                    "reference, and greedy decode tokens/s on the reference (dequantize + matmul) path.")
-    p.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated (default {DEFAULT_FORMATS})")
-    p.add_argument("--text", required=True, help="UTF-8 text file to score")
-    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
-    p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
-    p.add_argument("--decode-tokens", type=int, default=8, help="greedy tokens timed per format (0 = skip)")
-    p.add_argument("--plot", default=None, help="write size vs perplexity to this PNG")
-    p.add_argument("--model", "-m", default=None,
-                   help="GGUF file, HF-style or quantized directory (default: the embedded Gemma 3 270M GGUF)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_results_argument(p)
-    p.set_defaults(func=cmd_eval_quant)

@@ -19,12 +19,6 @@ from pathlib import Path
 DEFAULT_RESULTS = "results/eval.jsonl"
 
 
-def add_results_argument(p) -> None:
-    p.add_argument("--results", nargs="?", const=DEFAULT_RESULTS, default=None, metavar="FILE",
-                   help=f"append this run (model, config, git commit, time, command, results) as one JSON line "
-                        f"to FILE (default {DEFAULT_RESULTS}); `gemma3 eval report` summarises the file")
-
-
 def git_commit() -> str | None:
     """The commit of the checkout this package runs from ("+dirty" with uncommitted tracked
     changes), or None outside a git checkout."""
@@ -122,6 +116,11 @@ def read_results(path: str | Path) -> list[dict]:
     return entries
 
 
+def _backend(args: dict) -> str:
+    """The run's backend; runs recorded before --backend replaced --precision name it by precision."""
+    return args.get("backend") or {"fast": "cpu", "fp32": "torch"}.get(args.get("precision"), "—")
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
@@ -186,7 +185,7 @@ def render_report(entries: list[dict], out_dir: str | Path = ".") -> str:
         for n, e in enumerate(runs, 1):
             args = e.get("args") or {}
             run = {"run": n, "date (UTC)": (e.get("timestamp") or "")[:16].replace("T", " "), "model": e.get("model"),
-                   "precision": args.get("precision", "—"),
+                   "backend": _backend(args),
                    "commit": (e.get("git_commit") or "—")[:12] + ("+" if "dirty" in (e.get("git_commit") or "") else "")}
             rows += [{**run, **row} for row in ROWS.get(kind, _rows_generic)(e["results"], args)]
             plot = e["results"].get("plot")
@@ -200,25 +199,3 @@ def render_report(entries: list[dict], out_dir: str | Path = ".") -> str:
         if commands:
             lines += ["Commands:", ""] + commands + [""]
     return "\n".join(lines)
-
-
-def cmd_eval_report(args):
-    entries = read_results(args.results)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render_report(entries, out.parent.resolve()), encoding="utf-8")
-        print(f"report of {len(entries)} runs written to {out}")
-    else:
-        print(render_report(entries, Path.cwd()))
-
-
-def add_command(evals):
-    """Registers `report` under the `gemma3 eval` subcommands."""
-    p = evals.add_parser("report", help="Markdown summary of a results file written with --results",
-                         description="Renders the JSON lines that `gemma3 eval … --results` and `gemma3 perplexity "
-                                     "--results` append: a table per kind of evaluation and links to the plots. "
-                                     "Example: gemma3 eval report --out results/report.md")
-    p.add_argument("--results", default=DEFAULT_RESULTS, help=f"results file (default {DEFAULT_RESULTS})")
-    p.add_argument("--out", default=None, help="write the Markdown here (default: stdout)")
-    p.set_defaults(func=cmd_eval_report)

@@ -1,5 +1,8 @@
-"""Checkpoints → our parameter names, strictly (STYLE.md: a missing, extra or mis-shaped tensor
-is a loud error naming it). Two sources: llama.cpp GGUF files and Hugging Face safetensors dirs."""
+"""Checkpoints → our parameter names, strictly: a missing, extra or mis-shaped tensor is a loud
+error naming it. Two sources: llama.cpp GGUF files (text model, and the vision tower's mmproj) and
+Hugging Face safetensors directories. Readers return the config and the tensors by our names,
+still in the file's encoding; `gguf_float` turns a GGUF tensor into our float parameter, the one
+place that knows llama.cpp's norm convention (and `to_gguf_float` its inverse, for writers)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,12 @@ from pathlib import Path
 
 import torch
 
+from torch import nn
+
 from ..model.config import Gemma3Config, from_gguf_metadata, load_hf_config
-from .gguf import GGUFFile, read_gguf
-from ..model.vision import VisionConfig
+from ..model.decoder import Gemma3, RMSNorm, no_init
+from ..model.vision import VisionConfig, VisionModel
+from .gguf import GGUFFile, QTensor, read_gguf
 
 
 class WeightsError(ValueError):
@@ -58,13 +64,37 @@ def ours_to_gguf(name: str) -> str:
     return f"blk.{m.group(1)}.{short}.weight"
 
 
-def expected_shapes(cfg: Gemma3Config | VisionConfig) -> dict[str, tuple[int, ...]]:
-    from ..model.decoder import Gemma3  # the model's own parameter list is the source of truth
-    from ..model.vision import VisionModel
+def meta_model(cfg: Gemma3Config | VisionConfig) -> nn.Module:
+    """The model of `cfg` on the meta device (no memory, no random init): the source of truth for
+    parameter names and shapes, and what loaders fill."""
+    with no_init(), torch.device("meta"):
+        return VisionModel(cfg) if isinstance(cfg, VisionConfig) else Gemma3(cfg)
 
-    with torch.device("meta"):
-        model = VisionModel(cfg) if isinstance(cfg, VisionConfig) else Gemma3(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+def expected_shapes(cfg: Gemma3Config | VisionConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
+
+
+# llama.cpp's converters store every Gemma RMSNorm weight (the decoder's, and the vision
+# projector's soft-embedding norm) as 1 + w, where the model keeps w and scales by (1 + w).
+GGUF_NORM_OFFSET = 1.0
+
+
+def gguf_norms(model: nn.Module) -> set[str]:
+    """Our names of the weights stored with GGUF_NORM_OFFSET: those of Gemma RMSNorm modules
+    (SigLIP's LayerNorms are stored as they are)."""
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, RMSNorm)}
+
+
+def gguf_float(t: QTensor, norm: bool, dtype=torch.float32) -> torch.Tensor:
+    """A GGUF tensor as our parameter; `norm`: one of gguf_norms()."""
+    w = t.dequantize(torch.float32)
+    return (w - GGUF_NORM_OFFSET if norm else w).to(dtype)
+
+
+def to_gguf_float(w: torch.Tensor, norm: bool) -> torch.Tensor:
+    """The inverse of gguf_float, for GGUF writers."""
+    return w.float() + GGUF_NORM_OFFSET if norm else w.float()
 
 
 def check_names_and_shapes(state: dict[str, tuple[int, ...]], cfg: Gemma3Config | VisionConfig, source: str):
@@ -80,31 +110,19 @@ def check_names_and_shapes(state: dict[str, tuple[int, ...]], cfg: Gemma3Config 
             raise WeightsError(f"{source}: tensor {name} has shape {tuple(shape)}, expected {want[name]}")
 
 
-def read_gemma3_gguf(path: str | Path) -> tuple[Gemma3Config, GGUFFile, dict[str, str]]:
-    """Config, file and {our name: GGUF name}, with every tensor name and shape checked."""
+def read_gguf_model(path: str | Path) -> tuple[Gemma3Config, GGUFFile, dict[str, QTensor]]:
+    """Config, file and its tensors by our names, every name and shape checked."""
     gg = read_gguf(path)
     embd = gg.tensors.get("token_embd.weight")
     cfg = from_gguf_metadata(gg.metadata, vocab_size=embd.shape[0] if embd is not None else None)
-    names = {}
-    for name in gg.tensors:
+    tensors = {}
+    for name, t in gg.tensors.items():
         ours = gguf_to_ours(name)
         if ours is None:
             raise WeightsError(f"{path}: unexpected tensor {name} in a gemma3 GGUF")
-        names[ours] = name
-    check_names_and_shapes({k: gg.tensors[v].shape for k, v in names.items()}, cfg, str(path))
-    return cfg, gg, names
-
-
-def load_gguf(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, dict[str, torch.Tensor], GGUFFile]:
-    cfg, gg, names = read_gemma3_gguf(path)
-    state = {}
-    for ours, name in names.items():
-        w = gg.tensors[name].dequantize(torch.float32)
-        if ours.endswith("norm.weight"):
-            # llama.cpp's converter stores Gemma norms as (1 + w); we keep w and apply 1 + w.
-            w = w - 1.0
-        state[ours] = w.to(dtype)
-    return cfg, state, gg
+        tensors[ours] = t
+    check_names_and_shapes({k: t.shape for k, t in tensors.items()}, cfg, str(path))
+    return cfg, gg, tensors
 
 
 # Prefixes of the text decoder inside HF checkpoints: Gemma3ForCausalLM, and the language part of
@@ -124,7 +142,8 @@ def _hf_name(key: str) -> str | None:
     return key
 
 
-def load_hf_dir(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
+def read_hf_dir(path: str | Path, dtype=torch.float32) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
+    """The text decoder of an HF-style directory: config and float tensors by our names."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise WeightsError(f"{path}: no config.json (expected an HF-style model directory)")
@@ -211,7 +230,7 @@ def _hf_vision_name(key: str) -> str | None:
     return rest.replace("encoder.layers.", "layers.", 1)
 
 
-def load_vision_hf_dir(path: str | Path, dtype=torch.float32) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
+def read_vision_hf_dir(path: str | Path, dtype=torch.float32) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
     from ..model.vision import from_hf_config
 
     path = Path(path)
@@ -249,13 +268,11 @@ def mmproj_to_ours(name: str) -> str | None:
     return None
 
 
-def load_mmproj(path: str | Path, dtype=torch.float32) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
-    """A llama.cpp mmproj GGUF (projector type gemma3).
+def read_mmproj(path: str | Path, dtype=torch.float32) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
+    """A llama.cpp mmproj GGUF (projector type gemma3): config and float tensors by our names.
 
     The converter stores every tensor in transformers' orientation (the projection as
-    [vision width, d_model]: clip.cpp transposes it at run time) and only one norm shifted:
-    mm.soft_emb_norm holds 1 + w, while SigLIP's LayerNorms are stored as they are.
-    """
+    [vision width, d_model]: clip.cpp transposes it at run time)."""
     from ..model.vision import from_gguf_metadata
 
     gg = read_gguf(path)
@@ -277,10 +294,5 @@ def load_mmproj(path: str | Path, dtype=torch.float32) -> tuple[VisionConfig, di
                 if fc1 in names and fc2 in names:
                     names[fc1], names[fc2] = names[fc2], names[fc1]
     check_names_and_shapes({k: gg.tensors[v].shape for k, v in names.items()}, cfg, str(path))
-    state = {}
-    for ours, name in names.items():
-        w = gg.tensors[name].dequantize(torch.float32)
-        if ours == "projector.mm_soft_emb_norm.weight":
-            w = w - 1.0
-        state[ours] = w.to(dtype)
-    return cfg, state
+    norms = gguf_norms(meta_model(cfg))
+    return cfg, {ours: gguf_float(gg.tensors[name], ours in norms, dtype) for ours, name in names.items()}

@@ -1,5 +1,6 @@
 """Generation, layered like mlx-lm: generate_step (token ids) → stream_generate (text pieces with
-stop handling) → generate (one string)."""
+stop handling) → generate (one string). `prefill` and `StopMatcher` are shared with the server's
+engine, so both start and stop a sequence the same way."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .multimodal import MultimodalPrompt
-from .sampling import SamplingParams, greedy_step, sample
 from ..formats.tokenizer import StreamDecoder
+from ..model.cache import KVCache
+from .prompt import MultimodalPrompt, Prompt, encode_prompt
+from .sampling import SamplingParams, sample
 
 
 @dataclass(frozen=True)
@@ -22,45 +24,37 @@ class Chunk:
     completion_tokens: int = 0
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int] | MultimodalPrompt) -> list[int]:
-    """Strings are tokenized with special-token parsing on (like llama.cpp's CLI and transformers),
-    so chat-formatted prompts work; a leading <bos> is added only if the text lacks one."""
-    if isinstance(prompt, MultimodalPrompt):
-        return list(prompt.ids)
-    if not isinstance(prompt, str):
-        return list(prompt)
-    ids = tokenizer.encode(prompt, add_bos=False, parse_special=True)
-    if tokenizer.add_bos and (not ids or ids[0] != tokenizer.bos_id):
-        ids = [tokenizer.bos_id] + ids
-    return ids
+def prefill(model, prompt: Sequence[int] | MultimodalPrompt, max_len: int, prefix_cache=None,
+            kv_dtype=None) -> tuple[KVCache, torch.Tensor]:
+    """A new cache holding the prompt, and the logits [vocab] of its last token. A MultimodalPrompt
+    is prefilled with its image features and bidirectional image groups; a text prompt with a
+    `PrefixCache` resumes after the longest stored prefix it shares (images are not keyed by ids,
+    so they never use it)."""
+    with torch.inference_mode():
+        if isinstance(prompt, MultimodalPrompt):
+            cache = model.new_cache(1, max_len=max_len, kv_dtype=kv_dtype)
+            ids = torch.tensor([prompt.ids], device=model.device)
+            return cache, model(ids, cache, last_only=True, embeds=prompt.embeds, groups=prompt.groups)[0, -1]
+        if prefix_cache is not None:
+            return prefix_cache.prefill(list(prompt), max_len)
+        cache = model.new_cache(1, max_len=max_len, kv_dtype=kv_dtype)
+        return cache, model(torch.tensor([list(prompt)], device=model.device), cache, last_only=True)[0, -1]
 
 
 def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: SamplingParams, max_tokens: int,
                   prefix_cache=None, kv_dtype=None) -> Iterator[int]:
-    """Yields up to `max_tokens` sampled token ids; the prompt is prefilled in chunks first (a
-    MultimodalPrompt with its image features and bidirectional image groups). With a
-    `PrefixCache`, a text prompt resumes after the longest stored prefix it shares."""
-    prefill = {}
-    if isinstance(prompt_ids, MultimodalPrompt):
-        prefill = {"embeds": prompt_ids.embeds, "groups": prompt_ids.groups}
-        prompt_ids = prompt_ids.ids
-        prefix_cache = None  # stored prefixes are keyed by token ids, which do not identify images
-    if not prompt_ids:
+    """Yields up to `max_tokens` sampled token ids after prefilling the prompt."""
+    ids = prompt_ids.ids if isinstance(prompt_ids, MultimodalPrompt) else list(prompt_ids)
+    if not ids:
         raise ValueError("empty prompt: at least one token (e.g. <bos>) is needed")
     limit = model.config.max_context
-    if len(prompt_ids) >= limit:
-        raise ValueError(f"prompt has {len(prompt_ids)} tokens but the context is {limit} tokens")
-    max_tokens = min(max_tokens, limit - len(prompt_ids))
-    max_len = len(prompt_ids) + max_tokens
+    if len(ids) >= limit:
+        raise ValueError(f"prompt has {len(ids)} tokens but the context is {limit} tokens")
+    max_tokens = min(max_tokens, limit - len(ids))
     generator = params.generator()
-    history = list(prompt_ids)
-    if prefix_cache is not None:
-        cache, logits = prefix_cache.prefill(history, max_len)
-    else:
-        cache = model.new_cache(1, max_len=max_len, kv_dtype=kv_dtype)
-        with torch.inference_mode():
-            logits = model(torch.tensor([history], device=model.device), cache, last_only=True, **prefill)[0, -1]
-    # Plain greedy decoding needs no logits: greedy_step lets a fast model take the argmax itself.
+    history = list(ids)
+    cache, logits = prefill(model, prompt_ids, len(ids) + max_tokens, prefix_cache, kv_dtype)
+    # Plain greedy decoding needs no logits: the model's greedy_next may take the argmax itself.
     plain_greedy = params.temperature == 0.0 and params.repetition_penalty == 1.0
     with torch.inference_mode():
         token = sample(logits.cpu(), params, generator, history)  # the generator lives on the CPU
@@ -69,52 +63,70 @@ def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: S
             history.append(token)
             if i + 1 == max_tokens:
                 break
-            ids = torch.tensor([[token]], device=model.device)
+            step = torch.tensor([[token]], device=model.device)
             if plain_greedy:
-                token = int(greedy_step(model, ids, cache))
+                token = int(model.greedy_next(step, cache))
             else:
-                token = sample(model(ids, cache, last_only=True)[0, -1].cpu(), params, generator, history)
+                token = sample(model(step, cache, last_only=True)[0, -1].cpu(), params, generator, history)
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that could still grow into a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if s.startswith(text[-n:]):
-                best = n
-                break
-    return best
+class StopMatcher:
+    """Generated tokens → text pieces that end a sequence at a stop token (not emitted) or before a
+    stop string: text that could still grow into a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None):
+        self.stop = [s for s in stop if s]
+        self.stop_ids = frozenset((tokenizer.eos_id, tokenizer.end_of_turn_id) if stop_ids is None else stop_ids)
+        self.decoder = StreamDecoder(tokenizer)
+        self.pending = ""
+
+    def feed(self, token: int) -> tuple[str, bool]:
+        """(text that can be sent now, whether the sequence stops here)."""
+        if token in self.stop_ids:
+            return self.pending, True
+        self.pending += self.decoder.feed(token)
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            return self.pending[: min(hits)], True
+        keep = self.held_back()
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        """Held-back text, for a sequence that ends without a stop."""
+        rest, self.pending = self.pending + self.decoder.flush(), ""
+        return rest
+
+    def held_back(self) -> int:
+        """Length of the longest suffix of the pending text that could still grow into a stop string."""
+        best, text = 0, self.pending
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if s.startswith(text[-n:]):
+                    best = n
+                    break
+        return best
 
 
-def stream_generate(model, tokenizer, prompt: str | Sequence[int] | MultimodalPrompt, max_tokens: int = 256,
+def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256,
                     params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
                     stop_ids: Sequence[int] | None = None, prefix_cache=None, kv_dtype=None) -> Iterator[Chunk]:
     """Text as it is generated. Stops on eos / <end_of_turn> (not emitted), a stop string (cut
     before it) or `max_tokens` (finish_reason "length")."""
     ids = encode_prompt(tokenizer, prompt)
-    stop_ids = set((tokenizer.eos_id, tokenizer.end_of_turn_id) if stop_ids is None else stop_ids)
-    stop = [s for s in stop if s]
-    decoder = StreamDecoder(tokenizer)
-    pending, n = "", 0
+    matcher = StopMatcher(tokenizer, stop, stop_ids)
+    n = 0
     source = prompt if isinstance(prompt, MultimodalPrompt) else ids
     for token in generate_step(model, source, params, max_tokens, prefix_cache, kv_dtype):
         n += 1
-        if token in stop_ids:
-            yield Chunk(pending, token, "stop", len(ids), n)
+        text, stopped = matcher.feed(token)
+        yield Chunk(text, token, "stop" if stopped else None, len(ids), n)
+        if stopped:
             return
-        pending += decoder.feed(token)
-        hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
-        if hits:
-            yield Chunk(pending[: min(hits)], token, "stop", len(ids), n)
-            return
-        keep = _held_back(pending, stop)
-        out, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-        yield Chunk(out, token, None, len(ids), n)
-    yield Chunk(pending + decoder.flush(), None, "length", len(ids), n)
+    yield Chunk(matcher.flush(), None, "length", len(ids), n)
 
 
-def generate(model, tokenizer, prompt: str | Sequence[int] | MultimodalPrompt, max_tokens: int = 256,
+def generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> str:
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

@@ -1,16 +1,30 @@
-"""`load(path_or_preset)` → (model, tokenizer): the one entry point every command uses."""
+"""`load(path_or_preset)` → (model, tokenizer): the one function that turns any supported file or
+directory into a ready model. Every command and the Python API load through it.
+
+    resolve (file, directory or preset) → read the checkpoint (formats/, or quant/ for quantized
+    directories) → build the model on the meta device → fill it: the CPU backend's module swap
+    (cpu.install) for GGUF blocks, quantized modules (quant/) for quantized directories, float
+    parameters for everything else.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from .. import cpu
+from ..formats.checkpoint import (WeightsError, gguf_float, gguf_norms, meta_model, read_gguf_model, read_hf_dir,
+                                  read_mmproj, read_vision_hf_dir)
+from ..formats.gguf import QTensor, read_gguf
+from ..formats.tokenizer import Tokenizer
 from ..model.config import PRESETS
 from ..model.decoder import Gemma3
-from ..formats.tokenizer import Tokenizer
 from ..model.vision import VisionModel
-from ..formats.checkpoint import WeightsError, load_gguf, load_hf_dir, load_mmproj, load_vision_hf_dir
+from ..quant.apply import install as install_quantized
+from ..quant.formats import Quantized
+from ..quant.store import is_quantized_dir, load_tokenizer_dir, read_dir
 
 DEFAULT_MODEL = "270m"  # the embedded Gemma 3 270M Q4_K_M GGUF
 
@@ -37,38 +51,51 @@ def resolve(model: str | Path | None) -> Path:
     raise WeightsError(f"{model}: no such file or directory, and not a preset name ({', '.join(PRESETS)})")
 
 
-PRECISIONS = ("fp32", "fast")
+# "cpu": GGUF weights stay in their blocks and run on the C++ kernels (cpu/); "torch": every weight
+# decoded to the compute dtype, plain PyTorch on any device (the reference the kernels are tested against).
+BACKENDS = ("cpu", "torch")
 
 
 def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
-         precision: str = "fp32") -> tuple[Gemma3, Tokenizer]:
-    """`precision="fp32"`: every weight dequantized to `dtype` (the reference). `"fast"`: GGUF
-    weights stay in their blocks and run on the C++ kernels (qlinear.py); where those cannot be
-    built, or the checkpoint is not a GGUF file, this is the same as "fp32"."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+         backend: str = "torch") -> tuple[Gemma3, Tokenizer]:
+    """The model and its tokenizer. The "cpu" backend applies to GGUF files in float32 where the
+    kernels build; elsewhere (an HF or quantized directory, another dtype, a CPU without them)
+    the model loads as with "torch"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     path = resolve(model)
-    if precision == "fast" and path.is_file() and dtype == torch.float32:
-        from ..cpu import kernels
-        from ..cpu.qlinear import load_gguf_quantized
-
-        if kernels.available():
-            _, net, gg = load_gguf_quantized(path)
-            return net, Tokenizer.from_gguf_metadata(gg.metadata)
-    if (path / "quantization.json").is_file():  # written by `gemma3 quantize` (quant/store.py)
-        from ..quant.store import load_dir
-
-        return load_dir(path, dtype)
-    if path.is_dir():
-        cfg, state = load_hf_dir(path, dtype)
+    recipe = None
+    if is_quantized_dir(path):  # written by `gemma3 quantize` (quant/store.py)
+        cfg, weights, recipe = read_dir(path, dtype)
+        tokenizer = load_tokenizer_dir(path)
+    elif path.is_dir():
+        cfg, weights = read_hf_dir(path, dtype)
         tokenizer = Tokenizer.from_dir(path)
     else:
-        cfg, state, gg = load_gguf(path, dtype)
+        cfg, gg, weights = read_gguf_model(path)
         tokenizer = Tokenizer.from_gguf_metadata(gg.metadata)
-    with torch.device("meta"):
-        net = Gemma3(cfg)
-    net.load_state_dict(state, strict=True, assign=True)
+    net = meta_model(cfg)
+    if backend == "cpu" and not path.is_dir() and dtype == torch.float32 and cpu.available():
+        weights = {k: v for k, v in weights.items() if k not in cpu.install(net, weights)}
+    for name, q in weights.items():
+        if isinstance(q, Quantized):
+            install_quantized(net, name, q, dtype)
+    norms = gguf_norms(net)
+    state = {name: gguf_float(t, name in norms, dtype) if isinstance(t, QTensor) else t
+             for name, t in weights.items() if not isinstance(t, Quantized)}
+    fill(net, state, str(path))
+    if recipe is not None:
+        net.quant_recipe = recipe
     return net.eval(), tokenizer
+
+
+def fill(net: nn.Module, state: dict[str, torch.Tensor], source: str):
+    """Loads `state` into a model built on the meta device; every tensor must land and none may
+    stay behind (names and shapes were checked when the checkpoint was read)."""
+    net.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise WeightsError(f"{source}: no data for {left[0]}")
 
 
 def load_vision(model: str | Path | None = None, mmproj: str | Path | None = None,
@@ -76,28 +103,23 @@ def load_vision(model: str | Path | None = None, mmproj: str | Path | None = Non
     """The vision encoder of `model`: read from `mmproj` (a llama.cpp mmproj GGUF) when given,
     else from the model's HF directory (Gemma3ForConditionalGeneration safetensors)."""
     if mmproj is not None:
-        cfg, state = load_mmproj(mmproj, dtype)
+        cfg, state = read_mmproj(mmproj, dtype)
     else:
         path = resolve(model)
         if not path.is_dir():
             raise WeightsError(f"{path}: a GGUF model holds no vision encoder; pass its mmproj GGUF (--mmproj)")
-        cfg, state = load_vision_hf_dir(path, dtype)
-    with torch.device("meta"):
-        net = VisionModel(cfg)
-    net.load_state_dict(state, strict=True, assign=True)
+        cfg, state = read_vision_hf_dir(path, dtype)
+    net = meta_model(cfg)
+    fill(net, state, str(mmproj or model))
     return net.eval()
 
 
 def load_tokenizer(model: str | Path | None = None) -> Tokenizer:
     path = resolve(model)
-    if (path / "quantization.json").is_file():
-        from ..quant.store import load_tokenizer_dir
-
+    if is_quantized_dir(path):
         return load_tokenizer_dir(path)
     if path.is_dir():
         return Tokenizer.from_dir(path)
-    from ..formats.gguf import read_gguf
-
     return Tokenizer.from_gguf_metadata(read_gguf(path).metadata)
 
 
@@ -106,7 +128,7 @@ def describe(model: str | Path | None = None) -> dict:
     weights here describes the preset's configuration alone."""
     from collections import Counter
 
-    from ..model.config import load_hf_config, preset
+    from ..model.config import from_gguf_metadata, load_hf_config, preset
 
     name = str(model).lower() if model is not None else DEFAULT_MODEL
     if name in PRESETS and name != DEFAULT_MODEL and not Path(str(model)).exists():
@@ -132,9 +154,6 @@ def describe(model: str | Path | None = None) -> dict:
                     sizes[dtype] += n * {"F32": 4, "BF16": 2, "F16": 2}.get(dtype, 1)
         fmt, nbytes = "safetensors", sum(f.stat().st_size for f in files)
     else:
-        from ..model.config import from_gguf_metadata
-        from ..formats.gguf import read_gguf
-
         gg = read_gguf(path)
         embd = gg.tensors.get("token_embd.weight")
         cfg = from_gguf_metadata(gg.metadata, vocab_size=embd.shape[0] if embd is not None else None)

@@ -1,4 +1,4 @@
-"""From picture files to decoder inputs (SPEC §2–§3), exactly as transformers' Gemma3Processor.
+"""From picture files to decoder inputs (report §2.1 and §2.2), exactly as transformers' Gemma3Processor.
 
     load_image → Pan & Scan views → pixels → VisionModel → soft tokens (encode_image)
     prompt text with <start_of_image> placeholders → ids, embeds, groups (build_prompt)
@@ -21,9 +21,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..formats.tokenizer import encode_chat
+from .prompt import MultimodalPrompt, encode_prompt
+
 BOI, EOI = "<start_of_image>", "<end_of_image>"
 IMAGE_SOFT_TOKEN = "<image_soft_token>"
-IMAGE_SOFT_TOKEN_ID = 262144  # HF's id, one past the 262,144-piece text vocabulary (SPEC §2)
+IMAGE_SOFT_TOKEN_ID = 262144  # HF's id, one past the 262,144-piece text vocabulary
 # Gemma 3's SigLIP preprocessing (preprocessor_config.json): x / 255, then (x - 0.5) / 0.5.
 RESCALE, MEAN, STD = 1 / 255, 0.5, 0.5
 # Decompression-bomb guard: Pillow's own default MAX_IMAGE_PIXELS, enforced as an error before
@@ -92,7 +95,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class PanAndScan:
-    """Pan & Scan (SPEC §3) with transformers' Gemma3Processor defaults."""
+    """Pan & Scan with transformers' Gemma3Processor defaults."""
 
     min_crop_size: int = 256
     max_crops: int = 4
@@ -170,19 +173,8 @@ def with_placeholders(text: str, n_images: int) -> str:
     return text if BOI in text else BOI * n_images + text
 
 
-@dataclass(frozen=True)
-class MultimodalPrompt:
-    """A prompt ready for prefill: what `generate_step` takes in place of token ids."""
-
-    ids: list[int]  # image soft tokens are IMAGE_SOFT_TOKEN_ID
-    embeds: torch.Tensor  # [1, len(ids), d_model]: scaled text embeddings, image features spliced in
-    groups: torch.Tensor  # [1, len(ids)]: view index of each soft token, -1 for text
-
-
 def build_prompt(model, tokenizer, text: str, features: Sequence[torch.Tensor]) -> MultimodalPrompt:
     """`text` with one BOI placeholder per entry of `features` (encode_image's output)."""
-    from .generate import encode_prompt  # generate imports this module
-
     mm_tokens = features[0].shape[1] if features else 0
     # Tokenized without the soft tokens, which are then inserted as ids: <start_of_image> and
     # <end_of_image> are special tokens, so the text between them never merges across them and
@@ -235,7 +227,6 @@ def without_marks(text: str) -> str:
 def encode_chat_with_images(tokenizer, messages: list[dict], crops: Sequence[int], mm_tokens: int) -> list[int]:
     """`encode_chat` for messages holding IMAGE_MARK where image i goes (with crops[i] Pan & Scan
     crops): the ids transformers' processor gives for the template with <start_of_image> there."""
-    from ..formats.tokenizer import encode_chat
 
     boi, eoi = tokenizer.token_to_id(BOI), tokenizer.token_to_id(EOI)
     pending = list(crops)

@@ -1,4 +1,4 @@
-"""Prompt (prefix) caching that stays exact with sliding-window layers (SPEC §4).
+"""Prompt (prefix) caching that stays exact with sliding-window layers.
 
 A global layer's cache truncated to P tokens is exactly its state at P. A local layer's ring is
 not: after the prompt it holds the *last* window, and the entries it overwrote cannot be
@@ -15,21 +15,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.cache import KVCache, RingKV
+from ..model.cache import KVCache, KVSnapshot
 
 
 @dataclass
 class _Entry:
     tokens: tuple[int, ...]
-    final: KVCache  # the cache after the whole prompt (global layers complete)
-    rings: dict[int, list] = field(default_factory=dict)  # boundary -> cloned local layers
+    final: KVCache  # the state after the whole prompt (global layers complete)
+    rings: dict[int, KVSnapshot] = field(default_factory=dict)  # boundary -> the ring layers there
 
     def nbytes(self) -> int:
-        return self.final.nbytes() + sum(r.nbytes() for rings in self.rings.values() for r in rings)
-
-
-def _ring_snapshot(cache: KVCache) -> list[RingKV]:
-    return [layer.clone() for layer in cache.layers if isinstance(layer, RingKV)]
+        return self.final.nbytes() + sum(s.nbytes() for s in self.rings.values())
 
 
 def _common_prefix(a, b) -> int:
@@ -49,14 +45,6 @@ class PrefixCache:
         self.entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self.hits = self.reused_tokens = 0
 
-    def _restore(self, entry: _Entry, b: int, max_len: int) -> KVCache:
-        cache = self.model.new_cache(1, max_len=max_len, kv_dtype=self.kv_dtype)
-        rings = iter(entry.rings[b])
-        for i, layer in enumerate(entry.final.layers):
-            cache.layers[i] = next(rings).clone() if isinstance(layer, RingKV) else layer.truncated(b, max_len)
-        cache.pos = b
-        return cache
-
     def lookup(self, ids) -> tuple[_Entry | None, int]:
         """Best entry and resume boundary (< len(ids): the last token is always computed)."""
         best, best_b = None, 0
@@ -75,7 +63,7 @@ class PrefixCache:
             self.entries.move_to_end(entry.tokens)
             self.hits += 1
             self.reused_tokens += b
-            cache = self._restore(entry, b, max_len)
+            cache = entry.final.resumed(entry.rings[b], max_len)
             rings = {x: r for x, r in entry.rings.items() if x <= b}
         else:
             cache, rings = self.model.new_cache(1, max_len=max_len, kv_dtype=self.kv_dtype), {}
@@ -86,20 +74,15 @@ class PrefixCache:
                 end = min((cache.pos // self.block + 1) * self.block, len(ids))
                 hidden = self.model.forward_hidden(x[:, cache.pos:end], cache)
                 if end % self.block == 0 and end < len(ids):
-                    rings[end] = _ring_snapshot(cache)
+                    rings[end] = cache.snapshot()
             logits = self.model.logits(hidden[:, -1:])[0, -1]
-        self._store(_Entry(tuple(ids), cache, rings))
+        # The caller keeps decoding into `cache`: store a copy of the state at the end of the prompt.
+        final = cache.frozen()
+        rings[final.pos] = final.snapshot()  # a longer prompt can resume at the very end
+        self._store(_Entry(tuple(ids), final, rings))
         return cache, logits
 
     def _store(self, entry: _Entry):
-        # The stored cache is shared with the caller, who keeps decoding into it; keep a copy of
-        # the state at the end of the prompt instead.
-        final = KVCache.__new__(KVCache)
-        final.max_len, final.pos = entry.final.max_len, entry.final.pos
-        final.layers = [l.clone() if isinstance(l, RingKV) else l.truncated(l.length, l.length)
-                        for l in entry.final.layers]
-        entry.final = final
-        entry.rings[final.pos] = _ring_snapshot(final)  # a longer prompt can resume at the very end
         self.entries.pop(entry.tokens, None)
         self.entries[entry.tokens] = entry
         while len(self.entries) > 1 and sum(e.nbytes() for e in self.entries.values()) > self.max_bytes:

@@ -1,4 +1,4 @@
-"""Next-token selection from logits. Kept out of the model (STYLE.md: no sampling inside forward)."""
+"""Next-token selection from logits, kept out of the model's forward."""
 
 from __future__ import annotations
 
@@ -77,15 +77,6 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     if ops is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() == 0:
         return logits.max(-1).indices
     return ops.argmax_rows(logits.reshape(-1, logits.shape[-1])).reshape(logits.shape[:-1])
-
-
-def greedy_step(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
-    """The greedy next token of each row of a decode step: greedy(model(input_ids, cache,
-    last_only=True)[:, -1]), where a model's step can take the argmax itself
-    (FastGemma3.fused_greedy: inside the LM head of its one-call step) without returning logits."""
-    fused = getattr(model, "fused_greedy", None)
-    token = fused(input_ids, cache) if fused is not None else None
-    return token if token is not None else greedy(model(input_ids, cache, last_only=True)[:, -1])
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,

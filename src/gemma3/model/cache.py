@@ -1,15 +1,25 @@
-"""KV cache owned by the caller (SPEC §4).
+"""KV cache owned by the caller; every change to it goes through its own methods.
 
 Local (sliding-window) layers keep a ring buffer of exactly `window` slots; global layers keep a
-buffer that grows in chunks as the context fills, up to `max_len`. Keys are stored after RoPE, so
-the order of slots inside the ring does not matter to attention: each slot carries its absolute
-position and the mask is derived from positions alone.
+buffer that grows in chunks as the context fills, up to `max_len` (the report's 5:1 local:global design: only
+global layers pay for the whole context). Keys are stored after RoPE, so the order of slots inside
+the ring does not matter to attention: each slot carries its absolute position and the mask is
+derived from positions alone.
 
 Storage dtype is independent of the compute dtype: fp32, bf16, or int8 with one scale per
 (token, head) — "per-token per-head" quantization, the usual choice for KV caches.
+
+Who changes what (as mlx-lm's cache classes): the model appends a chunk (`LayerKV.update`) or one
+token per row (`store`) and then moves the cache on (`KVCache.advance`); a backend whose kernels
+write a token themselves asks for the slot and the storage first (`next_slot`, `view`) and records
+the token afterwards (`commit`); the prefix cache copies and restores states (`snapshot`,
+`frozen`, `resumed`). Backend objects tied to the storage (the CPU backend's one-call decode step)
+live in `backend_state`.
 """
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -19,14 +29,31 @@ GROW_CHUNK = 1024  # global buffers grow by this many slots, so short prompts st
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
-class Slots:
+class KVView(NamedTuple):
+    """A layer's storage as kernels read and write it: K/V [batch, heads, slots, head_dim] in the
+    storage dtype, int8 scales [batch, heads, slots, 1] (None otherwise), and for a ring the
+    position held by each slot ([window], -1 = empty; None for a global layer, whose slot i holds
+    position i)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    k_scale: torch.Tensor | None
+    v_scale: torch.Tensor | None
+    ring_positions: torch.Tensor | None
+
+
+class _Slots:
     """K or V storage [batch, heads, slots, head_dim] in the storage dtype."""
 
-    def __init__(self, batch, heads, size, head_dim, store_dtype, compute_dtype, device):
-        self.compute_dtype = compute_dtype
-        self.data = torch.zeros(batch, heads, size, head_dim, dtype=store_dtype, device=device)
-        self.scale = (torch.zeros(batch, heads, size, 1, dtype=torch.float32, device=device)
-                      if store_dtype == torch.int8 else None)
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor | None, compute_dtype):
+        self.data, self.scale, self.compute_dtype = data, scale, compute_dtype
+
+    @classmethod
+    def empty(cls, batch, heads, size, head_dim, store_dtype, compute_dtype, device) -> "_Slots":
+        data = torch.zeros(batch, heads, size, head_dim, dtype=store_dtype, device=device)
+        scale = (torch.zeros(batch, heads, size, 1, dtype=torch.float32, device=device)
+                 if store_dtype == torch.int8 else None)
+        return cls(data, scale, compute_dtype)
 
     @property
     def size(self):
@@ -47,21 +74,16 @@ class Slots:
         scale = self.scale if n is None else self.scale[:, :, :n]
         return (data.to(torch.float32) * scale).to(self.compute_dtype)
 
-    def resize(self, size: int, keep: int):
-        """New storage of `size` slots holding the first `keep` slots of the old one."""
-        new = Slots.__new__(Slots)
-        new.compute_dtype = self.compute_dtype
+    def resized(self, size: int, keep: int) -> "_Slots":
+        """New storage of `size` slots holding the first `keep` slots of this one."""
         b, h, _, d = self.data.shape
-        new.data = self.data.new_zeros(b, h, size, d)
-        new.data[:, :, :keep] = self.data[:, :, :keep]
-        new.scale = None
+        data = self.data.new_zeros(b, h, size, d)
+        data[:, :, :keep] = self.data[:, :, :keep]
+        scale = None
         if self.scale is not None:
-            new.scale = self.scale.new_zeros(b, h, size, 1)
-            new.scale[:, :, :keep] = self.scale[:, :, :keep]
-        return new
-
-    def clone(self):
-        return self.resize(self.size, self.size)
+            scale = self.scale.new_zeros(b, h, size, 1)
+            scale[:, :, :keep] = self.scale[:, :, :keep]
+        return _Slots(data, scale, self.compute_dtype)
 
     def nbytes(self):
         return self.data.nbytes + (self.scale.nbytes if self.scale is not None else 0)
@@ -70,90 +92,238 @@ class Slots:
 class RingKV:
     """Sliding-window layer: `window` slots; position p lives in slot p % window."""
 
-    def __init__(self, batch, heads, head_dim, window, store_dtype, compute_dtype, device):
-        self.window = window
-        self.k = Slots(batch, heads, window, head_dim, store_dtype, compute_dtype, device)
-        self.v = Slots(batch, heads, window, head_dim, store_dtype, compute_dtype, device)
-        self.pos = torch.full((window,), -1, dtype=torch.long, device=device)  # -1 = empty slot
+    def __init__(self, k: _Slots, v: _Slots, positions: torch.Tensor):
+        self._k, self._v, self._pos = k, v, positions
+
+    @classmethod
+    def empty(cls, batch, heads, head_dim, window, store_dtype, compute_dtype, device) -> "RingKV":
+        slots = [_Slots.empty(batch, heads, window, head_dim, store_dtype, compute_dtype, device) for _ in "kv"]
+        return cls(*slots, torch.full((window,), -1, dtype=torch.long, device=device))  # -1 = empty slot
+
+    @property
+    def window(self) -> int:
+        return self._pos.numel()
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """The position each slot holds (-1 where empty); read-only by convention."""
+        return self._pos
+
+    @property
+    def generation(self) -> int:
+        return 0  # a ring never reallocates
 
     def update(self, k, v, positions):
-        """Returns keys/values/positions to attend over (ring contents + the new chunk), then
-        stores the newest `window` entries of the chunk in the ring."""
-        k_all = torch.cat([self.k.read(), k], dim=2)
-        v_all = torch.cat([self.v.read(), v], dim=2)
-        pos_all = torch.cat([self.pos, positions])
+        """Keys/values/positions to attend over (ring contents + the new chunk); then the newest
+        `window` entries of the chunk are stored in the ring."""
+        k_all = torch.cat([self._k.read(), k], dim=2)
+        v_all = torch.cat([self._v.read(), v], dim=2)
+        pos_all = torch.cat([self._pos, positions])
+        self.store(k, v, positions)
+        return k_all, v_all, pos_all
+
+    def store(self, k, v, positions):
+        """Stores the newest `window` entries of a chunk, without reading the ring back. A decode
+        step may store its token before attending: the key it evicts is exactly one window behind,
+        invisible to that query."""
         keep = positions[-self.window:]
         n = keep.numel()
         slots = keep % self.window
-        self.k.write(slots, k[:, :, -n:])
-        self.v.write(slots, v[:, :, -n:])
-        self.pos.index_copy_(0, slots, keep)
-        return k_all, v_all, pos_all
+        self._k.write(slots, k[:, :, -n:])
+        self._v.write(slots, v[:, :, -n:])
+        self._pos.index_copy_(0, slots, keep)
 
-    def clone(self):
-        new = RingKV.__new__(RingKV)
-        new.window, new.k, new.v, new.pos = self.window, self.k.clone(), self.v.clone(), self.pos.clone()
-        return new
+    def key_positions(self) -> torch.Tensor:
+        return self._pos
+
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's keys and values in the compute dtype (empty slots are zeros)."""
+        return self._k.read(), self._v.read()
+
+    def view(self) -> KVView:
+        return KVView(self._k.data, self._v.data, self._k.scale, self._v.scale, self._pos)
+
+    def next_slot(self, position: int) -> int:
+        return position % self.window
+
+    def commit(self, n: int = 1):
+        """A kernel stored tokens through view() (and recorded their positions in ring_positions)."""
+
+    def clone(self) -> "RingKV":
+        k, v = (s.resized(s.size, s.size) for s in (self._k, self._v))
+        return RingKV(k, v, self._pos.clone())
 
     def nbytes(self):
-        return self.k.nbytes() + self.v.nbytes()
+        return self._k.nbytes() + self._v.nbytes()
+
+    @property
+    def size(self) -> int:
+        return self._k.size
 
 
 class LinearKV:
     """Global layer: every position, in order; storage grows in GROW_CHUNK steps up to max_len."""
 
-    def __init__(self, batch, heads, head_dim, max_len, store_dtype, compute_dtype, device):
-        self.max_len = max_len
-        self.k = Slots(batch, heads, 0, head_dim, store_dtype, compute_dtype, device)
-        self.v = Slots(batch, heads, 0, head_dim, store_dtype, compute_dtype, device)
-        self.length = 0
+    def __init__(self, k: _Slots, v: _Slots, length: int, max_len: int):
+        self._k, self._v, self._length, self._max_len = k, v, length, max_len
+        self._generation = 0  # bumped whenever the storage is reallocated
 
-    def reserve(self, needed):
-        if needed > self.k.size:
-            size = min(self.max_len, -(-needed // GROW_CHUNK) * GROW_CHUNK)
-            self.k, self.v = self.k.resize(size, self.length), self.v.resize(size, self.length)
+    @classmethod
+    def empty(cls, batch, heads, head_dim, max_len, store_dtype, compute_dtype, device) -> "LinearKV":
+        slots = [_Slots.empty(batch, heads, 0, head_dim, store_dtype, compute_dtype, device) for _ in "kv"]
+        return cls(*slots, 0, max_len)
 
-    def append(self, k, v):
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def reserve(self, needed: int):
+        if needed > self._k.size:
+            size = min(self._max_len, -(-needed // GROW_CHUNK) * GROW_CHUNK)
+            self._k, self._v = self._k.resized(size, self._length), self._v.resized(size, self._length)
+            self._generation += 1
+
+    def store(self, k, v, positions=None):
         """Stores the chunk's keys/values after the ones already held (no read back)."""
-        start, n = self.length, k.shape[2]
+        start, n = self._length, k.shape[2]
         self.reserve(start + n)
         slots = torch.arange(start, start + n, device=k.device)
-        self.k.write(slots, k)
-        self.v.write(slots, v)
-        self.length = start + n
+        self._k.write(slots, k)
+        self._v.write(slots, v)
+        self._length = start + n
 
     def update(self, k, v, positions):
-        self.append(k, v)
-        pos_all = torch.arange(self.length, device=positions.device)
-        return self.k.read(self.length), self.v.read(self.length), pos_all
+        self.store(k, v)
+        return self._k.read(self._length), self._v.read(self._length), self.key_positions()
 
-    def truncated(self, length: int, max_len: int):
+    def key_positions(self) -> torch.Tensor:
+        return torch.arange(self._length, device=self._k.data.device)
+
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held tokens' keys and values in the compute dtype."""
+        return self._k.read(self._length), self._v.read(self._length)
+
+    def view(self) -> KVView:
+        return KVView(self._k.data, self._v.data, self._k.scale, self._v.scale, None)
+
+    def next_slot(self, position: int) -> int:
+        """The slot a kernel writes the next token to (room reserved for it)."""
+        self.reserve(self._length + 1)
+        return self._length
+
+    def commit(self, n: int = 1):
+        """A kernel stored `n` tokens through view() after the ones held."""
+        self._length += n
+
+    def truncated(self, length: int, max_len: int) -> "LinearKV":
         """A copy holding the first `length` positions, able to grow to `max_len`."""
-        new = LinearKV.__new__(LinearKV)
-        new.max_len, new.length = max_len, length
         size = min(max_len, -(-max(length, 1) // GROW_CHUNK) * GROW_CHUNK)
-        new.k, new.v = self.k.resize(size, length), self.v.resize(size, length)
-        return new
+        return LinearKV(self._k.resized(size, length), self._v.resized(size, length), length, max_len)
 
     def nbytes(self):
-        return self.k.nbytes() + self.v.nbytes()
+        return self._k.nbytes() + self._v.nbytes()
+
+    @property
+    def size(self) -> int:
+        return self._k.size
+
+
+LayerKV = RingKV | LinearKV
+
+
+class KVSnapshot(NamedTuple):
+    """The ring layers of a cache at `pos` (global layers need no copy: truncating one to `pos`
+    gives back its state there)."""
+
+    pos: int
+    rings: tuple[RingKV, ...]
+
+    def nbytes(self) -> int:
+        return sum(r.nbytes() for r in self.rings)
 
 
 class KVCache:
     """One entry per layer plus the number of tokens already seen (`pos`)."""
 
-    def __init__(self, config: Gemma3Config, batch_size: int = 1, max_len: int | None = None,
-                 dtype=torch.float32, device="cpu", kv_dtype: str | torch.dtype | None = None):
-        self.max_len = max_len or config.max_context
+    def __init__(self, layers: list[LayerKV], pos: int, max_len: int):
+        self._layers, self._pos, self._max_len = tuple(layers), pos, max_len
+        self._linear = [layer for layer in self._layers if isinstance(layer, LinearKV)]
+        self._backend: dict[object, tuple[tuple[int, ...], object]] = {}
+
+    @classmethod
+    def empty(cls, config: Gemma3Config, batch_size: int = 1, max_len: int | None = None,
+              dtype=torch.float32, device="cpu", kv_dtype: str | torch.dtype | None = None) -> "KVCache":
+        max_len = max_len or config.max_context
         store = KV_DTYPES[kv_dtype] if isinstance(kv_dtype, str) else (kv_dtype or dtype)
         args = (batch_size, config.num_kv_heads, config.head_dim)
-        self.layers = [
-            RingKV(*args, min(config.sliding_window, self.max_len), store, dtype, device) if t == LOCAL
-            else LinearKV(*args, self.max_len, store, dtype, device)
-            for t in config.layer_types
-        ]
-        self.pos = 0
+        layers = [RingKV.empty(*args, min(config.sliding_window, max_len), store, dtype, device) if t == LOCAL
+                  else LinearKV.empty(*args, max_len, store, dtype, device) for t in config.layer_types]
+        return cls(layers, 0, max_len)
+
+    @property
+    def layers(self) -> tuple[LayerKV, ...]:
+        return self._layers
+
+    @property
+    def pos(self) -> int:
+        return self._pos
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    def check_room(self, n: int):
+        if self._pos + n > self._max_len:
+            raise ValueError(f"context overflow: {self._pos + n} tokens > cache size {self._max_len}")
+
+    def advance(self, n: int):
+        """The layers hold `n` more tokens (the model stored them through update/store)."""
+        self._pos += n
+
+    def reserve_token(self):
+        """Room for one more token in every layer, for a kernel that stores it itself (the slot of
+        position `pos`: `pos % window` in a ring, `pos` in a global layer, which holds `pos` tokens)."""
+        for layer in self._linear:
+            layer.reserve(self._pos + 1)
+
+    def commit(self):
+        """Every layer holds the token a kernel stored through next_slots()/view()."""
+        for layer in self._layers:
+            layer.commit(1)
+        self._pos += 1
+
+    def backend_state(self, owner: object, build: Callable[["KVCache"], object] | None = None) -> object:
+        """The object `owner` keeps with this cache (the CPU backend's one-call decode step holds
+        the storage tensors): `build(self)`, built again whenever a layer's storage was reallocated
+        (without `build`: what is held for the current storage, or None)."""
+        key = tuple(layer.generation for layer in self._linear)
+        held = self._backend.get(owner)
+        if held is None or held[0] != key:
+            if build is None:
+                return None
+            held = self._backend[owner] = (key, build(self))
+        return held[1]
+
+    def snapshot(self) -> KVSnapshot:
+        return KVSnapshot(self._pos, tuple(layer.clone() for layer in self._layers if isinstance(layer, RingKV)))
+
+    def frozen(self) -> "KVCache":
+        """A copy of the state at `pos` (global layers cut to their length, able to grow no further)."""
+        layers = [l.clone() if isinstance(l, RingKV) else l.truncated(l.length, l.length) for l in self._layers]
+        return KVCache(layers, self._pos, self._max_len)
+
+    def resumed(self, snapshot: KVSnapshot, max_len: int) -> "KVCache":
+        """A new cache at `snapshot.pos`: rings from the snapshot, global layers from this cache
+        (which must hold at least that many tokens) cut there, able to grow to `max_len`."""
+        rings = iter(snapshot.rings)
+        layers = [next(rings).clone() if isinstance(l, RingKV) else l.truncated(snapshot.pos, max_len)
+                  for l in self._layers]
+        return KVCache(layers, snapshot.pos, max_len)
 
     def nbytes(self) -> int:
         """Bytes of K/V storage currently allocated (measured, not estimated)."""
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() for layer in self._layers)

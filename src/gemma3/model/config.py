@@ -1,5 +1,5 @@
 """Gemma 3 text-decoder configuration: frozen dataclass, named presets, and readers for
-GGUF metadata and Hugging Face `config.json` (SPEC §1)."""
+GGUF metadata and Hugging Face `config.json`."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Gemma3Config:
     max_context: int
     layer_types: tuple[str, ...]
     # Attention scores are scaled by query_pre_attn_scalar**-0.5: head_dim for every size but 27B,
-    # where the report uses d_model / n_heads = 168 (SPEC §1).
+    # where the report uses d_model / n_heads = 168.
     query_pre_attn_scalar: int = 256
     rope_local_base: float = 10_000.0
     rope_global_base: float = 1_000_000.0
@@ -87,7 +87,7 @@ def _preset(name, vocab, d, layers, heads, kv, hd, ffn, window, ctx, qscalar, ro
     )
 
 
-# SPEC §1 table. 4B+ checkpoints are multimodal and pad the vocabulary to 262,208.
+# The five released sizes. 4B+ checkpoints are multimodal and pad the vocabulary to 262,208.
 PRESETS: dict[str, Gemma3Config] = {
     "270m": _preset("270m", 262_144, 640, 18, 4, 1, 256, 2048, 512, 32_768, 256, 1.0),
     "1b": _preset("1b", 262_144, 1152, 26, 4, 1, 256, 6912, 512, 32_768, 256, 1.0),

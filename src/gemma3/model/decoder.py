@@ -1,4 +1,4 @@
-"""The Gemma 3 text decoder in plain PyTorch (SPEC §1). Pure math: no I/O, no sampling.
+"""The Gemma 3 text decoder in plain PyTorch. Pure math: no I/O, no sampling.
 
 Per layer: h = x + post_attn_norm(attn(pre_attn_norm(x))); out = h + post_ffw_norm(mlp(pre_ffw_norm(h))).
 Every forward runs through a KV cache in chunks, so a local layer only ever scores a chunk
@@ -8,13 +8,34 @@ against (window + chunk) keys, never an L×L mask.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .cache import KVCache
+from .cache import KVCache, LayerKV
 from .config import GLOBAL, Gemma3Config
+
+
+@contextmanager
+def no_init():
+    """Modules built inside skip their random init: for models built on the meta device, to be
+    filled from a checkpoint. Besides being useless there, nn.init on meta tensors imports
+    torch._dynamo (0.5-1 s) on first use: a third of a cold load."""
+    saved = {name: getattr(nn.init, name) for name in _INITS}
+    for name in _INITS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
 
 
 class RMSNorm(nn.Module):
@@ -48,6 +69,15 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
+class KVRows(NamedTuple):
+    """How rows of the batch meet their keys in one layer: `rows` of the batch, the layer's cache
+    for them (None: the chunk attends to itself alone, as in training) and their positions [t]."""
+
+    rows: slice
+    cache: LayerKV | None
+    positions: torch.Tensor
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Gemma3Config, is_global: bool):
         super().__init__()
@@ -62,20 +92,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, layer_cache, groups=None):
+    def forward(self, x, cos, sin, kv: list[KVRows], groups=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        if isinstance(layer_cache, list):  # batched decode: one cache (and position) per row
-            out = torch.cat([self.attend(q[i:i + 1], *c.update(k[i:i + 1], v[i:i + 1], positions[i]),
-                                         positions[i], None) for i, c in enumerate(layer_cache)])
-        elif layer_cache is None:  # training path: the chunk is the whole sequence
-            out = self.attend(q, k, v, positions, positions, groups)
-        else:
-            out = self.attend(q, *layer_cache.update(k, v, positions), positions, groups)
+        outs = []
+        for part in kv:
+            r = part.rows
+            keys = (k[r], v[r], part.positions) if part.cache is None else part.cache.update(k[r], v[r], part.positions)
+            outs.append(self.attend(q[r], *keys, part.positions, None if groups is None else groups[r]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def attend(self, q, k, v, k_pos, positions, groups):
@@ -102,7 +131,7 @@ class Attention(nn.Module):
 def same_image(groups: torch.Tensor, n_keys: int) -> torch.Tensor:
     """[batch, chunk, keys] True where a query and a key are soft tokens of the same image.
 
-    Image soft tokens attend bidirectionally within their image (SPEC §1). `groups` [batch, chunk]
+    Image soft tokens attend bidirectionally within their image. `groups` [batch, chunk]
     holds an image index per token (-1 for text); a whole image always lies inside one chunk, so
     only the chunk's own keys (the last `chunk` keys) can share a query's image.
     """
@@ -133,9 +162,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, layer_cache, groups=None):
-        h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), cos, sin, positions, layer_cache, groups))
+    def forward(self, x, cos, sin, kv: list[KVRows], groups=None):
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, kv, groups))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -162,7 +190,7 @@ class Gemma3(nn.Module):
 
     @property
     def rope_global(self):
-        # Only global layers are scaled for long context (SPEC §1); local layers never see far positions.
+        # Only global layers are scaled for long context; local layers never see far positions.
         return self._inv_freq(self.config.rope_global_base, self.config.rope_global_scale)
 
     def _inv_freq(self, base: float, scale: float) -> torch.Tensor:
@@ -183,7 +211,7 @@ class Gemma3(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None, kv_dtype=None) -> KVCache:
         """`kv_dtype`: "fp32" | "bf16" | "int8" storage (default: the model's dtype)."""
-        return KVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device, kv_dtype=kv_dtype)
+        return KVCache.empty(self.config, batch_size, max_len, dtype=self.dtype, device=self.device, kv_dtype=kv_dtype)
 
     def embed_scale(self) -> torch.Tensor:
         # The sqrt(d_model) factor is rounded to the activation dtype first, as the reference does.
@@ -203,27 +231,42 @@ class Gemma3(nn.Module):
             yield start, end
             start = end
 
+    def rope(self, positions: torch.Tensor) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) for local (False) and global (True) layers: [t, D] for positions [t] shared by
+        every row, [B, 1, 1, D] for one position per row ([B, 1])."""
+        def table(inv_freq):
+            cos, sin = rope_cos_sin(positions.reshape(-1), inv_freq, self.dtype)
+            return (cos, sin) if positions.dim() == 1 else (cos[:, None, None], sin[:, None, None])
+
+        return {False: table(self.rope_local), True: table(self.rope_global)}
+
+    def run_layers(self, x: torch.Tensor, rope: dict, kv: Callable[[int], list[KVRows]],
+                   groups: torch.Tensor | None = None, checkpoint: bool = False) -> torch.Tensor:
+        """The one layer loop. `kv(i)` says how layer i's attention meets its keys: through one
+        cache shared by the batch (prefill), one cache per row (batched decode), or none (training:
+        the sequence itself); `checkpoint` recomputes each layer in the backward pass."""
+        for i, layer in enumerate(self.layers):
+            cos, sin = rope[layer.is_global]
+            if checkpoint:
+                x = activation_checkpoint(layer, x, cos, sin, kv(i), groups, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv(i), groups)
+        return x
+
     def forward_hidden(self, input_ids: torch.Tensor, cache: KVCache, embeds: torch.Tensor | None = None,
                        groups: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states for `input_ids` [batch, seq] appended after `cache.pos` tokens.
-
-        `embeds` [batch, seq, d_model] replaces the token embeddings (image features spliced in);
-        `groups` [batch, seq] gives each image soft token its image index (-1 elsewhere).
-        """
+        """Final-norm hidden states for `input_ids` [batch, seq] appended after `cache.pos` tokens,
+        in chunks. `embeds` [batch, seq, d_model] replaces the token embeddings (image features
+        spliced in); `groups` [batch, seq] gives each image soft token its image index (-1 elsewhere)."""
         outs = []
         for start, end in self.chunks(input_ids.shape[1], groups):
             n = end - start
-            if cache.pos + n > cache.max_len:
-                raise ValueError(f"context overflow: {cache.pos + n} tokens > cache size {cache.max_len}")
+            cache.check_room(n)
             positions = torch.arange(cache.pos, cache.pos + n, device=input_ids.device)
-            local = rope_cos_sin(positions, self.rope_local, self.dtype)
-            glob = rope_cos_sin(positions, self.rope_global, self.dtype)
             x = self.embed(input_ids[:, start:end]) if embeds is None else embeds[:, start:end]
             g = None if groups is None else groups[:, start:end]
-            for layer, layer_cache in zip(self.layers, cache.layers):
-                cos, sin = glob if layer.is_global else local
-                x = layer(x, cos, sin, positions, layer_cache, g)
-            cache.pos += n
+            x = self.run_layers(x, self.rope(positions), lambda i: [KVRows(slice(None), cache.layers[i], positions)], g)
+            cache.advance(n)
             outs.append(self.norm(x))
         return torch.cat(outs, dim=1)
 
@@ -231,36 +274,26 @@ class Gemma3(nn.Module):
         """One decode step for B independent sequences: logits [B, vocab] for `tokens` [B], each
         appended to its own cache at its own position. Projections, MLPs and the LM head run
         batched (their weights are read once per step); attention runs per sequence."""
-        positions = torch.tensor([[c.pos] for c in caches], device=tokens.device)  # [B, 1]
-        if any(c.pos + 1 > c.max_len for c in caches):
-            raise ValueError("context overflow in batched decode")
-        local = [t[:, None, None] for t in rope_cos_sin(positions[:, 0], self.rope_local, self.dtype)]
-        glob = [t[:, None, None] for t in rope_cos_sin(positions[:, 0], self.rope_global, self.dtype)]
-        x = self.embed(tokens[:, None])
-        for i, layer in enumerate(self.layers):
-            cos, sin = glob if layer.is_global else local
-            x = layer(x, cos, sin, positions, [c.layers[i] for c in caches])
         for c in caches:
-            c.pos += 1
+            c.check_room(1)
+        positions = torch.tensor([[c.pos] for c in caches], device=tokens.device)  # [B, 1]
+
+        def kv(i):
+            return [KVRows(slice(r, r + 1), c.layers[i], positions[r]) for r, c in enumerate(caches)]
+
+        x = self.run_layers(self.embed(tokens[:, None]), self.rope(positions), kv)
+        for c in caches:
+            c.advance(1)
         return self.logits(self.norm(x))[:, 0]
 
     def hidden_states(self, input_ids: torch.Tensor, embeds: torch.Tensor | None = None,
                       groups: torch.Tensor | None = None, checkpoint: bool = False) -> torch.Tensor:
         """Training path: one pass over the whole sequence from position 0 with no KV cache, so
         autograd and activation checkpointing (`checkpoint=True`, per layer) see pure functions."""
-        from torch.utils.checkpoint import checkpoint as ckpt
-
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        local = rope_cos_sin(positions, self.rope_local, self.dtype)
-        glob = rope_cos_sin(positions, self.rope_global, self.dtype)
         x = self.embed(input_ids) if embeds is None else embeds
-        for layer in self.layers:
-            cos, sin = glob if layer.is_global else local
-            if checkpoint:
-                x = ckpt(layer, x, cos, sin, positions, None, groups, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, positions, None, groups)
-        return self.norm(x)
+        whole = [KVRows(slice(None), None, positions)]
+        return self.norm(self.run_layers(x, self.rope(positions), lambda i: whole, groups, checkpoint))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens.attend(hidden)  # tied LM head
@@ -272,3 +305,8 @@ class Gemma3(nn.Module):
             cache = self.new_cache(input_ids.shape[0], max_len=input_ids.shape[1])
         hidden = self.forward_hidden(input_ids, cache, embeds, groups)
         return self.logits(hidden[:, -1:] if last_only else hidden)
+
+    def greedy_next(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The greedy next token [batch] after `input_ids` (argmax of the last position's logits,
+        the first index on ties). A backend may take the argmax inside its step (cpu/fused.py)."""
+        return self(input_ids, cache, last_only=True)[:, -1].max(-1).indices

@@ -1,4 +1,4 @@
-"""Memory model of the paper's Table 3 and of our KV cache (SPEC §4).
+"""Memory model of the paper's Table 3 and of our KV cache.
 
 The report's "+KV" column assumes a full-length cache on every layer (bf16, 32,768 tokens, GB =
 1e9 bytes). Gemma 3's own design needs far less: local layers hold only `window` tokens. Both are
@@ -91,33 +91,6 @@ def table3() -> list[dict]:
                 "kv_full_gb": kv_full, "kv_windowed_gb": kv_win, "with_windowed_kv_gb": w + kv_win,
             })
     return rows
-
-
-def plot_kv_vs_context(path, models=("1b", "4b", "12b", "27b"), dtype="bf16"):
-    """Paper Fig. 5/6: KV memory vs context length, global-only vs the 5:1 interleave."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ctxs = [1024 * 2 ** i for i in range(8)]  # 1K … 128K
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, name in enumerate(models):
-        cfg = PRESETS[name]
-        color = f"C{i}"
-        ax.plot([c / 1024 for c in ctxs], [kv_bytes_full(cfg, c, dtype) / 2**30 for c in ctxs],
-                color=color, linestyle="--", marker="o", label=f"{name} global only")
-        ax.plot([c / 1024 for c in ctxs], [kv_bytes_windowed(cfg, c, dtype) / 2**30 for c in ctxs],
-                color=color, marker="s", label=f"{name} 5:1, window {cfg.sliding_window}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (K tokens)")
-    ax.set_ylabel(f"KV cache (GiB, {dtype})")
-    ax.set_title("KV cache memory vs context (Gemma 3 Fig. 5/6)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # Kept free on each device for what the plan does not count: the CUDA context and cuBLAS/NCCL

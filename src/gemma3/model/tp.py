@@ -1,4 +1,4 @@
-"""Tensor-parallel inference (SPEC §9), applied to a loaded model like gpt-fast's `tp.py`.
+"""Tensor-parallel inference, applied to a loaded model like gpt-fast's `tp.py`.
 
 Megatron-LM's split (Shoeybi et al. 2019, §3): q/k/v and gate/up are column-parallel (each rank
 computes its own heads / its own slice of the MLP width from the full hidden state), o and down are
@@ -15,7 +15,7 @@ Megatron do: the alternative, splitting the head dimension, would need an all-re
 attention scores. The cost is KV projection work and KV cache memory repeated world/num_kv_heads
 times. Query heads (and the MLP width) must divide evenly; anything else is a clear error.
 
-Only the float path is supported: the quantized CPU kernels of `--precision fast` fuse projections
+Only the torch backend (float weights) is supported: the quantized CPU kernels of the cpu backend fuse projections
 that TP has to split. Torch's collectives do all the communication (gloo on CPU, NCCL on CUDA).
 """
 
@@ -133,7 +133,7 @@ def apply(model: Gemma3, rank: int, world: int) -> Gemma3:
                if name.endswith(("_proj", "self_attn", "mlp", "embed_tokens"))
                and type(m) not in (nn.Linear, Attention, MLP, TiedEmbedding)]
     if swapped:
-        raise ValueError("tensor parallel shards the float model (precision 'fp32'); these modules were "
+        raise ValueError("tensor parallel shards the float model (backend 'torch'); these modules were "
                          f"swapped by a quantized or fast path: {', '.join(swapped[:3])}")
     hd = cfg.head_dim
     ranks_per_kv = world // cfg.num_kv_heads if shard.kv_replicated else 1  # ranks sharing one KV head

@@ -1,4 +1,4 @@
-"""The Gemma 3 vision encoder (SPEC §3): a SigLIP ViT and the multimodal projector. Pure math.
+"""The Gemma 3 vision encoder: a SigLIP ViT and the multimodal projector. Pure math.
 
 SigLIP: pixels → non-overlapping patches (a strided conv) + learned position embeddings →
 pre-LayerNorm transformer blocks (full bidirectional attention, gelu_tanh MLP) → LayerNorm.
@@ -58,7 +58,7 @@ class VisionConfig:
 
 
 def siglip_so400m(projection_dim: int) -> VisionConfig:
-    """SigLIP-So400m/14 at 896 px, the encoder of Gemma 3 4B/12B/27B (SPEC §3)."""
+    """SigLIP-So400m/14 at 896 px, the encoder of Gemma 3 4B/12B/27B."""
     return VisionConfig(image_size=896, patch_size=14, hidden_size=1152, intermediate_size=4304, num_layers=27,
                         num_heads=16, mm_tokens_per_image=256, projection_dim=projection_dim)
 

@@ -1,4 +1,4 @@
-"""Quantization as a module swap after loading (STYLE.md; gpt-fast's quantize.py).
+"""Quantization as a module swap after loading (like gpt-fast's quantize.py).
 
 `quantize_model(model, recipe)` replaces every projection `nn.Linear` with a `QuantizedLinear`
 and the tied embedding / LM head with one `QuantizedEmbedding` (so it stays tied), each holding

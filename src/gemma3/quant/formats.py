@@ -1,4 +1,4 @@
-"""Weight formats: quantize / dequantize a 2-D weight [rows, cols] in PyTorch (SPEC §5).
+"""Weight formats: quantize / dequantize a 2-D weight [rows, cols] in PyTorch.
 
 The paper's formats (report §5, Table 3) plus the GGUF block types llama.cpp runs:
 

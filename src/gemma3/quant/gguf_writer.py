@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType
 
-from ..model.config import Gemma3Config
+from ..formats.checkpoint import gguf_norms, ours_to_gguf, to_gguf_float
 from ..formats.gguf import GGUFFile
 from ..formats.tokenizer import Tokenizer
-from ..formats.checkpoint import ours_to_gguf
+from ..model.config import Gemma3Config
 from .apply import quantized_weights
 from .formats import QuantError, get_format
 
@@ -85,10 +85,11 @@ def write_gguf(path: str | Path, model, metadata: Metadata, recipe: str = "") ->
     layer_types = [get_format(q.fmt).ggml_type for n, q in qweights.items() if n != "embed_tokens.weight"]
     writer = _writer(path, metadata, recipe)
     writer.add_file_type(_file_type(layer_types or [GGMLQuantizationType.F32]))
+    norms = gguf_norms(model)
     for name, tensor in model.state_dict().items():
         if name.endswith(("qdata", "qscale")):
             continue
-        w = tensor.float() + 1.0 if name.endswith("norm.weight") else tensor.float()
+        w = to_gguf_float(tensor, name in norms)
         writer.add_tensor(ours_to_gguf(name), np.ascontiguousarray(w.numpy()))
     for name, q in qweights.items():
         writer.add_tensor(ours_to_gguf(name), q.data.numpy(), raw_dtype=get_format(q.fmt).ggml_type)

@@ -7,9 +7,8 @@ int8-channel have no GGUF type):
     quantization.json    {"format_version": 1, "recipe": …, "weights": {W: {"format", "shape"}}}
     metadata.gguf        the source's GGUF metadata (tokenizer, architecture), no tensors
 
-`load()` recognises the directory by `quantization.json` and returns the model with its
-quantized modules installed (`apply.py`), read strictly: a missing, extra or mis-shaped tensor
-is named.
+`load()` recognises the directory by `quantization.json`, reads it with `read_dir` (strictly: a
+missing, extra or mis-shaped tensor is named) and installs the quantized modules (`apply.py`).
 """
 
 from __future__ import annotations
@@ -19,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import load_hf_config
-from ..formats.gguf import read_gguf
-from ..model.decoder import Gemma3
-from ..formats.tokenizer import Tokenizer
 from ..formats.checkpoint import WeightsError, check_names_and_shapes, hf_config
-from .apply import install, quantized_weights
-from .formats import Quantized, QuantError, dequantize
-from .gguf_writer import Metadata, write_metadata_gguf
+from ..formats.gguf import read_gguf
+from ..formats.tokenizer import Tokenizer
+from ..model.config import Gemma3Config, load_hf_config
+from ..model.decoder import Gemma3
+from .apply import Recipe, quantized_weights
+from .formats import Quantized, QuantError, dequantize, get_format
+from .gguf_writer import Metadata, write_gguf, write_metadata_gguf
 
 QUANT_CONFIG = "quantization.json"
 METADATA_FILE = "metadata.gguf"
@@ -71,7 +70,9 @@ def _read_spec(path: Path) -> dict:
         raise WeightsError(f"{path / QUANT_CONFIG}: corrupt quantization config ({type(e).__name__}: {e})") from None
 
 
-def load_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Gemma3, Tokenizer]:
+def read_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Gemma3Config, dict, str]:
+    """Config, tensors by our names (a `Quantized` for each quantized weight, float tensors for the
+    rest) and the recipe of a directory that `save_dir` wrote, read strictly."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -89,9 +90,7 @@ def load_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Gemm
     if stray:
         raise WeightsError(f"{path}: unexpected tensor {stray[0]} (not listed in {QUANT_CONFIG})")
     check_names_and_shapes(shapes, cfg, str(path))
-    with torch.device("meta"):
-        model = Gemma3(cfg)
-    state = {}
+    weights = {}
     for name, (fmt, shape) in spec.items():
         if f"{name}.qdata" not in raw:
             raise WeightsError(f"{path}: missing tensor {name}.qdata")
@@ -105,16 +104,39 @@ def load_dir(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Gemm
                 raise ValueError(f"{q.data.shape[1]} bytes per row")
         except (QuantError, ValueError, IndexError, TypeError, RuntimeError) as e:
             raise WeightsError(f"{path}: tensor {name} is not valid {fmt} data of shape {shape} ({e})") from None
-        install(model, name, q, dtype)
-        module = name.removesuffix(".weight")
-        state[f"{module}.qdata"] = q.data
-        if q.scale is not None:
-            state[f"{module}.qscale"] = q.scale
-    state.update({k: v.to(dtype) for k, v in raw.items() if k in shapes and k not in spec})
-    model.load_state_dict(state, strict=True, assign=True)
-    model.quant_recipe = json.loads((path / QUANT_CONFIG).read_text()).get("recipe", "")
-    return model.eval(), load_tokenizer_dir(path)
+        weights[name] = q
+    weights.update({k: v.to(dtype) for k, v in raw.items() if k in shapes and k not in spec})
+    recipe = json.loads((path / QUANT_CONFIG).read_text()).get("recipe", "")
+    return cfg, weights, recipe
 
 
 def load_tokenizer_dir(path: str | Path) -> Tokenizer:
     return Tokenizer.from_gguf_metadata(read_gguf(Path(path) / METADATA_FILE).metadata)
+
+
+# ---- either output: a .gguf name writes a GGUF file, any other name a directory ----
+
+
+def check_output(out: str | Path, recipe: Recipe) -> None:
+    """Fail before any work when `out` cannot hold `recipe`."""
+    out = Path(out)
+    if out.suffix.lower() == ".gguf":
+        no_gguf = [f for f in recipe.names() if get_format(f).ggml_type is None]
+        if no_gguf:
+            raise QuantError(f"{', '.join(no_gguf)} has no GGUF type: write a directory instead "
+                             f"(--out DIR: safetensors + quantization.json)")
+    elif out.exists() and not out.is_dir():
+        raise QuantError(f"{out}: exists and is not a directory (use a .gguf name for a GGUF file)")
+
+
+def save(model, out: str | Path, metadata: Metadata, recipe: str) -> None:
+    out = Path(out)
+    if out.suffix.lower() == ".gguf":
+        write_gguf(out, model, metadata, recipe)
+    else:
+        save_dir(out, model, metadata, recipe)
+
+
+def output_bytes(out: str | Path) -> int:
+    out = Path(out)
+    return sum(f.stat().st_size for f in out.iterdir()) if out.is_dir() else out.stat().st_size

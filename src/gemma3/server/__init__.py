@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP server (SPEC §7): `engine` (the continuous-batching loop that owns the
+"""OpenAI-compatible HTTP server: `engine` (the continuous-batching loop that owns the
 model), `app` (FastAPI routes and error shapes), `schemas` (request bodies), `metrics`
 (Prometheus text), `heap` (glibc arena cap and trim), `static/index.html` (the chat page)."""
 

@@ -1,4 +1,4 @@
-"""HTTP routes of the OpenAI-compatible server (SPEC §7). Handlers validate and tokenize, hand a
+"""HTTP routes of the OpenAI-compatible server. Handlers validate and tokenize, hand a
 Request to the engine and turn its events into OpenAI-shaped JSON or SSE chunks. Every error is
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad input."""
 

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..inference.generate import _held_back
+from ..inference.generate import StopMatcher, prefill
 from ..inference.multimodal import embed_prompt, encode_image
 from ..inference.prefix_cache import PrefixCache
 from ..inference.sampling import SamplingParams, sample
-from ..formats.tokenizer import StreamDecoder
 from .arenas import release_free_memory
 from .metrics import Metrics
 
@@ -88,15 +87,14 @@ class Request:
 
 
 class _Sequence:
-    """Per-request decode state: its cache, sampling generator, and the text not yet sent (a
-    suffix that could still grow into a stop string)."""
+    """Per-request decode state: its cache, sampling generator, and its stop matcher (which holds
+    back text that could still grow into a stop string)."""
 
     def __init__(self, req: Request, cache, tokenizer):
         self.req, self.cache = req, cache
         self.generator = req.params.generator()
         self.history = list(req.ids)
-        self.decoder = StreamDecoder(tokenizer)
-        self.pending = ""
+        self.matcher = StopMatcher(tokenizer, req.stop, req.stop_ids)
         self.n = 0
         self.last = None
 
@@ -104,19 +102,14 @@ class _Sequence:
         """Emit what `token` adds; True when the sequence is finished."""
         req, self.n, self.last = self.req, self.n + 1, token
         self.history.append(token)
-        lps = [logprob] if logprob is not None else []
-        if token in req.stop_ids:
-            return self._finish(self.pending, "stop", [])
-        self.pending += self.decoder.feed(token)
-        hits = [i for i in (self.pending.find(s) for s in req.stop) if i >= 0]
-        if hits:
-            return self._finish(self.pending[: min(hits)], "stop", lps)
+        lps = [logprob] if logprob is not None and token not in req.stop_ids else []
+        text, stopped = self.matcher.feed(token)
+        if stopped:
+            return self._finish(text, "stop", lps)
         if self.n >= req.max_tokens:
-            return self._finish(self.pending + self.decoder.flush(), "length", lps)
-        keep = _held_back(self.pending, req.stop)
-        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
-        if out or lps:
-            req.emit(Delta(out, lps))
+            return self._finish(text + self.matcher.flush(), "length", lps)
+        if text or lps:
+            req.emit(Delta(text, lps))
         return False
 
     def _finish(self, text: str, reason: str, lps) -> bool:
@@ -228,15 +221,12 @@ class Engine:
                 continue
             budget -= len(req.ids)
             try:
-                with torch.inference_mode():
-                    max_len = len(req.ids) + req.max_tokens
-                    if req.images:  # encoded here, on the thread that owns the models
-                        cache, logits = self._prefill_images(req, max_len)
-                    elif self.prefix_cache is not None:
-                        cache, logits = self.prefix_cache.prefill(req.ids, max_len)
-                    else:
-                        cache = self.model.new_cache(1, max_len=max_len)
-                        logits = self.model(torch.tensor([req.ids]), cache, last_only=True)[0, -1]
+                max_len = len(req.ids) + req.max_tokens
+                prompt = req.ids
+                if req.images:  # encoded here, on the thread that owns the models
+                    features = [encode_image(self.vision, im, self.pan_and_scan) for im in req.images]
+                    prompt = embed_prompt(self.model, req.ids, features)
+                cache, logits = prefill(self.model, prompt, max_len, self.prefix_cache)
                 seq = _Sequence(req, cache, self.tokenizer)
                 token = sample(logits, req.params, seq.generator, seq.history)
                 self.metrics.observe_first_token(time.perf_counter() - req.submitted)
@@ -247,15 +237,6 @@ class Engine:
                 req.emit(Failed(f"prefill failed: {type(e).__name__}: {e}"))
                 self.metrics.failed += 1
         self._gauges()
-
-    def _prefill_images(self, req: Request, max_len: int):
-        """Prefill without the prefix cache: its keys are token ids, which do not identify images."""
-        features = [encode_image(self.vision, im, self.pan_and_scan) for im in req.images]
-        prompt = embed_prompt(self.model, req.ids, features)
-        cache = self.model.new_cache(1, max_len=max_len)
-        logits = self.model(torch.tensor([req.ids]), cache, last_only=True, embeds=prompt.embeds,
-                            groups=prompt.groups)[0, -1]
-        return cache, logits
 
     def _advance(self, seq: _Sequence, token: int, logits: torch.Tensor) -> bool:
         self.metrics.generation_tokens += 1

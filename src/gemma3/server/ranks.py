@@ -40,6 +40,7 @@ class Leader:
     def __init__(self, model):
         self.model = model
         self._next = 0
+        self._names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its number
         self._freed: list[int] = []  # appended by weakref finalizers, sent with the next message
 
     def __getattr__(self, name):
@@ -53,16 +54,16 @@ class Leader:
         n, self._next = self._next, self._next + 1
         self._send("new_cache", n, batch_size, max_len, kv_dtype)
         cache = self.model.new_cache(batch_size, max_len=max_len, kv_dtype=kv_dtype)
-        cache.tp_id = n
+        self._names[cache] = n
         weakref.finalize(cache, self._freed.append, n)
         return cache
 
     def __call__(self, input_ids, cache, last_only: bool = False, **kwargs):
-        self._send("forward", input_ids, cache.tp_id, last_only, kwargs)
+        self._send("forward", input_ids, self._names[cache], last_only, kwargs)
         return self.model(input_ids, cache, last_only=last_only, **kwargs)
 
     def decode(self, tokens, caches):
-        self._send("decode", tokens, [c.tp_id for c in caches])
+        self._send("decode", tokens, [self._names[c] for c in caches])
         return self.model.decode(tokens, caches)
 
     def close(self):

@@ -1,4 +1,4 @@
-"""The paper's architecture and distillation studies in miniature (SPEC §8): small models trained
+"""The paper's architecture and distillation studies in miniature: small models trained
 from scratch on CPU with the training stack of `gemma3.train`, each study one command with a JSON
 result and a PNG plot.
 

@@ -1,4 +1,4 @@
-"""Training (SPEC §6): distillation with sampled teacher logits, SFT (full or LoRA), QAT, and
+"""Training: distillation with sampled teacher logits, SFT (full or LoRA), QAT, and
 scale-out with torchrun + DDP/FSDP. One loop (`trainer`), several target sources:
 
 | module | what it holds |

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, get_state_dict,
                                                      set_optimizer_state_dict, set_state_dict)
 
-from ..formats.checkpoint import load_hf_dir, save_hf_dir
+from ..formats.checkpoint import read_hf_dir, save_hf_dir
 from . import lora
 from .distributed import DistContext, barrier
 
@@ -102,7 +102,7 @@ def load_weights(model: nn.Module, path: Path):
     if hasattr(model, "lora_config"):
         lora.load_adapter(model, path)
         return
-    _, state = load_hf_dir(path)
+    _, state = read_hf_dir(path)
     missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or extra:
         raise CheckpointError(f"{path}: checkpoint {'lacks ' + missing[0] if missing else 'has unexpected ' + extra[0]}")

@@ -4,7 +4,7 @@ fixed-length sequences → a deterministic, resumable order of global batches.
 Formats, chosen by file suffix:
 - `.jsonl` lines holding "text": a plain document; every token is a target;
 - `.jsonl` lines holding "messages": a conversation rendered with the Gemma 3 chat template; only
-  the model turns (the reply tokens and their `<end_of_turn>`) are targets (SFT, SPEC §6);
+  the model turns (the reply tokens and their `<end_of_turn>`) are targets (SFT);
 - any other file: UTF-8 text, one document.
 A directory stands for its *.txt, *.md and *.jsonl files, sorted by name.
 

@@ -1,4 +1,4 @@
-"""Distillation with sampled teacher logits (SPEC §6): per token, 256 ids sampled from the teacher,
+"""Distillation with sampled teacher logits: per token, 256 ids sampled from the teacher,
 the teacher's probabilities on them as a sparse soft target, and the student's cross-entropy
 against it. Targets come from a teacher run on the fly or from a compact precomputed store.
 """

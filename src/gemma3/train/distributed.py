@@ -1,4 +1,4 @@
-"""Scale-out with PyTorch's own engines (SPEC §6): one process per device started by `torchrun`,
+"""Scale-out with PyTorch's own engines: one process per device started by `torchrun`,
 `torch.distributed` with gloo on CPU and nccl on GPU, and the loss module wrapped in DDP
 (replicated weights, averaged gradients) or FSDP2 `fully_shard` (parameters, gradients and
 optimizer state sharded per decoder layer, for models that do not fit one device).

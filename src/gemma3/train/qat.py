@@ -1,4 +1,4 @@
-"""Quantization-aware training (SPEC §5, report §5).
+"""Quantization-aware training (the report's quantization-aware training).
 
 In the forward pass every weight that `gemma3 quantize` stores quantized (the embedding / tied LM
 head and the seven projections of each layer; norms stay float), in the format its recipe gives

@@ -1271,8 +1271,9 @@ std::vector<torch::Tensor> qk_norm_rope(torch::Tensor q, torch::Tensor k, torch:
     return outs;
 }
 
-// y = rms_norm(x) * w1 row by row (w1 = 1 + w); with `residual`, y = residual + that.
-void rms_norm_rows(const float* x, const float* w1, float eps, int64_t rows, int64_t D, float* y,
+// y = rms_norm(x) * (1 + w) row by row, Gemma's RMSNorm (w stored zero-centred, as RMSNorm in
+// model/decoder.py); with `residual`, y = residual + that.
+void rms_norm_rows(const float* x, const float* w, float eps, int64_t rows, int64_t D, float* y,
                    const float* residual = nullptr) {
     for (int64_t r = 0; r < rows; r++) {
         const float* xr = x + r * D;
@@ -1280,17 +1281,17 @@ void rms_norm_rows(const float* x, const float* w1, float eps, int64_t rows, int
 #pragma omp simd reduction(+ : ss)
         for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
         const float inv = 1.f / std::sqrt(ss / (float)D + eps);
-        for (int64_t i = 0; i < D; i++) y[r * D + i] = (residual ? residual[r * D + i] : 0.f) + xr[i] * inv * w1[i];
+        for (int64_t i = 0; i < D; i++) y[r * D + i] = (residual ? residual[r * D + i] : 0.f) + xr[i] * inv * (1.f + w[i]);
     }
 }
 
-// Gemma's RMSNorm over the last dim with a precomputed weight w1 = 1 + w (fp32 in, fp32 out).
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w1, double eps) {
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && w1.dtype() == torch::kFloat32, "fp32 only");
+// Gemma's RMSNorm over the last dim, scaled by (1 + w) (fp32 in, fp32 out).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "fp32 only");
     x = x.contiguous();
     const int64_t D = x.size(-1), rows = x.numel() / D;
     auto y = torch::empty_like(x);
-    const float *xp = x.data_ptr<float>(), *wp = w1.data_ptr<float>();
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
         rms_norm_rows(xp + r0 * D, wp, (float)eps, r1 - r0, D, yp + r0 * D);
@@ -1594,7 +1595,7 @@ struct QWeight {
 // instead of ~15 Python-level module calls and kernel launches.
 struct DecodeLayer {
     QWeight q, k, v, o, gate, up, down;
-    torch::Tensor in_norm, post_attn_norm, pre_ffw_norm, post_ffw_norm;  // 1 + w
+    torch::Tensor in_norm, post_attn_norm, pre_ffw_norm, post_ffw_norm;  // w (rms_norm_rows adds 1)
     torch::Tensor q_norm, k_norm;                                         // w (qk_norm_rope adds 1)
     int64_t Hq, Hk, D, window;
     double scale, eps;
@@ -1648,7 +1649,7 @@ struct DecodeStack {
     std::vector<int64_t> windows;
     QWeight table;           // the tied embedding / LM head: vocab rows of d values
     double embed_scale;      // sqrt(d) rounded to fp32, as model.embed does
-    torch::Tensor out_norm;  // the final norm's 1 + w
+    torch::Tensor out_norm;  // the final norm's w
     double eps;
 
     // model.forward for token `token` at `pos`: logits [1, vocab], or with `logits` false the
@@ -1757,7 +1758,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("repack_q6_k", &repack_q6_k, "Q6_K rows -> Q6_KR rows (half super-blocks, for one-row products)", nogil, py::arg("w"), py::arg("N"),
           py::arg("K"), py::arg("out") = py::none());
     m.def("bf16_linear", &bf16_linear, "x @ W^T with W dequantized to bf16 tile by tile (oneMKL GEMM)", nogil);
-    m.def("rms_norm", &rms_norm, "RMSNorm with weight (1 + w) precomputed", nogil);
+    m.def("rms_norm", &rms_norm, "Gemma's RMSNorm, scaled by (1 + w)", nogil);
     m.def("qk_norm_rope", &qk_norm_rope, "QK-norm (1 + w) and RoPE for one position (shared or per row)", nogil);
     m.def("decode_attention_list", &decode_attention_list,
           "decode attention for B sequences with their own caches (stores the new K/V first)", nogil);

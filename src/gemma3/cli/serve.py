@@ -1,0 +1,90 @@
+"""`gemma3 serve`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from . import options
+
+
+def register(sub):
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page",
+                       description="Serves /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics "
+                                   "and a chat page at /. Example: gemma3 serve --port 8000 --max-batch 8")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together at most (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a batch slot at most; more get HTTP 503 (default 64)")
+    p.add_argument("--ctx", type=int, default=None, help="context per request, prompt + completion (default: the model's)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="default and upper bound of a request's max_tokens (default: what is left of --ctx)")
+    p.add_argument("--api-key", default=os.environ.get("GEMMA3_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $GEMMA3_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model file's name)")
+    p.add_argument("--prefix-cache-mb", type=int, default=256, help="prompt prefix cache size, 0 = off (default 256)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor parallel over N ranks on this machine (started by the server; float weights, "
+                        "text only, no prefix cache). Under torchrun the ranks are torchrun's")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn log level (default info: one line per request)")
+    options.add(p, *options.VISION, *options.MODEL)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args):
+    from pathlib import Path
+
+    from ..inference.load import resolve
+    from ..model import tp
+    from ..server import ranks, serve
+
+    for name in ("port", "max_batch", "max_queue", "ctx", "max_tokens", "tp"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name in ("port",) else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    world = tp.world_size()
+    if args.tp and world > 1 and args.tp != world:
+        raise ValueError(f"--tp {args.tp} under torchrun with {world} processes: they must agree (or leave out --tp)")
+    world = max(world, args.tp or 1)
+    model_id = args.served_model_name or Path(resolve(args.model)).name.removesuffix(".gguf")
+    # Images need a vision encoder: --mmproj for a GGUF, or the HF directory's own; else text-only.
+    wants_vision = bool(args.mmproj) or _has_vision(args.model)
+    if world > 1 and wants_vision:
+        raise ValueError("serve --tp serves text only (the vision encoder is not sharded); "
+                         "serve a multimodal model without --tp")
+    vision, pan_and_scan = options.vision_encoder(args) if wants_vision else (None, None)
+    followers = []
+    if world > tp.world_size():  # `serve --tp N` outside torchrun: start the other ranks here
+        followers = ranks.start_ranks(world, args.argv, args.threads)
+    try:
+        model, tok = options.load_model(args, timeout=ranks.IDLE_TIMEOUT)
+        if world > 1 and int(os.environ["RANK"]):
+            return ranks.follow(model)
+        if world > 1:
+            model = ranks.Leader(model)
+            print(f"gemma3 serve: tensor parallel over {world} ranks (float weights; prefix cache off)",
+                  file=sys.stderr)
+        try:
+            serve(model, tok, model_id, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
+                  max_queue=args.max_queue, max_tokens=args.max_tokens, api_key=args.api_key,
+                  prefix_cache_mb=0 if world > 1 else args.prefix_cache_mb, log_level=args.log_level,
+                  vision=vision, pan_and_scan=pan_and_scan)
+        finally:
+            if world > 1:
+                model.close()
+    except BaseException:
+        ranks.stop_ranks(followers, timeout=1.0)  # e.g. a failed load: the others may wait for rank 0
+        raise
+    ranks.stop_ranks(followers)
+
+
+def _has_vision(model) -> bool:
+    """An HF directory whose config describes a vision tower (Gemma3ForConditionalGeneration)."""
+    from ..inference.load import resolve
+
+    path = resolve(model)
+    config = path / "config.json"
+    return path.is_dir() and config.is_file() and "vision_config" in json.loads(config.read_text())

@@ -1,4 +1,4 @@
-"""The fast CPU path (qlinear.py + kernels/) against its pure-PyTorch reference.
+"""The fast CPU path (cpu/linear.py + kernels/) against its pure-PyTorch reference.
 
 Kernel tests run on random GGUF blocks of every type with a kernel, odd shapes and batch sizes
 1..17 (both the int8-VNNI and the bf16-GEMM paths); end-to-end tests compare the fast 270M model
@@ -14,7 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from gemma3.cpu import kernels
-from gemma3.cpu.qlinear import MAX_VNNI_ROWS, MAX_VNNI_ROWS_INTERLEAVED, QuantEmbedding, QuantLinear
+from gemma3.cpu.linear import MAX_VNNI_ROWS, MAX_VNNI_ROWS_INTERLEAVED, GGMLEmbedding, GGMLLinear
 from gemma3.formats.ggml import BLOCK_INFO, dequantize
 
 TEXT = (Path(__file__).parent / "data" / "gpl-3.0.txt").read_text()
@@ -68,7 +68,7 @@ def test_dequant_kernel_is_exact(qtype):
 @pytest.mark.parametrize("rows", [1, 5, 67])  # not multiples of the 4-row tile
 def test_quant_linear_matches_reference(qtype, rows):
     cols = 768 if BLOCK_INFO[qtype][0] == 256 else 96
-    layer = QuantLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
+    layer = GGMLLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
     g = torch.Generator().manual_seed(1)
     for batch in range(1, 18):  # 1..MAX_VNNI_ROWS on the int8 path, the rest on the bf16 GEMM
         x = torch.randn(batch, cols, generator=g)
@@ -85,10 +85,10 @@ def test_quant_linear_matches_reference(qtype, rows):
                          ids=["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [1, 5, 67])
 def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
-    """QuantLinear.pack (Q4_0/Q5_0/Q8_0 rows of a multiple of 128 values, Q4_K and Q6_K rows) adds a one-row
+    """GGMLLinear.pack (Q4_0/Q5_0/Q8_0 rows of a multiple of 128 values, Q4_K and Q6_K rows) adds a one-row
     kernel's layout: it decodes to exactly the GGUF blocks' values, and one-row products through
     it match the reference like every kernel (more rows keep reading the blocks)."""
-    layer = QuantLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
+    layer = GGMLLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
     layer.pack()
     packed, packed_type = layer.weight_for(1)
     want_type, _, _ = kernels.PACKED[int(qtype)]
@@ -117,7 +117,7 @@ def test_weights_of_whole_16_row_groups_interleave_their_rows(qtype, rows, cols)
     over one at a time), a few rows, and products whose row ranges start inside a group (after a
     5-row weight in one qmatmul_many call, so the threads' chunks cut groups and hold 15 whole
     groups: three per stream and three left over) all match the reference."""
-    layer = QuantLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
+    layer = GGMLLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
     layer.pack()
     packed, packed_type = layer.weight_for(1)
     assert packed_type == kernels.INTERLEAVED[int(qtype)][0]
@@ -132,7 +132,7 @@ def test_weights_of_whole_16_row_groups_interleave_their_rows(qtype, rows, cols)
     for m in (1, 1, 2, 5):
         x = torch.randn(m, cols, generator=g) * 10 ** torch.empty(1).uniform_(-2, 2, generator=g)
         assert dot_err(layer, x, kernels.ops().qmatmul(x, packed, packed_type, rows)) < 2e-5, m
-    first = QuantLinear(random_blocks(T.Q8_0, 5, cols, seed=1), int(T.Q8_0), 5, cols)
+    first = GGMLLinear(random_blocks(T.Q8_0, 5, cols, seed=1), int(T.Q8_0), 5, cols)
     x = torch.randn(1, cols, generator=g)
     a, b = kernels.ops().qmatmul_many(x, [first.blocks, packed], [int(T.Q8_0), packed_type], [5, rows])
     assert dot_err(first, x, a) < 2e-5 and dot_err(layer, x, b) < 2e-5
@@ -156,7 +156,7 @@ def test_embedding_repacked_in_place_from_a_file_mapping_keeps_every_path_exact(
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     mapped = torch.frombuffer(buf, dtype=torch.uint8)
-    table = QuantEmbedding(mapped, int(qtype), rows, cols)
+    table = GGMLEmbedding(mapped, int(qtype), rows, cols)
     want = table.dequantize()
     ids = torch.randint(0, rows, (7, 5), generator=torch.Generator().manual_seed(0))
     ids[0, :3] = torch.tensor([0, 15, rows - 1])  # a group's first and last rows, the table's last
@@ -180,12 +180,12 @@ def test_packing_into_huge_pages_writes_the_same_bytes_in_disjoint_aligned_slice
     slice of its own; a pack that does not fit is an error, not a silent second allocation."""
     shapes = [(T.Q5_0, 5, 640), (T.Q4_K, 3, 1024), (T.Q6_K, 7, 2048), (T.Q8_0, 1, 640), (T.Q4_0, 9, 256),
               (T.Q5_0, 32, 96), (T.Q8_0, 16, 640)]
-    layers = [QuantLinear(random_blocks(q, r, c, seed=r), int(q), r, c) for q, r, c in shapes]
+    layers = [GGMLLinear(random_blocks(q, r, c, seed=r), int(q), r, c) for q, r, c in shapes]
     memory = kernels.HugePages([layer.packed_nbytes() for layer in layers])
     assert memory.buffer.data_ptr() % (2 << 20) == 0
     spans = []
     for layer in layers:
-        alone = QuantLinear(layer.blocks, layer.ggml_type, layer.out_features, layer.in_features)
+        alone = GGMLLinear(layer.blocks, layer.ggml_type, layer.out_features, layer.in_features)
         alone.pack()
         layer.pack(memory=memory)
         assert torch.equal(layer.packed, alone.packed) and layer.packed.numel() == layer.packed_nbytes()
@@ -203,7 +203,7 @@ def test_packing_into_huge_pages_writes_the_same_bytes_in_disjoint_aligned_slice
 
 @needs_kernels
 def test_repack_refuses_rows_without_whole_groups():
-    odd = QuantLinear(random_blocks(T.Q5_0, 3, 96), int(T.Q5_0), 3, 96)
+    odd = GGMLLinear(random_blocks(T.Q5_0, 3, 96), int(T.Q5_0), 3, 96)
     odd.pack()  # 96 values per row: no four-block groups, stays on the blocks
     assert odd.packed is None
     with pytest.raises(RuntimeError, match="multiple of 128"):
@@ -227,14 +227,14 @@ def test_repack_refuses_rows_without_whole_groups():
 
 @needs_kernels
 def test_quant_linear_keeps_leading_dims_and_dtype():
-    layer = QuantLinear(random_blocks(T.Q8_0, 8, 64), int(T.Q8_0), 8, 64)
+    layer = GGMLLinear(random_blocks(T.Q8_0, 8, 64), int(T.Q8_0), 8, 64)
     x = torch.randn(2, 3, 64)
     assert layer(x).shape == (2, 3, 8)
     assert rel_err(layer(x), layer.reference(x)) < 2e-4
 
 
 def test_quant_embedding_lookup_is_exact_and_attend_is_the_lm_head():
-    emb = QuantEmbedding(random_blocks(T.Q8_0, 50, 64), int(T.Q8_0), 50, 64)
+    emb = GGMLEmbedding(random_blocks(T.Q8_0, 50, 64), int(T.Q8_0), 50, 64)
     table = emb.dequantize()
     ids = torch.tensor([[3, 49, 0], [7, 7, 1]])
     assert torch.equal(emb(ids), table[ids])
@@ -243,18 +243,18 @@ def test_quant_embedding_lookup_is_exact_and_attend_is_the_lm_head():
 
 
 def test_fallback_without_kernels(monkeypatch):
-    """With the extension unavailable, QuantLinear runs its reference and load(backend="cpu")
+    """With the extension unavailable, GGMLLinear runs its reference and load(backend="cpu")
     returns the fp32 reference model."""
     monkeypatch.setitem(kernels._state, "ops", None)
     monkeypatch.setitem(kernels._state, "error", "simulated")
-    layer = QuantLinear(random_blocks(T.Q5_0, 4, 64), int(T.Q5_0), 4, 64)
+    layer = GGMLLinear(random_blocks(T.Q5_0, 4, 64), int(T.Q5_0), 4, 64)
     x = torch.randn(3, 64)
     assert torch.equal(layer(x), layer.reference(x))
 
     from gemma3.inference.load import load
 
     model, _ = load(backend="cpu")
-    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert not any(isinstance(m, GGMLLinear) for m in model.modules())
 
 
 # ---- the real 270M model ------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_fast_model_holds_no_float_weights(models):
     fast, _, _ = models
     floats = sum(p.numel() for p in fast.parameters())
     assert floats < 100_000  # norms only
-    assert isinstance(fast.embed_tokens, QuantEmbedding)
+    assert isinstance(fast.embed_tokens, GGMLEmbedding)
 
 
 @needs_kernels
@@ -282,7 +282,7 @@ def test_loader_puts_every_streamed_weight_in_one_huge_page_buffer(models):
     """What a decode step reads (the layers' repacked copies and the LM head repacked in place)
     lies in one 2 MB-aligned allocation, packed back to back."""
     fast, _, _ = models
-    linears = [m for m in fast.modules() if type(m) is QuantLinear]
+    linears = [m for m in fast.modules() if type(m) is GGMLLinear]
     tensors = [m.packed for m in linears if m.packed is not None] + [fast.embed_tokens.blocks]
     assert len(tensors) == 7 * len(fast.layers) + 1
     assert {m.packed_type for m in linears if m.ggml_type == T.Q5_0} == {kernels.Q5_0X}  # all 16-row multiples
@@ -345,7 +345,7 @@ def test_fast_prefill_then_decode_matches_fp32_logits(models):
 
 def quantized_copy(model, qtype=T.Q8_0):
     """(fast, reference): every Linear and the embedding re-encoded as `qtype` GGUF blocks; the fast
-    copy holds the blocks (QuantLinear + make_fast), the reference the same values dequantized."""
+    copy holds the blocks (GGMLLinear + make_fast), the reference the same values dequantized."""
     import copy
 
     import numpy as np
@@ -358,9 +358,9 @@ def quantized_copy(model, qtype=T.Q8_0):
         if isinstance(module, torch.nn.Linear) or name == "embed_tokens":
             w = module.weight.detach().numpy().astype(np.float32)
             blocks = torch.from_numpy(quants.quantize(w, qtype)).reshape(-1)
-            cls = QuantEmbedding if name == "embed_tokens" else QuantLinear
+            cls = GGMLEmbedding if name == "embed_tokens" else GGMLLinear
             q = cls(blocks, int(qtype), *w.shape)
-            if cls is QuantLinear:
+            if cls is GGMLLinear:
                 q.pack()  # as the GGUF loader does (Q5_0 rows of 128k values)
             parent, _, child = name.rpartition(".")
             setattr(fast.get_submodule(parent) if parent else fast, child, q)
@@ -383,7 +383,7 @@ def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
     hidden = 128 if qtype == T.Q5_0 else 64
     cfg = tiny_config(layers=6, heads=4, kv_heads=kv_heads, head_dim=32, hidden=hidden, window=8)
     fast, ref = quantized_copy(random_model(cfg), qtype)
-    assert {type(m) for m in fast.modules()} >= {FastAttention, FastBlock, FastMLP, FastRMSNorm, QuantLinear}
+    assert {type(m) for m in fast.modules()} >= {FastAttention, FastBlock, FastMLP, FastRMSNorm, GGMLLinear}
     assert all(layer.fused() is not None for layer in fast.layers)  # batch 1 decodes a layer in one call
     assert fast.layers[0].mlp.up_proj.packed_type in kernels.INTERLEAVED_TYPES
     ids = torch.randint(0, cfg.vocab_size, (batch, 40), generator=torch.Generator().manual_seed(0))
@@ -435,7 +435,7 @@ def test_batch_1_decode_runs_in_one_call_and_follows_the_cache_as_it_grows(kv_dt
 def test_one_call_step_is_bit_exact_with_the_module_path():
     """ops.DecodeStack.step (embedding row, layers, final norm, LM head in one call; RoPE rows cut
     from 64-position tables) computes exactly what the fast modules compute one call at a time
-    (model.py's loop over the FastBlocks, model.embed, FastRMSNorm, the QuantEmbedding head),
+    (model.py's loop over the FastBlocks, model.embed, FastRMSNorm, the GGMLEmbedding head),
     across a RoPE table boundary; forward_hidden takes it too; a token id outside the vocabulary
     is refused by name."""
     from conftest import random_model, tiny_config

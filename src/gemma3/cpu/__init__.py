@@ -1,5 +1,5 @@
 """The fast CPU backend, applied to a `model/` Gemma3 as module swaps: projections that read GGUF
-blocks in place (qlinear.py), fused decode-step modules (fused.py), and the C++ kernels they call
+blocks in place (linear.py), fused decode-step modules (fused.py), and the C++ kernels they call
 (kernels/). `install` is the whole swap; the loader (inference/load.py) calls it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import nn
 from ..formats.gguf import QTensor
 from . import kernels
 from .fused import make_fast
-from .qlinear import QuantEmbedding, QuantLinear
+from .linear import GGMLEmbedding, GGMLLinear
 
 
 def available() -> bool:
@@ -26,16 +26,16 @@ def install(model: nn.Module, tensors: dict[str, QTensor]) -> set[str]:
     for name, module in list(model.named_modules()):
         t = tensors.get(f"{name}.weight")
         if name == "embed_tokens":
-            new = QuantEmbedding.from_qtensor(t)
+            new = GGMLEmbedding.from_qtensor(t)
         elif isinstance(module, nn.Linear) and t.ggml_type in kernels.TYPES:
-            new = QuantLinear.from_qtensor(t)
+            new = GGMLLinear.from_qtensor(t)
         else:
             continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         taken.add(f"{name}.weight")
     # Everything a decode step streams goes to one allocation on 2 MB pages (kernels.HugePages).
-    linears = [m for m in model.modules() if type(m) is QuantLinear]
+    linears = [m for m in model.modules() if type(m) is GGMLLinear]
     memory = kernels.HugePages([m.packed_nbytes() for m in linears + [model.embed_tokens]])
     for module in linears:
         module.pack(memory=memory)

@@ -1,4 +1,4 @@
-"""Per-token overhead cuts for decoding, applied as a module swap on top of qlinear.py.
+"""Per-token overhead cuts for decoding, applied as a module swap on top of linear.py.
 
 A decode step of the 270M model moves ~250 MB of weights (~5 ms at memory speed), while the plain
 decoder step (model/decoder.py) issues ~100 small PyTorch ops per layer (~5-10 µs each): Python
@@ -34,7 +34,7 @@ from torch import nn
 from ..model.cache import KVCache
 from ..model.decoder import MLP, Attention, Block, Gemma3, KVRows, RMSNorm, rope_cos_sin
 from . import kernels
-from .qlinear import MAX_VNNI_ROWS, QuantLinear
+from .linear import MAX_VNNI_ROWS, GGMLLinear
 
 ROPE_BLOCK = 64  # positions per RoPE table of the one-call step (FastGemma3._rope_at)
 
@@ -226,7 +226,7 @@ def refuse_hooks(model: nn.Module, modules) -> None:
                                "fused decode step would skip: use the torch backend for hooked modules")
 
 
-def qweight(p: QuantLinear):
+def qweight(p: GGMLLinear):
     return kernels.ops().QWeight(p.blocks, p.storage_type, p.out_features, p.packed, p.packed_type)
 
 
@@ -256,7 +256,7 @@ class FastMLP(MLP):
 
 
 def kernel_ready(module: nn.Module) -> bool:
-    return isinstance(module, QuantLinear) and module.ggml_type in kernels.TYPES and kernels.ops() is not None
+    return isinstance(module, GGMLLinear) and module.ggml_type in kernels.TYPES and kernels.ops() is not None
 
 
 def make_fast(model: nn.Module) -> nn.Module:

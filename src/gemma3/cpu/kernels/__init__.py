@@ -4,8 +4,12 @@
 compiler, a failed build, or GEMMA3_NO_KERNELS=1); callers then take the pure-PyTorch reference
 path, so the package works everywhere and is fast where the kernels build. The build (about half
 a minute with `-O3 -march=native`) lands in ~/.cache/gemma3/kernels (or $GEMMA3_KERNEL_CACHE),
-keyed by the source, the torch version and the CPU, so it happens once per machine; later loads
+keyed by the sources, the torch version and the CPU, so it happens once per machine; later loads
 import the cached shared library directly (milliseconds, no build tool involved).
+
+The kernels are split by responsibility into headers (formats, tiles, attention, the decode step,
+...) that bindings.cpp includes in order: one translation unit, so SOURCES is that one file, and
+the cache key hashes every header too (HEADERS).
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("quant_matmul.cpp")]
+SOURCES = [Path(__file__).with_name("bindings.cpp")]  # the one translation unit compiled
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by it: hashed into build_key too
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 # /proc/cpuinfo flags the kernels are written for (the source refuses to compile without them).
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
 # GGML types with a kernel; anything else stays on the reference path.
 TYPES = frozenset({2, 6, 8, 12, 14})  # Q4_0, Q5_0, Q8_0, Q4_K, Q6_K
 Q4_0, Q5_0, Q8_0, Q4_K, Q6_K = 2, 6, 8, 12, 14
-# Not GGML types: rows repacked for one-row products (qlinear.QuantLinear.pack), by the op named.
+# Not GGML types: rows repacked for one-row products (linear.GGMLLinear.pack), by the op named.
 Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR = 1002, 1006, 1008, 1012, 1014
 PACKED = {Q4_0: (Q4_0R, "repack_q4_0", 128), Q5_0: (Q5_0R, "repack_q5_0", 128), Q8_0: (Q8_0R, "repack_q8_0", 128),
           Q4_K: (Q4_KR, "repack_q4_k", 256), Q6_K: (Q6_KR, "repack_q6_k", 256)}  # packed type, op, row multiple
@@ -60,7 +65,7 @@ def cache_dir() -> Path:
 
 def build_key() -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in [*SOURCES, *HEADERS]:
         h.update(src.read_bytes())
     h.update(" ".join([torch.__version__, platform.machine(), *CFLAGS, *sorted(cpu_flags())]).encode())
     return h.hexdigest()[:16]

@@ -1,6 +1,6 @@
 """The fast path as a module swap (like gpt-fast's quantize.py): weights stay in their GGUF blocks.
 
-`QuantLinear` replaces `nn.Linear` and `QuantEmbedding` the tied embedding / LM head. Both keep the
+`GGMLLinear` replaces `nn.Linear` and `GGMLEmbedding` the tied embedding / LM head. Both keep the
 file's raw blocks (a zero-copy slice of the mmapped GGUF), so the model never holds a float copy of
 its weights: peak memory is the file plus activations and the KV cache. Their forward runs the C++
 kernels of `gemma3.kernels`:
@@ -36,7 +36,7 @@ MAX_VNNI_ROWS_INTERLEAVED = 32
 TILE_ROWS = 2048  # weight rows dequantized to bf16 at a time on the GEMM path (a few MB, transient)
 
 
-class QuantLinear(nn.Module):
+class GGMLLinear(nn.Module):
     """y = x @ W.T with W [out, in] kept as GGUF blocks."""
 
     def __init__(self, blocks: torch.Tensor, ggml_type: int, out_features: int, in_features: int):
@@ -109,7 +109,7 @@ class QuantLinear(nn.Module):
         return self.blocks, self.storage_type
 
     @classmethod
-    def from_qtensor(cls, t: QTensor) -> "QuantLinear":
+    def from_qtensor(cls, t: QTensor) -> "GGMLLinear":
         return cls(t.data, t.ggml_type, *t.shape)
 
     def extra_repr(self):
@@ -146,9 +146,9 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class QuantEmbedding(QuantLinear):
+class GGMLEmbedding(GGMLLinear):
     """The tied embedding table in GGUF blocks: rows are dequantized on lookup (exact), and
-    `attend(hidden)` is the LM head, hidden @ table.T, through the same kernels as QuantLinear."""
+    `attend(hidden)` is the LM head, hidden @ table.T, through the same kernels as GGMLLinear."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
@@ -162,4 +162,4 @@ class QuantEmbedding(QuantLinear):
         return out.reshape(*ids.shape, self.in_features)
 
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
-        return QuantLinear.forward(self, hidden)
+        return GGMLLinear.forward(self, hidden)

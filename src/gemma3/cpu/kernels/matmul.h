@@ -1,0 +1,185 @@
+// Products of quantized weights with float activations: matmul_acts splits one or several
+// products' rows over the threads and runs the format's kernel (dot_tiles.h, interleaved.h), and
+// the ops built on it: qmatmul, qmatmul_many, mlp, and bf16_linear (bf16 tiles into oneMKL, for
+// prefill). Separate from the kernels: this is the driver and the op boundary.
+#pragma once
+
+#include "argmax.h"
+#include "dequant.h"
+
+namespace {
+
+// Rows [n0, n1) for MT activation rows: several weight rows at a time, then the tail, through
+// the kernel of the format's layout (32-value blocks, the repacked 128-value groups, K-quants).
+template <class T, int MT>
+void dot_rows(const uint8_t* W, int64_t rb, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+    constexpr int R = MT <= 2 ? 4 : 2;
+    int64_t n = n0;
+    if constexpr (T::VALS == 32) {
+        std::vector<float> cs(R * MT * (acts[0].K / 32));
+        for (; n + R <= n1; n += R) dot_tile32<T, R, MT>(W, rb, n, acts, Y, ldy, cs.data());
+        for (; n < n1; n++) dot_tile32<T, 1, MT>(W, rb, n, acts, Y, ldy, cs.data());
+    } else if constexpr (T::VALS == 128) {
+        for (; n + R <= n1; n += R) dot_tile_g128<T, R, MT>(W, rb, n, acts, Y, ldy);
+        for (; n < n1; n++) dot_tile_g128<T, 1, MT>(W, rb, n, acts, Y, ldy);
+    } else {
+        for (; n + R <= n1; n += R) dot_tile<T, R, MT>(W, rb, n, acts, Y, ldy);
+        for (; n < n1; n++) dot_tile<T, 1, MT>(W, rb, n, acts, Y, ldy);
+    }
+}
+
+constexpr int MT = 4;  // activation rows sharing one decoded weight block
+
+// f(std::integral_constant<int, mt>{}) for mt = 1..MT: the kernels take the row count as a
+// compile-time constant (their accumulators live in registers).
+template <class F> void with_rows(int64_t mt, F&& f) {
+    switch (mt) {
+        case 1: return f(std::integral_constant<int, 1>{});
+        case 2: return f(std::integral_constant<int, 2>{});
+        case 3: return f(std::integral_constant<int, 3>{});
+        default: return f(std::integral_constant<int, MT>{});
+    }
+}
+
+}  // namespace
+
+// Acts is global, as it always was, and holds Act rows (anonymous namespace): GCC warns about
+// that in a header (not in the main file); harmless, this is one translation unit.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsubobject-linkage"
+// Quantized activation rows (the buffer owns the memory).
+struct Acts {
+    torch::Tensor buf;
+    std::vector<Act> rows;
+    Acts(const float* x, int64_t M, int64_t K) : rows(M) {
+        TORCH_CHECK(K % 32 == 0, "row length ", K, " is not a multiple of 32");
+        const int64_t nb = K / 32;
+        buf = torch::empty({M, nb * ACT_BYTES_PER_BLOCK}, torch::kInt8);
+        for (int64_t m = 0; m < M; m++) {
+            int8_t* base = buf.data_ptr<int8_t>() + m * buf.size(1);
+            rows[m] = Act{K, nb, (int16_t*)base, (float*)(base + 2 * K), (int32_t*)(base + 2 * K + 4 * nb),
+                          base + 2 * K + 8 * nb, base + 3 * K + 8 * nb, (int32_t*)(base + 4 * K + 8 * nb)};
+            quantize_row(x + m * K, rows[m]);
+        }
+    }
+};
+#pragma GCC diagnostic pop
+
+// One product acts @ W^T -> Y [M, N] of a batch of products sharing the same activations.
+struct Product {
+    const torch::Tensor& w;
+    int64_t type, N;
+    float* Y;
+};
+
+// All products in one parallel region (one fork/join: on a busy machine every barrier can cost
+// a scheduler time slice), their weight rows concatenated and split over the threads. With `best`
+// (one product, one activation row): also its largest output (argmax_rows' answer), each chunk
+// scanned right after it is written, while it is still in its core's caches (a separate scan
+// after the 270M's LM head, which has streamed 178 MB through them since, took ~0.14 ms).
+void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* best = nullptr) {
+    const int64_t M = (int64_t)acts.rows.size(), K = acts.rows[0].K;
+    std::vector<int64_t> start{0};
+    for (const auto& p : products) {
+        check_layout(p.w, p.type, p.N, K);
+        start.push_back(start.back() + p.N);
+    }
+    // Dynamic scheduling over a few chunks per thread: a thread that gets preempted (other
+    // processes on the machine) delays the step by one chunk, not by its whole static share. Not
+    // more: each chunk starts with a stall on the rows that nobody prefetched, and the prefetches
+    // past a chunk's end land in the L2 of whichever core runs the next one (32 chunks per thread
+    // cost the 270M model's layers ~0.3 ms per token against 4).
+    const int64_t total = start.back(), threads = at::get_num_threads();
+    const int64_t chunk = std::max<int64_t>(16, total / (threads * 4) / 16 * 16);
+    const int64_t chunks = (total + chunk - 1) / chunk;
+    TORCH_CHECK(!best || (products.size() == 1 && M == 1), "matmul_acts: a best output needs one product of one row");
+    std::vector<Best> chunk_best(best ? chunks : 0);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && chunks > 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t r0 = c * chunk, r1 = std::min(total, r0 + chunk);
+        for (size_t i = 0; i < products.size(); i++) {
+            const int64_t n0 = std::max(r0, start[i]) - start[i], n1 = std::min(r1, start[i + 1]) - start[i];
+            if (n0 >= n1) continue;
+            const Product& p = products[i];
+            const uint8_t* W = p.w.data_ptr<uint8_t>();
+            for (int64_t m = 0; m < M; m += MT)  // MT activation rows per read of the weights
+                with_rows(std::min<int64_t>(MT, M - m), [&](auto rows) {
+                    constexpr int R = decltype(rows)::value;
+                    const Act* a = acts.rows.data() + m;
+                    float* Y = p.Y + m * p.N;
+                    if (!interleaved(p.type, [&](auto x) { x16_rows<decltype(x), R>(W, K, n0, n1, a, Y, p.N); }))
+                        dispatch(p.type, [&](auto fmt) {
+                            using T = decltype(fmt);
+                            dot_rows<T, R>(W, row_bytes<T>(K), n0, n1, a, Y, p.N);
+                            return 0;
+                        });
+                });
+            if (best) chunk_best[c] = best_of(p.Y, n0, n1);
+        }
+    }
+    if (best) *best = first_best(chunk_best);
+}
+
+// x [M, K] float32 @ W[N, K]^T (GGUF blocks) -> [M, N] float32, int16 activations.
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type, int64_t N) {
+    x = as_rows(x);
+    Acts acts(x.data_ptr<float>(), x.size(0), x.size(1));
+    auto y = torch::empty({x.size(0), N}, torch::kFloat32);
+    matmul_acts(acts, {{w, type, N, y.data_ptr<float>()}});
+    return y;
+}
+
+// Several weights applied to the same x (q/k/v): the activations are quantized once.
+std::vector<torch::Tensor> qmatmul_many(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> types,
+                                        std::vector<int64_t> Ns) {
+    x = as_rows(x);
+    Acts acts(x.data_ptr<float>(), x.size(0), x.size(1));
+    std::vector<torch::Tensor> ys;
+    std::vector<Product> products;
+    for (size_t i = 0; i < ws.size(); i++) ys.push_back(torch::empty({x.size(0), Ns[i]}, torch::kFloat32));
+    for (size_t i = 0; i < ws.size(); i++) products.push_back({ws[i], types[i], Ns[i], ys[i].data_ptr<float>()});
+    matmul_acts(acts, products);
+    return ys;
+}
+
+// Gemma's MLP, down(gelu_tanh(gate(x)) * up(x)), in one call.
+torch::Tensor mlp(torch::Tensor x, torch::Tensor wg, int64_t tg, torch::Tensor wu, int64_t tu, torch::Tensor wd,
+                  int64_t td, int64_t F, int64_t N) {
+    x = as_rows(x);
+    const int64_t M = x.size(0);
+    Acts acts(x.data_ptr<float>(), M, x.size(1));
+    auto gu = torch::empty({2, M, F}, torch::kFloat32);
+    float* g = gu.data_ptr<float>();
+    float* u = g + M * F;
+    matmul_acts(acts, {{wg, tg, F, g}, {wu, tu, F, u}});
+    int64_t i = 0;  // torch's gelu(approximate="tanh"), 16 values at a time (scalar tanh took ~10% of a step)
+    for (; i + 16 <= M * F; i += 16) _mm512_storeu_ps(g + i, gelu_mul512(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+    const __mmask16 tail = (__mmask16)((1u << (M * F - i)) - 1);
+    _mm512_mask_storeu_ps(g + i, tail, gelu_mul512(_mm512_maskz_loadu_ps(tail, g + i), _mm512_maskz_loadu_ps(tail, u + i)));
+    Acts hidden(g, M, F);
+    auto y = torch::empty({M, N}, torch::kFloat32);
+    matmul_acts(hidden, {{wd, td, N, y.data_ptr<float>()}});
+    return y;
+}
+
+// x [M, K] float32 @ W[N, K]^T -> [M, N] float32 through bf16 tiles of `tile` weight rows.
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, int64_t type, int64_t N, int64_t tile) {
+    TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kFloat32, "x must be a 2-D float32 tensor");
+    const int64_t M = x.size(0), K = x.size(1);
+    auto xb = x.to(torch::kBFloat16).contiguous();
+    auto y = torch::empty({M, N}, torch::kFloat32);
+    auto buf = torch::empty({std::min(tile, N), K}, torch::kBFloat16);
+    check_layout(w, type, N, K);
+    const uint8_t* W = w.data_ptr<uint8_t>();
+    uint16_t* o = (uint16_t*)buf.data_ptr();
+    for (int64_t n0 = 0; n0 < N; n0 += tile) {
+        const int64_t nt = std::min(tile, N - n0);
+        at::parallel_for(0, nt, 64, [&](int64_t a, int64_t b) {
+            for (int64_t n = a; n < b; n++) decode_row<true>(W, type, K, n0 + n, o + n * K);
+        });
+        // CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112
+        cblas_gemm_bf16bf16f32(101, 111, 112, M, nt, K, 1.f, (const uint16_t*)xb.data_ptr(), K,
+                               (const uint16_t*)buf.data_ptr(), K, 0.f, y.data_ptr<float>() + n0, N);
+    }
+    return y;
+}

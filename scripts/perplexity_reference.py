@@ -47,9 +47,9 @@ def ids_digest(ids: list[int]) -> str:
 
 def llama_cpp_perplexity(gguf: str, text: str, ctx: int) -> dict:
     """(d), in the llama-cpp-python venv (no torch there)."""
-    import numpy as np
     import llama_cpp
     import llama_cpp.llama_cpp as C
+    import numpy as np
 
     default_params = C.llama_model_default_params
 

@@ -88,10 +88,10 @@ def plot(result, runs, path):
 
 def byte_level_model(work: Path, train: Path, held_out: Path, args) -> Path:
     """A 1.5M-parameter Gemma 3 over bytes, pretrained from scratch; returns its directory."""
-    from gemma3.model.config import Gemma3Config, layer_pattern
-    from gemma3.formats.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
-    from gemma3.train.student import new_model
     from gemma3.formats.checkpoint import save_hf_dir
+    from gemma3.formats.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
+    from gemma3.model.config import Gemma3Config, layer_pattern
+    from gemma3.train.student import new_model
 
     # Gemma's special ids, "\n" and "▁" (space) as pieces, every other character as its UTF-8 bytes.
     pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "\n", "\u2581"] + [f"<0x{b:02X}>" for b in range(256)]

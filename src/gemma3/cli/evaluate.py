@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from ..eval.bench import DECODE_TOKENS, PREFILL_LENGTHS
@@ -196,7 +195,6 @@ def _config(info: dict):
 
 
 def _measure_kv(args, memory) -> dict:
-    import torch
 
     from ..inference.load import describe
 

@@ -17,8 +17,8 @@ def format_help() -> str:
 
 
 def cmd_quantize(args):
-    from ..quant.apply import parse_recipe
     from ..inference.convert import convert
+    from ..quant.apply import parse_recipe
 
     options.set_threads(args)
     recipe = parse_recipe(args.recipe, args.to)

@@ -40,9 +40,9 @@ def register(sub):
 
 
 def cmd_generate(args):
+    from ..formats.tokenizer import apply_chat_template
     from ..inference.generate import stream_generate
     from ..inference.multimodal import build_prompt, encode_image, load_image, with_placeholders
-    from ..formats.tokenizer import apply_chat_template
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     # Images and their encoder before the slow text model: a bad file or a missing mmproj fails fast.
@@ -80,9 +80,9 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
+    from ..formats.tokenizer import apply_chat_template
     from ..inference.generate import stream_generate
     from ..inference.multimodal import build_prompt, encode_image, load_image, with_placeholders
-    from ..formats.tokenizer import apply_chat_template
     from ..inference.prefix_cache import PrefixCache
 
     model, tok = options.load_model(args)

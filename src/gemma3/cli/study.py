@@ -115,9 +115,9 @@ def cmd_study(args):
     import torch
     from tqdm import tqdm
 
-    from ..train import distributed
     from ..study import ablation, teacher
     from ..study.tiny import ModelSize, Schedule, load_corpus
+    from ..train import distributed
 
     # Every argument is checked before the data is read and anything is trained.
     L = args.seq_len

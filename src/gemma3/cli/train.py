@@ -149,8 +149,8 @@ def _frozen(model):
 def cmd_distill(args):
     from pathlib import Path
 
-    from ..inference.load import load, load_tokenizer
     from ..formats.tokenizer import Tokenizer
+    from ..inference.load import load, load_tokenizer
     from ..train import distill, student
     from ..train.distributed import teardown
     from ..train.trainer import WithOneHot, train
@@ -193,8 +193,8 @@ def cmd_distill(args):
 
 
 def cmd_finetune(args):
-    from ..inference.load import load
     from ..formats.checkpoint import save_hf_dir
+    from ..inference.load import load
     from ..train import lora
     from ..train.distributed import teardown
     from ..train.trainer import one_hot, train
@@ -226,8 +226,8 @@ def cmd_qat(args):
     import copy
     from pathlib import Path
 
-    from ..inference.load import load
     from ..inference.convert import convert
+    from ..inference.load import load
     from ..quant.store import check_output
     from ..train import qat
     from ..train.distributed import teardown

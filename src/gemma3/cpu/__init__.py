@@ -4,7 +4,6 @@ blocks in place (linear.py), fused decode-step modules (fused.py), and the C++ k
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..formats.gguf import QTensor

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .perplexity import EvalInputError, read_text
+from .perplexity import EvalInputError
 
 PREFIX = 50
 SUFFIX = 50

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.memory import PRESETS, kv_bytes_windowed
+from ..model.memory import PRESETS, kv_bytes_full, kv_bytes_windowed
 
 
 def measure_kv(model, ctx: int, kv_dtype: str | None) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .perplexity import perplexity, read_text
+from .perplexity import perplexity
 
 DEFAULT_FORMATS = "q8_0,int8-channel,sfp8,int4-block32,int4-channel"
 DECODE_PROMPT = "The GNU General Public License is a free, copyleft license for"
@@ -55,8 +55,8 @@ def decode_speed(model, tokenizer, tokens: int, prompt: str = DECODE_PROMPT) -> 
 
 
 def _dequantized_copy(model):
-    from ..quant.apply import float_state
     from ..model.decoder import Gemma3
+    from ..quant.apply import float_state
 
     with torch.device("meta"):
         plain = Gemma3(model.config)
@@ -73,8 +73,8 @@ def _weight_bytes(model) -> int:
 
 def evaluate(model_arg, formats: list[str], text: str, ctx: int = 512, chunks: int | None = None,
              decode_tokens: int = 8, progress: bool = True) -> dict:
-    from ..quant.apply import RECIPES, parse_recipe, quantize_model
     from ..inference.convert import read_source
+    from ..quant.apply import RECIPES, parse_recipe, quantize_model
     from ..quant.store import check_output, output_bytes, save
 
     recipes = [parse_recipe(f) if f in RECIPES else parse_recipe(default=f) for f in formats]  # errors first

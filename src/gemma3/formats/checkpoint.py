@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
 from ..model.config import Gemma3Config, from_gguf_metadata, load_hf_config

@@ -15,8 +15,16 @@ import torch
 from torch import nn
 
 from .. import cpu
-from ..formats.checkpoint import (WeightsError, gguf_float, gguf_norms, meta_model, read_gguf_model, read_hf_dir,
-                                  read_mmproj, read_vision_hf_dir)
+from ..formats.checkpoint import (
+    WeightsError,
+    gguf_float,
+    gguf_norms,
+    meta_model,
+    read_gguf_model,
+    read_hf_dir,
+    read_mmproj,
+    read_vision_hf_dir,
+)
 from ..formats.gguf import QTensor, read_gguf
 from ..formats.tokenizer import Tokenizer
 from ..model.config import PRESETS

@@ -9,7 +9,7 @@ its Table 3) and GGUF's, applied as a module swap.
 """
 
 from .apply import RECIPES, Recipe, parse_recipe, quantize_model
-from .formats import FORMATS, Quantized, QuantError, dequantize, fake_quant, get_format, quantize
+from .formats import FORMATS, QuantError, Quantized, dequantize, fake_quant, get_format, quantize
 
 __all__ = ["FORMATS", "RECIPES", "Quantized", "QuantError", "Recipe", "dequantize", "fake_quant", "get_format",
            "parse_recipe", "quantize", "quantize_model"]

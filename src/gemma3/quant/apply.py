@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .formats import Quantized, QuantError, dequantize, get_format, quantize
+from .formats import QuantError, Quantized, dequantize, get_format, quantize
 
 # Named recipes. q4_0-embed-q8 keeps the embedding (= LM head) at 8 bits, as llama.cpp's Q4_K_M does.
 RECIPES = {"q4_0-embed-q8": "embed=q8_0,default=int4-block32"}

@@ -24,7 +24,7 @@ from ..formats.tokenizer import Tokenizer
 from ..model.config import Gemma3Config, load_hf_config
 from ..model.decoder import Gemma3
 from .apply import Recipe, quantized_weights
-from .formats import Quantized, QuantError, dequantize, get_format
+from .formats import QuantError, Quantized, dequantize, get_format
 from .gguf_writer import Metadata, write_gguf, write_metadata_gguf
 
 QUANT_CONFIG = "quantization.json"

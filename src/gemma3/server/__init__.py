@@ -20,8 +20,8 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
     import uvicorn
 
     from .app import create_app
-    from .engine import Engine
     from .arenas import limit_arenas
+    from .engine import Engine
 
     limit_arenas()
     ctx = min(ctx or model.config.max_context, model.config.max_context)

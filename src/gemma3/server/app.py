@@ -12,16 +12,17 @@ import uuid
 from contextlib import asynccontextmanager
 from importlib.resources import files
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from ..formats.tokenizer import encode_chat
 from ..inference.generate import encode_prompt
 from ..inference.multimodal import IMAGE_MARK, ImageError, decode_image, encode_chat_with_images, without_marks
 from ..inference.sampling import SamplingParams
-from ..formats.tokenizer import encode_chat
 from .engine import Done, Engine, Failed, QueueFull, Request, ShuttingDown
 from .schemas import ChatCompletionRequest, CompletionRequest
 

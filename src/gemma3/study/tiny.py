@@ -22,10 +22,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..model import memory
-from ..model.config import GLOBAL, Gemma3Config, layer_pattern
 from ..eval.perplexity import read_text
 from ..formats.tokenizer import BYTE, CONTROL, NORMAL, SPACE_MARK, UNKNOWN, Tokenizer
+from ..model import memory
+from ..model.config import GLOBAL, Gemma3Config, layer_pattern
 from ..train.data import DataError, PackedDataset, text_document
 from ..train.student import new_model
 from ..train.trainer import TrainConfig, train

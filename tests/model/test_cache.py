@@ -1,0 +1,84 @@
+"""KV cache variants: ring wrap-around, int8 storage, prefix reuse across the window, RoPE past 32K."""
+
+import torch
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+from gemma3.inference.prefix_cache import PrefixCache
+from gemma3.model.decoder import rope_cos_sin
+from gemma3.model.memory import kv_bytes_planned
+from tests.helpers.hf_reference import hf_config
+from tests.helpers.models import random_model, tiny_config
+
+
+def test_ring_wraps_around_and_keeps_the_last_window(tiny):
+    window = tiny.config.sliding_window
+    cache = tiny.new_cache(max_len=100)
+    with torch.no_grad():
+        tiny(torch.randint(0, 100, (1, 3 * window + 3)), cache)
+    ring = cache.layers[tiny.config.local_layers[0]]
+    assert sorted(ring.positions.tolist()) == list(range(2 * window + 3, 3 * window + 3))
+    assert (ring.positions % window == torch.arange(window)).all()
+
+
+def test_int8_kv_close_to_full_precision(tiny):
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 60))
+    with torch.no_grad():
+        ref = tiny(ids)
+        q8 = tiny(ids, tiny.new_cache(max_len=60, kv_dtype="int8"))
+        bf = tiny(ids, tiny.new_cache(max_len=60, kv_dtype="bf16"))
+    span = ref.abs().max()
+    assert (q8 - ref).abs().max() < 0.02 * span
+    assert (bf - ref).abs().max() < 0.02 * span
+
+
+def test_int8_kv_halves_bf16_bytes(tiny):
+    caches = {d: tiny.new_cache(max_len=2048, kv_dtype=d) for d in ("bf16", "int8")}
+    with torch.no_grad():
+        for c in caches.values():
+            tiny(torch.randint(0, 100, (1, 40)), c)
+    hd = tiny.config.head_dim
+    # int8 data + one fp32 scale per (token, head): (hd + 4) / (2 hd) of bf16, ~0.51 at head_dim 256
+    assert caches["int8"].nbytes() / caches["bf16"].nbytes() == (hd + 4) / (2 * hd)
+    for dtype, cache in caches.items():
+        assert cache.nbytes() == kv_bytes_planned(tiny.config, 40, 2048, dtype)
+
+
+def test_prefix_cache_reuse_across_the_window_boundary(tiny):
+    """A shared prefix much longer than the window: cached and uncached logits are equal."""
+    window = tiny.config.sliding_window
+    prefix = torch.randint(3, 200, (5 * window + 3,)).tolist()
+    second = prefix + torch.randint(3, 200, (7,)).tolist()
+    diverging = prefix[: 3 * window + 5] + [1, 2, 3]
+    pc = PrefixCache(tiny, block=window)
+    pc.prefill(prefix, max_len=200)
+    for ids in (second, diverging, prefix):
+        cache, logits = pc.prefill(ids, max_len=200)
+        with torch.no_grad():
+            full = tiny(torch.tensor([ids]))[0, -1]
+        assert (logits - full).abs().max().item() <= 1e-5
+        assert cache.pos == len(ids)
+        # decoding continues correctly from the restored cache
+        nxt = int(full.argmax())
+        with torch.no_grad():
+            step = tiny(torch.tensor([[nxt]]), cache)[0, -1]
+            again = tiny(torch.tensor([ids + [nxt]]))[0, -1]
+        assert (step - again).abs().max().item() <= 1e-5
+    assert pc.hits == 3
+    assert pc.reused_tokens == len(prefix) + 3 * window + (len(prefix) - 1) // window * window
+
+
+def test_rope_scaling_past_32k_matches_transformers():
+    cfg = tiny_config(rope_scale=8.0, head_dim=32, ctx=131_072)
+    rope = Gemma3RotaryEmbedding(hf_config(cfg))
+    positions = torch.tensor([0, 1, 32_767, 32_768, 40_000, 100_000, 131_071])
+    x = torch.zeros(1, len(positions), cfg.head_dim)
+    for kind, ours_inv in (("full_attention", random_model(cfg).rope_global),
+                           ("sliding_attention", random_model(cfg).rope_local)):
+        cos, sin = rope(x, positions[None], layer_type=kind)
+        our_cos, our_sin = rope_cos_sin(positions, ours_inv, torch.float32)
+        assert torch.equal(cos[0], our_cos) and torch.equal(sin[0], our_sin)
+    # ×8 linear scaling: a global layer at position 8p rotates like an unscaled one at p.
+    model = random_model(cfg)
+    scaled, _ = rope_cos_sin(torch.tensor([80_000]), model.rope_global, torch.float32)
+    plain, _ = rope_cos_sin(torch.tensor([10_000]), model.rope_global * 8, torch.float32)
+    assert torch.allclose(scaled, plain, atol=1e-4)

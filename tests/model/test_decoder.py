@@ -1,0 +1,123 @@
+"""The decoder against transformers' Gemma3ForCausalLM, and the cached paths against full recompute."""
+
+import pytest
+import torch
+
+from tests.helpers.hf_reference import hf_model
+from tests.helpers.models import random_model, tiny_config
+
+# Every preset's shape features on a tiny scale: GQA ratios 1/2/4 (270M/1B have 4:1, 27B 2:1),
+# the 27B query scale, ×8 RoPE scaling, and odd local:global ratios.
+CONFIGS = {
+    "gqa4-5to1": dict(heads=4, kv_heads=1),
+    "gqa2-27b-qscale": dict(heads=8, kv_heads=4, head_dim=16, hidden=96, qscalar=12),
+    "mha-rope-x8": dict(heads=4, kv_heads=4, rope_scale=8.0, window=16),
+    "ratio-3to1": dict(layers=8, local_per_global=3),
+    "ratio-7to1": dict(layers=9, local_per_global=7, window=12),
+    "ratio-1to1": dict(layers=4, local_per_global=1),
+    "global-only": dict(layers=3, local_per_global=None),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(name):
+    cfg = tiny_config(**CONFIGS[name])
+    model = random_model(cfg, seed=1)
+    ref = hf_model(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 3 * cfg.sliding_window + 11))
+    with torch.no_grad():
+        ours, theirs = model(ids), ref(ids).logits
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_27b_style_query_scale_matters():
+    """Guards the parity test: a wrong query scale must be visible in the logits."""
+    cfg = tiny_config(qscalar=12)
+    model = random_model(cfg)
+    other = random_model(cfg.replace(query_pre_attn_scalar=16))
+    ids = torch.randint(0, cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert (model(ids) - other(ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 13, 1000])
+def test_chunked_prefill_is_chunk_size_invariant(tiny, chunk):
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 50))
+    with torch.no_grad():
+        expected = tiny(ids)
+        tiny.chunk_size = chunk
+        got = tiny(ids)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_cached_decoding_equals_full_recompute(tiny):
+    """Token-by-token decoding after a prefill, at positions before, at and far past the window."""
+    window = tiny.config.sliding_window
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 6 * window))
+    prefill = window // 2
+    with torch.no_grad():
+        full = tiny(ids)
+        cache = tiny.new_cache(batch_size=2, max_len=ids.shape[1])
+        steps = [tiny(ids[:, :prefill], cache)[:, -1]]
+        for t in range(prefill, ids.shape[1] - 1):
+            steps.append(tiny(ids[:, t : t + 1], cache)[:, -1])
+    cached = torch.stack(steps, dim=1)
+    assert (cached - full[:, prefill - 1 : -1]).abs().max().item() <= 1e-4
+
+
+def test_cache_allocation_is_window_sized_for_local_layers(tiny):
+    cfg = tiny.config
+    cache = tiny.new_cache(max_len=4000)
+    with torch.no_grad():
+        tiny(torch.randint(0, cfg.vocab_size, (1, 40)), cache)
+    per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, fp32
+    for layer, kind in zip(cache.layers, cfg.layer_types):
+        slots = layer.size
+        if kind == "local":
+            assert slots == cfg.sliding_window
+        else:
+            assert 40 <= slots < 4000  # grows with use, not reserved up front
+    slots = sum(layer.size for layer in cache.layers)
+    assert cache.nbytes() == slots * per_slot
+
+
+def test_context_overflow_is_a_clear_error(tiny):
+    cache = tiny.new_cache(max_len=10)
+    with pytest.raises(ValueError, match="context overflow"):
+        tiny(torch.zeros(1, 11, dtype=torch.long), cache)
+
+
+def test_bf16_close_to_fp32(tiny):
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 30))
+    bf = random_model(tiny.config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        a, b = tiny(ids), bf(ids).float()
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_training_path_equals_cached_path_and_has_gradients(tiny):
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 37))
+    with torch.no_grad():
+        expected = tiny(ids)
+    hidden = tiny.hidden_states(ids, checkpoint=True)
+    logits = tiny.logits(hidden)
+    assert (logits - expected).abs().max().item() <= 1e-5
+    logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tiny.parameters())
+
+
+def test_batched_decode_of_sequences_at_different_positions(tiny):
+    """decode() over independent caches equals decoding each sequence alone."""
+    lengths = [3, 11, 29, 8]
+    prompts = [torch.randint(0, tiny.config.vocab_size, (1, n)) for n in lengths]
+    nxt = torch.randint(0, tiny.config.vocab_size, (len(lengths),))
+    with torch.no_grad():
+        caches = [tiny.new_cache(max_len=64) for _ in lengths]
+        for p, c in zip(prompts, caches):
+            tiny(p, c)
+        batched = tiny.decode(nxt, caches)
+        alone = torch.cat([tiny(torch.cat([p, nxt[i:i + 1, None]], 1))[:, -1] for i, p in enumerate(prompts)])
+    assert [c.pos for c in caches] == [n + 1 for n in lengths]
+    assert (batched - alone).abs().max().item() <= 1e-5

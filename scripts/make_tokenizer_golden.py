@@ -1,4 +1,4 @@
-"""Record llama.cpp's token ids for the tokenizer corpus (reference for tests/test_tokenizer.py).
+"""Record llama.cpp's token ids for the tokenizer corpus (reference for tests/formats/test_tokenizer.py).
 
 Needs llama-cpp-python, kept out of the project environment, e.g.:
     python3 -m venv /work/refvenv

@@ -16,7 +16,7 @@ from tests.helpers.kernels import needs_kernels, quantized_copy, rel_err
                          ids=["kv1-Q8_0", "kv2-Q8_0", "kv2-Q4_0", "kv1-Q5_0-packed"])
 def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
     """Prefill chunks, then one-token steps far past the window (ring wrap-around, local and global
-    layers, GQA): the swapped modules give model.py's logits. Q4_0 is what `gemma3 quantize --to
+    layers, GQA): the swapped modules give the decoder's logits. Q4_0 is what `gemma3 quantize --to
     int4-block32` writes; Q4_0, Q5_0 and Q8_0 weights get interleaved copies, which batch 1 reads inside
     FastBlock's one-call layer; batch 3 shares one cache and takes the per-module path."""
     from gemma3.cpu.fused import FastAttention, FastBlock, FastMLP, FastRMSNorm
@@ -46,7 +46,7 @@ def test_fast_modules_match_model_py_on_tiny_model(kv_heads, qtype, batch):
 @pytest.mark.parametrize("kv_dtype", ["fp32", "int8"])
 def test_batch_1_decode_runs_in_one_call_and_follows_the_cache_as_it_grows(kv_dtype):
     """A batch-1 step of the fast model goes through one ops.DecodeStack call holding the cache's
-    tensors: model.py's logits all the way past GROW_CHUNK, where the global layers' buffers are
+    tensors: the decoder's logits all the way past GROW_CHUNK, where the global layers' buffers are
     reallocated and the stack has to be rebuilt (exactly once)."""
     from gemma3.model.cache import GROW_CHUNK
     from tests.helpers.models import random_model, tiny_config
@@ -76,7 +76,7 @@ def test_batch_1_decode_runs_in_one_call_and_follows_the_cache_as_it_grows(kv_dt
 def test_one_call_step_is_bit_exact_with_the_module_path():
     """ops.DecodeStack.step (embedding row, layers, final norm, LM head in one call; RoPE rows cut
     from 64-position tables) computes exactly what the fast modules compute one call at a time
-    (model.py's loop over the FastBlocks, model.embed, FastRMSNorm, the GGMLEmbedding head),
+    (the decoder's loop over the FastBlocks, model.embed, FastRMSNorm, the GGMLEmbedding head),
     across a RoPE table boundary; forward_hidden takes it too; a token id outside the vocabulary
     is refused by name."""
     from gemma3.cpu.fused import ROPE_BLOCK
@@ -143,9 +143,9 @@ def test_greedy_next_takes_the_argmax_inside_the_lm_head():
 @pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
 def test_decode_attention_reads_quantized_cache_like_model_py(kv_dtype):
     """The kernel reads bf16/int8 K/V in place (int8 scales applied per row inside the loop);
-    model.py's path dequantizes a copy. Decoding far past the window (ring wrap-around, global
+    the decoder's path dequantizes a copy. Decoding far past the window (ring wrap-around, global
     buffer growing), both stay within storage rounding of each other: they differ only in that
-    model.py's local layers attend to the current token's own key before it is stored (the kernel
+    the decoder's local layers attend to the current token's own key before it is stored (the kernel
     test below checks the kernel itself to 1e-5)."""
     from tests.helpers.models import random_model, tiny_config
 
@@ -169,7 +169,7 @@ def test_decode_attention_reads_quantized_cache_like_model_py(kv_dtype):
 def test_continuous_batch_decode_matches_model_py(kv_dtype, n_seqs):
     """model.decode over sequences that each own a cache (the server's continuous batch), at
     different lengths on both sides of the window: one decode_attention_list call per layer stores
-    every row's key/value and attends, as model.py's per-sequence loop does. 10 rows take the bf16
+    every row's key/value and attends, as the decoder's per-sequence loop does. 10 rows take the bf16
     GEMM projections (more than MAX_VNNI_ROWS); a single row takes the one-call step (ops.DecodeStack)."""
     from tests.helpers.models import random_model, tiny_config
 

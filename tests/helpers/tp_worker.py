@@ -1,4 +1,4 @@
-"""Run under `torchrun --nproc-per-node N` by tests/test_tp.py: every rank builds the same model,
+"""Run under `torchrun --nproc-per-node N` by tests/model/test_tp.py: every rank builds the same model,
 rank 0 records the unsharded model's results first, then all ranks shard it (gemma3.tp) and
 repeat; rank 0 saves both sides to OUT for the test to compare.
 

@@ -7,7 +7,7 @@ on a short greedy decode through the quantized modules (the reference dequantize
 path of `quant/apply.py`). The reference row is the source's weights decoded to float32.
 
 Perplexity runs on the quantized weights decoded once to float32: the same products the
-quantized modules compute (`tests/test_quant_formats.py` checks they agree), without decoding
+quantized modules compute (`tests/quant/test_formats.py` checks they agree), without decoding
 the 262k-row LM head again for every scored slice.
 """
 

@@ -1,7 +1,7 @@
 """Gemma 3 tokenizer: a pure-Python port of llama.cpp's SPM ("llama") tokenizer.
 
 `Tokenizer.encode` returns the same ids as llama.cpp's `llama_tokenize` on the same
-GGUF vocabulary (checked against llama-cpp-python by tests/test_tokenizer.py). The
+GGUF vocabulary (checked against llama-cpp-python by tests/formats/test_tokenizer.py). The
 pipeline mirrors `llama_vocab::impl::tokenize` for LLAMA_VOCAB_TYPE_SPM:
 
 1. `tokenizer_st_partition` splits the text on special-token texts, longest first;

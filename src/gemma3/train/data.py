@@ -58,7 +58,7 @@ def chat_document(tok: Tokenizer, messages: list[dict]) -> Document:
     The template is encoded piece by piece at turn boundaries. Every boundary touches a special
     token (<bos>, <start_of_turn>, <end_of_turn>) or the "\\n" that Gemma's vocabulary always
     splits out, so the pieces' ids concatenate to exactly the ids of the whole string
-    (tests/test_train_data.py checks this).
+    (tests/train/test_train.py checks this).
     """
     full = apply_chat_template(messages, add_generation_prompt=False)
     ids, mask, pos = [], [], 0

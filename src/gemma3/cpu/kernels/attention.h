@@ -209,7 +209,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
 }
 
 // Stores x [Hk, D] (fp32) at `slot` of a [1, Hk, S, D] cache in its dtype: int8 as round(x / s)
-// with s = max|x| / 127 per head, exactly as cache.Slots.write does.
+// with s = max|x| / 127 per head, exactly as model/cache.py (_Slots.write) does.
 void store_slot(const float* x, torch::Tensor& dst, const c10::optional<torch::Tensor>& scale, int64_t slot) {
     const int64_t Hk = dst.size(1), D = dst.size(3);
     for (int64_t h = 0; h < Hk; h++) {

@@ -88,3 +88,17 @@ def test_fast_prefill_then_decode_matches_fp32_logits(models):
             b = ref(torch.tensor([[t]]), cr, last_only=True)
             assert rel_err(a, b) < 0.03
             assert a.argmax() == b.argmax()
+
+
+@needs_kernels
+def test_loader_swaps_the_modules_once(monkeypatch):
+    """One module swap per load: the swap repacks every streamed weight, so running it again (as
+    a per-tensor call once did) costs seconds and tells nothing."""
+    from gemma3 import cpu
+    from gemma3.inference.load import load
+
+    calls = []
+    install = cpu.install
+    monkeypatch.setattr(cpu, "install", lambda *a: calls.append(1) or install(*a))
+    model, _ = load(backend="cpu")
+    assert calls == [1] and isinstance(model.layers[0].mlp.up_proj, GGMLLinear)

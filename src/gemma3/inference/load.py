@@ -84,7 +84,8 @@ def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
         tokenizer = Tokenizer.from_gguf_metadata(gg.metadata)
     net = meta_model(cfg)
     if backend == "cpu" and not path.is_dir() and dtype == torch.float32 and cpu.available():
-        weights = {k: v for k, v in weights.items() if k not in cpu.install(net, weights)}
+        taken = cpu.install(net, weights)
+        weights = {k: v for k, v in weights.items() if k not in taken}
     for name, q in weights.items():
         if isinstance(q, Quantized):
             install_quantized(net, name, q, dtype)

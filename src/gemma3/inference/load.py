@@ -101,7 +101,9 @@ def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
 def fill(net: nn.Module, state: dict[str, torch.Tensor], source: str):
     """Loads `state` into a model built on the meta device; every tensor must land and none may
     stay behind (names and shapes were checked when the checkpoint was read)."""
-    net.load_state_dict(state, strict=False, assign=True)
+    unexpected = net.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    if unexpected:
+        raise WeightsError(f"{source}: unexpected tensor {unexpected[0]}")
     left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.device.type == "meta"]
     if left:
         raise WeightsError(f"{source}: no data for {left[0]}")

@@ -316,7 +316,18 @@ def table(result: dict, args) -> str:
         lines.append(line)
     widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))) for l in lines]
+    m = result.get("machine")
+    if m:
+        text.append(f"({m['cpu']}, {m['threads']} threads; our path: {m['isa']})")
     return "\n".join(text)
+
+
+def machine(args) -> dict:
+    """What the figures were measured on: the CPU, the instruction-set path our side took, threads."""
+    from ..cpu import kernels
+
+    return {"cpu": kernels.cpu_model(), "isa": kernels.isa() if args.device == "cpu" and args.backend == "cpu"
+            else f"torch-{args.device}", "threads": args.threads}
 
 
 def bench(args) -> dict:
@@ -345,6 +356,7 @@ def bench(args) -> dict:
                 print(f"repetition {rep + 1}/{args.repeat}: {side.name} ...", file=sys.stderr, flush=True)
             side.measure(args)
     result = {s.name: s.figures(args) for s in sides}
+    result["machine"] = machine(args)
     if args.against:
         result["ratio"] = ratios(result["ours"], result["llama_cpp"])
     for s in sides:

@@ -58,6 +58,25 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.machine())
+
+
+def isa() -> str:
+    """The instruction set the fast path runs on: "avx512-amx" (the kernels, with prefill GEMMs on
+    AMX tiles through oneMKL), "avx512" (the kernels; oneMKL kept off AMX, or no AMX), or "none"
+    (no kernels: the PyTorch reference path)."""
+    if ops() is None:
+        return "none"
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper()
+    return "avx512-amx" if "amx_bf16" in cpu_flags() and (not mkl or "AMX" in mkl) else "avx512"
+
+
 def cache_dir() -> Path:
     root = os.environ.get("GEMMA3_KERNEL_CACHE") or Path.home() / ".cache" / "gemma3" / "kernels"
     return Path(root)

@@ -56,7 +56,7 @@ def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
     layer.pack()
     packed, packed_type = layer.weight_for(1)
     want_type, _, _ = kernels.PACKED[int(qtype)]
-    group_bytes = {T.Q4_0: 72, T.Q5_0: 88, T.Q8_0: 136, T.Q4_K: 96, T.Q6_K: 108}[qtype]
+    group_bytes = {T.Q4_0: 72, T.Q5_0: 88, T.Q8_0: 136, T.Q4_K: 76, T.Q6_K: 108}[qtype]
     assert packed_type == want_type and packed.shape == (rows, cols // 128 * group_bytes)
     assert layer.weight_for(2) == (layer.blocks, int(qtype))
     out = torch.empty(rows, cols)

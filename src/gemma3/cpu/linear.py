@@ -71,7 +71,7 @@ class GGMLLinear(nn.Module):
         (kernels.INTERLEAVED: 16 rows across the vector lanes; PACKED: 128 values per group,
         unsigned values for vpdpbusd): single-row products (batch-1 decode) read it at a third to
         a quarter of the GGUF layout's instructions. By default as a copy, the weight's size again
-        (Q4_KR 4/3 of it), and everything else keeps reading `blocks`; `in_place` replaces
+        (Q4_KR 76/72 of it), and everything else keeps reading `blocks`; `in_place` replaces
         `blocks` instead (every kernel and lookup reads the repacked layouts). `drop_source` (in place only)
         vouches that `blocks` lie in a private, unmodified file mapping (the GGUF's) whose pages
         this process may let go (ops.drop_file_pages). `memory`: where the repacked rows go

@@ -117,20 +117,22 @@ torch::Tensor repack_q8_0(torch::Tensor w, int64_t N, int64_t K, c10::optional<t
     });
 }
 
-// Q4_K rows [N, K / 256 * 144 bytes] -> Q4_KR rows [N, K / 128 * 96] (see FmtQ4_KR); K % 256 == 0.
+// Q4_K rows [N, K / 256 * 144 bytes] -> Q4_KR rows [N, K / 128 * 76] (see FmtQ4_KR); K % 256 == 0.
 torch::Tensor repack_q4_k(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
     return repack<FmtQ4_K, FmtQ4_KR>("repack_q4_k", w, N, K, out, [](const uint8_t* src, uint8_t* dst) {
         uint8_t u[256];
-        float scale[8], min[8];
-        FmtQ4_K::decode(src, [&](int i, __m256i q, float s, float, float m) {
+        FmtQ4_K::decode(src, [&](int i, __m256i q, float, float, float) {
             _mm256_storeu_si256((__m256i*)(u + 32 * i), q);  // sub-block i: values 32i .. 32i + 31
-            scale[i] = s;
-            min[i] = m;
         });
+        const uint8_t* s = src + 4;  // the 6-bit scales and mins, as FmtQ4_K::decode unpacks them
         for (int h = 0; h < 2; h++, dst += FmtQ4_KR::BYTES) {
             pack_nibbles(u + 128 * h, dst);
-            std::memcpy(dst + 64, scale + 4 * h, 16);
-            std::memcpy(dst + 80, min + 4 * h, 16);
+            for (int j = 0; j < 4; j++) {
+                const int i = 4 * h + j;
+                dst[64 + j] = (uint8_t)(i < 4 ? s[i] & 63 : (s[i + 4] & 0xF) | ((s[i - 4] >> 6) << 4));
+                dst[68 + j] = (uint8_t)(i < 4 ? s[i + 4] & 63 : (s[i + 4] >> 4) | ((s[i] >> 6) << 4));
+            }
+            std::memcpy(dst + 72, src, 4);  // d and dmin
         }
     });
 }

@@ -36,12 +36,16 @@ INLINE __m256i lanes8(unsigned k) {  // 8 lanes of 32 bits
     return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)k), bit), bit);
 }
 
-INLINE __m256i lanes32(uint32_t k) {  // 32 lanes of 8 bits: byte i / 8 of k copied to bytes i, then bit i % 8
-    const __m256i byte = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+// 32 lanes of 8 bits from the 32 bits of k starting at byte `first` of `bytes` (k in each 128-bit
+// lane): byte i / 8 of k copied to byte i, then its bit i % 8 tested.
+INLINE __m256i lanes32(__m256i bytes, char first) {
+    const char a = first, b = first + 1, c = first + 2, d = first + 3;
+    const __m256i byte = _mm256_setr_epi8(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b,
+                                          c, c, c, c, c, c, c, c, d, d, d, d, d, d, d, d);
     const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)k), byte), bit), bit);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(bytes, byte), bit), bit);
 }
+INLINE __m256i lanes32(uint32_t k) { return lanes32(_mm256_set1_epi32((int)k), 0); }
 
 INLINE __m256 lanes8_ps(unsigned k) { return _mm256_castsi256_ps(lanes8(k)); }
 
@@ -220,9 +224,14 @@ INLINE m512 _mm512_maskz_mov_ps(__mmask16 k, m512 a) { return _mm512_mask_mov_ps
 INLINE m512i _mm512_mask_mov_epi32(m512i src, __mmask16 k, m512i a) {
     return {_mm256_blendv_epi8(src.lo, a.lo, lanes8(k)), _mm256_blendv_epi8(src.hi, a.hi, lanes8(k >> 8))};
 }
+// src + (a + b - src) where k is set: the kernels' src is a, and the compiler folds this to a + (b
+// where k is set), cheaper than a blend. One broadcast of k serves both halves.
+INLINE __m256i masked_add8(__m256i m, __m256i src, __m256i a, __m256i b) {
+    return _mm256_add_epi8(src, _mm256_and_si256(m, _mm256_sub_epi8(_mm256_add_epi8(a, b), src)));
+}
 INLINE m512i _mm512_mask_add_epi8(m512i src, __mmask64 k, m512i a, m512i b) {
-    return {_mm256_blendv_epi8(src.lo, _mm256_add_epi8(a.lo, b.lo), lanes32((uint32_t)k)),
-            _mm256_blendv_epi8(src.hi, _mm256_add_epi8(a.hi, b.hi), lanes32((uint32_t)(k >> 32)))};
+    const __m256i bytes = _mm256_set1_epi64x((int64_t)k);
+    return {masked_add8(lanes32(bytes, 0), src.lo, a.lo, b.lo), masked_add8(lanes32(bytes, 4), src.hi, a.hi, b.hi)};
 }
 INLINE __m256i _mm256_mask_sub_epi8(__m256i src, __mmask32 k, __m256i a, __m256i b) {
     return _mm256_blendv_epi8(src, _mm256_sub_epi8(a, b), lanes32(k));

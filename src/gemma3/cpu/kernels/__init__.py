@@ -1,11 +1,17 @@
 """C++ kernels for the fast CPU path, built on first use and cached.
 
-`ops()` returns the compiled extension, or None where it cannot be used (no AVX-512 VNNI, no
-compiler, a failed build, or GEMMA3_NO_KERNELS=1); callers then take the pure-PyTorch reference
-path, so the package works everywhere and is fast where the kernels build. The build (about half
-a minute with `-O3 -march=native`) lands in ~/.cache/gemma3/kernels (or $GEMMA3_KERNEL_CACHE),
-keyed by the sources, the torch version and the CPU, so it happens once per machine; later loads
+`ops()` returns the compiled extension, or None where it cannot be used (neither AVX-512 VNNI nor
+AVX2, no compiler, a failed build, or GEMMA3_NO_KERNELS=1); callers then take the pure-PyTorch
+reference path, so the package works everywhere and is fast where the kernels build. The build
+(about half a minute at `-O3`) lands in ~/.cache/gemma3/kernels (or $GEMMA3_KERNEL_CACHE), keyed by
+the sources, the flags, the torch version and the CPU, so it happens once per machine; later loads
 import the cached shared library directly (milliseconds, no build tool involved).
+
+The kernels are written with AVX-512 intrinsics. CPUs without AVX-512 (Intel's client cores, AMD
+before Zen 4) get the same source built for AVX2 + FMA + F16C, where avx2.h emulates the AVX-512
+intrinsics exactly (AVX-VNNI's dot products where the CPU has them). `build_isa()` picks the build
+for the CPU; GEMMA3_ISA=avx2 forces the AVX2 one on an AVX-512 CPU (to test and measure it there),
+and GEMMA3_ISA=avx2-novnni also leaves AVX-VNNI out (the emulation most AVX2 CPUs run).
 
 The kernels are split by responsibility into headers (formats, tiles, attention, the decode step,
 ...) that bindings.cpp includes in order: one translation unit, so SOURCES is that one file, and
@@ -26,9 +32,14 @@ import torch
 
 SOURCES = [Path(__file__).with_name("bindings.cpp")]  # the one translation unit compiled
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by it: hashed into build_key too
+# Per build: the compiler flags, and the /proc/cpuinfo flags it needs (the source refuses to
+# compile without them). The AVX2 build names its instruction sets: -march=native would turn
+# AVX-512 on where the CPU has it.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-# /proc/cpuinfo flags the kernels are written for (the source refuses to compile without them).
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
+AVX2_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-mbmi2", "-fopenmp"]
+AVX2_CPU_FLAGS = ("avx2", "fma", "f16c", "bmi2")
+BUILDS = {"avx512": REQUIRED_CPU_FLAGS, "avx2": AVX2_CPU_FLAGS, "avx2-novnni": AVX2_CPU_FLAGS}  # GEMMA3_ISA's values
 # GGML types with a kernel; anything else stays on the reference path.
 TYPES = frozenset({2, 6, 8, 12, 14})  # Q4_0, Q5_0, Q8_0, Q4_K, Q6_K
 Q4_0, Q5_0, Q8_0, Q4_K, Q6_K = 2, 6, 8, 12, 14
@@ -67,12 +78,40 @@ def cpu_model() -> str:
                 platform.machine())
 
 
+def build_isa() -> str:
+    """The build for this CPU: "avx512", else "avx2" (with AVX-VNNI where the CPU has it), or what
+    GEMMA3_ISA asks for; a RuntimeError (the reference path, with a warning) where that cannot run."""
+    flags, forced = cpu_flags(), os.environ.get("GEMMA3_ISA", "").lower()
+    missing = {build: [f for f in needs if f not in flags] for build, needs in BUILDS.items()}
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError("this CPU lacks x86-64")
+    if forced:
+        if forced not in BUILDS:
+            raise RuntimeError(f"GEMMA3_ISA={forced}: not one of {', '.join(BUILDS)}")
+        if missing[forced]:
+            raise RuntimeError(f"GEMMA3_ISA={forced}: this CPU lacks {', '.join(missing[forced])}")
+        return forced
+    for build in ("avx512", "avx2"):  # the fastest build this CPU runs
+        if not missing[build]:
+            return build
+    raise RuntimeError(f"this CPU lacks {', '.join(missing['avx512'])} (AVX-512) and {', '.join(missing['avx2'])} (AVX2)")
+
+
+def cflags(build: str) -> list[str]:
+    if build == "avx512":
+        return CFLAGS
+    return AVX2_CFLAGS + (["-mavxvnni"] if build == "avx2" and "avx_vnni" in cpu_flags() else [])
+
+
 def isa() -> str:
     """The instruction set the fast path runs on: "avx512-amx" (the kernels, with prefill GEMMs on
-    AMX tiles through oneMKL), "avx512" (the kernels; oneMKL kept off AMX, or no AMX), or "none"
-    (no kernels: the PyTorch reference path)."""
+    AMX tiles through oneMKL), "avx512" (the kernels; oneMKL kept off AMX, or no AMX), "avx2" (the
+    kernels built for AVX2, with or without AVX-VNNI), or "none" (no kernels: the PyTorch
+    reference path)."""
     if ops() is None:
         return "none"
+    if _state["build"] != "avx512":
+        return "avx2"
     mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper()
     return "avx512-amx" if "amx_bf16" in cpu_flags() and (not mkl or "AMX" in mkl) else "avx512"
 
@@ -82,21 +121,19 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def build_key() -> str:
+def build_key(build: str) -> str:
     h = hashlib.sha256()
     for src in [*SOURCES, *HEADERS]:
         h.update(src.read_bytes())
-    h.update(" ".join([torch.__version__, platform.machine(), *CFLAGS, *sorted(cpu_flags())]).encode())
+    h.update(" ".join([torch.__version__, platform.machine(), *cflags(build), *sorted(cpu_flags())]).encode())
     return h.hexdigest()[:16]
 
 
 def _load():
     if os.environ.get("GEMMA3_NO_KERNELS"):
         raise RuntimeError("disabled by GEMMA3_NO_KERNELS")
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
-    if platform.machine() not in ("x86_64", "AMD64") or missing:
-        raise RuntimeError(f"this CPU lacks {', '.join(missing) or 'x86-64'}")
-    name = f"gemma3_kernels_{build_key()}"
+    build = _state["build"] = build_isa()
+    name = f"gemma3_kernels_{build.replace('-', '_')}_{build_key(build)}"
     build_dir = cache_dir() / name
     built = build_dir / f"{name}.so"
     if built.exists():
@@ -108,7 +145,7 @@ def _load():
     from torch.utils.cpp_extension import load
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name, [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+    return load(name, [str(s) for s in SOURCES], extra_cflags=cflags(build), extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir), verbose=False)
 
 

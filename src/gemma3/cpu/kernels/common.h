@@ -1,4 +1,4 @@
-// What every kernel file starts from: the includes, the AVX-512 guard, oneMKL's bf16 GEMM, INLINE,
+// What every kernel file starts from: the includes, the instruction-set guard, oneMKL's bf16 GEMM, INLINE,
 // the type codes (GGML's and our repacked layouts'), f16 -> f32, the vector exp and GELU, and two
 // small row helpers. Separate so the responsibility headers share one base; bindings.cpp includes
 // it first (the whole extension is one translation unit: see bindings.cpp).
@@ -15,8 +15,17 @@
 #include <type_traits>
 #include <vector>
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512VNNI__)
-#error "gemma3 kernels need AVX-512 F/BW/VL/VNNI (the Python side falls back to PyTorch without them)"
+// Written for AVX-512 F/BW/VL/VNNI; built for AVX2 + FMA + F16C, the AVX-512 intrinsics are
+// emulated (avx2.h). The Python side picks the build for the CPU, and falls back to PyTorch where
+// neither fits.
+#if defined(__AVX512F__)
+#if !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512VNNI__)
+#error "gemma3 kernels: an AVX-512 build needs AVX-512 F/BW/VL/VNNI"
+#endif
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "avx2.h"
+#else
+#error "gemma3 kernels need AVX-512 F/BW/VL/VNNI or AVX2 + FMA + F16C"
 #endif
 
 extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int64_t m, int64_t n, int64_t k,

@@ -71,35 +71,68 @@ def test_repacked_weights_are_the_same_weight_and_product(qtype, cols, rows):
         assert dot_err(layer, x, kernels.ops().qmatmul(x, packed, packed_type, rows)) < 2e-5, m
 
 
+# Bytes per row and 256 values of each interleaved layout: the GGUF format's, but Q4_KX, which keeps
+# Q4_K's 6-bit scales and mins as bytes.
+X16_BYTES_PER_256 = {T.Q4_0: 144, T.Q5_0: 176, T.Q8_0: 272, T.Q4_K: 148, T.Q6_K: 210}
+
+
 @needs_kernels
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows,cols", [(16, 96), (48, 640), (2048, 640)])  # 96: not a multiple of 128
 def test_weights_of_whole_16_row_groups_interleave_their_rows(qtype, rows, cols):
-    """A Q4_0, Q5_0 or Q8_0 weight with a multiple of 16 rows packs to Q4_0X / Q5_0X / Q8_0X (16 rows across the
-    vector lanes): the same bytes' worth, decoding to exactly the GGUF values (fp32, and bf16
-    rounded as torch does); one-row products (whole groups read as four streams, the groups left
-    over one at a time), a few rows, and products whose row ranges start inside a group (after a
-    5-row weight in one qmatmul_many call, so the threads' chunks cut groups and hold 15 whole
-    groups: three per stream and three left over) all match the reference."""
+    """A Q4_0, Q5_0, Q8_0, Q4_K or Q6_K weight with a multiple of 16 rows packs to its X layout (16
+    rows across the vector lanes): about the same bytes, decoding to exactly the GGUF values (fp32,
+    and bf16 rounded as torch does, any row range); one-row products (whole groups read as four
+    streams, the groups left over one at a time), a few rows, many rows with int16 and with int8
+    activations, and products whose row ranges start inside a group (after a 5-row weight in one
+    qmatmul_many call, so the threads' chunks cut groups and hold 15 whole groups: three per stream
+    and three left over) all match the reference."""
+    if BLOCK_INFO[qtype][0] == 256:
+        cols = {96: 256, 640: 768}[cols]  # K-quants: whole super-blocks
     layer = GGMLLinear(random_blocks(qtype, rows, cols, seed=rows), int(qtype), rows, cols)
     layer.pack()
     packed, packed_type = layer.weight_for(1)
     assert packed_type == kernels.INTERLEAVED[int(qtype)][0]
-    assert packed.shape == (rows, cols // 32 * BLOCK_INFO[qtype][1])
+    assert packed.shape == (rows, cols * X16_BYTES_PER_256[qtype] // 256)
     assert layer.weight_for(2) == (layer.blocks, int(qtype))
     want = layer.dequantize()
     out, out16 = torch.empty(rows, cols), torch.empty(rows, cols, dtype=torch.bfloat16)
     kernels.ops().dequant(packed, packed_type, out)
     kernels.ops().dequant(packed, packed_type, out16)
     assert torch.equal(out, want) and torch.equal(out16, want.bfloat16())
+    ids = torch.tensor([rows - 1, 0, 7, 15 % rows])
+    table = torch.empty(len(ids), cols)
+    kernels.ops().lookup(packed, packed_type, rows, ids, table)
+    assert torch.equal(table, want[ids])
     g = torch.Generator().manual_seed(3)
-    for m in (1, 1, 2, 5):
+    for m in (1, 1, 2, 5, 70):
         x = torch.randn(m, cols, generator=g) * 10 ** torch.empty(1).uniform_(-2, 2, generator=g)
         assert dot_err(layer, x, kernels.ops().qmatmul(x, packed, packed_type, rows)) < 2e-5, m
+        # int8 activations: ~2^-8 per value, averaged down over the row
+        assert dot_err(layer, x, kernels.ops().qmatmul(x, packed, packed_type, rows, int8=True)) < 2e-3, m
     first = GGMLLinear(random_blocks(T.Q8_0, 5, cols, seed=1), int(T.Q8_0), 5, cols)
     x = torch.randn(1, cols, generator=g)
     a, b = kernels.ops().qmatmul_many(x, [first.blocks, packed], [int(T.Q8_0), packed_type], [5, rows])
     assert dot_err(first, x, a) < 2e-5 and dot_err(layer, x, b) < 2e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("amx", [True, False])
+def test_many_row_products_take_the_bf16_gemm_with_amx_and_int8_vnni_without(monkeypatch, amx):
+    """Beyond the VNNI row limits, interleaved weights go to oneMKL's bf16 GEMM where it has AMX
+    tiles and to the int8-activation VNNI kernel elsewhere; row layouts always take the GEMM."""
+    monkeypatch.setattr(kernels, "amx_gemm", lambda: amx)
+    ops = kernels.ops()
+    x = torch.randn(MAX_VNNI_ROWS_INTERLEAVED + 5, 512, generator=torch.Generator().manual_seed(4))
+    for rows, interleaved in ((32, True), (5, False)):
+        layer = GGMLLinear(random_blocks(T.Q4_K, rows, 512, seed=rows), int(T.Q4_K), rows, 512)
+        layer.pack(in_place=True)
+        assert (layer.storage_type in kernels.INTERLEAVED_TYPES) == interleaved
+        got = layer(x)
+        gemm = ops.bf16_linear(x, layer.blocks, layer.storage_type, rows, 2048)
+        int8 = ops.qmatmul(x, layer.blocks, layer.storage_type, rows, int8=True)
+        assert torch.equal(got, gemm if amx or not interleaved else int8)
+        assert dot_err(layer, x, got) < 2e-3
 
 
 @needs_kernels

@@ -33,18 +33,13 @@ def install(model: nn.Module, tensors: dict[str, QTensor]) -> set[str]:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         taken.add(f"{name}.weight")
-    # Everything a decode step streams goes to one allocation on 2 MB pages (kernels.HugePages).
-    # Row layouts (Q4_K, Q6_K: every layer of a Q4_K_M 4B) are repacked in place, the GGUF pages let
-    # go as they are read: one copy of the weights, which prefill and batches read too. Interleaved
-    # ones (Q4_0, Q5_0, Q8_0 layers) are copies: the bf16 prefill path decodes their rows one gather
-    # at a time, and reads the GGUF blocks instead.
+    # Everything a decode step streams goes to one allocation on 2 MB pages (kernels.HugePages),
+    # repacked in place, the GGUF pages let go as they are read: one copy of the weights, which
+    # prefill and batches read too (the bf16 GEMM decodes interleaved groups 16 rows at a time).
     linears = [m for m in model.modules() if type(m) is GGMLLinear]
     memory = kernels.HugePages([m.packed_nbytes() for m in linears + [model.embed_tokens]])
     for module in linears:
-        in_place = module.layout() is not None and module.layout()[0] not in kernels.INTERLEAVED_TYPES
-        module.pack(in_place=in_place, drop_source=in_place, memory=memory)
-    # The tied table is the biggest tensor: repacked in place whatever its layout (the 270M's Q8_0
-    # LM head: step 11.5 -> 10.8 ms; a Q4_0 one on a --to int4-block32 file: 8.2 -> 7.1 ms).
+        module.pack(in_place=True, drop_source=True, memory=memory)
     model.embed_tokens.pack(in_place=True, drop_source=True, memory=memory)
     make_fast(model)
     return taken

@@ -8,8 +8,9 @@ kernels of `gemma3.kernels`:
 - a few rows (decode, small batches): activations quantized per block of 32 to int16 and
   multiplied with the weight blocks by AVX-512 VNNI (as llama.cpp does with int8 activations, but
   ~1e-4 instead of a few percent from the fp32 logits); each weight byte is read once per step;
-- many rows (prefill): weight tiles dequantized to bf16 and multiplied with a bf16 GEMM
-  (oneMKL, AMX where present) with fp32 accumulation and output.
+- many rows (prefill): with AMX, weight tiles dequantized to bf16 and multiplied with a bf16 GEMM
+  (oneMKL) with fp32 accumulation and output; without it, the interleaved layouts' VNNI kernel
+  with activations rounded to int8 per block of 32 (as llama.cpp's Q8_0 activations).
 
 `reference()` is the same product in plain PyTorch (exact dequantization from formats/ggml.py, then an
 fp32 matmul); the kernels are tested against it, and it is what runs where the kernels cannot be
@@ -142,6 +143,10 @@ class GGMLLinear(nn.Module):
         interleaved = self.storage_type in kernels.INTERLEAVED_TYPES
         if x2.shape[0] <= (MAX_VNNI_ROWS_INTERLEAVED if interleaved else MAX_VNNI_ROWS):
             y = ops.qmatmul(x2, *self.weight_for(x2.shape[0]), self.out_features)
+        elif interleaved and not kernels.amx_gemm():
+            # Without AMX, oneMKL's bf16 GEMM runs at fp32 FMA speed (and slower on AMD): the
+            # interleaved kernel with int8 activations does ~1.7x that (4B shapes, 512 rows).
+            y = ops.qmatmul(x2, self.blocks, self.storage_type, self.out_features, int8=True)
         else:
             y = ops.bf16_linear(x2, self.blocks, self.storage_type, self.out_features, TILE_ROWS)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

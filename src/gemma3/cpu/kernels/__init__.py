@@ -20,6 +20,7 @@ the cache key hashes every header too (HEADERS).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -50,9 +51,10 @@ PACKED = {Q4_0: (Q4_0R, "repack_q4_0", 128), Q5_0: (Q5_0R, "repack_q5_0", 128), 
 # Sixteen rows interleaved (fewer instructions per value, each group's bytes read front to back; a
 # row is not contiguous, and table lookups decode it from its group): for weights whose row count
 # is a multiple of 16. Others keep PACKED's row layouts.
-Q4_0X, Q5_0X, Q8_0X = 1102, 1106, 1108
+Q4_0X, Q5_0X, Q8_0X, Q4_KX, Q6_KX = 1102, 1106, 1108, 1112, 1114
 INTERLEAVED = {Q4_0: (Q4_0X, "repack_q4_0x", 32), Q5_0: (Q5_0X, "repack_q5_0x", 32),
-               Q8_0: (Q8_0X, "repack_q8_0x", 32)}  # packed type, op, row multiple
+               Q8_0: (Q8_0X, "repack_q8_0x", 32), Q4_K: (Q4_KX, "repack_q4_kx", 256),
+               Q6_K: (Q6_KX, "repack_q6_kx", 256)}  # packed type, op, row multiple
 INTERLEAVED_TYPES = frozenset(packed for packed, _, _ in INTERLEAVED.values())
 
 _state: dict[str, object] = {}
@@ -114,6 +116,13 @@ def isa() -> str:
         return "avx2"
     mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper()
     return "avx512-amx" if "amx_bf16" in cpu_flags() and (not mkl or "AMX" in mkl) else "avx512"
+
+
+@functools.cache
+def amx_gemm() -> bool:
+    """Whether many-row products go to oneMKL's bf16 GEMM on AMX tiles (isa() "avx512-amx"; read
+    once per process). Elsewhere that GEMM runs at fp32 speed and the int8 VNNI kernels win."""
+    return isa() == "avx512-amx"
 
 
 def cache_dir() -> Path:

@@ -109,6 +109,10 @@ INLINE void _mm512_storeu_ps(float* p, m512 a) {
     _mm256_storeu_ps(p, a.lo);
     _mm256_storeu_ps(p + 8, a.hi);
 }
+INLINE void _mm512_storeu_si512(void* p, m512i a) {
+    _mm256_storeu_si256((__m256i*)p, a.lo);
+    _mm256_storeu_si256((__m256i*)p + 1, a.hi);
+}
 
 // ---- casts and conversions ----------------------------------------------------------------------
 
@@ -346,6 +350,7 @@ INLINE __m128i _mm_maskz_loadu_epi8(__mmask16 k, const void* p) {
 #define _mm512_srli_epi16 avx2::_mm512_srli_epi16
 #define _mm512_srli_epi32 avx2::_mm512_srli_epi32
 #define _mm512_storeu_ps avx2::_mm512_storeu_ps
+#define _mm512_storeu_si512 avx2::_mm512_storeu_si512
 #define _mm512_sub_epi32 avx2::_mm512_sub_epi32
 #define _mm512_sub_epi8 avx2::_mm512_sub_epi8
 #define _mm512_sub_ps avx2::_mm512_sub_ps

@@ -33,7 +33,8 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const auto nogil = py::call_guard<py::gil_scoped_release>();
     m.def("argmax_rows", &argmax_rows, "index of each row's largest value (first on ties, NaN first), as torch.max(dim)", nogil);
-    m.def("qmatmul", &qmatmul, "x @ W^T with W in GGUF blocks, int8 (VNNI) activations", nogil);
+    m.def("qmatmul", &qmatmul, "x @ W^T with W in GGUF blocks or a repacked layout, int16 activations (int8 for interleaved weights with int8=True)",
+          nogil, py::arg("x"), py::arg("w"), py::arg("type"), py::arg("N"), py::arg("int8") = false);
     m.def("qmatmul_many", &qmatmul_many, "several x @ W^T sharing one activation quantization", nogil);
     m.def("mlp", &mlp, "down(gelu_tanh(gate(x)) * up(x)) with GGUF weights", nogil);
     m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows", nogil);
@@ -45,6 +46,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("repack_q5_0x", &repack_q5_0x, "Q5_0 rows -> Q5_0X (16 rows interleaved, for few-row products)", nogil, py::arg("w"),
           py::arg("N"), py::arg("K"), py::arg("out") = py::none());
     m.def("repack_q8_0x", &repack_q8_0x, "Q8_0 rows -> Q8_0X (16 rows interleaved, for few-row products)", nogil, py::arg("w"),
+          py::arg("N"), py::arg("K"), py::arg("out") = py::none());
+    m.def("repack_q4_kx", &repack_q4_kx, "Q4_K rows -> Q4_KX (16 rows interleaved, for few-row products)", nogil, py::arg("w"),
+          py::arg("N"), py::arg("K"), py::arg("out") = py::none());
+    m.def("repack_q6_kx", &repack_q6_kx, "Q6_K rows -> Q6_KX (16 rows interleaved, for few-row products)", nogil, py::arg("w"),
           py::arg("N"), py::arg("K"), py::arg("out") = py::none());
     m.def("repack_q4_0", &repack_q4_0, "Q4_0 rows -> Q4_0R rows (four blocks per group, for one-row products)", nogil, py::arg("w"), py::arg("N"),
           py::arg("K"), py::arg("out") = py::none());

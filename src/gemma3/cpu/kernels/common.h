@@ -36,11 +36,11 @@ namespace {
 
 #define INLINE inline __attribute__((always_inline))
 
-// Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR, Q4_0X, Q5_0X and Q8_0X are ours, not GGML's: weights
+// Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR, Q4_0X, Q5_0X, Q8_0X, Q4_KX and Q6_KX are ours, not GGML's: weights
 // repacked for few-row products (repack_*).
 enum GGMLType : int64_t {
     Q4_0 = 2, Q8_0 = 8, Q5_0 = 6, Q4_K = 12, Q6_K = 14, Q4_0R = 1002, Q5_0R = 1006, Q8_0R = 1008, Q4_KR = 1012, Q6_KR = 1014,
-    Q4_0X = 1102, Q5_0X = 1106, Q8_0X = 1108
+    Q4_0X = 1102, Q5_0X = 1106, Q8_0X = 1108, Q4_KX = 1112, Q6_KX = 1114
 };
 
 INLINE float h2f(const uint8_t* p) {

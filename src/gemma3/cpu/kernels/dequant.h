@@ -50,27 +50,49 @@ void dequant_rows(const uint8_t* W, int64_t rb, int64_t K, int64_t n0, int64_t n
     }
 }
 
-// Row r of the 16-row group at G, as formats/ggml.py decodes the GGUF format: d * (stored - OFFSET).
+// Rows r0..r1 of the 16-row group at G decoded into `out` (row r0 first, rows ldo values apart),
+// as formats/ggml.py decodes the GGUF format: per 32-value sub-block, its eight quads of all 16
+// rows decoded at once (the products' decoders), then each row's 32 values gathered from them.
 template <class X, bool BF16>
-void x16_row(const uint8_t* G, int64_t K, int r, void* out) {
-    for (int64_t b = 0; b < K / 32; b++) {
-        const uint8_t* d = G + b * X::BYTES;
-        const float s = h2f(d + X::SCALES_AT + 2 * r);
-        const __m256i q = _mm256_sub_epi8(X::stored32(d, r), _mm256_set1_epi8((char)X::OFFSET));  // int8 again
-        store_sub<FmtQ8_0, BF16>(q, s, s, 0.f, (char*)out + 32 * b * (BF16 ? 2 : 4));
+void x16_decode(const uint8_t* G, int64_t K, int r0, int r1, void* out, int64_t ldo) {
+    const int64_t esz = BF16 ? 2 : 4;
+    const __m256i quads = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);  // row r's: 4-byte lane r of each
+    for (int64_t sb = 0; sb < K / X::VALS; sb++) {
+        const uint8_t* blk = G + sb * X::BYTES;
+        for (int i = 0; i < X::VALS / 32; i++) {
+            alignas(64) int8_t q[8 * 64];  // signed values: stored - OFFSET
+            for (int k = 0; k < 8; k++)
+                _mm512_storeu_si512(q + 64 * k, _mm512_sub_epi8(X::quad(blk, i, k), _mm512_set1_epi8((char)X::OFFSET)));
+            __m512 s[2];
+            X::scales(blk, i, s);
+            if (!X::TWO_SCALES) s[1] = s[0];
+            alignas(64) float lo[16], hi[16], mn[16];
+            _mm512_storeu_ps(lo, s[0]);
+            _mm512_storeu_ps(hi, s[1]);
+            _mm512_storeu_ps(mn, X::mins(blk, i));
+            for (int r = r0; r < r1; r++) {
+                const __m256i v = _mm256_i32gather_epi32((const int*)(q + 4 * r), quads, 1);
+                store_sub<X, BF16>(v, lo[r], hi[r], mn[r], (char*)out + ((r - r0) * ldo + sb * X::VALS + 32 * i) * esz);
+            }
+        }
     }
 }
 
-// Row n of a weight in any layout (W: all its rows) decoded into `out` (K values).
+// Rows n0..n1 of a weight in any layout (W: all its rows) decoded into `out` (rows ldo values apart).
 template <bool BF16>
-void decode_row(const uint8_t* W, int64_t type, int64_t K, int64_t n, void* out) {
+void decode_rows(const uint8_t* W, int64_t type, int64_t K, int64_t n0, int64_t n1, void* out, int64_t ldo) {
+    const int64_t esz = BF16 ? 2 : 4;
     const bool x16 = interleaved(type, [&](auto x) {
         using X = decltype(x);
-        x16_row<X, BF16>(W + n / 16 * group_bytes<X>(K), K, (int)(n % 16), out);
+        for (int64_t n = n0; n < n1;) {  // group by group
+            const int64_t g = n / 16, end = std::min<int64_t>(n1 - 16 * g, 16);
+            x16_decode<X, BF16>(W + g * group_bytes<X>(K), K, (int)(n - 16 * g), (int)end, (char*)out + (n - n0) * ldo * esz, ldo);
+            n = 16 * g + end;
+        }
     });
     if (!x16) dispatch(type, [&](auto fmt) {
         using T = decltype(fmt);
-        dequant_rows<T, BF16>(W, row_bytes<T>(K), K, n, n + 1, out, K);
+        dequant_rows<T, BF16>(W, row_bytes<T>(K), K, n0, n1, out, ldo);
         return 0;
     });
 }
@@ -97,9 +119,8 @@ void dequant(torch::Tensor w, int64_t type, torch::Tensor out) {
     const uint8_t* W = w.data_ptr<uint8_t>();
     char* o = (char*)out.data_ptr();
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; n++)
-            if (bf16) decode_row<true>(W, type, K, n, o + n * K * 2);
-            else decode_row<false>(W, type, K, n, o + n * K * 4);
+        if (bf16) decode_rows<true>(W, type, K, n0, n1, o + n0 * K * 2, K);
+        else decode_rows<false>(W, type, K, n0, n1, o + n0 * K * 4, K);
     });
 }
 
@@ -116,6 +137,6 @@ void lookup(torch::Tensor w, int64_t type, int64_t N, torch::Tensor ids, torch::
         TORCH_CHECK(id[i] >= 0 && id[i] < N, "token id ", id[i], " is not in [0, ", N, ")");
     const uint8_t* W = w.data_ptr<uint8_t>();
     at::parallel_for(0, ids.numel(), 64, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; i++) decode_row<false>(W, type, K, id[i], out.data_ptr<float>() + i * K);
+        for (int64_t i = i0; i < i1; i++) decode_rows<false>(W, type, K, id[i], id[i] + 1, out.data_ptr<float>() + i * K, K);
     });
 }

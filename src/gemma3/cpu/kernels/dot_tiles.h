@@ -12,16 +12,18 @@ namespace {
 // One activation row: a[K] int16 with one scale d per block of 32 (x ~= d * a), the sums of a
 // per block and per half block (for formats with a min or an offset; Q6_K's scales cover 16
 // values), and a split into int8 halves a = 256 * hi + lo (for vpdpbusd, which multiplies unsigned
-// by signed bytes: two of them give the int16 product).
+// by signed bytes: two of them give the int16 product). hi alone is the row rounded to int8
+// (x ~= 256 d * hi, as llama.cpp's Q8_0 activations), with its sums per block and half block:
+// what many-row products take, at half the instructions.
 struct Act {
     int64_t K, nb;
     int16_t* a;
     float* d;
     int32_t* bsum;
     int8_t *hi, *lo;
-    int32_t* bsum16;
+    int32_t *bsum16, *hsum, *hsum16;
 };
-constexpr int64_t ACT_BYTES_PER_BLOCK = 64 + 4 + 4 + 64 + 8;
+constexpr int64_t ACT_BYTES_PER_BLOCK = 64 + 4 + 4 + 64 + 8 + 4 + 8;
 // |a| <= 127 * 256 + 127, so that hi = round(a / 256) fits an int8 (~2^-15 relative precision).
 constexpr float ACT_MAX = 32639.f;
 
@@ -44,7 +46,9 @@ void quantize_row(const float* x, Act& act) {
             const __m512i lo = _mm512_sub_epi32(v, _mm512_slli_epi32(hi, 8));
             _mm_storeu_si128((__m128i*)(act.hi + 32 * j + 16 * h), _mm512_cvtepi32_epi8(hi));
             _mm_storeu_si128((__m128i*)(act.lo + 32 * j + 16 * h), _mm512_cvtepi32_epi8(lo));
+            act.hsum16[2 * j + h] = _mm512_reduce_add_epi32(hi);
         }
+        act.hsum[j] = act.hsum16[2 * j] + act.hsum16[2 * j + 1];
     }
 }
 

@@ -1,4 +1,4 @@
-// The 16-row interleaved layouts (Q4_0X, Q5_0X, Q8_0X) and their product kernels: rows across the
+// The 16-row interleaved layouts (Q4_0X, Q5_0X, Q8_0X, Q4_KX, Q6_KX) and their product kernels: rows across the
 // lanes, not values. Separate from the row layouts of formats.h / dot_tiles.h because a row is
 // not contiguous here (decoders and repacking go through the group), and the kernels differ.
 // Also weight_row_bytes: a row's bytes in any layout, interleaved or not.
@@ -20,9 +20,9 @@ namespace {
 //   bytes, 5.0 ms where Q8_0R's four-row tiles took 6.2 (the hardware fetches the rows' strided
 //   136-byte groups less well than one stream); the whole step 8.4 -> 7.95 ms.
 // - Q4_0X: the same for our own Q4_0 files (`gemma3 quantize --to int4-block32`), head included.
-// (Q6_K and Q4_K versions, 31% and 17% faster warm, changed nothing in the step when a core read
-// one stream; not retried with four.) Rows come in whole groups of 16 (N % 16 == 0) and a row is not
-// contiguous: `lookup` decodes table rows from their group. The bytes are the GGUF format's, rearranged.
+// - Q4_KX and Q6_KX (below): the K-quants of larger models.
+// Rows come in whole groups of 16 (N % 16 == 0) and a row is not contiguous: `lookup` decodes
+// table rows from their group. The bytes are the GGUF format's, rearranged.
 //
 // Per 16 rows and 32-value block, with four-value quads q = 0..7 and lane 4r + i for value i of a
 // quad of row r, values stored + OFFSET (unsigned for vpdpbusd; the offset is taken off through the
@@ -38,8 +38,6 @@ struct Nibbles16 {
         return q % 2 ? high_nibbles(raw) : low_nibbles(raw);
     }
     static int lane(int r, int j) { return 4 * r + j % 4; }  // of value j of row r, in quad j / 4
-    // Value j of row r (decoding tables and tests: one at a time).
-    static int get(const uint8_t* d, int r, int j) { return (d[64 * (j / 8) + lane(r, j)] >> (4 * (j / 4 % 2))) & 0x0F; }
     // Value j of a GGUF block's 16 nibble bytes qs (values 0-15 low nibbles, 16-31 high), into a zeroed d.
     static void put(const uint8_t* qs, int r, int j, uint8_t* d) {
         const int nib = j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4;
@@ -47,15 +45,23 @@ struct Nibbles16 {
     }
 };
 
-struct X16Q4_0 {
-    static constexpr int64_t SRC = Q4_0, BYTES = 288, SCALES_AT = 256, OFFSET = 8;
-    static INLINE __m512i quad(const uint8_t* d, int q) { return Nibbles16::quad(d, q); }
-    // Row r's 32 stored values in the block at d.
-    static __m256i stored32(const uint8_t* d, int r) {
-        alignas(32) uint8_t v[32];
-        for (int j = 0; j < 32; j++) v[j] = (uint8_t)Nibbles16::get(d, r, j);
-        return _mm256_load_si256((const __m256i*)v);
+// What every interleaved format gives the kernels, per block of VALS values (BYTES for 16 rows):
+// quad(blk, i, q), the stored values (unsigned) of quad q of its 32-value sub-block i, 16 rows x 4;
+// scales(blk, i, s), the 16 rows' scales of sub-block i (s[0] for values 0-15 and s[1] for 16-31
+// where TWO_SCALES); with HAS_MIN, mins(blk, i), what a row subtracts per unit of activation; and
+// values are scale * (stored - OFFSET) - min. pack(src, r, dst) writes row r's GGUF block `src`
+// into the zeroed group block `dst`.
+template <int64_t Src, int64_t Bytes, int64_t Offset> struct X16Block32 {
+    static constexpr int64_t SRC = Src, VALS = 32, BYTES = Bytes, SCALES_AT = Bytes - 32, OFFSET = Offset;
+    static constexpr bool TWO_SCALES = false, HAS_MIN = false;
+    static INLINE void scales(const uint8_t* blk, int, __m512* s) {
+        s[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + SCALES_AT)));
     }
+    static INLINE __m512 mins(const uint8_t*, int) { return _mm512_setzero_ps(); }
+};
+
+struct X16Q4_0 : X16Block32<Q4_0, 288, 8> {
+    static INLINE __m512i quad(const uint8_t* d, int, int q) { return Nibbles16::quad(d, q); }
     // Row r's block from Q4_0 block `src` (f16 scale, 16 nibble bytes), into a zeroed `dst`.
     static void pack(const uint8_t* src, int r, uint8_t* dst) {
         std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
@@ -63,21 +69,12 @@ struct X16Q4_0 {
     }
 };
 
-struct X16Q5_0 {
-    static constexpr int64_t SRC = Q5_0, BYTES = 352, SCALES_AT = 320, OFFSET = 16;
-    static INLINE __m512i quad(const uint8_t* d, int q) {
+struct X16Q5_0 : X16Block32<Q5_0, 352, 16> {
+    static INLINE __m512i quad(const uint8_t* d, int, int q) {
         const __m512i u = Nibbles16::quad(d, q);
         __mmask64 fifth;
         std::memcpy(&fifth, d + 256 + 8 * q, 8);
         return _mm512_mask_add_epi8(u, fifth, u, _mm512_set1_epi8(0x10));
-    }
-    static __m256i stored32(const uint8_t* d, int r) {
-        alignas(32) uint8_t v[32];
-        for (int j = 0; j < 32; j++) {
-            const int lane = Nibbles16::lane(r, j);
-            v[j] = (uint8_t)(Nibbles16::get(d, r, j) + 16 * ((d[256 + 8 * (j / 4) + lane / 8] >> (lane % 8)) & 1));
-        }
-        return _mm256_load_si256((const __m256i*)v);
     }
     // Row r's block from Q5_0 block `src` (f16 scale, 32 fifth bits, 16 nibble bytes).
     static void pack(const uint8_t* src, int r, uint8_t* dst) {
@@ -92,63 +89,175 @@ struct X16Q5_0 {
     }
 };
 
-struct X16Q8_0 {
-    static constexpr int64_t SRC = Q8_0, BYTES = 544, SCALES_AT = 512, OFFSET = 128;
-    static INLINE __m512i quad(const uint8_t* d, int q) { return _mm512_loadu_si512(d + 64 * q); }
-    // Row r's quads: the 4-byte lane r of each 64 bytes.
-    static INLINE __m256i quads() { return _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112); }
-    static INLINE __m256i stored32(const uint8_t* d, int r) { return _mm256_i32gather_epi32((const int*)(d + 4 * r), quads(), 4); }
+struct X16Q8_0 : X16Block32<Q8_0, 544, 128> {
+    static INLINE __m512i quad(const uint8_t* d, int, int q) { return _mm512_loadu_si512(d + 64 * q); }
     static void pack(const uint8_t* src, int r, uint8_t* dst) {
         std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
         const __m256i stored = _mm256_xor_si256(FmtQ8_0::quants(src), _mm256_set1_epi8((char)0x80));  // + 128
-        _mm256_i32scatter_epi32((int*)(dst + 4 * r), quads(), stored, 4);
+        const __m256i quads = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);  // row r: 4-byte lane r of each 64
+        _mm256_i32scatter_epi32((int*)(dst + 4 * r), quads, stored, 4);
+    }
+};
+
+// Row r's 32 values `v` (bytes 0..15) as Nibbles16 bytes of the zeroed 256 at dst: quad q's
+// four values go to byte 64 (q / 2) + 4r + i, low nibble for even q, high for odd.
+INLINE void put_nibbles16(const uint8_t* v, int r, uint8_t* dst) {
+    for (int c = 0; c < 4; c++) {
+        uint64_t two;  // quads 2c and 2c + 1
+        std::memcpy(&two, v + 8 * c, 8);
+        const uint32_t bytes = (uint32_t)two | (uint32_t)(two >> 32) << 4;
+        std::memcpy(dst + 64 * c + 4 * r, &bytes, 4);
+    }
+}
+
+// Int8 lanes of 16 bytes as 16 floats (the K-quants' per-row sub-block scales and mins).
+INLINE __m512 bytes16(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
+
+// ---- Q4_KX and Q6_KX: the K-quants, sixteen rows interleaved ------------------------------------
+//
+// Per 16 rows and 256-value super-block, the eight 32-value sub-blocks' values first, each as a
+// Q4_0X block's 256 nibble bytes (Nibbles16), then the rows' scales:
+// - Q4_KX, 2368 bytes (Q4_K's 144 per row, 2304, plus the 6-bit scales unpacked): at 2048 + 16i + r
+//   row r's integer scale sc of sub-block i, at 2176 + 16i + r its min m, at 2304 + 2r the super-block's
+//   d and at 2336 + 2r its dmin (f16); values d * sc * q - dmin * m, as in Q4_K.
+// - Q6_KX, 3360 bytes (Q6_K's 210 per row): the low 4 bits as nibbles, then per sub-block i and
+//   quad q two 64-bit masks at 2048 + 128i + 16q (bit `lane` = bit 4 of that value) and + 8 (bit 5),
+//   at 3072 + 16j + r row r's int8 scale of 16-value sub-block j, at 3328 + 2r its d (f16); stored
+//   values 0..63, value d * sc * (u - 32), as in Q6_K.
+// For decode at 4B shapes, where the layers (not the LM head) are the step: the scales of 16
+// rows in one vector and nothing summed across lanes, where the row layouts (Q4_KR) spend about
+// as many instructions on each 32-value block's scales as on its products; and without AMX, prefill
+// multiplies these groups by several activation rows per read (no bf16 GEMM to hand over to).
+struct X16Q4_K {
+    static constexpr int64_t SRC = Q4_K, VALS = 256, BYTES = 2368, OFFSET = 0;
+    static constexpr bool TWO_SCALES = false, HAS_MIN = true;
+    static INLINE __m512i quad(const uint8_t* blk, int i, int q) { return Nibbles16::quad(blk + 256 * i, q); }
+    static INLINE void scales(const uint8_t* blk, int i, __m512* s) {
+        s[0] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 2304))), bytes16(blk + 2048 + 16 * i));
+    }
+    static INLINE __m512 mins(const uint8_t* blk, int i) {
+        return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 2336))), bytes16(blk + 2176 + 16 * i));
+    }
+    static void pack(const uint8_t* src, int r, uint8_t* dst) {
+        const uint8_t* s = src + 4;  // the 6-bit scales and mins, as FmtQ4_K::decode unpacks them
+        alignas(32) uint8_t v[32];
+        for (int i = 0; i < 8; i++) {
+            // Q4_K's bytes 32j..32j+31 hold sub-block 2j in their low nibbles and 2j + 1 in their high ones.
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(src + 16 + 32 * (i / 2)));
+            _mm256_store_si256((__m256i*)v, _mm256_and_si256(i % 2 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(0x0F)));
+            put_nibbles16(v, r, dst + 256 * i);
+            dst[2048 + 16 * i + r] = (uint8_t)(i < 4 ? s[i] & 63 : (s[i + 4] & 0xF) | ((s[i - 4] >> 6) << 4));
+            dst[2176 + 16 * i + r] = (uint8_t)(i < 4 ? s[i + 4] & 63 : (s[i + 4] >> 4) | ((s[i] >> 6) << 4));
+        }
+        std::memcpy(dst + 2304 + 2 * r, src, 2);
+        std::memcpy(dst + 2336 + 2 * r, src + 2, 2);
+    }
+};
+
+struct X16Q6_K {
+    static constexpr int64_t SRC = Q6_K, VALS = 256, BYTES = 3360, OFFSET = 32;
+    static constexpr bool TWO_SCALES = true, HAS_MIN = false;
+    static INLINE __m512i quad(const uint8_t* blk, int i, int q) {
+        __mmask64 b4, b5;
+        std::memcpy(&b4, blk + 2048 + 128 * i + 16 * q, 8);
+        std::memcpy(&b5, blk + 2048 + 128 * i + 16 * q + 8, 8);
+        __m512i u = Nibbles16::quad(blk + 256 * i, q);
+        u = _mm512_mask_add_epi8(u, b4, u, _mm512_set1_epi8(0x10));
+        return _mm512_mask_add_epi8(u, b5, u, _mm512_set1_epi8(0x20));
+    }
+    static INLINE void scales(const uint8_t* blk, int i, __m512* s) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 3328)));
+        s[0] = _mm512_mul_ps(d, bytes16(blk + 3072 + 32 * i));
+        s[1] = _mm512_mul_ps(d, bytes16(blk + 3072 + 32 * i + 16));
+    }
+    static INLINE __m512 mins(const uint8_t*, int) { return _mm512_setzero_ps(); }
+    static void pack(const uint8_t* src, int r, uint8_t* dst) {
+        alignas(32) uint8_t v[32];
+        FmtQ6_K::decode(src, [&](int i, __m256i q, float, float, float) {
+            const __m256i u = _mm256_add_epi8(q, _mm256_set1_epi8(32));  // stored 0..63
+            _mm256_store_si256((__m256i*)v, _mm256_and_si256(u, _mm256_set1_epi8(0x0F)));
+            put_nibbles16(v, r, dst + 256 * i);
+            // Bits 4 and 5 of each value to its byte's sign bit (no bit crosses into the other
+            // byte's sign), collected; quad q's four bits go to bits 4r..4r+3 of its masks.
+            const uint32_t b4 = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(u, 3));
+            const uint32_t b5 = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(u, 2));
+            for (int q = 0; q < 8; q++) {
+                uint8_t* m = dst + 2048 + 128 * i + 16 * q + r / 2;
+                m[0] |= (uint8_t)(((b4 >> 4 * q) & 0xF) << 4 * (r % 2));
+                m[8] |= (uint8_t)(((b5 >> 4 * q) & 0xF) << 4 * (r % 2));
+            }
+        });
+        for (int j = 0; j < 16; j++) dst[3072 + 16 * j + r] = src[192 + j];
+        std::memcpy(dst + 3328 + 2 * r, src + 208, 2);
     }
 };
 
 // Bytes of one 16-row group of K values.
-template <class X> constexpr int64_t group_bytes(int64_t K) { return K / 32 * X::BYTES; }
+template <class X> constexpr int64_t group_bytes(int64_t K) { return K / X::VALS * X::BYTES; }
 
-// f(X16Q4_0{}), f(X16Q5_0{}) or f(X16Q8_0{}) for an interleaved type; false for any other.
+// f(X16Q4_0{}) ... f(X16Q6_K{}) for an interleaved type; false for any other.
 template <class F> bool interleaved(int64_t type, F&& f) {
     if (type == Q4_0X) return f(X16Q4_0{}), true;
     if (type == Q5_0X) return f(X16Q5_0{}), true;
     if (type == Q8_0X) return f(X16Q8_0{}), true;
+    if (type == Q4_KX) return f(X16Q4_K{}), true;
+    if (type == Q6_KX) return f(X16Q6_K{}), true;
     return false;
 }
 
 // Y[m, 16 rows of group s] for S groups G[s] (outputs at Y[s]) and MT activation rows: each
 // group's weights decoded once for all rows; the S groups are read block by block in lockstep.
-template <class X, int S, int MT>
+// Per 32-value sub-block, integer dot products per half (two-scale formats) or whole, the stored
+// values' offset taken off in integers through the activation sums, then one FMA with the
+// scales; a format's mins through the activation block sums. INT8: the activations' high bytes
+// alone (Act: int8 activations), one vpdpbusd per quad and row instead of two.
+template <class X, int S, int MT, bool INT8>
 INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, float* const* Y, int64_t ldy) {
+    constexpr int SUBS = X::VALS / 32, HALVES = X::TWO_SCALES ? 2 : 1;
     __m512 acc[S][MT];
     for (int s = 0; s < S; s++)
         for (int m = 0; m < MT; m++) acc[s][m] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < K / 32; b++) {
+    for (int64_t sb = 0; sb < K / X::VALS; sb++) {
 #pragma GCC unroll 8
         for (int s = 0; s < S; s++) {
-            const uint8_t* d = G[s] + b * X::BYTES;
-            // Blocks ahead: 8 for one stream (2 or 4 left the cores waiting), 4 per stream for
-            // four (2 or 8 were slower).
-            constexpr int ahead = S == 1 ? 8 : 4;
-            for (int l = 0; l < X::BYTES; l += 64) _mm_prefetch((const char*)d + ahead * X::BYTES + l, _MM_HINT_T1);
-            __m512i sh[MT], sl[MT];  // the products with the activations' high and low bytes
-            for (int m = 0; m < MT; m++) sh[m] = sl[m] = _mm512_setzero_si512();
+            const uint8_t* blk = G[s] + sb * X::BYTES;
+            // 256 values ahead (8 blocks of 32) for one stream (2 or 4 left the cores waiting),
+            // 128 per stream for four (2 or 8 blocks were slower).
+            constexpr int64_t ahead = (S == 1 ? 8 : 4) * X::BYTES * 32 / X::VALS;
+            for (int64_t l = 0; l < X::BYTES; l += 64) _mm_prefetch((const char*)blk + ahead + l, _MM_HINT_T1);
+            for (int i = 0; i < SUBS; i++) {
+                const int64_t b = sb * SUBS + i;  // the activations' 32-value block
+                __m512i sh[HALVES][MT], sl[HALVES][MT];  // the products with the activations' high and low bytes
+                for (int h = 0; h < HALVES; h++)
+                    for (int m = 0; m < MT; m++) sh[h][m] = sl[h][m] = _mm512_setzero_si512();
 #pragma GCC unroll 8
-            for (int q = 0; q < 8; q++) {
-                const __m512i u = X::quad(d, q);
+                for (int q = 0; q < 8; q++) {
+                    const __m512i u = X::quad(blk, i, q);
+                    const int h = HALVES == 2 ? q / 4 : 0;  // quads 0-3 are values 0-15
 #pragma GCC unroll 4
-                for (int m = 0; m < MT; m++) {
-                    const int32_t* ah = (const int32_t*)(acts[m].hi + 32 * b);  // the activation quads
-                    const int32_t* al = (const int32_t*)(acts[m].lo + 32 * b);
-                    sh[m] = _mm512_dpbusd_epi32(sh[m], u, _mm512_set1_epi32(ah[q]));
-                    sl[m] = _mm512_dpbusd_epi32(sl[m], u, _mm512_set1_epi32(al[q]));
+                    for (int m = 0; m < MT; m++) {
+                        const int32_t* ah = (const int32_t*)(acts[m].hi + 32 * b);  // the activation quads
+                        const int32_t* al = (const int32_t*)(acts[m].lo + 32 * b);
+                        sh[h][m] = _mm512_dpbusd_epi32(sh[h][m], u, _mm512_set1_epi32(ah[q]));
+                        if (!INT8) sl[h][m] = _mm512_dpbusd_epi32(sl[h][m], u, _mm512_set1_epi32(al[q]));
+                    }
                 }
-            }
-            const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d + X::SCALES_AT)));
-            for (int m = 0; m < MT; m++) {
-                const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(sh[m], 8), sl[m]),
-                                                   _mm512_set1_epi32((int32_t)X::OFFSET * acts[m].bsum[b]));
-                acc[s][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sc, _mm512_set1_ps(acts[m].d[b])), acc[s][m]);
+                __m512 sc[HALVES];
+                X::scales(blk, i, sc);
+                const __m512 mn = X::mins(blk, i);
+                for (int m = 0; m < MT; m++) {
+                    const Act& a = acts[m];
+                    const float d = INT8 ? 256.f * a.d[b] : a.d[b];  // the scale of hi is 256 that of a
+                    const __m512 da = _mm512_set1_ps(d);
+                    for (int h = 0; h < HALVES; h++) {
+                        const int32_t* sums = INT8 ? (HALVES == 2 ? a.hsum16 : a.hsum) : (HALVES == 2 ? a.bsum16 : a.bsum);
+                        const int32_t sum = sums[HALVES * b + h];
+                        __m512i t = INT8 ? sh[h][m] : _mm512_add_epi32(_mm512_slli_epi32(sh[h][m], 8), sl[h][m]);
+                        if (X::OFFSET) t = _mm512_sub_epi32(t, _mm512_set1_epi32((int32_t)X::OFFSET * sum));
+                        acc[s][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sc[h], da), acc[s][m]);
+                    }
+                    if (X::HAS_MIN) acc[s][m] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(d * (float)(INT8 ? a.hsum : a.bsum)[b]), acc[s][m]);
+                }
             }
         }
     }
@@ -162,12 +271,12 @@ INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, floa
 // left memory idle (the memory system works on more lines at once for several streams; a bare
 // two-thread read of the LM head: 5.4 ms as one stream per core, 4.6 as four). The 270M step
 // 8.15 -> 7.37 ms (A/B in one process, same tokens; three or six streams were no better).
-template <class X, int MT>
+template <class X, int MT, bool INT8>
 void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
     constexpr int S = MT == 1 ? 4 : 1;
     auto one = [&](int64_t g, float* out, int64_t ld) {  // group g alone
         const uint8_t* G = W + g * group_bytes<X>(K);
-        x16_groups<X, 1, MT>(&G, K, acts, &out, ld);
+        x16_groups<X, 1, MT, INT8>(&G, K, acts, &out, ld);
     };
     auto partial = [&](int64_t g) {
         float part[MT * 16];
@@ -188,15 +297,21 @@ void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* ac
             G[s] = W + g * group_bytes<X>(K);
             Ys[s] = Y + g * 16;
         }
-        x16_groups<X, S, MT>(G, K, acts, Ys, ldy);
+        x16_groups<X, S, MT, INT8>(G, K, acts, Ys, ldy);
     }
     for (int64_t g = g0 + S * per; g < g1; g++) one(g, Y + g * 16, ldy);
 }
 
 // Bytes per row of K values in a layout (GGML or repacked; an interleaved row's share of its
-// group, the GGUF format's row).
+// group: the GGUF format's row, but Q4_KX's, whose scales are unpacked).
 int64_t weight_row_bytes(int64_t type, int64_t K) {
-    interleaved(type, [&](auto x) { type = decltype(x)::SRC; });
+    int64_t bytes = -1;
+    if (interleaved(type, [&](auto x) {
+            using X = decltype(x);
+            TORCH_CHECK(K % X::VALS == 0, "row length ", K, " is not a multiple of the block size ", X::VALS);
+            bytes = group_bytes<X>(K) / 16;
+        }))
+        return bytes;
     return dispatch(type, [&](auto fmt) { return row_bytes<decltype(fmt)>(K); });
 }
 

@@ -58,7 +58,8 @@ struct Acts {
         for (int64_t m = 0; m < M; m++) {
             int8_t* base = buf.data_ptr<int8_t>() + m * buf.size(1);
             rows[m] = Act{K, nb, (int16_t*)base, (float*)(base + 2 * K), (int32_t*)(base + 2 * K + 4 * nb),
-                          base + 2 * K + 8 * nb, base + 3 * K + 8 * nb, (int32_t*)(base + 4 * K + 8 * nb)};
+                          base + 2 * K + 8 * nb, base + 3 * K + 8 * nb, (int32_t*)(base + 4 * K + 8 * nb),
+                          (int32_t*)(base + 4 * K + 16 * nb), (int32_t*)(base + 4 * K + 20 * nb)};
             quantize_row(x + m * K, rows[m]);
         }
     }
@@ -77,7 +78,8 @@ struct Product {
 // (one product, one activation row): also its largest output (argmax_rows' answer), each chunk
 // scanned right after it is written, while it is still in its core's caches (a separate scan
 // after the 270M's LM head, which has streamed 178 MB through them since, took ~0.14 ms).
-void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* best = nullptr) {
+// `int8`: interleaved weights take the activations rounded to int8 (Act's hi; others ignore it).
+void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* best = nullptr, bool int8 = false) {
     const int64_t M = (int64_t)acts.rows.size(), K = acts.rows[0].K;
     std::vector<int64_t> start{0};
     for (const auto& p : products) {
@@ -102,30 +104,41 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* b
             if (n0 >= n1) continue;
             const Product& p = products[i];
             const uint8_t* W = p.w.data_ptr<uint8_t>();
-            for (int64_t m = 0; m < M; m += MT)  // MT activation rows per read of the weights
-                with_rows(std::min<int64_t>(MT, M - m), [&](auto rows) {
-                    constexpr int R = decltype(rows)::value;
-                    const Act* a = acts.rows.data() + m;
-                    float* Y = p.Y + m * p.N;
-                    if (!interleaved(p.type, [&](auto x) { x16_rows<decltype(x), R>(W, K, n0, n1, a, Y, p.N); }))
-                        dispatch(p.type, [&](auto fmt) {
-                            using T = decltype(fmt);
-                            dot_rows<T, R>(W, row_bytes<T>(K), n0, n1, a, Y, p.N);
-                            return 0;
-                        });
-                });
+            // Many rows: the weight rows 64 at a time (~100 KB at 4B shapes, kept in the core's L2)
+            // against every activation row, MT rows per read of them (8 spilled registers: the
+            // int8 kernel ran at half the speed).
+            const int64_t step = M > MT ? 64 : n1 - n0;
+            for (int64_t s0 = n0; s0 < n1; s0 += step) {
+                const int64_t s1 = std::min(n1, s0 + step);
+                for (int64_t m = 0; m < M; m += MT)
+                    with_rows(std::min<int64_t>(MT, M - m), [&](auto rows) {
+                        constexpr int R = decltype(rows)::value;
+                        const Act* a = acts.rows.data() + m;
+                        float* Y = p.Y + m * p.N;
+                        if (!interleaved(p.type, [&](auto x) {
+                                if (int8) x16_rows<decltype(x), R, true>(W, K, s0, s1, a, Y, p.N);
+                                else x16_rows<decltype(x), R, false>(W, K, s0, s1, a, Y, p.N);
+                            }))
+                            dispatch(p.type, [&](auto fmt) {
+                                using T = decltype(fmt);
+                                dot_rows<T, R>(W, row_bytes<T>(K), s0, s1, a, Y, p.N);
+                                return 0;
+                            });
+                    });
+            }
             if (best) chunk_best[c] = best_of(p.Y, n0, n1);
         }
     }
     if (best) *best = first_best(chunk_best);
 }
 
-// x [M, K] float32 @ W[N, K]^T (GGUF blocks) -> [M, N] float32, int16 activations.
-torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type, int64_t N) {
+// x [M, K] float32 @ W[N, K]^T (GGUF blocks) -> [M, N] float32, int16 activations (int8 with
+// `int8`, for interleaved weights: many-row products where there is no AMX for the bf16 GEMM).
+torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type, int64_t N, bool int8) {
     x = as_rows(x);
     Acts acts(x.data_ptr<float>(), x.size(0), x.size(1));
     auto y = torch::empty({x.size(0), N}, torch::kFloat32);
-    matmul_acts(acts, {{w, type, N, y.data_ptr<float>()}});
+    matmul_acts(acts, {{w, type, N, y.data_ptr<float>()}}, nullptr, int8);
     return y;
 }
 
@@ -174,9 +187,7 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, int64_t type, int64_
     uint16_t* o = (uint16_t*)buf.data_ptr();
     for (int64_t n0 = 0; n0 < N; n0 += tile) {
         const int64_t nt = std::min(tile, N - n0);
-        at::parallel_for(0, nt, 64, [&](int64_t a, int64_t b) {
-            for (int64_t n = a; n < b; n++) decode_row<true>(W, type, K, n0 + n, o + n * K);
-        });
+        at::parallel_for(0, nt, 64, [&](int64_t a, int64_t b) { decode_rows<true>(W, type, K, n0 + a, n0 + b, o + a * K, K); });
         // CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112
         cblas_gemm_bf16bf16f32(101, 111, 112, M, nt, K, 1.f, (const uint16_t*)xb.data_ptr(), K,
                                (const uint16_t*)buf.data_ptr(), K, 0.f, y.data_ptr<float>() + n0, N);

@@ -71,17 +71,18 @@ torch::Tensor repack_q5_0(torch::Tensor w, int64_t N, int64_t K, c10::optional<t
     });
 }
 
-// GGUF rows (Q4_0, Q5_0, Q8_0) [N, K / 32 * block bytes] -> their interleaved layout (X16Q*),
-// the same size; N % 16 == 0, K % 32 == 0. Into `out` where given, a new tensor otherwise.
+// GGUF rows (Q4_0, Q5_0, Q8_0, Q4_K, Q6_K) [N, K / VALS * block bytes] -> their interleaved layout
+// (X16*), the same size but Q4_KX's; N % 16 == 0, K % VALS == 0. Into `out` where given, a new
+// tensor otherwise.
 template <class X>
 torch::Tensor repack_x16(const char* name, const torch::Tensor& w, int64_t N, int64_t K, const c10::optional<torch::Tensor>& out) {
-    TORCH_CHECK(K % 32 == 0, name, ": row length ", K, " is not a multiple of 32");
+    TORCH_CHECK(K % X::VALS == 0, name, ": row length ", K, " is not a multiple of ", X::VALS);
     TORCH_CHECK(N % 16 == 0, name, ": ", N, " rows is not a multiple of 16");
-    const int64_t nb = K / 32, rb = weight_row_bytes(X::SRC, K), src_bytes = rb / nb;
+    const int64_t nb = K / X::VALS, rb = weight_row_bytes(X::SRC, K), src_bytes = rb / nb, ob = group_bytes<X>(K) / 16;
     check_weight(w, N, rb);
-    torch::Tensor o = out.has_value() ? *out : torch::empty({N, rb}, torch::kUInt8);
-    TORCH_CHECK(o.dtype() == torch::kUInt8 && o.is_contiguous() && o.numel() == N * rb, name,
-                ": out must be contiguous uint8 with ", N * rb, " bytes");
+    torch::Tensor o = out.has_value() ? *out : torch::empty({N, ob}, torch::kUInt8);
+    TORCH_CHECK(o.dtype() == torch::kUInt8 && o.is_contiguous() && o.numel() == N * ob, name,
+                ": out must be contiguous uint8 with ", N * ob, " bytes");
     const uint8_t* in = w.data_ptr<uint8_t>();
     uint8_t* op = o.data_ptr<uint8_t>();
     at::parallel_for(0, N / 16 * nb, 16, [&](int64_t u0, int64_t u1) {
@@ -104,6 +105,14 @@ torch::Tensor repack_q5_0x(torch::Tensor w, int64_t N, int64_t K, c10::optional<
 
 torch::Tensor repack_q8_0x(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
     return repack_x16<X16Q8_0>("repack_q8_0x", w, N, K, out);
+}
+
+torch::Tensor repack_q4_kx(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
+    return repack_x16<X16Q4_K>("repack_q4_kx", w, N, K, out);
+}
+
+torch::Tensor repack_q6_kx(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
+    return repack_x16<X16Q6_K>("repack_q6_kx", w, N, K, out);
 }
 
 // Q8_0 rows [N, K / 32 * 34 bytes] -> Q8_0R rows [N, K / 128 * 136] (see FmtQ8_0R); K % 128 == 0.

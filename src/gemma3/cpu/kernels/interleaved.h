@@ -37,12 +37,6 @@ struct Nibbles16 {
         const __m512i raw = _mm512_loadu_si512(d + 64 * (q / 2));
         return q % 2 ? high_nibbles(raw) : low_nibbles(raw);
     }
-    static int lane(int r, int j) { return 4 * r + j % 4; }  // of value j of row r, in quad j / 4
-    // Value j of a GGUF block's 16 nibble bytes qs (values 0-15 low nibbles, 16-31 high), into a zeroed d.
-    static void put(const uint8_t* qs, int r, int j, uint8_t* d) {
-        const int nib = j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4;
-        d[64 * (j / 8) + lane(r, j)] |= nib << (4 * (j / 4 % 2));
-    }
 };
 
 // What every interleaved format gives the kernels, per block of VALS values (BYTES for 16 rows):
@@ -60,12 +54,25 @@ template <int64_t Src, int64_t Bytes, int64_t Offset> struct X16Block32 {
     static INLINE __m512 mins(const uint8_t*, int) { return _mm512_setzero_ps(); }
 };
 
+// Row r's 32 values `v` (bytes 0..15) as Nibbles16 bytes of the zeroed 256 at dst: quad q's
+// four values go to byte 64 (q / 2) + 4r + i, low nibble for even q, high for odd.
+INLINE void put_nibbles16(const uint8_t* v, int r, uint8_t* dst) {
+    for (int c = 0; c < 4; c++) {
+        uint64_t two;  // quads 2c and 2c + 1
+        std::memcpy(&two, v + 8 * c, 8);
+        const uint32_t bytes = (uint32_t)two | (uint32_t)(two >> 32) << 4;
+        std::memcpy(dst + 64 * c + 4 * r, &bytes, 4);
+    }
+}
+
 struct X16Q4_0 : X16Block32<Q4_0, 288, 8> {
     static INLINE __m512i quad(const uint8_t* d, int, int q) { return Nibbles16::quad(d, q); }
     // Row r's block from Q4_0 block `src` (f16 scale, 16 nibble bytes), into a zeroed `dst`.
     static void pack(const uint8_t* src, int r, uint8_t* dst) {
+        alignas(32) uint8_t v[32];
         std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
-        for (int j = 0; j < 32; j++) Nibbles16::put(src + 2, r, j, dst);
+        _mm256_store_si256((__m256i*)v, nibbles32(src + 2));
+        put_nibbles16(v, r, dst);
     }
 };
 
@@ -78,14 +85,14 @@ struct X16Q5_0 : X16Block32<Q5_0, 352, 16> {
     }
     // Row r's block from Q5_0 block `src` (f16 scale, 32 fifth bits, 16 nibble bytes).
     static void pack(const uint8_t* src, int r, uint8_t* dst) {
+        alignas(32) uint8_t v[32];
         uint32_t qh;
         std::memcpy(&qh, src + 2, 4);
         std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
-        for (int j = 0; j < 32; j++) {
-            const int lane = Nibbles16::lane(r, j);
-            Nibbles16::put(src + 6, r, j, dst);
-            dst[256 + 8 * (j / 4) + lane / 8] |= ((qh >> j) & 1u) << (lane % 8);
-        }
+        _mm256_store_si256((__m256i*)v, nibbles32(src + 6));
+        put_nibbles16(v, r, dst);
+        for (int q = 0; q < 8; q++)  // quad q's four fifth bits: bits 4r..4r+3 of its mask
+            dst[256 + 8 * q + r / 2] |= (uint8_t)(((qh >> 4 * q) & 0xF) << 4 * (r % 2));
     }
 };
 
@@ -98,17 +105,6 @@ struct X16Q8_0 : X16Block32<Q8_0, 544, 128> {
         _mm256_i32scatter_epi32((int*)(dst + 4 * r), quads, stored, 4);
     }
 };
-
-// Row r's 32 values `v` (bytes 0..15) as Nibbles16 bytes of the zeroed 256 at dst: quad q's
-// four values go to byte 64 (q / 2) + 4r + i, low nibble for even q, high for odd.
-INLINE void put_nibbles16(const uint8_t* v, int r, uint8_t* dst) {
-    for (int c = 0; c < 4; c++) {
-        uint64_t two;  // quads 2c and 2c + 1
-        std::memcpy(&two, v + 8 * c, 8);
-        const uint32_t bytes = (uint32_t)two | (uint32_t)(two >> 32) << 4;
-        std::memcpy(dst + 64 * c + 4 * r, &bytes, 4);
-    }
-}
 
 // Int8 lanes of 16 bytes as 16 floats (the K-quants' per-row sub-block scales and mins).
 INLINE __m512 bytes16(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }

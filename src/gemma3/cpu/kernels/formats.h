@@ -181,22 +181,24 @@ struct FmtQ6_KR {
     }
 };
 
+// Sub-block i's 6-bit scale and min from a Q4_K super-block's 12 packed bytes s (get_scale_min_k4 in ggml).
+INLINE int q4k_scale(const uint8_t* s, int i) { return i < 4 ? s[i] & 63 : (s[i + 4] & 0xF) | ((s[i - 4] >> 6) << 4); }
+INLINE int q4k_min(const uint8_t* s, int i) { return i < 4 ? s[i + 4] & 63 : (s[i + 4] >> 4) | ((s[i] >> 6) << 4); }
+
 struct FmtQ4_K {
     static constexpr int VALS = 256, BYTES = 144;
     static constexpr bool TWO_SCALES = false, HAS_MIN = true;
     template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
         float d = h2f(b), dmin = h2f(b + 2);
-        const uint8_t* s = b + 4;  // 8 six-bit scales and mins (get_scale_min_k4 in ggml)
+        const uint8_t* s = b + 4;  // 8 six-bit scales and mins
         const uint8_t* qs = b + 16;
         __m256i m4 = _mm256_set1_epi8(0x0F);
         for (int j = 0; j < 4; j++) {
             __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
             for (int h = 0; h < 2; h++) {
                 int i = 2 * j + h;
-                int sc = i < 4 ? s[i] & 63 : (s[i + 4] & 0xF) | ((s[i - 4] >> 6) << 4);
-                int mn = i < 4 ? s[i + 4] & 63 : (s[i + 4] >> 4) | ((s[i] >> 6) << 4);
-                float ds = d * (float)sc;
-                f(i, _mm256_and_si256(h ? _mm256_srli_epi16(q, 4) : q, m4), ds, ds, dmin * (float)mn);
+                float ds = d * (float)q4k_scale(s, i);
+                f(i, _mm256_and_si256(h ? _mm256_srli_epi16(q, 4) : q, m4), ds, ds, dmin * (float)q4k_min(s, i));
             }
         }
     }

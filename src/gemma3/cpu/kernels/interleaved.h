@@ -135,15 +135,15 @@ struct X16Q4_K {
         return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 2336))), bytes16(blk + 2176 + 16 * i));
     }
     static void pack(const uint8_t* src, int r, uint8_t* dst) {
-        const uint8_t* s = src + 4;  // the 6-bit scales and mins, as FmtQ4_K::decode unpacks them
+        const uint8_t* s = src + 4;  // the 6-bit scales and mins
         alignas(32) uint8_t v[32];
         for (int i = 0; i < 8; i++) {
             // Q4_K's bytes 32j..32j+31 hold sub-block 2j in their low nibbles and 2j + 1 in their high ones.
             const __m256i q = _mm256_loadu_si256((const __m256i*)(src + 16 + 32 * (i / 2)));
             _mm256_store_si256((__m256i*)v, _mm256_and_si256(i % 2 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(0x0F)));
             put_nibbles16(v, r, dst + 256 * i);
-            dst[2048 + 16 * i + r] = (uint8_t)(i < 4 ? s[i] & 63 : (s[i + 4] & 0xF) | ((s[i - 4] >> 6) << 4));
-            dst[2176 + 16 * i + r] = (uint8_t)(i < 4 ? s[i + 4] & 63 : (s[i + 4] >> 4) | ((s[i] >> 6) << 4));
+            dst[2048 + 16 * i + r] = (uint8_t)q4k_scale(s, i);
+            dst[2176 + 16 * i + r] = (uint8_t)q4k_min(s, i);
         }
         std::memcpy(dst + 2304 + 2 * r, src, 2);
         std::memcpy(dst + 2336 + 2 * r, src + 2, 2);

@@ -130,7 +130,7 @@ torch::Tensor repack_q8_0(torch::Tensor w, int64_t N, int64_t K, c10::optional<t
 // Whole vectors of nibbles at a time: repacking is most of a load (a 4B model's 1.5 GB of Q4_K).
 torch::Tensor repack_q4_k(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
     return repack<FmtQ4_K, FmtQ4_KR>("repack_q4_k", w, N, K, out, [](const uint8_t* src, uint8_t* dst) {
-        const uint8_t* s = src + 4;  // the 6-bit scales and mins, as FmtQ4_K::decode unpacks them
+        const uint8_t* s = src + 4;  // the 6-bit scales and mins
         const __m256i m4 = _mm256_set1_epi8(0x0F);
         for (int h = 0; h < 2; h++, dst += FmtQ4_KR::BYTES) {
             // Q4_K's bytes 32j..32j+31 hold sub-block 2j in their low nibbles and 2j + 1 in their
@@ -143,8 +143,8 @@ torch::Tensor repack_q4_k(torch::Tensor w, int64_t N, int64_t K, c10::optional<t
             _mm256_storeu_si256((__m256i*)(dst + 32), second);  // values 32-63 | 96-127
             for (int j = 0; j < 4; j++) {
                 const int i = 4 * h + j;
-                dst[64 + j] = (uint8_t)(i < 4 ? s[i] & 63 : (s[i + 4] & 0xF) | ((s[i - 4] >> 6) << 4));
-                dst[68 + j] = (uint8_t)(i < 4 ? s[i + 4] & 63 : (s[i + 4] >> 4) | ((s[i] >> 6) << 4));
+                dst[64 + j] = (uint8_t)q4k_scale(s, i);
+                dst[68 + j] = (uint8_t)q4k_min(s, i);
             }
             std::memcpy(dst + 72, src, 4);  // d and dmin
         }

@@ -36,10 +36,13 @@ def install(model: nn.Module, tensors: dict[str, QTensor]) -> set[str]:
     # Everything a decode step streams goes to one allocation on 2 MB pages (kernels.HugePages),
     # repacked in place, the GGUF pages let go as they are read: one copy of the weights, which
     # prefill and batches read too (the bf16 GEMM decodes interleaved groups 16 rows at a time).
-    linears = [m for m in model.modules() if type(m) is GGMLLinear]
-    memory = kernels.HugePages([m.packed_nbytes() for m in linears + [model.embed_tokens]])
-    for module in linears:
+    # Largest first: while a tensor is repacked, one slice of its source is resident beside the
+    # output, so the peak is the whole model plus the last tensor's slice; the table (the 270M's
+    # 178 MB) last would put up to 64 MB on top of the peak.
+    modules = sorted([m for m in model.modules() if type(m) is GGMLLinear] + [model.embed_tokens],
+                     key=lambda m: -m.packed_nbytes())
+    memory = kernels.HugePages([m.packed_nbytes() for m in modules])
+    for module in modules:
         module.pack(in_place=True, drop_source=True, memory=memory)
-    model.embed_tokens.pack(in_place=True, drop_source=True, memory=memory)
     make_fast(model)
     return taken

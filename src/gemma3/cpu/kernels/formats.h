@@ -185,6 +185,18 @@ struct FmtQ6_KR {
 INLINE int q4k_scale(const uint8_t* s, int i) { return i < 4 ? s[i] & 63 : (s[i + 4] & 0xF) | ((s[i - 4] >> 6) << 4); }
 INLINE int q4k_min(const uint8_t* s, int i) { return i < 4 ? s[i + 4] & 63 : (s[i + 4] >> 4) | ((s[i] >> 6) << 4); }
 
+// All eight at once: scales then mins, a byte each (ggml's unpacking on 32-bit words).
+INLINE void q4k_scales_mins(const uint8_t* s, uint8_t* out) {
+    constexpr uint32_t K1 = 0x3f3f3f3f, K2 = 0x0f0f0f0f, K3 = 0x03030303;
+    uint32_t u[3], o[4];
+    std::memcpy(u, s, 12);
+    o[0] = u[0] & K1;
+    o[1] = (u[2] & K2) | (((u[0] >> 6) & K3) << 4);
+    o[2] = u[1] & K1;
+    o[3] = ((u[2] >> 4) & K2) | (((u[1] >> 6) & K3) << 4);
+    std::memcpy(out, o, 16);
+}
+
 struct FmtQ4_K {
     static constexpr int VALS = 256, BYTES = 144;
     static constexpr bool TWO_SCALES = false, HAS_MIN = true;

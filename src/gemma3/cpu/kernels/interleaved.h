@@ -43,8 +43,8 @@ struct Nibbles16 {
 // quad(blk, i, q), the stored values (unsigned) of quad q of its 32-value sub-block i, 16 rows x 4;
 // scales(blk, i, s), the 16 rows' scales of sub-block i (s[0] for values 0-15 and s[1] for 16-31
 // where TWO_SCALES); with HAS_MIN, mins(blk, i), what a row subtracts per unit of activation; and
-// values are scale * (stored - OFFSET) - min. pack(src, r, dst) writes row r's GGUF block `src`
-// into the zeroed group block `dst`.
+// values are scale * (stored - OFFSET) - min. pack16(src, rb, dst) writes a group block from its
+// 16 rows' GGUF blocks (below).
 template <int64_t Src, int64_t Bytes, int64_t Offset> struct X16Block32 {
     static constexpr int64_t SRC = Src, VALS = 32, BYTES = Bytes, SCALES_AT = Bytes - 32, OFFSET = Offset;
     static constexpr bool TWO_SCALES = false, HAS_MIN = false;
@@ -54,25 +54,79 @@ template <int64_t Src, int64_t Bytes, int64_t Offset> struct X16Block32 {
     static INLINE __m512 mins(const uint8_t*, int) { return _mm512_setzero_ps(); }
 };
 
-// Row r's 32 values `v` (bytes 0..15) as Nibbles16 bytes of the zeroed 256 at dst: quad q's
-// four values go to byte 64 (q / 2) + 4r + i, low nibble for even q, high for odd.
-INLINE void put_nibbles16(const uint8_t* v, int r, uint8_t* dst) {
-    for (int c = 0; c < 4; c++) {
-        uint64_t two;  // quads 2c and 2c + 1
-        std::memcpy(&two, v + 8 * c, 8);
-        const uint32_t bytes = (uint32_t)two | (uint32_t)(two >> 32) << 4;
-        std::memcpy(dst + 64 * c + 4 * r, &bytes, 4);
+// ---- Repacking: sixteen GGUF rows' blocks -> one group block, every byte written once --------
+//
+// X::pack16(src, rb, dst) reads row r's block at src + r * rb. Plain AVX2 (native in both builds,
+// nothing emulated), four rows at a time with in-register transposes: repacking is most of a
+// load, and writing row by row into a zeroed block ran 2-3x slower.
+
+// Rows r0..r0+3's 32 values 0..15 each (v[j], bytes) as their Nibbles16 bytes in the 256 at dst:
+// quad q's four values to byte 64 (q / 2) + 4r + i, low nibble for even q, high for odd.
+INLINE void put_nibbles16x4(const __m256i* v, int r0, uint8_t* dst) {
+    __m128i p[4];  // per row, dword c: values 8c..8c+3 | values 8c+4..8c+7 << 4
+    for (int j = 0; j < 4; j++) {
+        const __m256i u = _mm256_or_si256(v[j], _mm256_slli_epi16(_mm256_srli_epi64(v[j], 32), 4));
+        p[j] = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(u, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
     }
+    const __m128i t0 = _mm_unpacklo_epi32(p[0], p[1]), t1 = _mm_unpacklo_epi32(p[2], p[3]);
+    const __m128i t2 = _mm_unpackhi_epi32(p[0], p[1]), t3 = _mm_unpackhi_epi32(p[2], p[3]);
+    _mm_storeu_si128((__m128i*)(dst + 4 * r0), _mm_unpacklo_epi64(t0, t1));
+    _mm_storeu_si128((__m128i*)(dst + 64 + 4 * r0), _mm_unpackhi_epi64(t0, t1));
+    _mm_storeu_si128((__m128i*)(dst + 128 + 4 * r0), _mm_unpacklo_epi64(t2, t3));
+    _mm_storeu_si128((__m128i*)(dst + 192 + 4 * r0), _mm_unpackhi_epi64(t2, t3));
+}
+
+// Sixteen rows' flag bits (bits[r], bit k for value k of 32) as eight 64-bit masks, quad q's at
+// dst + q * stride with bit 4r + i for value 4q + i of row r: two rows' nibbles per byte (pdep),
+// then an 8 x 8 byte transpose.
+INLINE void put_masks16(const uint32_t* bits, uint8_t* dst, int64_t stride) {
+    constexpr uint64_t LOW = 0x0F0F0F0F0F0F0F0Full, HIGH = 0xF0F0F0F0F0F0F0F0ull;
+    __m128i t[4];
+    for (int k = 0; k < 4; k++) {  // row pairs 2k and 2k + 1: byte q = their quad-q nibbles
+        const uint64_t a = _pdep_u64(bits[4 * k], LOW) | _pdep_u64(bits[4 * k + 1], HIGH);
+        const uint64_t b = _pdep_u64(bits[4 * k + 2], LOW) | _pdep_u64(bits[4 * k + 3], HIGH);
+        t[k] = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)a), _mm_cvtsi64_si128((long long)b));
+    }
+    const __m128i u0 = _mm_unpacklo_epi16(t[0], t[1]), u1 = _mm_unpackhi_epi16(t[0], t[1]);  // pairs 0-3: quads 0-3, 4-7
+    const __m128i u2 = _mm_unpacklo_epi16(t[2], t[3]), u3 = _mm_unpackhi_epi16(t[2], t[3]);  // pairs 4-7
+    const __m128i m[4] = {_mm_unpacklo_epi32(u0, u2), _mm_unpackhi_epi32(u0, u2), _mm_unpacklo_epi32(u1, u3),
+                          _mm_unpackhi_epi32(u1, u3)};  // quads 2k and 2k + 1
+    for (int k = 0; k < 4; k++) {
+        _mm_storel_epi64((__m128i*)(dst + 2 * k * stride), m[k]);
+        _mm_storel_epi64((__m128i*)(dst + (2 * k + 1) * stride), _mm_srli_si128(m[k], 8));
+    }
+}
+
+// 16 rows of 16 bytes (row r at src + r * rb) transposed: byte j of row r to dst[16j + r]. Four
+// rounds of the same byte interleave (row i with row i + 8) make the transpose.
+INLINE void transpose16x16(const uint8_t* src, int64_t rb, uint8_t* dst) {
+    __m128i a[16], b[16];
+    for (int r = 0; r < 16; r++) a[r] = _mm_loadu_si128((const __m128i*)(src + r * rb));
+    for (int round = 0; round < 4; round++) {
+        for (int i = 0; i < 8; i++) {
+            b[2 * i] = _mm_unpacklo_epi8(a[i], a[i + 8]);
+            b[2 * i + 1] = _mm_unpackhi_epi8(a[i], a[i + 8]);
+        }
+        for (int r = 0; r < 16; r++) a[r] = b[r];
+    }
+    for (int j = 0; j < 16; j++) _mm_storeu_si128((__m128i*)(dst + 16 * j), a[j]);
+}
+
+// Two bytes at `at` of each of the 16 rows' blocks (an f16 scale), to dst + 2r.
+INLINE void put_f16x16(const uint8_t* src, int64_t rb, int at, uint8_t* dst) {
+    for (int r = 0; r < 16; r++) std::memcpy(dst + 2 * r, src + r * rb + at, 2);
 }
 
 struct X16Q4_0 : X16Block32<Q4_0, 288, 8> {
     static INLINE __m512i quad(const uint8_t* d, int, int q) { return Nibbles16::quad(d, q); }
-    // Row r's block from Q4_0 block `src` (f16 scale, 16 nibble bytes), into a zeroed `dst`.
-    static void pack(const uint8_t* src, int r, uint8_t* dst) {
-        alignas(32) uint8_t v[32];
-        std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
-        _mm256_store_si256((__m256i*)v, nibbles32(src + 2));
-        put_nibbles16(v, r, dst);
+    // Q4_0 blocks: f16 scale, 16 bytes of values 0-15 in low nibbles and 16-31 in high ones.
+    static void pack16(const uint8_t* src, int64_t rb, uint8_t* dst) {
+        for (int r0 = 0; r0 < 16; r0 += 4) {
+            __m256i v[4];
+            for (int j = 0; j < 4; j++) v[j] = nibbles32(src + (r0 + j) * rb + 2);
+            put_nibbles16x4(v, r0, dst);
+        }
+        put_f16x16(src, rb, 0, dst + SCALES_AT);
     }
 };
 
@@ -83,26 +137,38 @@ struct X16Q5_0 : X16Block32<Q5_0, 352, 16> {
         std::memcpy(&fifth, d + 256 + 8 * q, 8);
         return _mm512_mask_add_epi8(u, fifth, u, _mm512_set1_epi8(0x10));
     }
-    // Row r's block from Q5_0 block `src` (f16 scale, 32 fifth bits, 16 nibble bytes).
-    static void pack(const uint8_t* src, int r, uint8_t* dst) {
-        alignas(32) uint8_t v[32];
-        uint32_t qh;
-        std::memcpy(&qh, src + 2, 4);
-        std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
-        _mm256_store_si256((__m256i*)v, nibbles32(src + 6));
-        put_nibbles16(v, r, dst);
-        for (int q = 0; q < 8; q++)  // quad q's four fifth bits: bits 4r..4r+3 of its mask
-            dst[256 + 8 * q + r / 2] |= (uint8_t)(((qh >> 4 * q) & 0xF) << 4 * (r % 2));
+    // Q5_0 blocks: f16 scale, 32 fifth bits, 16 nibble bytes as Q4_0's.
+    static void pack16(const uint8_t* src, int64_t rb, uint8_t* dst) {
+        uint32_t fifth[16];
+        for (int r0 = 0; r0 < 16; r0 += 4) {
+            __m256i v[4];
+            for (int j = 0; j < 4; j++) v[j] = nibbles32(src + (r0 + j) * rb + 6);
+            put_nibbles16x4(v, r0, dst);
+        }
+        for (int r = 0; r < 16; r++) std::memcpy(fifth + r, src + r * rb + 2, 4);
+        put_masks16(fifth, dst + 256, 8);
+        put_f16x16(src, rb, 0, dst + SCALES_AT);
     }
 };
 
 struct X16Q8_0 : X16Block32<Q8_0, 544, 128> {
     static INLINE __m512i quad(const uint8_t* d, int, int q) { return _mm512_loadu_si512(d + 64 * q); }
-    static void pack(const uint8_t* src, int r, uint8_t* dst) {
-        std::memcpy(dst + SCALES_AT + 2 * r, src, 2);
-        const __m256i stored = _mm256_xor_si256(FmtQ8_0::quants(src), _mm256_set1_epi8((char)0x80));  // + 128
-        const __m256i quads = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);  // row r: 4-byte lane r of each 64
-        _mm256_i32scatter_epi32((int*)(dst + 4 * r), quads, stored, 4);
+    // Q8_0 blocks: f16 scale, 32 int8 values (stored + 128). Four rows' eight quads transposed.
+    static void pack16(const uint8_t* src, int64_t rb, uint8_t* dst) {
+        for (int r0 = 0; r0 < 16; r0 += 4) {
+            __m256i w[4];
+            for (int j = 0; j < 4; j++)
+                w[j] = _mm256_xor_si256(FmtQ8_0::quants(src + (r0 + j) * rb), _mm256_set1_epi8((char)0x80));
+            const __m256i t0 = _mm256_unpacklo_epi32(w[0], w[1]), t1 = _mm256_unpackhi_epi32(w[0], w[1]);
+            const __m256i t2 = _mm256_unpacklo_epi32(w[2], w[3]), t3 = _mm256_unpackhi_epi32(w[2], w[3]);
+            const __m256i q[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                                  _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};  // quads k | k + 4
+            for (int k = 0; k < 4; k++) {
+                _mm_storeu_si128((__m128i*)(dst + 64 * k + 4 * r0), _mm256_castsi256_si128(q[k]));
+                _mm_storeu_si128((__m128i*)(dst + 64 * (k + 4) + 4 * r0), _mm256_extracti128_si256(q[k], 1));
+            }
+        }
+        put_f16x16(src, rb, 0, dst + SCALES_AT);
     }
 };
 
@@ -134,19 +200,24 @@ struct X16Q4_K {
     static INLINE __m512 mins(const uint8_t* blk, int i) {
         return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 2336))), bytes16(blk + 2176 + 16 * i));
     }
-    static void pack(const uint8_t* src, int r, uint8_t* dst) {
-        const uint8_t* s = src + 4;  // the 6-bit scales and mins
-        alignas(32) uint8_t v[32];
-        for (int i = 0; i < 8; i++) {
-            // Q4_K's bytes 32j..32j+31 hold sub-block 2j in their low nibbles and 2j + 1 in their high ones.
-            const __m256i q = _mm256_loadu_si256((const __m256i*)(src + 16 + 32 * (i / 2)));
-            _mm256_store_si256((__m256i*)v, _mm256_and_si256(i % 2 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(0x0F)));
-            put_nibbles16(v, r, dst + 256 * i);
-            dst[2048 + 16 * i + r] = (uint8_t)q4k_scale(s, i);
-            dst[2176 + 16 * i + r] = (uint8_t)q4k_min(s, i);
+    // Q4_K blocks: f16 d and dmin, 12 bytes of 6-bit scales and mins, 128 bytes of values (bytes
+    // 32j..32j+31 hold sub-block 2j in their low nibbles and 2j + 1 in their high ones).
+    static void pack16(const uint8_t* src, int64_t rb, uint8_t* dst) {
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        for (int r0 = 0; r0 < 16; r0 += 4) {
+            __m256i q[4][4], v[4];
+            for (int j = 0; j < 4; j++)
+                for (int k = 0; k < 4; k++) q[j][k] = _mm256_loadu_si256((const __m256i*)(src + (r0 + j) * rb + 16 + 32 * k));
+            for (int i = 0; i < 8; i++) {
+                for (int j = 0; j < 4; j++) v[j] = _mm256_and_si256(i % 2 ? _mm256_srli_epi16(q[j][i / 2], 4) : q[j][i / 2], m4);
+                put_nibbles16x4(v, r0, dst + 256 * i);
+            }
         }
-        std::memcpy(dst + 2304 + 2 * r, src, 2);
-        std::memcpy(dst + 2336 + 2 * r, src + 2, 2);
+        alignas(16) uint8_t sm[16][16];  // per row: the eight scales, then the eight mins
+        for (int r = 0; r < 16; r++) q4k_scales_mins(src + r * rb + 4, sm[r]);
+        transpose16x16(&sm[0][0], 16, dst + 2048);  // scale i of row r at 2048 + 16i + r, min at 2176 + 16i + r
+        put_f16x16(src, rb, 0, dst + 2304);
+        put_f16x16(src, rb, 2, dst + 2336);
     }
 };
 
@@ -167,24 +238,30 @@ struct X16Q6_K {
         s[1] = _mm512_mul_ps(d, bytes16(blk + 3072 + 32 * i + 16));
     }
     static INLINE __m512 mins(const uint8_t*, int) { return _mm512_setzero_ps(); }
-    static void pack(const uint8_t* src, int r, uint8_t* dst) {
-        alignas(32) uint8_t v[32];
-        FmtQ6_K::decode(src, [&](int i, __m256i q, float, float, float) {
-            const __m256i u = _mm256_add_epi8(q, _mm256_set1_epi8(32));  // stored 0..63
-            _mm256_store_si256((__m256i*)v, _mm256_and_si256(u, _mm256_set1_epi8(0x0F)));
-            put_nibbles16(v, r, dst + 256 * i);
-            // Bits 4 and 5 of each value to its byte's sign bit (no bit crosses into the other
-            // byte's sign), collected; quad q's four bits go to bits 4r..4r+3 of its masks.
-            const uint32_t b4 = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(u, 3));
-            const uint32_t b5 = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(u, 2));
-            for (int q = 0; q < 8; q++) {
-                uint8_t* m = dst + 2048 + 128 * i + 16 * q + r / 2;
-                m[0] |= (uint8_t)(((b4 >> 4 * q) & 0xF) << 4 * (r % 2));
-                m[8] |= (uint8_t)(((b5 >> 4 * q) & 0xF) << 4 * (r % 2));
+    // Q6_K blocks: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, f16 d.
+    static void pack16(const uint8_t* src, int64_t rb, uint8_t* dst) {
+        uint32_t bit4[8][16], bit5[8][16];  // per sub-block and row: bits 4 and 5 of its 32 values
+        for (int r0 = 0; r0 < 16; r0 += 4) {
+            __m256i u[4][8], v[4];  // stored values 0..63
+            for (int j = 0; j < 4; j++)
+                FmtQ6_K::decode(src + (r0 + j) * rb,
+                                [&](int i, __m256i q, float, float, float) { u[j][i] = _mm256_add_epi8(q, _mm256_set1_epi8(32)); });
+            for (int i = 0; i < 8; i++) {
+                for (int j = 0; j < 4; j++) {
+                    v[j] = _mm256_and_si256(u[j][i], _mm256_set1_epi8(0x0F));
+                    // Bits 4 and 5 to each byte's sign bit (no bit crosses into the other byte's sign).
+                    bit4[i][r0 + j] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(u[j][i], 3));
+                    bit5[i][r0 + j] = (uint32_t)_mm256_movemask_epi8(_mm256_slli_epi16(u[j][i], 2));
+                }
+                put_nibbles16x4(v, r0, dst + 256 * i);
             }
-        });
-        for (int j = 0; j < 16; j++) dst[3072 + 16 * j + r] = src[192 + j];
-        std::memcpy(dst + 3328 + 2 * r, src + 208, 2);
+        }
+        for (int i = 0; i < 8; i++) {
+            put_masks16(bit4[i], dst + 2048 + 128 * i, 16);
+            put_masks16(bit5[i], dst + 2048 + 128 * i + 8, 16);
+        }
+        transpose16x16(src + 192, rb, dst + 3072);  // scale j of row r at 3072 + 16j + r
+        put_f16x16(src, rb, 208, dst + 3328);
     }
 };
 

@@ -5,6 +5,21 @@
 
 #include "common.h"
 
+// Sum of x[i]^2 in one fixed order (16 lanes, then the lanes' tree, then the tail), the same bits
+// on every build: a compiler-vectorized reduction sums in its vector width's order, which
+// differs between the AVX-512 and AVX2 builds (and between -march targets).
+INLINE float sum_squares(const float* x, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) ss += x[i] * x[i];
+    return ss;
+}
+
 // ---- decode-step helpers (one query token per row; see cpu/fused.py) --------------------------------
 
 // RMSNorm over head_dim with weight (1 + w), then RoPE (rotate-half convention), for q [B, Hq, D]
@@ -32,10 +47,7 @@ std::vector<torch::Tensor> qk_norm_rope(torch::Tensor q, torch::Tensor k, torch:
             const float* xr = xp + r * D;
             const float* cr = cp + (per_row ? r / heads * D : 0);
             const float* sr = sp + (per_row ? r / heads * D : 0);
-            float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-            for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
-            const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
+            const float inv = 1.f / std::sqrt(sum_squares(xr, D) / (float)D + (float)eps);
             for (int64_t i = 0; i < D; i++) tmp[i] = xr[i] * inv * (1.f + wp[i]);
             float* yr = yp + r * D;
             for (int64_t i = 0; i < half; i++) {
@@ -54,10 +66,7 @@ void rms_norm_rows(const float* x, const float* w, float eps, int64_t rows, int6
                    const float* residual = nullptr) {
     for (int64_t r = 0; r < rows; r++) {
         const float* xr = x + r * D;
-        float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
-        const float inv = 1.f / std::sqrt(ss / (float)D + eps);
+        const float inv = 1.f / std::sqrt(sum_squares(xr, D) / (float)D + eps);
         for (int64_t i = 0; i < D; i++) y[r * D + i] = (residual ? residual[r * D + i] : 0.f) + xr[i] * inv * (1.f + w[i]);
     }
 }

@@ -86,11 +86,8 @@ torch::Tensor repack_x16(const char* name, const torch::Tensor& w, int64_t N, in
     const uint8_t* in = w.data_ptr<uint8_t>();
     uint8_t* op = o.data_ptr<uint8_t>();
     at::parallel_for(0, N / 16 * nb, 16, [&](int64_t u0, int64_t u1) {
-        for (int64_t u = u0; u < u1; u++) {  // group u / nb, block u % nb
-            uint8_t* dst = op + u * X::BYTES;
-            std::memset(dst, 0, X::BYTES);
-            for (int r = 0; r < 16; r++) X::pack(in + (u / nb * 16 + r) * rb + u % nb * src_bytes, r, dst);
-        }
+        for (int64_t u = u0; u < u1; u++)  // group u / nb, block u % nb
+            X::pack16(in + u / nb * 16 * rb + u % nb * src_bytes, rb, op + u * X::BYTES);
     });
     return o;
 }

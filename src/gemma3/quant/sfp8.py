@@ -25,6 +25,8 @@ which get only 2 mantissa bits, carry little of the norm. So we keep gemma.cpp's
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MAX = 1.875  # gemma.cpp SfpStream::kMax: 1.111b · 2^0
@@ -59,7 +61,7 @@ def encode(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"SFP8 encodes finite values with |x| <= {MAX}; scale the tensor first")
     flat = x.reshape(-1).view(torch.int32)
     step = 1 << 22  # bounds the int64 index temporaries
-    table = _CODE_OF_BF16.to(flat.device)
+    table = _code_of_bf16().to(flat.device)
     codes = [table[((flat[i:i + step] >> 16) & 0xFFFF).long()] for i in range(0, flat.numel(), step)]
     return torch.cat(codes).reshape(x.shape) if codes else torch.empty(x.shape, dtype=torch.uint8)
 
@@ -87,9 +89,12 @@ def _encode_bits(bits: torch.Tensor) -> torch.Tensor:
     return torch.where(is_zero, 0, code).to(torch.uint8)
 
 
-# The code depends only on the truncated bf16, so every encoding is one look-up in this table
-# (entries for |x| > 1.875, inf and NaN are never read: encode rejects those inputs).
-_CODE_OF_BF16 = _encode_bits((torch.arange(1 << 16, dtype=torch.int64) << 16).to(torch.int32))
+@functools.cache
+def _code_of_bf16() -> torch.Tensor:
+    """The code depends only on the truncated bf16, so every encoding is one look-up in this table
+    (entries for |x| > 1.875, inf and NaN are never read: encode rejects those inputs). Built on
+    first use, not at import: its torch ops would add ~15 MB to every process's resident memory."""
+    return _encode_bits((torch.arange(1 << 16, dtype=torch.int64) << 16).to(torch.int32))
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,6 +162,19 @@ def test_tensors_share_one_file_mapping(tmp_path):
     assert gf.path.read_bytes() == before
 
 
+def test_copies_read_the_same_bytes_outside_the_mapping(tmp_path):
+    gf = read_gguf(write_small_gguf(tmp_path / "small.gguf"))
+    names = ["q8.weight", "f32.weight"]
+    copies = gf.copies(names)
+    mapping = gf.tensors["f32.weight"].data.untyped_storage().data_ptr()
+    for name, c in zip(names, copies):
+        t = gf.tensors[name]
+        assert (c.name, c.ggml_type, c.shape) == (t.name, t.ggml_type, t.shape)
+        assert torch.equal(c.data, t.data)
+        assert c.data.untyped_storage().data_ptr() != mapping
+    assert torch.equal(copies[1].dequantize(), torch.from_numpy(F32_DATA))
+
+
 def test_repr_is_short(tmp_path):
     gf = read_gguf(write_small_gguf(tmp_path / "small.gguf"))
     assert len(repr(gf)) < 200 and "tensor(" not in repr(gf.tensors["q8.weight"])

@@ -67,6 +67,7 @@ def run_ours(args):
 
     with torch.inference_mode():
         for phase in args.phases:
+            cache = None  # the last phase's KV cache goes before the next is made (llama.cpp: one context)
             if phase == "warmup":  # single-token steps, then one multi-token batch
                 cache = model.new_cache(1, max_len=args.ctx)
                 tokens = [BOS]

@@ -82,21 +82,22 @@ def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
     else:
         cfg, gg, weights = read_gguf_model(path)
         tokenizer = Tokenizer.from_gguf_metadata(gg.metadata)
-        del gg  # its metadata (the vocabulary again, as lists) is not resident while the weights load
     net = meta_model(cfg)
     norms = gguf_norms(net)
-    # Norms first: they lie between the big tensors in a GGUF, and a read after cpu.install has let
-    # the big tensors' pages go faults those neighbours back in (~25 MB on the 270M).
-    state = {name: gguf_float(weights.pop(name), True, dtype) for name in norms
-             if isinstance(weights.get(name), QTensor)}
+    if not path.is_dir():
+        # The norms lie between the big tensors, whose pages cpu.install lets go as it repacks
+        # them: copied out of the file, not read through its mapping (GGUFFile.copies).
+        names = [name for name in norms if name in weights]
+        weights |= dict(zip(names, gg.copies([weights[name].name for name in names])))
+        del gg  # its metadata (the vocabulary again, as lists) is not resident while the weights load
     if backend == "cpu" and not path.is_dir() and dtype == torch.float32 and cpu.available():
         taken = cpu.install(net, weights)
         weights = {k: v for k, v in weights.items() if k not in taken}
     for name, q in weights.items():
         if isinstance(q, Quantized):
             install_quantized(net, name, q, dtype)
-    state.update({name: gguf_float(t, name in norms, dtype) if isinstance(t, QTensor) else t
-                  for name, t in weights.items() if not isinstance(t, Quantized)})
+    state = {name: gguf_float(t, name in norms, dtype) if isinstance(t, QTensor) else t
+             for name, t in weights.items() if not isinstance(t, Quantized)}
     fill(net, state, str(path))
     if recipe is not None:
         net.quant_recipe = recipe

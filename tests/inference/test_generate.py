@@ -114,9 +114,49 @@ def test_repetition_penalty_like_llama_cpp():
 
 
 def test_invalid_params_are_rejected():
-    for bad in [dict(temperature=-1), dict(top_p=0), dict(min_p=2), dict(top_k=-1), dict(repetition_penalty=0)]:
+    for bad in [dict(temperature=-1), dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=0),
+                dict(top_p=float("nan")), dict(min_p=2), dict(min_p=float("nan")), dict(top_k=-1),
+                dict(repetition_penalty=0)]:
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def allowed_tokens(logits: torch.Tensor, params: SamplingParams) -> set[int]:
+    """The tokens a sampler could return, from the definition in float64: the argmax (and its
+    ties) below MIN_TEMPERATURE, else the support of the tempered distribution after top-k, top-p
+    and min-p, every token whose probability reaches the last one kept (ties at the cut count as kept)."""
+    z = logits.double()
+    if params.greedy:
+        return set(torch.nonzero(z == z.max()).flatten().tolist())
+    p = (z / params.temperature - (z / params.temperature).max()).softmax(-1)
+    keep = p > 0
+    if params.top_k:
+        keep &= p >= torch.topk(p, params.top_k).values[-1]
+    if params.top_p < 1.0:
+        ps = torch.sort(p * keep, descending=True).values
+        last = max(1, int(((ps.cumsum(-1) - ps) < params.top_p).sum()))
+        keep &= p >= ps[last - 1] * (1 - 1e-4)
+    if params.min_p > 0.0:
+        q = p * keep / (p * keep).sum()
+        keep &= q >= params.min_p * q.max() * (1 - 1e-4)
+    keep[p.argmax()] = True  # the best token is always a candidate
+    return set(torch.nonzero(keep).flatten().tolist())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-45, 1e-300, 1e-30, 1e-6, 1e-5, 0.7, 1.0, 1e4, 1e30, 1e300])
+@pytest.mark.parametrize("top_p, min_p, top_k", [(1.0, 0.0, 0), (1e-300, 0.0, 0), (1e-45, 0.0, 0), (0.5, 0.0, 0),
+                                                (1.0, 1e-300, 0), (1.0, 1e-45, 0), (1.0, 0.5, 0), (1.0, 1.0, 0),
+                                                (0.9, 0.05, 40)])
+def test_extreme_sampling_values_only_give_tokens_the_distribution_allows(temperature, top_p, min_p, top_k):
+    """Denormal, tiny and huge temperatures, top_p and min_p: every token drawn is one that greedy
+    decoding or the well-defined tempered distribution could give (1e-45 used to give garbage)."""
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(0)) * 4
+    params = SamplingParams(temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+    allowed = allowed_tokens(logits, params)
+    drawn = {sample(logits, params, torch.Generator().manual_seed(seed)) for seed in range(30)}
+    assert drawn <= allowed, (sorted(drawn - allowed), len(allowed))
+    if params.greedy:
+        assert drawn == {int(logits.argmax())}
 
 
 def _ids(tok, text):

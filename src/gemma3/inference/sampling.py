@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..cpu import kernels
 
+# Temperatures below this are greedy (vLLM's threshold). Logits divided by 1e-30, let alone a
+# denormal such as 1e-45, overflow float32 to inf, and softmax turns that into NaN: such requests
+# returned a garbage token for every step.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy. Filters follow vLLM/transformers order: temperature first,
-    then top-k, top-p (nucleus) and min-p on the tempered distribution."""
+    """temperature 0 (or below MIN_TEMPERATURE) means greedy. Filters follow vLLM/transformers
+    order: temperature first, then top-k, top-p (nucleus) and min-p on the tempered distribution."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
@@ -23,8 +29,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
@@ -33,6 +39,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
 
     def generator(self) -> torch.Generator:
         g = torch.Generator()
@@ -52,20 +62,27 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: 
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Tempered logits with everything outside top-k / top-p / min-p set to -inf (1-D input)."""
+    """Tempered logits, less their maximum, with everything outside top-k / top-p / min-p set to
+    -inf (1-D input). The maximum subtracted, every kept value is finite and <= 0 however hot or
+    cold the temperature (a huge one leaves a uniform distribution); min-p compares log
+    probabilities, so a tiny min_p or top_p never underflows into dropping every token: the best
+    token is always kept."""
     logits = logits.float() / params.temperature
+    logits = logits - logits.max()
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        # Keep the smallest prefix whose mass reaches top_p; the first token always (a top_p of
+        # 1e-300 is 0 in float32, and "mass before it >= 0" would drop it too).
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     if params.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+        logprobs = logits.log_softmax(-1)
+        logits = logits.masked_fill(logprobs < logprobs.max() + math.log(params.min_p), float("-inf"))
     return logits
 
 
@@ -84,7 +101,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id from a 1-D logits vector."""
     logits = apply_repetition_penalty(logits, history[-params.repetition_window:] if history else [],
                                       params.repetition_penalty)
-    if params.temperature == 0.0:
+    if params.greedy:
         return int(greedy(logits))
     probs = filter_logits(logits, params).softmax(-1)
     return draw(probs, generator)

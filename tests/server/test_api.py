@@ -223,6 +223,8 @@ def test_bad_chat_requests_are_400(server, body):
 
 @pytest.mark.parametrize("body", [
     {"model": MODEL_ID, "prompt": []},
+    {"model": MODEL_ID, "prompt": ""},
+    {"model": MODEL_ID, "prompt": [""]},
     {"model": MODEL_ID, "prompt": ["a", "b"]},
     {"model": MODEL_ID, "prompt": [1, -5]},
     {"model": MODEL_ID, "prompt": [10**9]},
@@ -236,10 +238,11 @@ def test_bad_completion_requests_are_400(server, body):
 def test_over_context_prompts_are_400(server):
     r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "x" * 2**20, "max_tokens": 1})
     assert_error(r, 400, "context_length_exceeded")  # 1 MB: refused before tokenizing
+    assert r.json()["error"]["param"] == "prompt"
     r = post(server, "/v1/chat/completions", {"model": MODEL_ID, "max_tokens": 1,
                                               "messages": [{"role": "user", "content": "hello " * (CTX + 10)}]})
     assert_error(r, 400, "context_length_exceeded")
-    assert str(CTX) in r.json()["error"]["message"]
+    assert str(CTX) in r.json()["error"]["message"] and r.json()["error"]["param"] == "messages"
     assert httpx.get(server.url + "/health").status_code == 200
 
 

@@ -134,10 +134,10 @@ class Server:
 
     # ---------------------------------------------------------------- request → engine Request
 
-    def _check_length(self, chars: int):
+    def _check_length(self, chars: int, param: str):
         if chars > self.ctx * self.max_piece_chars:
             raise APIError(400, f"This model's maximum context length is {self.ctx} tokens, but the prompt has "
-                                f"{chars} characters, far more than fit.", param="messages",
+                                f"{chars} characters, far more than fit.", param=param,
                            code="context_length_exceeded")
 
     def _chat_ids(self, body: ChatCompletionRequest) -> tuple[list[int], list]:
@@ -165,7 +165,7 @@ class Server:
             else:
                 text = without_marks(m.content or "")
             messages.append({"role": role, "content": text})
-        self._check_length(sum(len(m["content"]) for m in messages))
+        self._check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             if not images:
                 return encode_chat(self.tokenizer, messages), []  # message text never becomes control tokens
@@ -182,11 +182,11 @@ class Server:
             if len(prompt) != 1:
                 raise APIError(400, "only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
-        if isinstance(prompt, str):
-            self._check_length(len(prompt))
-            return encode_prompt(self.tokenizer, prompt)
-        if not prompt:
+        if not prompt:  # "" or []: a model given only <bos> writes whatever starts its training documents
             raise APIError(400, "prompt is empty", param="prompt")
+        if isinstance(prompt, str):
+            self._check_length(len(prompt), "prompt")
+            return encode_prompt(self.tokenizer, prompt)
         if any(not 0 <= t < self.tokenizer.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
         return list(prompt)

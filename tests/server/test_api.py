@@ -235,6 +235,17 @@ def test_bad_completion_requests_are_400(server, body):
     assert_error(post(server, "/v1/completions", body), 400)
 
 
+def test_stop_lists_beyond_the_limits_are_400(server):
+    base = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 1}
+    r = post(server, "/v1/completions", base | {"stop": [f"s{i}" for i in range(17)]})
+    assert_error(r, 400, "too_many_stop_strings")
+    r = post(server, "/v1/completions", base | {"stop": "x" * 257})
+    assert_error(r, 400, "stop_string_too_long")
+    assert r.json()["error"]["param"] == "stop"
+    r = post(server, "/v1/completions", base | {"stop": [f"{i:03d}" + "x" * 253 for i in range(16)]})
+    assert r.status_code == 200, r.text  # 16 stop strings of 256 characters: the defaults' limits
+
+
 def test_over_context_prompts_are_400(server):
     r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "x" * 2**20, "max_tokens": 1})
     assert_error(r, 400, "context_length_exceeded")  # 1 MB: refused before tokenizing

@@ -21,6 +21,10 @@ def register(sub):
     p.add_argument("--ctx", type=int, default=None, help="context per request, prompt + completion (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="default and upper bound of a request's max_tokens (default: what is left of --ctx)")
+    p.add_argument("--max-stop", type=int, default=16,
+                   help="stop strings a request may give (default 16; OpenAI allows 4): each is matched "
+                        "against every new piece of text on the engine's thread")
+    p.add_argument("--max-stop-chars", type=int, default=256, help="characters per stop string at most (default 256)")
     p.add_argument("--api-key", default=os.environ.get("GEMMA3_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $GEMMA3_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model file's name)")
@@ -41,7 +45,7 @@ def cmd_serve(args):
     from ..model import tp
     from ..server import ranks, serve
 
-    for name in ("port", "max_batch", "max_queue", "ctx", "max_tokens", "tp"):
+    for name in ("port", "max_batch", "max_queue", "ctx", "max_tokens", "tp", "max_stop", "max_stop_chars"):
         value = getattr(args, name)
         if value is not None and value < (0 if name in ("port",) else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -70,6 +74,7 @@ def cmd_serve(args):
         try:
             serve(model, tok, model_id, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
                   max_queue=args.max_queue, max_tokens=args.max_tokens, api_key=args.api_key,
+                  max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
                   prefix_cache_mb=0 if world > 1 else args.prefix_cache_mb, log_level=args.log_level,
                   vision=vision, pan_and_scan=pan_and_scan)
         finally:

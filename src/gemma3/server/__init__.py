@@ -7,7 +7,8 @@ from __future__ import annotations
 
 def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000, ctx: int | None = None,
           max_batch: int = 8, max_queue: int = 64, max_tokens: int | None = None, api_key: str | None = None,
-          prefix_cache_mb: int = 256, log_level: str = "info", vision=None, pan_and_scan=None):
+          prefix_cache_mb: int = 256, log_level: str = "info", vision=None, pan_and_scan=None,
+          max_stop: int = 16, max_stop_chars: int = 256):
     """Run until SIGINT/SIGTERM: uvicorn stops accepting connections, lets in-flight responses
     finish (up to 30 s), then the engine cancels whatever is left and the call returns.
 
@@ -27,7 +28,8 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
     ctx = min(ctx or model.config.max_context, model.config.max_context)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_bytes=prefix_cache_mb * 2**20, vision=vision, pan_and_scan=pan_and_scan)
-    app = create_app(engine, model_id, ctx, max_tokens=max_tokens, api_key=api_key, start_engine=False)
+    app = create_app(engine, model_id, ctx, max_tokens=max_tokens, api_key=api_key, start_engine=False,
+                     max_stop=max_stop, max_stop_chars=max_stop_chars)
     http = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                          timeout_graceful_shutdown=30))
 

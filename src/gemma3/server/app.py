@@ -122,9 +122,13 @@ def _token_text(tokenizer, token: int) -> tuple[str, list[int]]:
 class Server:
     """The state routes share: engine, tokenizer and the limits set on the command line."""
 
-    def __init__(self, engine: Engine, model_id: str, ctx: int, max_tokens: int | None = None):
+    def __init__(self, engine: Engine, model_id: str, ctx: int, max_tokens: int | None = None,
+                 max_stop: int = 16, max_stop_chars: int = 256):
         self.engine, self.tokenizer, self.model_id = engine, engine.tokenizer, model_id
         self.ctx = ctx
+        # Stop strings are matched on the engine's thread against each new piece of every row: a
+        # request with 100,000 of them held a concurrent 16-token request up for 13 s.
+        self.max_stop, self.max_stop_chars = max_stop, max_stop_chars
         self.max_tokens = min(max_tokens or ctx, ctx)
         self.created = int(time.time())
         # The longest vocabulary piece bounds how few tokens a text can become: a prompt longer than
@@ -211,6 +215,12 @@ class Server:
         except ValueError as e:
             raise APIError(400, str(e)) from None
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > self.max_stop:
+            raise APIError(400, f"{len(stop)} stop strings; this server takes at most {self.max_stop} (--max-stop)",
+                           param="stop", code="too_many_stop_strings")
+        if any(len(s) > self.max_stop_chars for s in stop):
+            raise APIError(400, f"a stop string is {max(map(len, stop))} characters long; this server takes at most "
+                                f"{self.max_stop_chars} (--max-stop-chars)", param="stop", code="stop_string_too_long")
         return Request(ids=ids, params=params, max_tokens=max_tokens, stop=[s for s in stop if s],
                        stop_ids=frozenset((self.tokenizer.eos_id, self.tokenizer.end_of_turn_id)),
                        top_logprobs=top_logprobs, images=list(images))
@@ -362,10 +372,11 @@ def completion_logprobs(tokenizer, lps, offset: int = 0) -> dict:
 
 
 def create_app(engine: Engine, model_id: str, ctx: int, max_tokens: int | None = None,
-               api_key: str | None = None, start_engine: bool = True) -> FastAPI:
+               api_key: str | None = None, start_engine: bool = True, max_stop: int = 16,
+               max_stop_chars: int = 256) -> FastAPI:
     """`start_engine=False`: the caller runs `engine.run()` on a thread of its own (serve does, on
     the main thread); shutdown still stops it."""
-    server = Server(engine, model_id, ctx, max_tokens)
+    server = Server(engine, model_id, ctx, max_tokens, max_stop, max_stop_chars)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -3,9 +3,9 @@ llama.cpp (llama-cpp-python) on the same GGUF, same threads, same context size.
 
 Every measurement runs in a fresh worker process (a cold load, and a peak RSS that belongs to one
 side only); repetitions alternate the two sides and the figures are medians. The model file is
-read once first (warm_page_cache): both sides load it from the page cache, neither from disk. Both sides get the
-same token ids (a fixed pseudo-random sequence after <bos>, so no text file is needed), the same
-warm-up, and a greedy decode loop that includes the argmax over the vocabulary.
+read once first (warm_page_cache): both sides load it from the page cache, neither from disk.
+Both sides get the same token ids (a fixed pseudo-random sequence after <bos>, so no text file is
+needed), the same warm-up, and a greedy decode loop that includes the argmax over the vocabulary.
 
 This file imports only the standard library at module level: the llama.cpp worker runs it as a
 plain script under another interpreter (`--llama-python`), which need not have torch or gemma3.

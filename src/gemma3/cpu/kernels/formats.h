@@ -181,11 +181,8 @@ struct FmtQ6_KR {
     }
 };
 
-// Sub-block i's 6-bit scale and min from a Q4_K super-block's 12 packed bytes s (get_scale_min_k4 in ggml).
-INLINE int q4k_scale(const uint8_t* s, int i) { return i < 4 ? s[i] & 63 : (s[i + 4] & 0xF) | ((s[i - 4] >> 6) << 4); }
-INLINE int q4k_min(const uint8_t* s, int i) { return i < 4 ? s[i + 4] & 63 : (s[i + 4] >> 4) | ((s[i] >> 6) << 4); }
-
-// All eight at once: scales then mins, a byte each (ggml's unpacking on 32-bit words).
+// A Q4_K super-block's 12 packed bytes s -> its eight sub-blocks' 6-bit scales, then their eight
+// mins, a byte each (ggml's get_scale_min_k4, done on 32-bit words for all eight at once).
 INLINE void q4k_scales_mins(const uint8_t* s, uint8_t* out) {
     constexpr uint32_t K1 = 0x3f3f3f3f, K2 = 0x0f0f0f0f, K3 = 0x03030303;
     uint32_t u[3], o[4];
@@ -202,15 +199,16 @@ struct FmtQ4_K {
     static constexpr bool TWO_SCALES = false, HAS_MIN = true;
     template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
         float d = h2f(b), dmin = h2f(b + 2);
-        const uint8_t* s = b + 4;  // 8 six-bit scales and mins
+        uint8_t sm[16];  // the eight scales, then the eight mins
+        q4k_scales_mins(b + 4, sm);
         const uint8_t* qs = b + 16;
         __m256i m4 = _mm256_set1_epi8(0x0F);
         for (int j = 0; j < 4; j++) {
             __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
             for (int h = 0; h < 2; h++) {
                 int i = 2 * j + h;
-                float ds = d * (float)q4k_scale(s, i);
-                f(i, _mm256_and_si256(h ? _mm256_srli_epi16(q, 4) : q, m4), ds, ds, dmin * (float)q4k_min(s, i));
+                float ds = d * (float)sm[i];
+                f(i, _mm256_and_si256(h ? _mm256_srli_epi16(q, 4) : q, m4), ds, ds, dmin * (float)sm[8 + i]);
             }
         }
     }

@@ -127,7 +127,8 @@ torch::Tensor repack_q8_0(torch::Tensor w, int64_t N, int64_t K, c10::optional<t
 // Whole vectors of nibbles at a time: repacking is most of a load (a 4B model's 1.5 GB of Q4_K).
 torch::Tensor repack_q4_k(torch::Tensor w, int64_t N, int64_t K, c10::optional<torch::Tensor> out) {
     return repack<FmtQ4_K, FmtQ4_KR>("repack_q4_k", w, N, K, out, [](const uint8_t* src, uint8_t* dst) {
-        const uint8_t* s = src + 4;  // the 6-bit scales and mins
+        uint8_t sm[16];  // the eight scales, then the eight mins
+        q4k_scales_mins(src + 4, sm);
         const __m256i m4 = _mm256_set1_epi8(0x0F);
         for (int h = 0; h < 2; h++, dst += FmtQ4_KR::BYTES) {
             // Q4_K's bytes 32j..32j+31 hold sub-block 2j in their low nibbles and 2j + 1 in their
@@ -138,11 +139,8 @@ torch::Tensor repack_q4_k(torch::Tensor w, int64_t N, int64_t K, c10::optional<t
             const __m256i second = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), _mm256_andnot_si256(m4, b));
             _mm256_storeu_si256((__m256i*)dst, first);  // values 0-31 | 64-95
             _mm256_storeu_si256((__m256i*)(dst + 32), second);  // values 32-63 | 96-127
-            for (int j = 0; j < 4; j++) {
-                const int i = 4 * h + j;
-                dst[64 + j] = (uint8_t)q4k_scale(s, i);
-                dst[68 + j] = (uint8_t)q4k_min(s, i);
-            }
+            std::memcpy(dst + 64, sm + 4 * h, 4);  // this half's four scales
+            std::memcpy(dst + 68, sm + 8 + 4 * h, 4);  // and mins
             std::memcpy(dst + 72, src, 4);  // d and dmin
         }
     });

@@ -82,3 +82,41 @@ def test_rope_scaling_past_32k_matches_transformers():
     scaled, _ = rope_cos_sin(torch.tensor([80_000]), model.rope_global, torch.float32)
     plain, _ = rope_cos_sin(torch.tensor([10_000]), model.rope_global * 8, torch.float32)
     assert torch.allclose(scaled, plain, atol=1e-4)
+
+
+def test_chunked_prefill_equals_one_forward(tiny):
+    """Prefill.step in uneven chunks (crossing window boundaries mid-chunk and mid-window) gives
+    the logits and the cache one forward gives: decoding on from it matches too."""
+    from gemma3.inference.prefix_cache import Prefill
+
+    window = tiny.config.sliding_window
+    ids = torch.randint(3, 200, (4 * window + 5,)).tolist()
+    with torch.no_grad():
+        full = tiny(torch.tensor([ids]))[0, -1]
+    for sizes in ([1] * 3 + [window - 1, 3, 2 * window], [5, 7, 11], [window]):
+        job = Prefill(tiny, ids, tiny.new_cache(max_len=200), block=window)
+        logits, k = None, 0
+        while logits is None:
+            logits = job.step(sizes[k % len(sizes)])
+            k += 1
+        assert job.left == 0 and job.cache.pos == len(ids)
+        assert (logits - full).abs().max().item() <= 1e-5
+        with torch.inference_mode():  # the cache was written in inference mode
+            step = tiny(torch.tensor([[7]]), job.cache)[0, -1]
+            again = tiny(torch.tensor([ids + [7]]))[0, -1]
+        assert (step - again).abs().max().item() <= 1e-5
+
+
+def test_prefix_cache_start_stores_when_the_chunks_finish(tiny):
+    window = tiny.config.sliding_window
+    ids = torch.randint(3, 200, (3 * window + 2,)).tolist()
+    pc = PrefixCache(tiny, block=window)
+    job = pc.start(ids, max_len=200)
+    assert job.step(window + 3) is None and not pc.entries  # stored only once complete
+    logits = job.step()
+    assert list(pc.entries) == [tuple(ids)]
+    cache, again = pc.prefill(ids + [5], max_len=200)
+    assert pc.hits == 1 and pc.reused_tokens == len(ids)
+    with torch.no_grad():
+        assert (again - tiny(torch.tensor([ids + [5]]))[0, -1]).abs().max().item() <= 1e-5
+        assert (logits - tiny(torch.tensor([ids]))[0, -1]).abs().max().item() <= 1e-5

@@ -25,6 +25,20 @@ def register(sub):
                    help="stop strings a request may give (default 16; OpenAI allows 4): each is matched "
                         "against every new piece of text on the engine's thread")
     p.add_argument("--max-stop-chars", type=int, default=256, help="characters per stop string at most (default 256)")
+    p.add_argument("--max-logit-bias", type=int, default=1024, help="logit_bias entries per request at most (default 1024)")
+    p.add_argument("--max-body-mb", type=float, default=64,
+                   help="request body size at most, in MiB; larger bodies get HTTP 413 (default 64: room for images)")
+    p.add_argument("--prompt-bytes-per-token", type=int, default=8,
+                   help="prompt text accepted per token of --ctx, checked before tokenizing (default 8: ordinary "
+                        "text takes about 4)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header names to answer besides the default (bound to loopback: "
+                        "localhost, 127.0.0.1, ::1 only, which stops DNS-rebinding pages; elsewhere: any); * = any")
+    p.add_argument("--head-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's line and headers (default 10)")
+    p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections at most; more get HTTP 503 (default 256)")
     p.add_argument("--api-key", default=os.environ.get("GEMMA3_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $GEMMA3_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model file's name)")
@@ -44,10 +58,13 @@ def cmd_serve(args):
     from ..inference.load import resolve
     from ..model import tp
     from ..server import ranks, serve
+    from ..server.guard import Limits
 
-    for name in ("port", "max_batch", "max_queue", "ctx", "max_tokens", "tp", "max_stop", "max_stop_chars"):
+    for name in ("port", "max_batch", "max_queue", "ctx", "max_tokens", "tp", "max_stop", "max_stop_chars",
+                 "max_logit_bias", "max_body_mb", "prompt_bytes_per_token", "head_timeout", "keep_alive",
+                 "max_connections"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name in ("port",) else 1):
+        if value is not None and not value > (-1 if name in ("port", "max_logit_bias") else 0):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     world = tp.world_size()
     if args.tp and world > 1 and args.tp != world:
@@ -73,8 +90,14 @@ def cmd_serve(args):
                   file=sys.stderr)
         try:
             serve(model, tok, model_id, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
-                  max_queue=args.max_queue, max_tokens=args.max_tokens, api_key=args.api_key,
-                  max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
+                  max_queue=args.max_queue, api_key=args.api_key,
+                  limits=Limits(max_tokens=args.max_tokens, max_stop=args.max_stop,
+                                max_stop_chars=args.max_stop_chars, max_logit_bias=args.max_logit_bias,
+                                max_body_bytes=int(args.max_body_mb * 2**20),
+                                prompt_bytes_per_token=args.prompt_bytes_per_token),
+                  allowed_hosts=args.allowed_hosts.split(",") if args.allowed_hosts else None,
+                  head_timeout=args.head_timeout, keep_alive=args.keep_alive,
+                  max_connections=args.max_connections,
                   prefix_cache_mb=0 if world > 1 else args.prefix_cache_mb, log_level=args.log_level,
                   vision=vision, pan_and_scan=pan_and_scan)
         finally:

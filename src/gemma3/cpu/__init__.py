@@ -46,3 +46,15 @@ def install(model: nn.Module, tensors: dict[str, QTensor]) -> set[str]:
         module.pack(in_place=True, drop_source=True, memory=memory)
     make_fast(model)
     return taken
+
+
+def accelerate_tokenizer(tokenizer) -> bool:
+    """Have `tokenizer` merge and find special tokens with the kernels (same ids, no GIL held:
+    a long prompt tokenized for one request no longer stalls the engine thread); False where the
+    kernels are unavailable (the Python loops stay)."""
+    ops = kernels.ops()
+    if ops is None:
+        return False
+    pieces, scores, byte_ids = tokenizer.spm_tables()
+    tokenizer.use_native(ops.SpmVocab(pieces, list(scores), byte_ids).encode, ops.TextSet)
+    return True

@@ -51,6 +51,7 @@ _EOG_TEXTS = frozenset({
 # Fragments repeat a lot (chat turns, code indentation); memoising the SPM session
 # per fragment is exact because the session depends only on the fragment text.
 _SPM_CACHE_SIZE = 1 << 16
+_SPM_CACHED_CHARS = 1024
 
 
 class _SpecialTokens:
@@ -64,6 +65,8 @@ class _SpecialTokens:
 
     def __init__(self, specials: list[tuple[str, int]]):
         ordered = sorted(specials, key=lambda s: (-len(s[0].encode()), s[1]))
+        self._ordered = ordered
+        self._scan = None  # a compiled `occurring` (Tokenizer.use_native)
         self._rank = {text: (rank, token_id) for rank, (text, token_id) in enumerate(ordered)}
         lengths: dict[str, set[int]] = {}
         for text, _ in ordered:
@@ -76,6 +79,11 @@ class _SpecialTokens:
         Tokens absent from the whole text cannot occur in any of its fragments, so
         skipping them (instead of running 6,000+ searches per call) changes nothing.
         """
+        if self._scan is not None:
+            try:
+                return [self._ordered[i] for i in self._scan(text)]
+            except (UnicodeError, TypeError):  # a lone surrogate is not UTF-8: the Python scan takes it
+                pass
         found = {}
         rank, lengths, n = self._rank, self._lengths, len(text)
         for i, ch in enumerate(text):
@@ -148,6 +156,7 @@ class Tokenizer:
         self._all_specials = _SpecialTokens(user_defined + control)
         self._byte_ids = [self._byte_token(b) for b in range(256)]
         self._spm_cache: dict[str, tuple[int, ...]] = {}
+        self._fast_spm = None  # see use_encoder
 
     # ----------------------------------------------------------------- loading
 
@@ -356,6 +365,12 @@ class Tokenizer:
             ids.append(self._bos_id)
         if not text:
             return ids
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800" escape can carry one
+                raise ValueError(f"text is not valid Unicode: a lone surrogate U+{ord(text[e.start]):04X} at "
+                                 f"character {e.start}") from None
         prev_special = True  # llama.cpp: "prefix with space if first token"
         for fragment in self._partition(text, parse_special):
             if isinstance(fragment, int):
@@ -392,13 +407,35 @@ class Tokenizer:
             fragments = split
         return fragments
 
+    def spm_tables(self) -> tuple[list[str], array, list[int]]:
+        """(pieces, scores, byte-fallback id of each byte or -1): what a compiled encoder needs."""
+        return self._pieces, self._scores, [-1 if i is None else i for i in self._byte_ids]
+
+    def use_native(self, encode, text_set) -> None:
+        """Compiled versions of the two loops that cost time on long texts, with the same results
+        (the CPU kernels' SpmVocab.encode and TextSet, which also release the GIL):
+        `encode(escaped_fragment) -> ids` for the merges, and `text_set(texts).occurring(text) ->
+        ascending indices of the texts found` for the special-token scan. Text they cannot take
+        (a lone surrogate is not UTF-8) falls back to the Python loops."""
+        self._fast_spm = encode
+        for specials in (self._user_specials, self._all_specials):
+            specials._scan = text_set([t for t, _ in specials._ordered]).occurring
+
     def _spm(self, text: str) -> tuple[int, ...]:
         ids = self._spm_cache.get(text)
         if ids is None:
-            ids = self._spm_session(text)
-            if len(self._spm_cache) >= _SPM_CACHE_SIZE:
-                self._spm_cache.clear()
-            self._spm_cache[text] = ids
+            ids = None
+            if self._fast_spm is not None:
+                try:
+                    ids = tuple(self._fast_spm(text))
+                except (UnicodeError, TypeError, RuntimeError):  # not UTF-8, or a byte without a token
+                    pass
+            if ids is None:
+                ids = self._spm_session(text)
+            if len(text) <= _SPM_CACHED_CHARS:  # a megabyte-long fragment is not worth keeping
+                if len(self._spm_cache) >= _SPM_CACHE_SIZE:
+                    self._spm_cache.clear()
+                self._spm_cache[text] = ids
         return ids
 
     def _spm_session(self, text: str) -> tuple[int, ...]:

@@ -54,8 +54,7 @@ def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: S
     generator = params.generator()
     history = list(ids)
     cache, logits = prefill(model, prompt_ids, len(ids) + max_tokens, prefix_cache, kv_dtype)
-    # Plain greedy decoding needs no logits: the model's greedy_next may take the argmax itself.
-    plain_greedy = params.greedy and params.repetition_penalty == 1.0
+    plain_greedy = params.plain_greedy  # no logits needed: the model's greedy_next may take the argmax
     with torch.inference_mode():
         token = sample(logits.cpu(), params, generator, history)  # the generator lives on the CPU
         for i in range(max_tokens):

@@ -101,6 +101,8 @@ def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
     fill(net, state, str(path))
     if recipe is not None:
         net.quant_recipe = recipe
+    if backend == "cpu" and cpu.available():
+        cpu.accelerate_tokenizer(tokenizer)
     return net.eval(), tokenizer
 
 

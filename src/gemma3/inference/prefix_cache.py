@@ -57,30 +57,29 @@ class PrefixCache:
 
     def prefill(self, ids, max_len: int) -> tuple[KVCache, torch.Tensor]:
         """A cache holding `ids` and the logits of the last token, reusing a stored prefix."""
+        job = self.start(ids, max_len)
+        return job.cache, job.step()
+
+    def start(self, ids, max_len: int) -> "Prefill":
+        """A Prefill of `ids` that resumes after the longest stored prefix and stores its own
+        states when it completes."""
         ids = list(ids)
         entry, b = self.lookup(ids)
-        if entry is not None:
-            self.entries.move_to_end(entry.tokens)
-            self.hits += 1
-            self.reused_tokens += b
-            cache = entry.final.resumed(entry.rings[b], max_len)
-            rings = {x: r for x, r in entry.rings.items() if x <= b}
-        else:
-            cache, rings = self.model.new_cache(1, max_len=max_len, kv_dtype=self.kv_dtype), {}
-        x = torch.tensor([ids])
-        hidden = None
-        with torch.inference_mode():
-            while cache.pos < len(ids):
-                end = min((cache.pos // self.block + 1) * self.block, len(ids))
-                hidden = self.model.forward_hidden(x[:, cache.pos:end], cache)
-                if end % self.block == 0 and end < len(ids):
-                    rings[end] = cache.snapshot()
-            logits = self.model.logits(hidden[:, -1:])[0, -1]
+        if entry is None:
+            return Prefill(self.model, ids, self.model.new_cache(1, max_len=max_len, kv_dtype=self.kv_dtype),
+                           self.block, {}, self._finished)
+        self.entries.move_to_end(entry.tokens)
+        self.hits += 1
+        self.reused_tokens += b
+        rings = {x: r for x, r in entry.rings.items() if x <= b}
+        return Prefill(self.model, ids, entry.final.resumed(entry.rings[b], max_len), self.block, rings,
+                       self._finished)
+
+    def _finished(self, ids: list[int], cache: KVCache, rings: dict[int, KVSnapshot]):
         # The caller keeps decoding into `cache`: store a copy of the state at the end of the prompt.
         final = cache.frozen()
         rings[final.pos] = final.snapshot()  # a longer prompt can resume at the very end
         self._store(_Entry(tuple(ids), final, rings))
-        return cache, logits
 
     def _store(self, entry: _Entry):
         self.entries.pop(entry.tokens, None)
@@ -90,3 +89,45 @@ class PrefixCache:
 
     def nbytes(self) -> int:
         return sum(e.nbytes() for e in self.entries.values())
+
+
+class Prefill:
+    """A prompt being computed into its cache a chunk at a time: `step(n)` runs at most n more
+    tokens (all when None) and returns the last token's logits once the prompt is done. The server
+    interleaves chunks with decode steps, so one long prompt does not stall the running sequences.
+
+    Chunks never cross a `block` boundary (a sliding window's length at most, so a chunk plus the
+    ring it attends to covers its window); with `rings` given, the local layers are snapshotted at
+    every boundary and `on_done(ids, cache, rings)` is called at the end (the prefix cache's store)."""
+
+    def __init__(self, model, ids: list[int], cache: KVCache, block: int,
+                 rings: dict[int, KVSnapshot] | None = None, on_done=None):
+        self.model, self.ids, self.cache, self.block = model, ids, cache, block
+        self.rings, self.on_done = rings, on_done
+        self._x = torch.tensor([ids])
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens not computed yet."""
+        return len(self.ids) - self.cache.pos
+
+    def step(self, n: int | None = None) -> torch.Tensor | None:
+        cache, ids, block = self.cache, self.ids, self.block
+        stop = len(ids) if n is None else min(len(ids), cache.pos + n)
+        logits = None
+        with torch.inference_mode():
+            while cache.pos < stop:
+                end = min((cache.pos // block + 1) * block, stop)
+                chunk = self._x[:, cache.pos:end]
+                if end == len(ids):  # the last chunk: the model's own last-token logits
+                    logits = self.model(chunk, cache, last_only=True)[0, -1]
+                else:
+                    self.model.forward_hidden(chunk, cache)
+                if self.rings is not None and end % block == 0 and end < len(ids):
+                    self.rings[end] = cache.snapshot()
+        if logits is None:
+            return None
+        self._x = None
+        if self.on_done is not None:
+            self.on_done(ids, cache, self.rings)
+        return logits

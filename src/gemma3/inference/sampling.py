@@ -27,6 +27,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # llama.cpp semantics: divide positive logits, multiply negative ones
     repetition_window: int = 64  # how many recent tokens the penalty looks at
     seed: int | None = None
+    # (token id, bias) pairs added to the logits before anything else (OpenAI's logit_bias:
+    # -100 bans a token, +100 all but forces it).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -39,6 +42,14 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for token, bias in self.logit_bias:
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise ValueError(f"logit_bias for token {token} must be in [-100, 100], got {bias}")
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that needs the logits: a model may take the argmax itself."""
+        return self.greedy and self.repetition_penalty == 1.0 and not self.logit_bias
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +70,13 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: 
     logits = logits.clone()
     logits[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    if not bias:
+        return logits
+    ids, values = zip(*bias)
+    return logits.index_add(0, torch.tensor(ids), torch.tensor(values, dtype=logits.dtype))
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -99,6 +117,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
            history: list[int] | None = None) -> int:
     """One token id from a 1-D logits vector."""
+    logits = apply_logit_bias(logits, params.logit_bias)
     logits = apply_repetition_penalty(logits, history[-params.repetition_window:] if history else [],
                                       params.repetition_penalty)
     if params.greedy:

@@ -1,14 +1,15 @@
 """OpenAI-compatible HTTP server: `engine` (the continuous-batching loop that owns the
 model), `app` (FastAPI routes and error shapes), `schemas` (request bodies), `metrics`
-(Prometheus text), `heap` (glibc arena cap and trim), `static/index.html` (the chat page)."""
+(Prometheus text), `guard` (limits, Host/key/body checks, slow-client timeouts), `arenas` (glibc arena cap and trim), `static/index.html` (the chat page)."""
 
 from __future__ import annotations
 
 
 def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000, ctx: int | None = None,
-          max_batch: int = 8, max_queue: int = 64, max_tokens: int | None = None, api_key: str | None = None,
+          max_batch: int = 8, max_queue: int = 64, limits=None, api_key: str | None = None,
           prefix_cache_mb: int = 256, log_level: str = "info", vision=None, pan_and_scan=None,
-          max_stop: int = 16, max_stop_chars: int = 256):
+          allowed_hosts: list[str] | None = None, head_timeout: float = 10.0, keep_alive: float = 5.0,
+          max_connections: int = 256):
     """Run until SIGINT/SIGTERM: uvicorn stops accepting connections, lets in-flight responses
     finish (up to 30 s), then the engine cancels whatever is left and the call returns.
 
@@ -16,6 +17,7 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
     then happens on the thread that loaded the model, so it shares that thread's OpenMP pool (see
     Engine.start for what a second pool costs)."""
     import signal
+    import sys
     import threading
 
     import uvicorn
@@ -23,15 +25,23 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
     from .app import create_app
     from .arenas import limit_arenas
     from .engine import Engine
+    from .guard import Limits, is_loopback, protocol
+    from .guard import allowed_hosts as host_names
 
     limit_arenas()
     ctx = min(ctx or model.config.max_context, model.config.max_context)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_bytes=prefix_cache_mb * 2**20, vision=vision, pan_and_scan=pan_and_scan)
-    app = create_app(engine, model_id, ctx, max_tokens=max_tokens, api_key=api_key, start_engine=False,
-                     max_stop=max_stop, max_stop_chars=max_stop_chars)
+    app = create_app(engine, model_id, ctx, limits or Limits(), api_key=api_key, start_engine=False,
+                     hosts=host_names(host, allowed_hosts))
+    if not api_key and not is_loopback(host):
+        print(f"gemma3 serve: warning: listening on {host} without --api-key: anyone who can reach this "
+              "address can use the model", file=sys.stderr)
+    # Slow clients are closed: a request head must arrive within head_timeout, an idle keep-alive
+    # connection lasts keep_alive, and connections beyond max_connections get a 503.
     http = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                         timeout_graceful_shutdown=30))
+                                         timeout_graceful_shutdown=30, http=protocol(head_timeout),
+                                         timeout_keep_alive=keep_alive, limit_concurrency=max_connections))
 
     def serve_http():
         try:

@@ -1,11 +1,15 @@
 """Continuous batching: one thread owns the model and runs the loop
 
-    admit waiting requests (prefill, via the prefix cache) → one batched `model.decode` over every
-    active sequence → sample each with its own params and generator → emit text → retire finished
+    admit waiting requests → advance their prefills by one chunk (via the prefix cache) → one
+    batched `model.decode` over every active sequence → sample each with its own params and
+    generator → emit text → retire finished
 
 so a new request joins at the next decode step instead of waiting for the batch to drain (the
 Orca/vLLM scheduling idea, without paging: each sequence keeps its own KVCache and dropping the
-object frees it). Requests come in through a bounded deque; results go back to the asyncio side
+object frees it). Prompts are prefilled in chunks between decode steps (vLLM's chunked prefill):
+while others decode, prefill chunks get at most PREFILL_SHARE of the time decode steps take, so
+a 30k-token prompt slows the running sequences by that fraction instead of stopping them for its
+whole prefill. Requests come in through a bounded deque; results go back to the asyncio side
 as events on the request's own asyncio.Queue (`loop.call_soon_threadsafe`).
 """
 
@@ -21,10 +25,17 @@ import torch
 
 from ..inference.generate import StopMatcher, prefill
 from ..inference.multimodal import embed_prompt, encode_image
-from ..inference.prefix_cache import PrefixCache
+from ..inference.prefix_cache import Prefill, PrefixCache
 from ..inference.sampling import SamplingParams, sample
 from .arenas import release_free_memory
 from .metrics import Metrics
+
+# While sequences are decoding, prefill work may take this much time per second of decode steps.
+PREFILL_SHARE = 0.35
+# Prompt tokens per prefill chunk while sequences decode (small: a chunk is the longest stall it
+# causes) and while nothing else runs (what a newly arrived request may wait for; 128 runs at
+# 92% of the speed of 512-token chunks on the 270M).
+BUSY_CHUNK, IDLE_CHUNK = 64, 128
 
 
 class QueueFull(Exception):
@@ -128,14 +139,17 @@ def _logprob(logits: torch.Tensor, token: int, k: int | None) -> TokenLogprob | 
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 prefix_cache_bytes: int = 256 * 2**20, prefill_budget: int = 512, metrics: Metrics | None = None,
+                 prefix_cache_bytes: int = 256 * 2**20, metrics: Metrics | None = None,
                  vision=None, pan_and_scan=None):
         self.model, self.tokenizer = model, tokenizer
         self.vision, self.pan_and_scan = vision, pan_and_scan  # vision None: a text-only server
-        self.max_batch, self.max_queue, self.prefill_budget = max_batch, max_queue, prefill_budget
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.prefix_cache = PrefixCache(model, max_bytes=prefix_cache_bytes) if prefix_cache_bytes else None
+        self.block = model.config.sliding_window  # chunks never cross a window boundary
+        self.credit = 0.0  # seconds of prefill work the decode steps so far have paid for
         self.metrics = metrics or Metrics()
         self.waiting: deque[Request] = deque()
+        self.prefilling: list[tuple[Request, Prefill]] = []
         self.active: list[_Sequence] = []
         self.cond = threading.Condition()
         self.stopping = False
@@ -185,9 +199,9 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self.cond:
-                if not self.stopping and not self.waiting and not self.active:
+                if not self.stopping and not self.waiting and not self.active and not self.prefilling:
                     release_free_memory()  # going idle: nothing is in flight
-                while not self.stopping and not self.waiting and not self.active:
+                while not self.stopping and not self.waiting and not self.active and not self.prefilling:
                     self.cond.wait(1.0)  # a bounded wait lets the main thread run signal handlers
                 if self.stopping:
                     break
@@ -195,6 +209,9 @@ class Engine:
             self._step()
         for seq in self.active:
             seq.req.emit(Failed("the server is shutting down"))
+        for req, _ in self.prefilling:
+            req.emit(Failed("the server is shutting down"))
+        self.prefilling = []
         with self.cond:
             for req in self.waiting:
                 req.emit(Failed("the server is shutting down"))
@@ -209,34 +226,66 @@ class Engine:
             return req
 
     def _admit(self):
-        """Prefill waiting requests into free batch slots, at most `prefill_budget` prompt tokens per
-        step beyond the first request so that running sequences keep decoding."""
-        budget = self.prefill_budget
-        while len(self.active) < self.max_batch and (budget > 0 or not self.active):
+        """Start the prefill of waiting requests while batch slots are free, then run one turn of
+        prefill chunks: shortest prompt first (a short request is not queued behind a long one)."""
+        while len(self.active) + len(self.prefilling) < self.max_batch:
             req = self._take()
             if req is None:
                 break
             if req.cancelled:
                 self.metrics.cancelled += 1
                 continue
-            budget -= len(req.ids)
             try:
                 max_len = len(req.ids) + req.max_tokens
-                prompt = req.ids
-                if req.images:  # encoded here, on the thread that owns the models
+                if req.images:  # encoded here, on the thread that owns the models; prefilled at once
                     features = [encode_image(self.vision, im, self.pan_and_scan) for im in req.images]
-                    prompt = embed_prompt(self.model, req.ids, features)
-                cache, logits = prefill(self.model, prompt, max_len, self.prefix_cache)
-                seq = _Sequence(req, cache, self.tokenizer)
-                token = sample(logits, req.params, seq.generator, seq.history)
-                self.metrics.observe_first_token(time.perf_counter() - req.submitted)
-                self.metrics.prompt_tokens += len(req.ids)
-                if not self._advance(seq, token, logits):
-                    self.active.append(seq)
+                    self._started(req, *prefill(self.model, embed_prompt(self.model, req.ids, features), max_len))
+                elif self.prefix_cache is not None:
+                    self.prefilling.append((req, self.prefix_cache.start(req.ids, max_len)))
+                else:
+                    cache = self.model.new_cache(1, max_len=max_len)
+                    self.prefilling.append((req, Prefill(self.model, list(req.ids), cache, self.block)))
             except Exception as e:  # one bad request must not take the loop down
                 req.emit(Failed(f"prefill failed: {type(e).__name__}: {e}"))
                 self.metrics.failed += 1
+        self._prefill_turn()
         self._gauges()
+
+    def _prefill_turn(self):
+        """At most one chunk, of the shortest prompt; while sequences decode, only when their
+        steps have earned the time (PREFILL_SHARE), so they keep at least 1 / (1 + share) of the
+        engine whatever prompts arrive."""
+        if not self.prefilling:
+            return
+        if self.active and self.credit <= 0:
+            return
+        req, job = min(self.prefilling, key=lambda p: p[1].left)
+        self.prefilling.remove((req, job))
+        if req.cancelled:
+            self.metrics.cancelled += 1
+            return
+        start = time.perf_counter()
+        try:
+            logits = job.step(BUSY_CHUNK if self.active else IDLE_CHUNK)
+        except Exception as e:
+            req.emit(Failed(f"prefill failed: {type(e).__name__}: {e}"))
+            self.metrics.failed += 1
+            return
+        if self.active:
+            self.credit -= time.perf_counter() - start
+        if logits is None:
+            self.prefilling.append((req, job))
+        else:
+            self._started(req, job.cache, logits)
+
+    def _started(self, req: Request, cache, logits: torch.Tensor):
+        """A prompt is in its cache: sample the first token, then the sequence joins the batch."""
+        seq = _Sequence(req, cache, self.tokenizer)
+        token = sample(logits, req.params, seq.generator, seq.history)
+        self.metrics.observe_first_token(time.perf_counter() - req.submitted)
+        self.metrics.prompt_tokens += len(req.ids)
+        if not self._advance(seq, token, logits):
+            self.active.append(seq)
 
     def _advance(self, seq: _Sequence, token: int, logits: torch.Tensor) -> bool:
         self.metrics.generation_tokens += 1
@@ -259,7 +308,11 @@ class Engine:
         self.metrics.observe_batch(len(live))
         try:
             with torch.inference_mode():
+                start = time.perf_counter()
                 logits = self.model.decode(torch.tensor([s.last for s in live]), [s.cache for s in live])
+                # Earned prefill time, capped at one chunk's worth so idle credit cannot pile up.
+                self.credit = min(self.credit + PREFILL_SHARE * (time.perf_counter() - start), 0.05) \
+                    if self.prefilling else 0.0
                 keep = []
                 for seq, row in zip(live, logits):
                     token = sample(row, seq.req.params, seq.generator, seq.history)
@@ -274,5 +327,5 @@ class Engine:
         self._gauges()
 
     def _gauges(self):
-        self.metrics.active_sequences = len(self.active)
+        self.metrics.active_sequences = len(self.active) + len(self.prefilling)
         self.metrics.queue_depth = len(self.waiting)

@@ -2,7 +2,7 @@
 
 Only rank 0 runs the engine and the HTTP server. A sharded forward is a sequence of collectives
 that every rank must enter in the same order with the same shapes, so rank 0's model is wrapped in
-a `Leader` that broadcasts each call the engine makes (new cache, prefill, batched decode) before
+a `Leader` that broadcasts each call the engine makes (new cache, prefill chunks, batched decode) before
 running it; the other ranks `follow`, repeating each call on their shard with their own copy of
 every cache. Caches are named by a number; when rank 0 drops one (a finished or cancelled
 request), the next message tells the followers to drop theirs.
@@ -62,6 +62,10 @@ class Leader:
         self._send("forward", input_ids, self._names[cache], last_only, kwargs)
         return self.model(input_ids, cache, last_only=last_only, **kwargs)
 
+    def forward_hidden(self, input_ids, cache, **kwargs):  # a prompt chunk before the last one
+        self._send("hidden", input_ids, self._names[cache], kwargs)
+        return self.model.forward_hidden(input_ids, cache, **kwargs)
+
     def decode(self, tokens, caches):
         self._send("decode", tokens, [self._names[c] for c in caches])
         return self.model.decode(tokens, caches)
@@ -95,6 +99,9 @@ def follow(model):
                 elif op == "forward":
                     ids, n, last_only, kwargs = rest
                     model(ids, caches[n], last_only=last_only, **kwargs)
+                elif op == "hidden":
+                    ids, n, kwargs = rest
+                    model.forward_hidden(ids, caches[n], **kwargs)
                 elif op == "decode":
                     tokens, ns = rest
                     model.decode(tokens, [caches[n] for n in ns])

@@ -49,6 +49,7 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: Union[str, list[str], None] = Field(None)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -27,11 +27,19 @@
 #include "norms.h"
 #include "attention.h"
 #include "decode_step.h"
+#include "tokenizer.h"
 
 // The kernels release the GIL: a server's event loop thread keeps running while the engine thread
 // is inside a long matmul, instead of both taking turns at Python's switch interval.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const auto nogil = py::call_guard<py::gil_scoped_release>();
+    py::class_<SpmVocab>(m, "SpmVocab", "a SentencePiece-BPE vocabulary for encode() without the GIL")
+        .def(py::init<const std::vector<std::string>&, std::vector<double>, std::vector<int64_t>>(),
+             py::arg("pieces"), py::arg("scores"), py::arg("byte_ids"))
+        .def("encode", &SpmVocab::encode, "token ids of one escaped text fragment", nogil);
+    py::class_<TextSet>(m, "TextSet", "a set of texts (special tokens) to find in a text without the GIL")
+        .def(py::init<const std::vector<std::string>&>(), py::arg("texts"))
+        .def("occurring", &TextSet::occurring, "indices of the texts occurring in a text, ascending", nogil);
     m.def("argmax_rows", &argmax_rows, "index of each row's largest value (first on ties, NaN first), as torch.max(dim)", nogil);
     m.def("qmatmul", &qmatmul, "x @ W^T with W in GGUF blocks or a repacked layout, int16 activations (int8 for interleaved weights with int8=True)",
           nogil, py::arg("x"), py::arg("w"), py::arg("type"), py::arg("N"), py::arg("int8") = false);

@@ -117,6 +117,48 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
                             "--lr", "3e-3", "--quiet"])
 
 
+def test_kill_during_a_save_leaves_the_last_checkpoint_and_resume_finishes(tmp_path):
+    """kill -9 while a checkpoint is being written (its step-N.partial directory exists): the
+    previous checkpoint is complete and loadable, and --resume carries the run to its end with the
+    same losses as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from gemma3.train import checkpoint
+
+    model_dir = tiny_model_dir(tmp_path / "base")
+    common = ["finetune", "--model", str(model_dir), *_write_data(tmp_path), "--seq-len", "48", "--steps", "60",
+              "--batch-size", "4", "--micro-batch", "2", "--lr", "3e-3", "--quiet", "--threads", "1"]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gemma3", *common, "--out", str(out), "--save-every", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root, killed_in = out / "checkpoints", None
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        partial = [p for p in root.glob("*.partial")] if (root / "latest").exists() else []
+        if partial:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_in = partial[0].name
+            break
+    proc.wait()
+    assert killed_in is not None, f"no save was caught in progress: {proc.stderr.read()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    last = checkpoint.latest(out)
+    assert last is not None and last.name < killed_in  # the save in flight never became `latest`
+    state = checkpoint.load_trainer_state(last)
+    assert f"step-{state['step']:08d}" == last.name
+    assert load(last)[0] is not None  # the model files load
+    main(common + ["--out", str(out), "--resume"])
+    assert not list(root.glob("*.partial"))
+    main(common + ["--out", str(tmp_path / "whole")])
+    keys = ("step", "loss")
+    a, b = ([{k: r[k] for k in keys} for r in read_metrics(d / "metrics.jsonl")] for d in (out, tmp_path / "whole"))
+    assert a == b and len(a) == 60
+
+
 # ---------------------------------------------------------------- commands
 
 

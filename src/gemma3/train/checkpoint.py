@@ -9,6 +9,11 @@ OUT/checkpoints/step-NNNNNNNN/ holds
   the data position is step × batch size, so nothing else is needed to continue bit for bit.
 OUT/checkpoints/latest names the newest complete checkpoint (written last).
 
+Saving is atomic, so `kill -9` (or a power cut) at any moment leaves the last complete checkpoint
+loadable: a step is written into step-N.partial/, every file and the directory are fsynced, and
+only then is it renamed to step-N/; `latest` is replaced the same way (temp file, fsync, rename).
+A leftover .partial directory is never read and is cleared by the next save.
+
 Under FSDP nothing is gathered: a model that needs FSDP does not fit one process, nor its AdamW
 state (3× the weights in fp32). Every rank writes its own shards of the weights and the optimizer
 state into step-N/sharded/ with torch.distributed.checkpoint (DCP), and trainer_state.pt keeps the
@@ -19,7 +24,9 @@ that other commands load.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,31 +81,78 @@ def save_model_files(path: Path, model: nn.Module, state: dict[str, torch.Tensor
 
 
 def save(out: Path, step: int, model: nn.Module, optimizer, ctx: DistContext, tokenizer, run: dict) -> Path:
-    """Writes OUT/checkpoints/step-N and then points `latest` at it. Collective when distributed."""
-    path = Path(out) / "checkpoints" / f"step-{step:08d}"
-    path.mkdir(parents=True, exist_ok=True)
+    """Writes OUT/checkpoints/step-N atomically and then points `latest` at it. Collective when
+    distributed."""
+    root = Path(out) / "checkpoints"
+    path = root / f"step-{step:08d}"
+    partial = path.with_name(path.name + ".partial")
+    if ctx.is_main:
+        for stale in root.glob("*.partial"):  # saves that were killed
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier(ctx)
     if ctx.fsdp:  # every rank writes its shards; DCP's own collectives finish before `latest` moves
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / SHARDED)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial / SHARDED)
         state, optim = None, None
     else:
         state = model_state(model, ctx)
         optim = get_optimizer_state_dict(model, optimizer, options=_options(ctx))
+    barrier(ctx)  # every rank's shards are in
     if ctx.is_main:
         if state is not None:
-            save_model_files(path, model, state, tokenizer)
+            save_model_files(partial, model, state, tokenizer)
         torch.save({"step": step, "optimizer": optim, "sharded": ctx.fsdp, "run": run, "rng": {
             "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-            path / "trainer_state.pt")
-        (path.parent / "latest").write_text(path.name + "\n")
+            partial / "trainer_state.pt")
+        _fsync_tree(partial)
+        if path.exists():  # the same step saved again (a resumed run): the old copy goes first
+            shutil.rmtree(path)
+        os.replace(partial, path)
+        _write_atomic(root / "latest", path.name + "\n")
     barrier(ctx)
     return path
 
 
+def _fsync_tree(root: Path):
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(file: Path, text: str):
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+    _fsync_dir(file.parent)
+
+
 def latest(out: Path) -> Path | None:
-    pointer = Path(out) / "checkpoints" / "latest"
-    return pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
+    """The newest complete checkpoint: the one `latest` names, else (no pointer, or one naming a
+    directory that is gone) the highest step-N with its trainer_state.pt."""
+    root = Path(out) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if pointer.read_text().strip() and (named / "trainer_state.pt").is_file():
+            return named
+    steps = sorted(p for p in root.glob("step-*") if not p.name.endswith(".partial")
+                   and (p / "trainer_state.pt").is_file()) if root.is_dir() else []
+    return steps[-1] if steps else None
 
 
 def load_weights(model: nn.Module, path: Path):

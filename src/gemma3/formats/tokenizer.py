@@ -516,6 +516,8 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int, skip_special: bool = True) -> bytes:
         """The bytes a token stands for (llama_vocab::impl::token_to_piece, SPM case)."""
+        if not 0 <= token_id < len(self._pieces):  # a negative index would silently wrap around
+            raise ValueError(f"token id {token_id} is not in [0, {len(self._pieces)})")
         piece = self._pieces[token_id]
         if token_id in self._control_ids:
             return b"" if skip_special else piece.encode("utf-8")
@@ -576,8 +578,13 @@ def chat_turns(messages: list[dict]) -> list[tuple[str, str]]:
     As in the template: "assistant" is rendered as "model"; a leading system message has no turn
     of its own but is prepended, untrimmed, to the first user message as "{system}\\n\\n"; turn
     contents are stripped (Jinja's `| trim`); the remaining roles must alternate user/model
-    starting with user (ValueError otherwise).
+    starting with user (ValueError otherwise, as for a message that is not {"role": str,
+    "content": str}).
     """
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise ValueError(f"message {index} must be an object with string 'role' and 'content'")
     prefix = ""
     if messages and messages[0]["role"] == "system":
         prefix = messages[0]["content"] + "\n\n"

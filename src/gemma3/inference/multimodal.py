@@ -70,6 +70,8 @@ def _decode(f, name: str, formats: Sequence[str] | None = None) -> Image.Image:
         raise ImageError(f"{name}: not an image (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: image has more than {MAX_PIXELS} pixels (decompression-bomb limit)") from None
+    except Exception as e:  # Pillow's header parsers raise OSError, struct.error, EOFError, ... on corrupt data
+        raise ImageError(f"{name}: corrupt image header ({_reason(e)})") from None
     with img:
         if formats is not None and img.format not in formats:
             raise ImageError(f"{name}: the data is {img.format}, not the declared {'/'.join(formats)}")
@@ -80,9 +82,12 @@ def _decode(f, name: str, formats: Sequence[str] | None = None) -> Image.Image:
             raise ImageError(f"{name}: {w}×{h} image is too small (at least {MIN_SIDE}×{MIN_SIDE} pixels)")
         try:
             return to_rgb(img)  # decodes: a truncated or corrupt file fails here
-        except (OSError, ValueError, EOFError, SyntaxError) as e:
-            reason = " ".join(str(e).split()) or type(e).__name__
-            raise ImageError(f"{name}: corrupt or truncated image ({reason})") from None
+        except Exception as e:  # as above: any failure inside Pillow's decoders is a corrupt image
+            raise ImageError(f"{name}: corrupt or truncated image ({_reason(e)})") from None
+
+
+def _reason(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,12 @@ def layer_pattern(num_layers: int, local_per_global: int | None = 5) -> tuple[st
         return (GLOBAL,) * num_layers
     period = local_per_global + 1
     return tuple(GLOBAL if (i + 1) % period == 0 else LOCAL for i in range(num_layers))
+
+
+# Bounds of a configuration's sizes, far above any real model (checked by Gemma3Config).
+_SIZE_LIMITS = {"vocab_size": 2**24, "hidden_size": 2**16, "num_layers": 1024, "num_heads": 1024,
+                "num_kv_heads": 1024, "head_dim": 2**12, "intermediate_size": 2**18, "sliding_window": 2**24,
+                "max_context": 2**24, "query_pre_attn_scalar": 2**16}
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,16 @@ class Gemma3Config:
     name: str = "custom"
 
     def __post_init__(self):
+        # Bounds far above any real model, so a corrupt config is an error here rather than a
+        # tuple of 2**40 layer types or a multi-gigabyte RoPE table later.
+        for name, hi in _SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+                raise ValueError(f"{name} must be an integer in [1, {hi}], got {value!r}")
+        for name in ("rope_local_base", "rope_global_base", "rope_global_scale", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         bad = set(self.layer_types) - {LOCAL, GLOBAL}
@@ -109,6 +126,10 @@ class UnsupportedModelError(ValueError):
 
 
 def from_gguf_metadata(md: dict, vocab_size: int | None = None) -> Gemma3Config:
+    return _typed(lambda m: _from_gguf_metadata(m, vocab_size), md, "GGUF metadata")
+
+
+def _from_gguf_metadata(md: dict, vocab_size: int | None = None) -> Gemma3Config:
     arch = md.get("general.architecture")
     if arch != "gemma3":
         raise UnsupportedModelError(f"unknown architecture {arch!r} (this package runs 'gemma3' GGUF files)")
@@ -120,6 +141,8 @@ def from_gguf_metadata(md: dict, vocab_size: int | None = None) -> Gemma3Config:
         return value
 
     layers = int(get("block_count"))
+    if not 1 <= layers <= _SIZE_LIMITS["num_layers"]:
+        raise ValueError(f"block_count must be in [1, {_SIZE_LIMITS['num_layers']}], got {layers}")
     d, heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length"))
     if vocab_size is None:
@@ -151,8 +174,24 @@ def from_hf_config(cfg: dict) -> Gemma3Config:
     """Reads `Gemma3TextConfig` keys, or the `text_config` of a multimodal `Gemma3Config`.
 
     Accepts both the current `rope_parameters` layout and the older `rope_theta` /
-    `rope_local_base_freq` / `rope_scaling` / `sliding_window_pattern` keys.
+    `rope_local_base_freq` / `rope_scaling` / `sliding_window_pattern` keys. A value of the wrong
+    type or out of range is an UnsupportedModelError naming it.
     """
+    if not isinstance(cfg, dict):
+        raise UnsupportedModelError(f"config.json must hold a JSON object, not {type(cfg).__name__}")
+    return _typed(_from_hf_config, cfg, "config.json")
+
+
+def _typed(read, source: dict, what: str) -> Gemma3Config:
+    try:
+        return read(source)
+    except UnsupportedModelError:
+        raise
+    except (TypeError, ValueError, AttributeError, OverflowError, KeyError, IndexError) as e:
+        raise UnsupportedModelError(f"{what}: invalid model configuration ({type(e).__name__}: {e})") from None
+
+
+def _from_hf_config(cfg: dict) -> Gemma3Config:
     model_type = cfg.get("model_type")
     if model_type not in _HF_TEXT_TYPES:
         raise UnsupportedModelError(f"unknown architecture: config.json model_type is {model_type!r}, expected gemma3")
@@ -161,6 +200,8 @@ def from_hf_config(cfg: dict) -> Gemma3Config:
     if cfg.get("final_logit_softcapping") or cfg.get("attn_logit_softcapping"):
         raise UnsupportedModelError("logit soft-capping is Gemma 2, not Gemma 3")
     layers = int(cfg.get("num_hidden_layers", 26))
+    if not 1 <= layers <= _SIZE_LIMITS["num_layers"]:
+        raise ValueError(f"num_hidden_layers must be in [1, {_SIZE_LIMITS['num_layers']}], got {layers}")
     if cfg.get("layer_types"):
         types = tuple(GLOBAL if t == "full_attention" else LOCAL for t in cfg["layer_types"])
     else:
@@ -189,6 +230,7 @@ def from_hf_config(cfg: dict) -> Gemma3Config:
 def load_hf_config(path: str | Path) -> Gemma3Config:
     path = Path(path)
     try:
-        return from_hf_config(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UnsupportedModelError(f"{path}: invalid JSON ({e})") from None
+    return from_hf_config(data)

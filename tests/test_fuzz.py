@@ -71,6 +71,24 @@ def _mutations(head_len: int, table: int):
     return st.lists(st.one_of(flip, wide, cut), min_size=1, max_size=4)
 
 
+def flipped(data: bytes, edits) -> bytes:
+    """`data` with byte `at` set to `value` for each (at, value) inside it."""
+    out = bytearray(data)
+    for at, value in edits:
+        if at < len(out):
+            out[at] = value
+    return bytes(out)
+
+
+def read_typed(read, path, rss_before: float):
+    """read(path) returns or raises one of our typed one-line errors, within the memory bound."""
+    try:
+        read(path)
+    except MODEL_ERRORS as e:
+        one_line(e)
+    assert peak_rss_mb() - rss_before < MEMORY_GROWTH_MB
+
+
 def _apply(head: bytes, edits) -> bytes:
     data = bytearray(head)
     for kind, at, value in edits:
@@ -81,12 +99,6 @@ def _apply(head: bytes, edits) -> bytes:
         elif kind == "u64" and at + 8 <= len(data):
             data[at:at + 8] = struct.pack("<Q", value)
     return bytes(data)
-
-
-@pytest.fixture(scope="module")
-def gguf_edits(gguf_parts):
-    head, table, _, _ = gguf_parts
-    return _mutations(len(head), table)
 
 
 def test_gguf_reader_mutated_header_and_tensor_table(gguf_parts):
@@ -102,11 +114,7 @@ def test_gguf_reader_mutated_header_and_tensor_table(gguf_parts):
             f.write(data)
             if len(data) == len(head):
                 f.truncate(size)  # the tensor data: a sparse hole of zeros
-        try:
-            read_gguf_model(path)
-        except MODEL_ERRORS as e:
-            one_line(e)
-        assert peak_rss_mb() - before < MEMORY_GROWTH_MB
+        read_typed(read_gguf_model, path, before)
 
     run()
 
@@ -145,16 +153,8 @@ def test_hf_reader_mutated_config_and_safetensors_header(hf_dir, tmp_path):
             (d / "config.json").write_bytes(raw)
         else:
             (d / "config.json").write_text(json.dumps(config | changes, allow_nan=True))
-        data = bytearray(weights[:cut] if cut is not None else weights)
-        for at, value in edits:
-            if at < len(data):
-                data[at] = value
-        (d / "model.safetensors").write_bytes(bytes(data))
-        try:
-            read_hf_dir(d)
-        except MODEL_ERRORS as e:
-            one_line(e)
-        assert peak_rss_mb() - before < MEMORY_GROWTH_MB
+        (d / "model.safetensors").write_bytes(flipped(weights[:cut] if cut is not None else weights, edits))
+        read_typed(read_hf_dir, d, before)
 
     run()
 
@@ -229,12 +229,8 @@ def test_image_decoder_mutated_and_random_bytes():
            cut=st.one_of(st.none(), st.integers(0, 400)), noise=st.binary(max_size=64))
     def run(seed, edits, cut, noise):
         for data in (noise, seed[:cut] if cut is not None else seed):
-            data = bytearray(data)
-            for at, value in edits:
-                if at < len(data):
-                    data[at] = value
             try:
-                decode_image(bytes(data), "part")
+                decode_image(flipped(data, edits), "part")
             except ImageError as e:
                 one_line(e)
         assert peak_rss_mb() - before < MEMORY_GROWTH_MB

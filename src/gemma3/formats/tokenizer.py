@@ -156,7 +156,7 @@ class Tokenizer:
         self._all_specials = _SpecialTokens(user_defined + control)
         self._byte_ids = [self._byte_token(b) for b in range(256)]
         self._spm_cache: dict[str, tuple[int, ...]] = {}
-        self._fast_spm = None  # see use_encoder
+        self._fast_spm = None  # see use_native
 
     # ----------------------------------------------------------------- loading
 
@@ -424,7 +424,6 @@ class Tokenizer:
     def _spm(self, text: str) -> tuple[int, ...]:
         ids = self._spm_cache.get(text)
         if ids is None:
-            ids = None
             if self._fast_spm is not None:
                 try:
                     ids = tuple(self._fast_spm(text))

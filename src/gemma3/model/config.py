@@ -17,7 +17,11 @@ def layer_pattern(num_layers: int, local_per_global: int | None = 5) -> tuple[st
 
     Layer i is global iff (i + 1) % (local_per_global + 1) == 0, so 5 gives Gemma 3's 5:1.
     `None` means every layer is global (the ablation baseline), 0 means 1:0 → all global too.
+    A layer count beyond the configuration bound is a ValueError before any tuple is built (a
+    corrupt config asked for 2**40 layers).
     """
+    if not 1 <= num_layers <= _SIZE_LIMITS["num_layers"]:
+        raise ValueError(f"num_layers must be in [1, {_SIZE_LIMITS['num_layers']}], got {num_layers}")
     if local_per_global is None or local_per_global == 0:
         return (GLOBAL,) * num_layers
     period = local_per_global + 1
@@ -141,8 +145,6 @@ def _from_gguf_metadata(md: dict, vocab_size: int | None = None) -> Gemma3Config
         return value
 
     layers = int(get("block_count"))
-    if not 1 <= layers <= _SIZE_LIMITS["num_layers"]:
-        raise ValueError(f"block_count must be in [1, {_SIZE_LIMITS['num_layers']}], got {layers}")
     d, heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length"))
     if vocab_size is None:
@@ -200,8 +202,6 @@ def _from_hf_config(cfg: dict) -> Gemma3Config:
     if cfg.get("final_logit_softcapping") or cfg.get("attn_logit_softcapping"):
         raise UnsupportedModelError("logit soft-capping is Gemma 2, not Gemma 3")
     layers = int(cfg.get("num_hidden_layers", 26))
-    if not 1 <= layers <= _SIZE_LIMITS["num_layers"]:
-        raise ValueError(f"num_hidden_layers must be in [1, {_SIZE_LIMITS['num_layers']}], got {layers}")
     if cfg.get("layer_types"):
         types = tuple(GLOBAL if t == "full_attention" else LOCAL for t in cfg["layer_types"])
     else:

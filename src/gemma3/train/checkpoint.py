@@ -146,10 +146,9 @@ def latest(out: Path) -> Path | None:
     directory that is gone) the highest step-N with its trainer_state.pt."""
     root = Path(out) / "checkpoints"
     pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if pointer.read_text().strip() and (named / "trainer_state.pt").is_file():
-            return named
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    if name and (root / name / "trainer_state.pt").is_file():
+        return root / name
     steps = sorted(p for p in root.glob("step-*") if not p.name.endswith(".partial")
                    and (p / "trainer_state.pt").is_file()) if root.is_dir() else []
     return steps[-1] if steps else None

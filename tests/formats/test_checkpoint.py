@@ -79,6 +79,16 @@ def test_unknown_architecture():
         from_gguf_metadata({"general.architecture": "llama"})
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"sliding_window_pattern": 0}, "local_per_global must be >= 0"),
+    ({"num_hidden_layers": 2**40}, "num_layers must be in"),
+    ({"hidden_size": "wide"}, "invalid model configuration"),
+])
+def test_bad_config_values_are_named(change, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        from_hf_config({"model_type": "gemma3_text", "num_hidden_layers": 6, **change})
+
+
 def test_presets_follow_the_report():
     p = PRESETS
     assert [p[n].num_layers for n in p] == [18, 26, 34, 48, 62]

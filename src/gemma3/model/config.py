@@ -22,6 +22,8 @@ def layer_pattern(num_layers: int, local_per_global: int | None = 5) -> tuple[st
     """
     if not 1 <= num_layers <= _SIZE_LIMITS["num_layers"]:
         raise ValueError(f"num_layers must be in [1, {_SIZE_LIMITS['num_layers']}], got {num_layers}")
+    if local_per_global is not None and local_per_global < 0:  # sliding_window_pattern 0 in a config
+        raise ValueError(f"local_per_global must be >= 0 (or None), got {local_per_global}")
     if local_per_global is None or local_per_global == 0:
         return (GLOBAL,) * num_layers
     period = local_per_global + 1

@@ -199,3 +199,40 @@ def test_continuous_batch_decode_matches_model_py(kv_dtype, n_seqs):
             assert torch.equal(lf.key_positions(), lr.key_positions())
             for a, b in zip(lf.contents(), lr.contents()):
                 assert rel_err(a, b) < tol
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_decode_row_gives_the_same_bits_in_any_batch(threads, monkeypatch):
+    """Batch invariance (a seeded request samples the same text under any load): a row's logits
+    are bit-identical alone (the one-call step), beside other rows of other lengths, and in any
+    position of the batch — with caches long enough for its attention to be split (200 keys: 3
+    splits of 64), which used to be sized by the batch."""
+    from tests.helpers.models import random_model, tiny_config
+
+    cfg = tiny_config(layers=4, heads=4, kv_heads=1, head_dim=32, hidden=128, window=256)
+    fast, _ = quantized_copy(random_model(cfg), T.Q8_0, in_place=True)  # one layout, as loaded from GGUF
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # (restored below)
+    gen = torch.Generator().manual_seed(3)
+
+    def prefilled(n: int, seed: int):
+        ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
+        cache = fast.new_cache(1, 300)
+        fast(ids, cache)
+        return cache
+
+    try:
+        with torch.inference_mode():
+            alone = fast.decode(torch.tensor([7]), [prefilled(200, 1)])[0]
+            for others in ([9], [9, 11], [9, 11, 13, 15]):
+                lengths = torch.randint(1, 260, (len(others),), generator=gen).tolist()
+                caches = [prefilled(n, 10 + i) for i, n in enumerate(lengths)]
+                at = len(others) // 2
+                caches.insert(at, prefilled(200, 1))
+                tokens = others[:at] + [7] + others[at:]
+                row = fast.decode(torch.tensor(tokens), caches)[at]
+                assert torch.equal(row, alone), (others, lengths)
+    finally:
+        torch.set_num_threads(old)

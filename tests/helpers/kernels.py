@@ -46,9 +46,11 @@ def dot_err(layer, x, got):
     return ((got.double() - want).norm() / (x.double().abs() @ w.abs().T).norm()).item()
 
 
-def quantized_copy(model, qtype=T.Q8_0):
+def quantized_copy(model, qtype=T.Q8_0, in_place: bool = False):
     """(fast, reference): every Linear and the embedding re-encoded as `qtype` GGUF blocks; the fast
-    copy holds the blocks (GGMLLinear + make_fast), the reference the same values dequantized."""
+    copy holds the blocks (GGMLLinear + make_fast), the reference the same values dequantized.
+    `in_place`: the weights repacked in place, as the GGUF loader does (one layout for every
+    product); by default a repacked copy for one-row products beside the blocks."""
     import copy
 
     import numpy as np
@@ -64,7 +66,7 @@ def quantized_copy(model, qtype=T.Q8_0):
             cls = GGMLEmbedding if name == "embed_tokens" else GGMLLinear
             q = cls(blocks, int(qtype), *w.shape)
             if cls is GGMLLinear:
-                q.pack()  # as the GGUF loader does (Q5_0 rows of 128k values)
+                q.pack(in_place=in_place)
             parent, _, child = name.rpartition(".")
             setattr(fast.get_submodule(parent) if parent else fast, child, q)
             ref.get_submodule(name).weight.data = q.dequantize()

@@ -32,9 +32,10 @@ from .metrics import Metrics
 
 # While sequences are decoding, prefill work may take this much time per second of decode steps.
 PREFILL_SHARE = 0.35
-# Prompt tokens per prefill chunk while sequences decode (small: a chunk is the longest stall it
-# causes) and while nothing else runs (what a newly arrived request may wait for; 128 runs at
-# 92% of the speed of 512-token chunks on the 270M).
+# Prompt tokens per prefill turn while sequences decode (small: a turn is the longest stall it
+# causes) and while nothing else runs (what a newly arrived request may wait for). Either way the
+# prompt is computed in the same position-aligned pieces (prefix_cache.PIECE), so its logits do
+# not depend on the load.
 BUSY_CHUNK, IDLE_CHUNK = 64, 128
 
 
@@ -242,6 +243,8 @@ class Engine:
                     self._started(req, *prefill(self.model, embed_prompt(self.model, req.ids, features), max_len))
                 elif self.prefix_cache is not None:
                     self.prefilling.append((req, self.prefix_cache.start(req.ids, max_len)))
+                    self.metrics.prefix_hits = self.prefix_cache.hits
+                    self.metrics.prefix_tokens = self.prefix_cache.reused_tokens
                 else:
                     cache = self.model.new_cache(1, max_len=max_len)
                     self.prefilling.append((req, Prefill(self.model, list(req.ids), cache, self.block)))

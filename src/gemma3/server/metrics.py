@@ -34,6 +34,7 @@ class Metrics:
         self.requests = Counter()  # (endpoint, HTTP status) -> count
         self.prompt_tokens = self.generation_tokens = 0
         self.cancelled = self.failed = 0
+        self.prefix_hits = self.prefix_tokens = 0
         self.queue_depth = self.active_sequences = self.batch_size = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttft = Histogram(LATENCY_BUCKETS)
@@ -62,6 +63,9 @@ class Metrics:
         for name, kind, help_, value in (
             ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", self.prompt_tokens),
             ("generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
+            ("prefix_cache_hits_total", "counter", "Prompts that resumed from a cached prefix.", self.prefix_hits),
+            ("prefix_cache_reused_tokens_total", "counter", "Prompt tokens taken from the prefix cache instead of "
+             "being computed.", self.prefix_tokens),
             ("cancelled_sequences_total", "counter", "Sequences dropped because the client went away.", self.cancelled),
             ("failed_sequences_total", "counter", "Sequences ended by an internal error.", self.failed),
             ("queue_depth", "gauge", "Requests waiting for a batch slot.", self.queue_depth),

@@ -284,8 +284,11 @@ template <class F> bool interleaved(int64_t type, F&& f) {
 // values' offset taken off in integers through the activation sums, then one FMA with the
 // scales; a format's mins through the activation block sums. INT8: the activations' high bytes
 // alone (Act: int8 activations), one vpdpbusd per quad and row instead of two.
+// `ahead`: how many 32-value blocks ahead of the one being read each stream prefetches.
 template <class X, int S, int MT, bool INT8>
-INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, float* const* Y, int64_t ldy) {
+INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, float* const* Y, int64_t ldy,
+                       int64_t ahead_blocks) {
+    const int64_t ahead = ahead_blocks * X::BYTES * 32 / X::VALS;
     constexpr int SUBS = X::VALS / 32, HALVES = X::TWO_SCALES ? 2 : 1;
     __m512 acc[S][MT];
     for (int s = 0; s < S; s++)
@@ -294,9 +297,6 @@ INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, floa
         const uint8_t* blk[S];
         for (int s = 0; s < S; s++) {
             blk[s] = G[s] + sb * X::BYTES;
-            // 256 values ahead (8 blocks of 32) for one stream (2 or 4 left the cores waiting),
-            // 128 per stream for four (2 or 8 blocks were slower).
-            constexpr int64_t ahead = (S == 1 ? 8 : 4) * X::BYTES * 32 / X::VALS;
             for (int64_t l = 0; l < X::BYTES; l += 64) _mm_prefetch((const char*)blk[s] + ahead + l, _MM_HINT_T1);
         }
         for (int i = 0; i < SUBS; i++) {
@@ -350,18 +350,36 @@ INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, floa
         for (int m = 0; m < MT; m++) _mm512_storeu_ps(Y[s] + m * ldy, acc[s][m]);
 }
 
+// How a decode step (one activation row) reads the weights, by CPU vendor (measured A/B in one
+// process, same tokens):
+// - Intel: four streams per core, from the starts of the range's four quarters, each prefetching
+//   4 blocks ahead. One stream per core left memory idle there (a bare two-thread read of the LM
+//   head: 5.4 ms as one stream per core, 4.6 as four); the 270M step 8.15 -> 7.37 ms.
+// - AMD (Zen 4): one stream per core, prefetching 16 blocks ahead. Four streams kept the 4B's
+//   layers at ~22 GB/s of a 34 GB/s bare read: its decode 8.75 -> 12.4 tok/s (2 streams: 9.8;
+//   8 or 32 blocks ahead: 11.2 / 11.8); the 270M and 1B unchanged or faster.
+// GEMMA3_STREAMS=1|4 picks either on any CPU (read once), to measure or test both here.
+struct StreamPlan {
+    int streams;
+    int64_t ahead;
+};
+inline const StreamPlan decode_streams = [] {
+    __builtin_cpu_init();
+    const char* env = getenv("GEMMA3_STREAMS");
+    const bool one = env ? atoi(env) == 1 : __builtin_cpu_is("amd");
+    return one ? StreamPlan{1, 16} : StreamPlan{4, 4};
+}();
+
 // Y[m, n0..n1) for MT activation rows; a range that starts or ends inside a group computes that
 // group whole and keeps its rows in range. One activation row (a decode step) reads its whole
-// groups as four streams, from the starts of the range's four quarters: one core's single stream
-// left memory idle (the memory system works on more lines at once for several streams; a bare
-// two-thread read of the LM head: 5.4 ms as one stream per core, 4.6 as four). The 270M step
-// 8.15 -> 7.37 ms (A/B in one process, same tokens; three or six streams were no better).
-template <class X, int MT, bool INT8>
-void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
-    constexpr int S = MT == 1 ? 4 : 1;
+// groups as decode_streams says; several rows read one group at a time, 8 blocks ahead (2 or 4
+// left the cores waiting).
+template <class X, int MT, bool INT8, int S>
+void x16_rows_with(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+    const int64_t ahead = MT == 1 ? decode_streams.ahead : 8, ahead_one = MT == 1 && S == 1 ? ahead : 8;
     auto one = [&](int64_t g, float* out, int64_t ld) {  // group g alone
         const uint8_t* G = W + g * group_bytes<X>(K);
-        x16_groups<X, 1, MT, INT8>(&G, K, acts, &out, ld);
+        x16_groups<X, 1, MT, INT8>(&G, K, acts, &out, ld, ahead_one);
     };
     auto partial = [&](int64_t g) {
         float part[MT * 16];
@@ -382,9 +400,16 @@ void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* ac
             G[s] = W + g * group_bytes<X>(K);
             Ys[s] = Y + g * 16;
         }
-        x16_groups<X, S, MT, INT8>(G, K, acts, Ys, ldy);
+        x16_groups<X, S, MT, INT8>(G, K, acts, Ys, ldy, ahead);
     }
     for (int64_t g = g0 + S * per; g < g1; g++) one(g, Y + g * 16, ldy);
+}
+
+template <class X, int MT, bool INT8>
+void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+    if constexpr (MT == 1)
+        if (decode_streams.streams == 4) return x16_rows_with<X, MT, INT8, 4>(W, K, n0, n1, acts, Y, ldy);
+    x16_rows_with<X, MT, INT8, 1>(W, K, n0, n1, acts, Y, ldy);
 }
 
 // Bytes per row of K values in a layout (GGML or repacked; an interleaved row's share of its

@@ -10,6 +10,8 @@ request bodies (the real server, bodies built from the schema's fields with arbi
 
 from __future__ import annotations
 
+import collections
+import functools
 import io
 import json
 import os
@@ -34,6 +36,25 @@ EXAMPLES = int(os.environ.get("GEMMA3_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("GEMMA3_FUZZ_RANDOM"),
                 suppress_health_check=list(HealthCheck), database=None)
 MEMORY_GROWTH_MB = 512  # a parser that believes a corrupt length must not allocate it
+RUNS: collections.Counter = collections.Counter()  # examples run per target
+
+
+def fuzz(**strategies):
+    """FUZZ'd @given(**strategies), counting the examples each target runs (printed at the end of
+    the module: the long run's count)."""
+    def wrap(f):
+        @functools.wraps(f)
+        def counted(*args, **kwargs):
+            RUNS[f.__qualname__.split(".")[0]] += 1
+            return f(*args, **kwargs)
+        return FUZZ(given(**strategies)(counted))
+    return wrap
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_counts():
+    yield
+    print(f"\nfuzz examples run: {sum(RUNS.values())} ({', '.join(f'{k} {v}' for k, v in RUNS.items())})")
 
 
 def peak_rss_mb() -> float:
@@ -105,8 +126,7 @@ def test_gguf_reader_mutated_header_and_tensor_table(gguf_parts):
     head, table, size, tmp = gguf_parts
     before = peak_rss_mb()
 
-    @FUZZ
-    @given(edits=_mutations(len(head), table))
+    @fuzz(edits=_mutations(len(head), table))
     def run(edits):
         path = tmp / "model.gguf"
         data = _apply(head, edits)
@@ -140,8 +160,7 @@ def test_hf_reader_mutated_config_and_safetensors_header(hf_dir, tmp_path):
     header_len = struct.unpack("<Q", weights[:8])[0]
     before = peak_rss_mb()
 
-    @FUZZ
-    @given(changes=st.dictionaries(st.sampled_from(sorted(config)) | st.text(max_size=8), JSON, max_size=3),
+    @fuzz(changes=st.dictionaries(st.sampled_from(sorted(config)) | st.text(max_size=8), JSON, max_size=3),
            raw=st.one_of(st.none(), st.binary(max_size=40)),
            edits=st.lists(st.tuples(st.integers(0, 8 + header_len - 1), st.integers(0, 255)), max_size=4),
            cut=st.one_of(st.none(), st.integers(0, len(weights))))
@@ -172,8 +191,7 @@ def tok() -> Tokenizer:
 
 
 def test_tokenizer_arbitrary_text_and_ids(tok):
-    @FUZZ
-    @given(text=st.text(max_size=200), special=st.booleans(),
+    @fuzz(text=st.text(max_size=200), special=st.booleans(),
            ids=st.lists(st.integers(-5, tok.vocab_size + 5), max_size=50))
     def run(text, special, ids):
         try:
@@ -198,8 +216,7 @@ def test_chat_template_arbitrary_messages():
     message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "model", "tool"])
                                      | st.text(max_size=6), "content": st.text(max_size=40) | JSON})
 
-    @FUZZ
-    @given(messages=st.lists(message, max_size=5), generation=st.booleans())
+    @fuzz(messages=st.lists(message, max_size=5), generation=st.booleans())
     def run(messages, generation):
         try:
             assert isinstance(apply_chat_template(messages, add_generation_prompt=generation), str)
@@ -224,8 +241,7 @@ def test_image_decoder_mutated_and_random_bytes():
     seeds = [_image_bytes(f) for f in ("PNG", "JPEG", "GIF", "BMP", "WEBP")]
     before = peak_rss_mb()
 
-    @FUZZ
-    @given(seed=st.sampled_from(seeds), edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
+    @fuzz(seed=st.sampled_from(seeds), edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
            cut=st.one_of(st.none(), st.integers(0, 400)), noise=st.binary(max_size=64))
     def run(seed, edits, cut, noise):
         for data in (noise, seed[:cut] if cut is not None else seed):
@@ -265,8 +281,7 @@ def test_request_bodies_never_get_a_server_error(server):
     body = st.fixed_dictionaries({}, optional=fields)
     with httpx.Client(base_url=server.url, timeout=120) as client:
 
-        @FUZZ
-        @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=body)
+        @fuzz(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=body)
         def run(path, body):
             r = client.post(path, content=json.dumps(body, allow_nan=True).encode(),
                             headers={"Content-Type": "application/json"})

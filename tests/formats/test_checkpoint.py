@@ -38,9 +38,9 @@ def test_conditional_generation_layout_loads_language_part(tmp_path, tiny):
 
 @pytest.mark.parametrize("damage,match", [
     (lambda s: s.pop("layers.0.mlp.up_proj.weight"), "missing tensor layers.0.mlp.up_proj.weight"),
-    (lambda s: s.__setitem__("layers.0.extra.weight", torch.zeros(2)), "unexpected tensor layers.0.extra.weight"),
+    (lambda s: s.__setitem__("layers.0.extra.weight", torch.zeros(2)), "unexpected tensor 'layers.0.extra.weight'"),
     (lambda s: s.__setitem__("layers.1.self_attn.k_proj.weight", torch.zeros(3, 64)),
-     r"tensor layers.1.self_attn.k_proj.weight has shape \(3, 64\), expected \(32, 64\)"),
+     r"tensor 'layers.1.self_attn.k_proj.weight' has shape \(3, 64\), expected \(32, 64\)"),
 ])
 def test_strict_loading_names_the_tensor(tmp_path, tiny, damage, match):
     state = dict(tiny.state_dict())

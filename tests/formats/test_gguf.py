@@ -302,6 +302,15 @@ def test_huge_string_array_count(small_bytes, write):
     read_expecting_error(write(patch(small_bytes, at, "<Q", 2**60)), "array items")
 
 
+def test_array_count_the_file_could_hold_is_still_capped(small_bytes, write):
+    """A count the bytes left could back (a large file of zeros: every item an empty string or a
+    zero) is refused beyond the reader's cap instead of building a list of tens of millions."""
+    at = after(small_bytes, b"test.ints") + 8
+    n = (1 << 22) + 1
+    data = patch(small_bytes, at, "<Q", n) + bytes(8 * n)
+    read_expecting_error(write(data), "array items", "4194304", "'test.ints'")
+
+
 def test_unknown_value_type(small_bytes, write):
     read_expecting_error(write(patch(small_bytes, after(small_bytes, b"test.u32"), "<I", 99)), "unknown value type 99")
 

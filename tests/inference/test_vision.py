@@ -346,9 +346,9 @@ def test_hf_checkpoint_layouts_load(pair, hf_dir, tmp_path, layout):
 @pytest.mark.parametrize("damage,match", [
     (lambda s: s.pop("vision_tower.encoder.layers.1.mlp.fc2.bias"), "missing tensor layers.1.mlp.fc2.bias"),
     (lambda s: s.update({"vision_tower.encoder.layers.2.mlp.fc1.weight": torch.zeros(48, 32)}),
-     "unexpected tensor layers.2.mlp.fc1.weight"),
+     "unexpected tensor 'layers.2.mlp.fc1.weight'"),
     (lambda s: s.update({"multi_modal_projector.mm_input_projection_weight": torch.zeros(64, 32)}),
-     r"projector.mm_input_projection_weight has shape \(64, 32\), expected \(32, 64\)"),
+     r"projector.mm_input_projection_weight' has shape \(64, 32\), expected \(32, 64\)"),
 ])
 def test_hf_vision_loading_is_strict(hf_dir, tmp_path, damage, match):
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
@@ -433,8 +433,8 @@ def test_mmproj_gguf_round_trip(pair, tmp_path, legacy):
 
 @pytest.mark.parametrize("kw,match", [
     ({"drop": "v.blk.1.ln2.bias"}, "missing tensor layers.1.layer_norm2.bias"),
-    ({"extra": {"v.blk.0.attn_qkv.weight": np.zeros((96, 32), np.float32)}}, "unexpected tensor v.blk.0.attn_qkv"),
-    ({"extra": {"v.blk.2.ffn_up.weight": np.zeros((48, 32), np.float32)}}, "unexpected tensor layers.2.mlp.fc1"),
+    ({"extra": {"v.blk.0.attn_qkv.weight": np.zeros((96, 32), np.float32)}}, "unexpected tensor 'v.blk.0.attn_qkv"),
+    ({"extra": {"v.blk.2.ffn_up.weight": np.zeros((48, 32), np.float32)}}, "unexpected tensor 'layers.2.mlp.fc1"),
 ])
 def test_mmproj_loading_is_strict(pair, tmp_path, kw, match):
     path = write_mmproj(tmp_path / "mmproj.gguf", pair[1], **kw)

@@ -103,10 +103,10 @@ def check_names_and_shapes(state: dict[str, tuple[int, ...]], cfg: Gemma3Config 
     if missing:
         raise WeightsError(f"{source}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
     if extra:
-        raise WeightsError(f"{source}: unexpected tensor {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise WeightsError(f"{source}: unexpected tensor {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
     for name, shape in state.items():
         if tuple(shape) != want[name]:
-            raise WeightsError(f"{source}: tensor {name} has shape {tuple(shape)}, expected {want[name]}")
+            raise WeightsError(f"{source}: tensor {name!r} has shape {tuple(shape)}, expected {want[name]}")
 
 
 def read_gguf_model(path: str | Path) -> tuple[Gemma3Config, GGUFFile, dict[str, QTensor]]:
@@ -118,7 +118,7 @@ def read_gguf_model(path: str | Path) -> tuple[Gemma3Config, GGUFFile, dict[str,
     for name, t in gg.tensors.items():
         ours = gguf_to_ours(name)
         if ours is None:
-            raise WeightsError(f"{path}: unexpected tensor {name} in a gemma3 GGUF")
+            raise WeightsError(f"{path}: unexpected tensor {name!r} in a gemma3 GGUF")
         tensors[ours] = t
     check_names_and_shapes({k: t.shape for k, t in tensors.items()}, cfg, str(path))
     return cfg, gg, tensors
@@ -280,7 +280,7 @@ def read_mmproj(path: str | Path, dtype=torch.float32) -> tuple[VisionConfig, di
     for name in gg.tensors:
         ours = mmproj_to_ours(name)
         if ours is None:
-            raise WeightsError(f"{path}: unexpected tensor {name} in a gemma3 mmproj GGUF")
+            raise WeightsError(f"{path}: unexpected tensor {name!r} in a gemma3 mmproj GGUF")
         names[ours] = name
     # Files from llama.cpp's first Gemma 3 converter (gemma3_convert_encoder_to_gguf.py) name fc1
     # ffn_down and fc2 ffn_up; clip.cpp recognises them by ffn_down taking the model width as

@@ -41,6 +41,13 @@ _SUPPORTED_VERSIONS = (2, 3)  # v2 and v3 share the layout; v3 only added big-en
 _DEFAULT_ALIGNMENT = 32
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_ARRAY_NESTING = 8  # arrays of arrays are legal but unused in practice; bounds recursion
+# Counts are also capped outright: bounded by the bytes left alone, a lying count in a large file
+# of zeros still built lists of tens of millions of items (found by fuzzing: +630 MB for one
+# 253 MB file). Real files hold ~1k tensors, ~50 metadata entries and < 1M array items (a 262k
+# vocabulary's tokens, scores and types).
+_MAX_TENSORS = 1 << 16
+_MAX_KV = 1 << 16
+_MAX_ARRAY_ITEMS = 1 << 22  # in all the metadata's arrays together
 
 # Smallest possible encodings, used to bound counts by the bytes left in the file.
 _MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, 1-byte value
@@ -171,6 +178,7 @@ class _Header:
         self.pos = len(_MAGIC)
         self.context = "file header"  # what is being parsed, for error messages
         self.value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
+        self.array_items = 0  # read so far, in every array
 
     def error(self, problem: str) -> GGUFError:
         return GGUFError(f"{self.path}: corrupt GGUF: {problem} (in {self.context})")
@@ -178,8 +186,8 @@ class _Header:
     def parse(self) -> tuple[dict[str, object], list[tuple[str, GGMLQuantizationType, tuple[int, ...], int, int]]]:
         """Return (metadata, tensor infos as (name, type, torch shape, data start, nbytes))."""
         self.read_version()
-        tensor_count = self.count(self.u64(), _MIN_TENSOR_INFO_BYTES, "tensors")
-        kv_count = self.count(self.u64(), _MIN_KV_BYTES, "metadata entries")
+        tensor_count = self.count(self.u64(), _MIN_TENSOR_INFO_BYTES, "tensors", _MAX_TENSORS)
+        kv_count = self.count(self.u64(), _MIN_KV_BYTES, "metadata entries", _MAX_KV)
 
         metadata: dict[str, object] = {}
         for i in range(kv_count):
@@ -229,11 +237,22 @@ class _Header:
             raise GGUFError(f"{self.path}: big-endian GGUF files are not supported")
         raise GGUFError(f"{self.path}: unsupported GGUF version {version} (supported: 2, 3)")
 
-    def count(self, n: int, min_item_bytes: int, what: str) -> int:
-        """Check a header count against the bytes left, so a lying count fails here, not in a huge loop."""
+    def count(self, n: int, min_item_bytes: int, what: str, most: int) -> int:
+        """Check a header count against the bytes left and a cap, so a lying count fails here, not
+        in a huge loop or a huge list."""
         left = self.size - self.pos
         if n * min_item_bytes > left:
             raise self.error(f"header claims {n} {what} but only {left} bytes follow")
+        if n > most:
+            raise self.error(f"header claims {n} {what}, more than the {most} this reader accepts")
+        return n
+
+    def items(self, min_item_bytes: int) -> int:
+        """The length of an array, counted against the cap on all arrays' items."""
+        n = self.count(self.u64(), min_item_bytes, "array items", _MAX_ARRAY_ITEMS)
+        self.array_items += n
+        if self.array_items > _MAX_ARRAY_ITEMS:
+            raise self.error(f"metadata arrays hold more than the {_MAX_ARRAY_ITEMS} items this reader accepts")
         return n
 
     def take(self, n: int) -> int:
@@ -296,12 +315,12 @@ class _Header:
             raise self.error(f"arrays nested deeper than {_MAX_ARRAY_NESTING} levels")
         item_type = self.value_type(self.u32())
         if item_type == GGUFValueType.STRING:
-            return self.strings(self.count(self.u64(), _MIN_STRING_BYTES, "array items"))
+            return self.strings(self.items(_MIN_STRING_BYTES))
         if item_type == GGUFValueType.ARRAY:
-            n = self.count(self.u64(), _MIN_ARRAY_BYTES, "array items")
+            n = self.items(_MIN_ARRAY_BYTES)
             return [self.array(depth + 1) for _ in range(n)]
         dtype = _SCALAR_DTYPES[item_type]
-        n = self.count(self.u64(), dtype.itemsize, "array items")
+        n = self.items(dtype.itemsize)
         return np.frombuffer(self.buf, dtype, n, self.take(n * dtype.itemsize)).tolist()
 
     def tensor_info(self, index: int) -> tuple[str, GGMLQuantizationType, tuple[int, ...], int]:

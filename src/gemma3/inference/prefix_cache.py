@@ -39,9 +39,11 @@ def _common_prefix(a, b) -> int:
 class PrefixCache:
     """LRU store of prefilled prompts for batch-1 caches of one model."""
 
-    def __init__(self, model, max_bytes: int = 512 * 2**20, block: int | None = None, kv_dtype=None):
+    def __init__(self, model, max_bytes: int = 512 * 2**20, block: int | None = None, kv_dtype=None,
+                 piece: int | None = None):
         self.model, self.max_bytes, self.kv_dtype = model, max_bytes, kv_dtype
         self.block = block or model.config.sliding_window
+        self.piece = piece  # Prefill's
         self.entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self.hits = self.reused_tokens = 0
 
@@ -67,13 +69,13 @@ class PrefixCache:
         entry, b = self.lookup(ids)
         if entry is None:
             return Prefill(self.model, ids, self.model.new_cache(1, max_len=max_len, kv_dtype=self.kv_dtype),
-                           self.block, {}, self._finished)
+                           self.block, {}, self._finished, self.piece)
         self.entries.move_to_end(entry.tokens)
         self.hits += 1
         self.reused_tokens += b
         rings = {x: r for x, r in entry.rings.items() if x <= b}
         return Prefill(self.model, ids, entry.final.resumed(entry.rings[b], max_len), self.block, rings,
-                       self._finished)
+                       self._finished, self.piece)
 
     def _finished(self, ids: list[int], cache: KVCache, rings: dict[int, KVSnapshot]):
         # The caller keeps decoding into `cache`: store a copy of the state at the end of the prompt.
@@ -91,10 +93,11 @@ class PrefixCache:
         return sum(e.nbytes() for e in self.entries.values())
 
 
-# Prompts are computed in pieces of this many positions, aligned to multiples of it (and cut at
-# every `block` boundary). The pieces depend only on the prompt, never on how busy the server is
-# or where a prefix-cache hit resumes: a GEMM over 64 rows and one over 512 round differently, so
-# load-dependent chunks gave the same prompt different first-token logits (up to 0.27 apart).
+# The server computes prompts in pieces of this many positions, aligned to multiples of it (and
+# cut at every `block` boundary). The pieces depend only on the prompt, never on how busy the
+# server is or where a prefix-cache hit resumes: a GEMM over 64 rows and one over 512 round
+# differently, so load-dependent chunks gave the same prompt different first-token logits (up to
+# 0.27 apart). Small, because a piece is what a busy turn computes.
 PIECE = 64
 
 
@@ -104,14 +107,16 @@ class Prefill:
     done. The server interleaves steps with decode steps, so one long prompt does not stall the
     running sequences.
 
-    Pieces are the position-aligned PIECE-token spans, also cut at every `block` boundary (a
-    sliding window's length at most, so a piece plus the ring it attends to covers its window);
+    Pieces are the position-aligned `piece`-token spans (default: whole blocks; the server's are
+    PIECE), also cut at every `block` boundary (a sliding window's length at most, so a piece plus
+    the ring it attends to covers its window);
     with `rings` given, the local layers are snapshotted at every block boundary and
     `on_done(ids, cache, rings)` is called at the end (the prefix cache's store)."""
 
     def __init__(self, model, ids: list[int], cache: KVCache, block: int,
-                 rings: dict[int, KVSnapshot] | None = None, on_done=None):
+                 rings: dict[int, KVSnapshot] | None = None, on_done=None, piece: int | None = None):
         self.model, self.ids, self.cache, self.block = model, ids, cache, block
+        self.piece = piece or block
         self.rings, self.on_done = rings, on_done
         self._x = torch.tensor([ids])
 
@@ -121,12 +126,12 @@ class Prefill:
         return len(self.ids) - self.cache.pos
 
     def step(self, n: int | None = None) -> torch.Tensor | None:
-        cache, ids, block = self.cache, self.ids, self.block
+        cache, ids, block, piece = self.cache, self.ids, self.block, self.piece
         stop = len(ids) if n is None else min(len(ids), cache.pos + max(n, 1))
         logits = None
         with torch.inference_mode():
             while cache.pos < stop:
-                end = min((cache.pos // PIECE + 1) * PIECE, (cache.pos // block + 1) * block, len(ids))
+                end = min((cache.pos // piece + 1) * piece, (cache.pos // block + 1) * block, len(ids))
                 chunk = self._x[:, cache.pos:end]
                 if end == len(ids):  # the last chunk: the model's own last-token logits
                     logits = self.model(chunk, cache, last_only=True)[0, -1]

@@ -25,7 +25,7 @@ import torch
 
 from ..inference.generate import StopMatcher, prefill
 from ..inference.multimodal import embed_prompt, encode_image
-from ..inference.prefix_cache import Prefill, PrefixCache
+from ..inference.prefix_cache import PIECE, Prefill, PrefixCache
 from ..inference.sampling import SamplingParams, sample
 from .arenas import release_free_memory
 from .metrics import Metrics
@@ -145,7 +145,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.vision, self.pan_and_scan = vision, pan_and_scan  # vision None: a text-only server
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.prefix_cache = PrefixCache(model, max_bytes=prefix_cache_bytes) if prefix_cache_bytes else None
+        self.prefix_cache = PrefixCache(model, max_bytes=prefix_cache_bytes, piece=PIECE) \
+            if prefix_cache_bytes else None
         self.block = model.config.sliding_window  # chunks never cross a window boundary
         self.credit = 0.0  # seconds of prefill work the decode steps so far have paid for
         self.metrics = metrics or Metrics()
@@ -247,7 +248,7 @@ class Engine:
                     self.metrics.prefix_tokens = self.prefix_cache.reused_tokens
                 else:
                     cache = self.model.new_cache(1, max_len=max_len)
-                    self.prefilling.append((req, Prefill(self.model, list(req.ids), cache, self.block)))
+                    self.prefilling.append((req, Prefill(self.model, list(req.ids), cache, self.block, piece=PIECE)))
             except Exception as e:  # one bad request must not take the loop down
                 req.emit(Failed(f"prefill failed: {type(e).__name__}: {e}"))
                 self.metrics.failed += 1

@@ -18,15 +18,12 @@ import argparse
 import asyncio
 import json
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
+from local_server import start_server, stop_server
 
 PROMPTS = [
     "The capital of France is",
@@ -63,26 +60,6 @@ def settled_rss(url: str, pid: int) -> float | None:
         time.sleep(0.2)
     time.sleep(1.0)
     return rss_mb(pid)
-
-
-def start_server(args) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "gemma3", "serve", "--port", str(port), "--log-level", "warning",
-                             "--max-batch", str(args.max_batch or args.concurrency),
-                             "--max-queue", str(max(args.requests, 1)), "--ctx", str(args.ctx)])
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start")
 
 
 async def one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, seed: int) -> dict:
@@ -155,8 +132,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=None, help="warm-up requests at full concurrency (default: -c)")
     args = ap.parse_args()
 
-    proc, port = (None, args.port) if args.port else start_server(args)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = (None, f"http://127.0.0.1:{args.port}") if args.port else start_server(
+        "--max-batch", str(args.max_batch or args.concurrency), "--max-queue", str(max(args.requests, 1)),
+        "--ctx", str(args.ctx))
     try:
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
         lengths = [int(x) for x in args.max_tokens.split(",")]
@@ -186,12 +164,7 @@ def main():
             round(report["batched"]["throughput_tok_s"] / single, 2) if single else None)
         print(json.dumps(report, indent=2))
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_server(proc)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,13 @@ import asyncio
 import collections
 import json
 import random
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).parent))
-from load_test import PROMPTS, settled_rss, start_server  # noqa: E402
+from load_test import PROMPTS, settled_rss
+from local_server import start_server, stop_server
 
 KINDS = ("normal", "stream", "cancel", "malformed")
 
@@ -136,11 +133,9 @@ def main():
     ap.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = ap.parse_args()
 
-    # start_server reads these: a queue as deep as twice the clients (no 429s).
-    server_args = argparse.Namespace(max_batch=args.max_batch, concurrency=args.concurrency,
-                                     requests=args.concurrency * 2, ctx=args.ctx)
-    proc, port = (None, args.port) if args.port else start_server(server_args)
-    url = f"http://127.0.0.1:{port}"
+    # A queue as deep as twice the clients: no 429s.
+    proc, url = (None, f"http://127.0.0.1:{args.port}") if args.port else start_server(
+        "--max-batch", str(args.max_batch), "--max-queue", str(2 * args.concurrency), "--ctx", str(args.ctx))
     try:
         model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
         report = {"warmup": asyncio.run(run(url, model, args.warmup, args.concurrency, args.seed + 1, args.timeout))}
@@ -161,12 +156,7 @@ def main():
             args.json.write_text(text + "\n")
         sys.exit(0 if report["pass"] else 1)
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_server(proc)
 
 
 if __name__ == "__main__":

@@ -22,39 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
+from local_server import start_server, stop_server
 
 NORMAL = {"prompt": "The three primary colours are", "max_tokens": 32, "temperature": 0}
 
 
 SINGLE = ("long-prompt", "byte-limit", "stop-strings", "logit-bias", "huge-body")
-
-
-def start_server(ctx: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "gemma3", "serve", "--port", str(port), "--log-level", "warning",
-                             "--ctx", str(ctx), "--max-batch", "16", "--max-tokens", "256"])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start")
 
 
 def timed_normal(url: str, model: str) -> float:
@@ -105,7 +83,7 @@ def main():
     ap.add_argument("--lead", type=float, default=0.3, help="seconds the worst case runs before the normal request")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    proc, url = start_server(args.ctx)
+    proc, url = start_server("--ctx", str(args.ctx), "--max-batch", "16", "--max-tokens", "256")
     try:
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         timed_normal(url, model)  # warm-up
@@ -127,8 +105,7 @@ def main():
         result = {"ctx": args.ctx, "normal_alone_s": round(alone, 3), "rows": rows,
                   "max_ratio": max(r["ratio"] for r in rows if r["worst_case"] in SINGLE)}
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_server(proc)
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -203,7 +203,7 @@ def test_continuous_batch_decode_matches_model_py(kv_dtype, n_seqs):
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_decode_row_gives_the_same_bits_in_any_batch(threads, monkeypatch):
+def test_a_decode_row_gives_the_same_bits_in_any_batch(threads):
     """Batch invariance (a seeded request samples the same text under any load): a row's logits
     are bit-identical alone (the one-call step), beside other rows of other lengths, and in any
     position of the batch — with caches long enough for its attention to be split (200 keys: 3
@@ -214,7 +214,6 @@ def test_a_decode_row_gives_the_same_bits_in_any_batch(threads, monkeypatch):
     fast, _ = quantized_copy(random_model(cfg), T.Q8_0, in_place=True)  # one layout, as loaded from GGUF
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # (restored below)
     gen = torch.Generator().manual_seed(3)
 
     def prefilled(n: int, seed: int):

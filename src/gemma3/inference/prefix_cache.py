@@ -109,9 +109,9 @@ class Prefill:
 
     Pieces are the position-aligned `piece`-token spans (default: whole blocks; the server's are
     PIECE), also cut at every `block` boundary (a sliding window's length at most, so a piece plus
-    the ring it attends to covers its window);
-    with `rings` given, the local layers are snapshotted at every block boundary and
-    `on_done(ids, cache, rings)` is called at the end (the prefix cache's store)."""
+    the ring it attends to covers its window); with `rings` given, the local layers are
+    snapshotted at every block boundary and `on_done(ids, cache, rings)` is called at the end (the
+    prefix cache's store)."""
 
     def __init__(self, model, ids: list[int], cache: KVCache, block: int,
                  rings: dict[int, KVSnapshot] | None = None, on_done=None, piece: int | None = None):

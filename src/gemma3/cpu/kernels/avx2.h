@@ -163,6 +163,17 @@ INLINE __m256i dpbusd8(__m256i src, __m256i u, __m256i s) {
 #endif
 }
 INLINE m512i _mm512_dpbusd_epi32(m512i src, m512i u, m512i s) { return {dpbusd8(src.lo, u.lo, s.lo), dpbusd8(src.hi, u.hi, s.hi)}; }
+// The same where every u is below 128 (weights of at most 7 bits: every interleaved format but
+// Q8_0X): vpmaddubsw's pair sums, at most 2 * 127 * 128 in magnitude, cannot saturate, so two
+// instructions give the exact sums where the widening above takes eight.
+INLINE __m256i dpbusd8_u7(__m256i src, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(src, u, s);
+#else
+    return _mm256_add_epi32(src, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+INLINE m512i dpbusd_u7(m512i src, m512i u, m512i s) { return {dpbusd8_u7(src.lo, u.lo, s.lo), dpbusd8_u7(src.hi, u.hi, s.hi)}; }
 
 // src + the sums of two s16 x s16 products per 32-bit lane (vpdpwssd; vpmaddwd is the same sums).
 INLINE __m256i dpwssd8(__m256i src, __m256i a, __m256i b) {
@@ -314,6 +325,7 @@ INLINE __m128i _mm_maskz_loadu_epi8(__mmask16 k, const void* p) {
 #define _mm512_cvtsepi32_epi16 avx2::_mm512_cvtsepi32_epi16
 #define _mm512_div_ps avx2::_mm512_div_ps
 #define _mm512_dpbusd_epi32 avx2::_mm512_dpbusd_epi32
+#define dpbusd_u7 avx2::dpbusd_u7
 #define _mm512_dpwssd_epi32 avx2::_mm512_dpwssd_epi32
 #define _mm512_extracti64x4_epi64 avx2::_mm512_extracti64x4_epi64
 #define _mm512_fmadd_ps avx2::_mm512_fmadd_ps

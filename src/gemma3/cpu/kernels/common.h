@@ -36,6 +36,15 @@ namespace {
 
 #define INLINE inline __attribute__((always_inline))
 
+// vpdpbusd where the unsigned bytes have at most BITS bits: avx2.h emulates BITS < 8 in fewer
+// instructions (dpbusd_u7).
+template <int BITS> INLINE __m512i dpbusd_bits(__m512i src, __m512i u, __m512i s) {
+#if !defined(__AVX512F__)
+    if constexpr (BITS < 8) return dpbusd_u7(src, u, s);
+#endif
+    return _mm512_dpbusd_epi32(src, u, s);
+}
+
 // Q4_0R, Q5_0R, Q8_0R, Q4_KR, Q6_KR, Q4_0X, Q5_0X, Q8_0X, Q4_KX and Q6_KX are ours, not GGML's: weights
 // repacked for few-row products (repack_*).
 enum GGMLType : int64_t {

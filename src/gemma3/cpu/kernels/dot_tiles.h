@@ -227,10 +227,10 @@ INLINE void dot_tile_g128(const uint8_t* W, int64_t rb, int64_t n, const Act* ac
                 const Act& a = acts[m];
                 const __m512i h0 = _mm512_loadu_si512(a.hi + 128 * g), l0 = _mm512_loadu_si512(a.lo + 128 * g);
                 const __m512i h1 = _mm512_loadu_si512(a.hi + 128 * g + 64), l1 = _mm512_loadu_si512(a.lo + 128 * g + 64);
-                __m512i t0 = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, h0), 8);
-                __m512i t1 = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u1, h1), 8);
-                t0 = _mm512_dpbusd_epi32(t0, u0, l0);  // values 0-63 of the group
-                t1 = _mm512_dpbusd_epi32(t1, u1, l1);  // values 64-127
+                __m512i t0 = _mm512_slli_epi32(dpbusd_bits<Fmt::BITS>(_mm512_setzero_si512(), u0, h0), 8);
+                __m512i t1 = _mm512_slli_epi32(dpbusd_bits<Fmt::BITS>(_mm512_setzero_si512(), u1, h1), 8);
+                t0 = dpbusd_bits<Fmt::BITS>(t0, u0, l0);  // values 0-63 of the group
+                t1 = dpbusd_bits<Fmt::BITS>(t1, u1, l1);  // values 64-127
                 G(a, g).add(p, t0, t1, acc[r][m], off[r][m]);
             }
         }

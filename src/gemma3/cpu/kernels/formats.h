@@ -69,6 +69,7 @@ INLINE __m512i high_nibbles(__m512i x) { return low_nibbles(_mm512_srli_epi16(x,
 // OFFSET)) first, then the four f16 scales at SCALES_AT. For dot_tile_g128, `scales` are the
 // four blocks' d and `mins` what each block subtracts per unit of activation sum.
 template <class Fmt, int OFFSET, int SCALES_AT> struct Packed32 {
+    static constexpr int BITS = __builtin_ctz(OFFSET) + 1;  // stored values are v + OFFSET = v + 2^(BITS - 1)
     static constexpr int VALS = 128, BYTES = SCALES_AT + 8;
     static constexpr bool TWO_SCALES = false, HAS_MIN = false;
     template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
@@ -131,6 +132,7 @@ INLINE __m128 bytes4(const uint8_t* p) {
 // 6-bit scales unpacked): decode is a stream of these bytes, so their size is its speed (fp32
 // scales and mins, 96 bytes, read a third more and ran a 4B model's step a fifth slower).
 struct FmtQ4_KR {
+    static constexpr int BITS = 4;  // of a stored value
     static constexpr int VALS = 128, BYTES = 76;
     static constexpr bool TWO_SCALES = false, HAS_MIN = true;
     template <class F> static INLINE void decode(const uint8_t* b, F&& f) {
@@ -153,6 +155,7 @@ struct FmtQ4_KR {
 // eight int8 sub-block scales and bytes 104-107 the super-block's d as fp32. Stored values u are
 // 0..63 and value = d * sc * (u - 32), as in Q6_K. 108 bytes where Q6_K takes 105.
 struct FmtQ6_KR {
+    static constexpr int BITS = 6;  // of a stored value
     static constexpr int VALS = 128, BYTES = 108;
     static constexpr bool TWO_SCALES = true, HAS_MIN = false;
     template <class F> static INLINE void decode(const uint8_t* b, F&& f) {

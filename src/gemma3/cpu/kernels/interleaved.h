@@ -47,6 +47,7 @@ struct Nibbles16 {
 // 16 rows' GGUF blocks (below).
 template <int64_t Src, int64_t Bytes, int64_t Offset> struct X16Block32 {
     static constexpr int64_t SRC = Src, VALS = 32, BYTES = Bytes, SCALES_AT = Bytes - 32, OFFSET = Offset;
+    static constexpr int BITS = __builtin_ctzll(Offset) + 1;  // stored values are v + OFFSET = v + 2^(BITS - 1)
     static constexpr bool TWO_SCALES = false, HAS_MIN = false;
     static INLINE void scales(const uint8_t* blk, int, __m512* s) {
         s[0] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + SCALES_AT)));
@@ -192,6 +193,7 @@ INLINE __m512 bytes16(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtep
 // multiplies these groups by several activation rows per read (no bf16 GEMM to hand over to).
 struct X16Q4_K {
     static constexpr int64_t SRC = Q4_K, VALS = 256, BYTES = 2368, OFFSET = 0;
+    static constexpr int BITS = 4;
     static constexpr bool TWO_SCALES = false, HAS_MIN = true;
     static INLINE __m512i quad(const uint8_t* blk, int i, int q) { return Nibbles16::quad(blk + 256 * i, q); }
     static INLINE void scales(const uint8_t* blk, int i, __m512* s) {
@@ -223,6 +225,7 @@ struct X16Q4_K {
 
 struct X16Q6_K {
     static constexpr int64_t SRC = Q6_K, VALS = 256, BYTES = 3360, OFFSET = 32;
+    static constexpr int BITS = 6;
     static constexpr bool TWO_SCALES = true, HAS_MIN = false;
     static INLINE __m512i quad(const uint8_t* blk, int i, int q) {
         __mmask64 b4, b5;
@@ -320,8 +323,8 @@ INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, floa
                     const __m512i u = X::quad(blk[s], i, q);
 #pragma GCC unroll 4
                     for (int m = 0; m < MT; m++) {
-                        sh[s][h][m] = _mm512_dpbusd_epi32(sh[s][h][m], u, ah[m]);
-                        if (!INT8) sl[s][h][m] = _mm512_dpbusd_epi32(sl[s][h][m], u, al[m]);
+                        sh[s][h][m] = dpbusd_bits<X::BITS>(sh[s][h][m], u, ah[m]);
+                        if (!INT8) sl[s][h][m] = dpbusd_bits<X::BITS>(sl[s][h][m], u, al[m]);
                     }
                 }
             }

@@ -64,7 +64,9 @@ def assert_error(r, status, code=None):
 
 
 def test_models(client):
-    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL_ID]
+    assert models[0].input_modalities == ["text"]  # the embedded model has no vision tower: no image attach
 
 
 def test_completion_greedy_equals_generate(client, local):

@@ -102,6 +102,11 @@ def test_chat_ids_with_image_marks_equal_the_processor_layout():
         tok, [{"role": "user", "content": "x"}], [], 16)
 
 
+def test_models_say_the_server_reads_images(client):
+    """The chat page offers image attach from this field."""
+    assert client.models.list().data[0].input_modalities == ["text", "image"]
+
+
 def test_images_answer_like_the_library(client, library):
     """Two images (one with 3 Pan & Scan crops) between text parts; greedy text and prompt token
     count equal the library's on the same conversation."""

@@ -432,10 +432,15 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
     async def metrics():
         return engine.metrics.render()
 
+    # input_modalities (not in OpenAI's schema; clients ignore it) tells the chat page whether to
+    # offer image attach: "image" only when vision weights are loaded.
+    modalities = ["text"] if engine.vision is None else ["text", "image"]
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": server.created,
-                                            "owned_by": "gemma3", "max_model_len": ctx}]}
+                                            "owned_by": "gemma3", "max_model_len": ctx,
+                                            "input_modalities": modalities}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):

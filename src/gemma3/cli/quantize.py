@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from ..quant.apply import KEYS, RECIPES
@@ -33,7 +32,6 @@ def cmd_quantize(args):
 def register(sub):
     p = sub.add_parser(
         "quantize", help="convert a model's weights to another format (GGUF file or quantized directory)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Quantize every projection and the tied embedding / LM head of --model (norms stay float) and "
                     "write OUT: a .gguf name writes a GGUF file llama.cpp runs, any other name a directory "
                     "(model.safetensors + quantization.json) that `--model` reads back.\n\n"

@@ -184,6 +184,11 @@ def dtype(args, dev: str):
     return getattr(torch, getattr(args, "dtype", None) or ("bfloat16" if dev == "cuda" else "float32"))
 
 
+# What a quantized directory costs: its QuantizedLinear decodes weights at every step, at a small
+# fraction of the kernels' speed (0.4-0.7 tok/s at 4B).
+REFERENCE_PATH = "runs on the slow reference path (weights decoded again at every step)"
+
+
 def load_model(args, timeout=None):
     """The model on its device. Under `torchrun --nproc-per-node N`, each rank joins the process
     group (`timeout`: of each collective) and keeps its tensor-parallel shard (model/tp.py); only
@@ -202,6 +207,9 @@ def load_model(args, timeout=None):
     # The quantized C++ kernels of the cpu backend are CPU-only and unsharded: elsewhere the float path runs.
     backend = args.backend if dev == "cpu" and world == 1 else "torch"
     model, tok = load(args.model, dtype=dtype(args, dev), backend=backend)
+    if getattr(model, "quant_recipe", None):  # only a quantized directory loads with a recipe
+        print(f"gemma3: warning: {args.model} ({model.quant_recipe}) {REFERENCE_PATH}; a .gguf from "
+              "`gemma3 quantize` runs on the C++ kernels", file=sys.stderr)
     if world > 1:
         import atexit
 

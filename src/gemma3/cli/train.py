@@ -93,7 +93,7 @@ def register(sub):
         description="Fake-quantize every weight `gemma3 quantize` would store quantized (straight-through "
                     "estimator) and train towards the unquantized model's output distribution (KL). OUT/final "
                     "holds the latent float weights; at the end they are quantized with the same recipe "
-                    "into --export (default OUT/quantized), which `--model` loads.")
+                    "into --export (default OUT/quantized.gguf), which `--model` loads.")
     options.add(p, "model", helps={"model": "model to adapt: GGUF file, HF-style directory or preset "
                                             "(default: the embedded 270M)"})
     p.add_argument("--format", default="int4-block32", choices=("int4-block32", "int4-channel", "sfp8"),
@@ -101,8 +101,9 @@ def register(sub):
     p.add_argument("--recipe", default=None, help="per-weight formats as for `gemma3 quantize --recipe`")
     p.add_argument("--temperature", type=options.positive, default=1.0, help="teacher temperature (default 1)")
     p.add_argument("--export", default=None,
-                   help="where `gemma3 quantize` writes the QAT model: OUT.gguf or a directory "
-                        "(default OUT/quantized)")
+                   help="where `gemma3 quantize` writes the QAT model: OUT.gguf or a directory (default "
+                        "OUT/quantized.gguf, which runs on the C++ kernels; OUT/quantized for formats without "
+                        "a GGUF type)")
     _add_train_args(p, lr=1e-5, steps=500)
     p.set_defaults(func=cmd_qat)
 
@@ -229,14 +230,14 @@ def cmd_qat(args):
 
     from ..inference.convert import convert
     from ..inference.load import load
-    from ..quant.store import check_output
+    from ..quant.store import check_output, without_gguf_type
     from ..train import qat
     from ..train.distributed import teardown
     from ..train.trainer import train
 
     ctx = _setup(args)
     recipe = qat.recipe_for(args.format, args.recipe)
-    export = args.export or str(Path(args.out) / "quantized")
+    export = args.export or str(Path(args.out) / ("quantized" if without_gguf_type(recipe) else "quantized.gguf"))
     check_output(export, recipe)
     model, tok = load(args.model)
     teacher = _frozen(copy.deepcopy(model)).to(ctx.device)

@@ -102,8 +102,8 @@ def timings(stats: dict) -> str:
     """`generate -v`'s line: where the time went, for a person."""
     decode = (f"{stats['completion_tokens']} tokens at {stats['decode_tok_s']:.1f} tok/s"
               if stats["decode_tok_s"] else f"{stats['completion_tokens']} token")
-    return (f"load {stats['load_s']:.2f} s, prompt {stats['prompt_tokens']} tokens to first token "
-            f"{stats['time_to_first_token_s']:.3f} s, {decode} ({stats['finish_reason']}), "
+    return (f"load {stats['load_s']:.2f} s, first token after {stats['time_to_first_token_s']:.3f} s "
+            f"(prompt {stats['prompt_tokens']} tokens), {decode} ({stats['finish_reason']}), "
             f"total {stats['total_s']:.2f} s, {stats['threads']} threads")
 
 

@@ -96,7 +96,8 @@ def test_prompt_from_file_and_stdin(model, tmp_path, capsys, monkeypatch):
         results[how] = json.loads(out)
     assert results["text"]["prompt_tokens"] > 20  # the whole file, both lines
     for how in ("file", "stdin"):
-        assert [results[how][k] for k in ("text", "prompt_tokens")] == [results["text"][k] for k in ("text", "prompt_tokens")]
+        assert (results[how]["text"], results[how]["prompt_tokens"]) == (results["text"]["text"],
+                                                                         results["text"]["prompt_tokens"])
 
 
 def test_a_prompt_that_names_a_file_gets_a_note(model, tmp_path, capsys):

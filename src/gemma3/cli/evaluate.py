@@ -81,8 +81,10 @@ def register(sub):
                          description="Plants 'The secret number is N.' at each depth of a haystack of each "
                                      "context length and asks for N (greedy). Example: gemma3 eval needle "
                                      "--ctx 4096,8192,16384,32768 --depths 0,0.25,0.5,0.75,1.0 --plot needle.png")
-    e.add_argument("--ctx", default="4096,8192,16384,32768", help="comma-separated context lengths")
-    e.add_argument("--depths", default="0,0.25,0.5,0.75,1.0", help="comma-separated depths in [0, 1]")
+    e.add_argument("--ctx", type=options.int_list, default="4096,8192,16384,32768",
+                   help="comma-separated context lengths")
+    e.add_argument("--depths", type=options.fraction_list, default="0,0.25,0.5,0.75,1.0",
+                   help="comma-separated depths in [0, 1]")
     e.add_argument("--haystack", default=None, help="filler text file (default: a built-in text about a river valley)")
     options.add(e, "seed", "plot", "results", *options.MODEL, "json", defaults={"seed": 0},
                 helps={"seed": "seed for the hidden numbers (default: %(default)s)", "plot": "write a heat map PNG here"})
@@ -225,8 +227,7 @@ def cmd_eval_needle(args):
     from ..eval.results import emit
 
     haystack = read_text(args.haystack) if args.haystack else _default_haystack()
-    ctxs = [int(c) for c in args.ctx.split(",")]
-    depths = [float(d) for d in args.depths.split(",")]
+    ctxs, depths = args.ctx, args.depths
     model, tok = options.load_model(args)
     results = run_needle(model, tok, haystack, ctxs, depths, seed=args.seed, progress=not args.json)
     out = to_json(results)

@@ -78,9 +78,18 @@ share = _checked(float, lambda v: 0 < v <= 1, "a number above 0 and at most 1")
 port = _checked(int, lambda v: 0 <= v <= 65535, "a TCP port (0-65535)")
 
 
-def int_list(text: str) -> list[int]:
-    """A comma-separated list of positive integers, e.g. 1,4,16."""
-    return [positive_int(x) for x in text.split(",") if x.strip()]
+def comma_list(parse):
+    """An argparse `type` for a comma-separated list, e.g. 1,4,16, each item parsed by `parse`."""
+
+    def parse_list(text: str) -> list:
+        return [parse(x.strip()) for x in text.split(",") if x.strip()]
+
+    parse_list.__name__ = f"list of {parse.__name__}"
+    return parse_list
+
+
+int_list = comma_list(positive_int)
+fraction_list = comma_list(fraction)
 
 
 class Option(NamedTuple):
@@ -123,7 +132,8 @@ OPTIONS: dict[str, Option] = {
                                                         help="0 = greedy (default: %(default)s)")),
     "top_k": Option(("--top-k",), dict(type=count, default=0, help="keep the k most likely tokens (0 = off)")),
     "top_p": Option(("--top-p",), dict(type=share, default=1.0, help="nucleus sampling mass (1 = off)")),
-    "min_p": Option(("--min-p",), dict(type=fraction, default=0.0, help="drop tokens below min_p × p(best) (0 = off)")),
+    "min_p": Option(("--min-p",), dict(type=fraction, default=0.0,
+                                       help="drop tokens below min_p × p(best) (0 = off)")),
     "repeat_penalty": Option(("--repeat-penalty",), dict(type=positive, default=1.0,
                                                          help="llama.cpp-style repetition penalty (1 = off)")),
     "seed": Option(("--seed",), dict(type=count, default=None, help="random seed (default: a fresh one each run)")),

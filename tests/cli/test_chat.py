@@ -143,3 +143,18 @@ def test_piped_input_and_base_model_warning(model, tmp_path):
     warnings = [line for line in out.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "base model (no chat template)" in warnings[0]
     assert json.loads((tmp_path / "c.json").read_text())["messages"][0]["content"] == "hello"
+
+
+def test_errors_keep_the_conversation(model, tmp_path):
+    """A file /load cannot continue, or a message past the context: one line each, the session goes on."""
+    import subprocess
+
+    (tmp_path / "odd.json").write_text(json.dumps({"messages": [{"role": "user", "content": "a"}]}))
+    lines = ["hello", f"/load {tmp_path / 'odd.json'}", "word " * 5000, f"/save {tmp_path / 'c.json'}"]
+    out = subprocess.run([sys.executable, "-m", "gemma3", "chat", "-m", str(model), "-n", "2"],
+                         input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("gemma3: error:")]
+    assert out.returncode == 0 and len(errors) == 2, out.stderr
+    assert "/load: message 1 has role 'user'" in errors[0] and "but the context is 4096 tokens" in errors[1]
+    messages = json.loads((tmp_path / "c.json").read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hello"]

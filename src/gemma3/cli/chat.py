@@ -117,14 +117,13 @@ class Session:
         from ..inference.generate import stream_generate
         from ..inference.multimodal import build_prompt, with_placeholders
 
-        self.messages.append({"role": "user", "content": with_placeholders(text, len(self.pending))
-                              if self.pending else text})
-        self.images, self.pending = self.images + self.pending, []
-        prompt = apply_chat_template(self.messages)
-        if self.images:
-            prompt = build_prompt(self.model, self.tok, prompt, [features for _, features in self.images])
+        message = {"role": "user", "content": with_placeholders(text, len(self.pending)) if self.pending else text}
+        images = self.images + self.pending
         reply = []
         try:
+            prompt = apply_chat_template(self.messages + [message])
+            if images:
+                prompt = build_prompt(self.model, self.tok, prompt, [features for _, features in images])
             for chunk in stream_generate(self.model, self.tok, prompt, self.args.max_tokens,
                                          options.sampling_params(self.args), self.args.stop,
                                          prefix_cache=self.prefix_cache):
@@ -133,7 +132,11 @@ class Session:
             print()
         except KeyboardInterrupt:  # the reply so far stays in the conversation, as it was shown
             print("\n(reply stopped)", file=sys.stderr)
-        self.messages.append({"role": "model", "content": "".join(reply)})
+        except ValueError as e:  # e.g. the conversation outgrew the context: this message is not taken
+            print(f"gemma3: error: {e}", file=sys.stderr)
+            return
+        self.messages += [message, {"role": "model", "content": "".join(reply)}]
+        self.images, self.pending = images, []
 
     def command(self, line: str) -> bool:
         """Runs a /command; False when the session ends."""
@@ -199,7 +202,7 @@ class Session:
         if not (isinstance(messages, list) and isinstance(images, list) and all(isinstance(i, str) for i in images)
                 and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
             raise ValueError(f"{path}: not a conversation that /save wrote")
-        apply_chat_template(messages)  # the roles must alternate as the template needs
+        apply_chat_template(messages + [{"role": "user", "content": ""}])  # roles that a next message continues
         images = [(image, self.encode(image)) for image in images]  # from their files again
         self.messages, self.images, self.pending = messages, images, []
         note(f"conversation of {len(messages)} messages loaded from {path}")

@@ -34,7 +34,7 @@ kernels: $(VENV)/.installed
 	$(BIN)/python -c "from gemma3.cpu import kernels; kernels.ops()"
 
 setup: $(VENV)/.installed kernels
-setup-test: $(VENV)/.installed-test $(VENV)/.chromium
+setup-test: $(VENV)/.installed-test $(VENV)/.chromium kernels
 
 run: setup
 	$(BIN)/gemma3 generate "$(PROMPT)" --max-tokens 32

@@ -12,7 +12,9 @@ from . import chat, options
 
 def register(sub):
     p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
-                       description="Generate a continuation. Example: gemma3 generate \"The capital of France is\" -n 32")
+                       description="Generate a continuation of the prompt, given as text or read from a file "
+                                   "(-f FILE; -f - reads stdin).\nExamples: gemma3 generate \"One, two, three,\" -n 32; "
+                                   "gemma3 generate -f notes.txt -v")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("prompt", nargs="?", help="prompt text")
     source.add_argument("--file", "-f", help="read the prompt from this file (- = stdin)")

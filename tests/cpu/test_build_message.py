@@ -15,6 +15,10 @@ BUILD = [sys.executable, "-c", "from gemma3.cpu import kernels; kernels.ops()"]
 
 
 def test_a_cold_build_says_so_first(tmp_path):
+    try:
+        kernels.build_isa()
+    except RuntimeError as e:  # no build for this CPU: nothing is compiled, nothing to announce
+        pytest.skip(str(e))
     env = dict(os.environ, GEMMA3_KERNEL_CACHE=str(tmp_path))  # an empty cache: the build is cold
     env.pop("GEMMA3_NO_KERNELS", None)
     proc = subprocess.Popen(BUILD, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests.helpers.images import picture
 from tests.helpers.training import tiny_model_dir
 
 pexpect = pytest.importorskip("pexpect")
@@ -112,8 +113,9 @@ def test_commands_never_reach_the_model(model, tmp_path):
     child.sendline("/set top_p 0")
     child.expect_exact("top_p: 0 is not a number above 0")
     child.expect_exact(READY)
-    child.sendline("/image missing.png")
-    child.expect_exact("gemma3: error: /image")
+    picture(32, 32).save(tmp_path / "photo.png")
+    child.sendline(f"/image {tmp_path / 'photo.png'}")
+    child.expect_exact("a text-only model (config.json has no vision_config)")
     child.expect_exact(READY)
     child.sendline(f"/save {saved}")
     finish(child)

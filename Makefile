@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= The capital of France is
 
-.PHONY: run test setup setup-test clean
+.PHONY: run test setup setup-test kernels clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,13 @@ $(VENV)/.chromium: scripts/install_chromium.sh
 	bash scripts/install_chromium.sh
 	touch $@
 
-setup: $(VENV)/.installed
-setup-test: $(VENV)/.installed-test $(VENV)/.chromium
+# The C++ kernels build during set-up (about a minute, once per machine, cached in
+# ~/.cache/gemma3/kernels), so the first generate does not wait for the compiler.
+kernels: $(VENV)/.installed
+	$(BIN)/python -c "from gemma3.cpu import kernels; kernels.ops()"
+
+setup: $(VENV)/.installed kernels
+setup-test: $(VENV)/.installed-test $(VENV)/.chromium kernels
 
 run: setup
 	$(BIN)/gemma3 generate "$(PROMPT)" --max-tokens 32

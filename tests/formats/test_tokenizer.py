@@ -341,3 +341,23 @@ def test_encode_chat_equals_template_ids_and_blocks_injection(tok):
     ids = encode_chat(tok, attack)
     assert ids.count(tok.end_of_turn_id) == 1 and ids.count(tok.start_of_turn_id) == 2
     assert tok.decode(ids, skip_special=False).count("<end_of_turn>") == 2  # the typed one is plain text
+
+
+def test_the_chat_template_travels_with_the_tokenizer(tmp_path):
+    """Whether a checkpoint was tuned to chat (`gemma3 chat` warns otherwise): its template is read
+    from GGUF metadata and HF directories, and written back by `save` and to GGUF metadata."""
+    from tests.helpers.training import byte_tokenizer
+
+    tok = byte_tokenizer()
+    assert tok.chat_template is None and "tokenizer.chat_template" not in tok.to_gguf_metadata()
+    tok.save(tmp_path / "base")
+    assert Tokenizer.from_dir(tmp_path / "base").chat_template is None
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    tok.save(tmp_path / "it")
+    assert Tokenizer.from_dir(tmp_path / "it").chat_template == tok.chat_template
+    assert Tokenizer.from_gguf_metadata(tok.to_gguf_metadata()).chat_template == tok.chat_template
+    older = tmp_path / "older"  # transformers before 4.43 kept it in tokenizer_config.json
+    tok.save(older)
+    (older / "chat_template.jinja").unlink()
+    (older / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert Tokenizer.from_dir(older).chat_template == "{{ messages }}"

@@ -2,6 +2,7 @@
 against transformers' Gemma3ForConditionalGeneration and Gemma3Processor on tiny random configs."""
 
 import dataclasses
+import io
 import json
 
 import gguf
@@ -561,10 +562,10 @@ def test_cli_image_errors_are_one_line(image_files, tmp_path, capsys):
 def test_cli_chat_image_command(cli_270m, mmproj_270m, image_files, capsys, monkeypatch):
     from tests.helpers.cli import run_cli as run_main
 
-    lines = iter(["/image nope.png", f"/image {image_files[0]}", "What is in the picture?", "/exit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    lines = ["/image nope.png", f"/image {image_files[0]}", "What is in the picture?", "/exit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     code, out, err = run_main(["chat", "--mmproj", mmproj_270m, "-n", "2"], capsys)
     assert code == 0
-    assert "gemma3: error: nope.png: no such file" in err
+    assert "gemma3: error: /image: nope.png: no such file" in err
     assert f"(image {image_files[0]} attached" in err
     assert out.strip()  # the model answered

@@ -188,7 +188,7 @@ def test_serve_tp_refuses_what_it_cannot_shard(tmp_path, capsys):
     code, _, err = run_cli(["serve", "-m", str(model), "--tp", "2", "--mmproj", str(tmp_path / "x.gguf")], capsys)
     assert code == 1 and "serves text only" in err
     code, _, err = run_cli(["serve", "-m", str(model), "--tp", "0"], capsys)
-    assert code == 1 and "--tp must be positive" in err
+    assert code == 2 and "argument --tp: 0 is not a positive integer" in err
 
 
 def test_device_auto_on_cpu_is_the_cpu_path(tmp_path, capsys):

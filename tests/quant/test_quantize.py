@@ -104,6 +104,26 @@ def test_directory_round_trip(source, tmp_path, capsys, fmt):
     assert read_gguf(again).metadata["tokenizer.ggml.tokens"] == read_gguf(source).metadata["tokenizer.ggml.tokens"]
 
 
+def test_one_bar_over_the_job_and_a_warning_for_the_reference_path(source, tmp_path, capsys):
+    import re
+
+    out = tmp_path / "sfp8"
+    code, _, err = run_cli(["quantize", "--model", str(source), "--to", "sfp8", "--out", str(out)], capsys)
+    states = [s.strip() for s in re.split(r"[\r\n]", err) if "tensor" in s]
+    stages = list(dict.fromkeys(s.split(":")[0] for s in states))
+    assert code == 0 and stages == ["reading", "converting", "writing"], states
+    done = re.search(r"100%\|\S+\| (\d+)/(\d+) ", states[-1])
+    assert done and done[1] == done[2], states[-1]  # one total, met exactly at the end
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "slow reference path" in warnings[0] and "sfp8 has no GGUF type" in warnings[0]
+    code, _, err = run_cli(["generate", "x", "-n", "1", "--model", str(out)], capsys)
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert code == 0 and len(warnings) == 1 and "slow reference path" in warnings[0]
+    code, _, err = run_cli(["quantize", "--model", str(source), "--to", "q8_0", "--out", str(tmp_path / "q.gguf")],
+                           capsys)
+    assert code == 0 and "warning" not in err
+
+
 def one_line_error(code, err, *needles):
     assert code == 1
     lines = err.strip().splitlines()

@@ -245,3 +245,20 @@ def test_checkpoints_carry_the_real_tokenizer(tmp_path):
         for special in (False, True):
             assert again.encode(text, parse_special=special) == tok.encode(text, parse_special=special)
     assert (again.bos_id, again.eos_id, again.pad_id, again.vocab_size) == (2, 1, 0, 262144)
+
+
+def test_qat_exports_a_gguf_by_default(tmp_path):
+    """A format with a GGUF type lands in OUT/quantized.gguf, which runs on the C++ kernels."""
+    from gemma3.formats.gguf import read_gguf
+    from gemma3.quant.apply import quantize_model
+    from gemma3.train.qat import recipe_for
+
+    base = tiny_model_dir(tmp_path / "base")
+    main(["qat", "--model", str(base), *_write_data(tmp_path), "--seq-len", "48", "--steps", "2",
+          "--batch-size", "2", "--out", str(tmp_path / "run"), "--quiet"])
+    exported = tmp_path / "run" / "quantized.gguf"
+    assert "Q4_0" in {t.ggml_type.name for t in read_gguf(exported).tensors.values()}
+    reference = quantize_model(load(tmp_path / "run" / "final")[0], recipe_for("int4-block32"))
+    ids = torch.randint(0, 263, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(load(exported)[0](ids), reference(ids))

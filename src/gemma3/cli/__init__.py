@@ -12,11 +12,22 @@ from . import evaluate, options, quantize, run, serve, study, train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemma3", description="Run Gemma 3 models in plain PyTorch.")
+    parser = options.Parser(prog="gemma3", description="Run Gemma 3 models in plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (run, serve, evaluate, train, quantize, study):
         group.register(sub)
     return parser
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("gemma3")
+    except PackageNotFoundError:  # run from a source tree that pip never installed
+        return "(not installed)"
 
 
 def main(argv=None):
@@ -28,6 +39,11 @@ def main(argv=None):
 
     try:
         args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`gemma3 generate … | head -c 10`): end quietly, as `cat` does.
+        # Python would report the failed flush of stdout at exit, so stdout points at devnull first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a command killed by the pipe
     except (GGUFError, WeightsError, UnsupportedModelError, OSError, UnicodeDecodeError, ValueError) as e:
         if os.environ.get("GEMMA3_DEBUG"):
             raise

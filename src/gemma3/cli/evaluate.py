@@ -18,10 +18,10 @@ def register(sub):
                                    "BOS first, second half of each chunk scored), comparable with llama-perplexity. "
                                    "--stride S: sliding windows of --ctx advanced by S, every token scored once.")
     p.add_argument("file", help="UTF-8 text file")
-    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk/window (default 512)")
-    p.add_argument("--stride", type=int, default=None, help="sliding-window mode with this stride")
-    p.add_argument("--chunks", type=int, default=None, help="evaluate at most this many chunks")
-    options.add(p, "kv_dtype", "results", *options.MODEL)
+    p.add_argument("--ctx", type=options.positive_int, default=512, help="tokens per chunk/window (default 512)")
+    p.add_argument("--stride", type=options.positive_int, default=None, help="sliding-window mode with this stride")
+    p.add_argument("--chunks", type=options.positive_int, default=None, help="evaluate at most this many chunks")
+    options.add(p, "kv_dtype", "results", *options.MODEL, "json")
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("memory", help="the paper's Table 3 and the KV cache a model really needs",
@@ -29,31 +29,31 @@ def register(sub):
                                    "computed from the configs beside the paper's figures. With --model/--ctx: "
                                    "the KV bytes a model's cache holds after a --ctx-token prompt (measured, or "
                                    "planned with --dry-run) next to llama.cpp's default allocation.")
-    p.add_argument("--ctx", type=int, default=None, help="context length to measure (default: the model's)")
+    p.add_argument("--ctx", type=options.positive_int, default=None, help="context length to measure (default: the model's)")
     p.add_argument("--dry-run", action="store_true", help="compute the allocation plan instead of running a prompt")
-    p.add_argument("--tp", type=int, default=None,
+    p.add_argument("--tp", type=options.positive_int, default=None,
                    help="plan tensor-parallel inference over this many ranks instead: per-rank weights + KV "
                         "(e.g. gemma3 memory --model 27b --tp 4 --ctx 131072 --device-gb 80)")
-    p.add_argument("--device-gb", type=float, default=None, help="with --tp: device memory in GiB; says whether it fits")
+    p.add_argument("--device-gb", type=options.positive, default=None, help="with --tp: device memory in GiB; says whether it fits")
     p.add_argument("--format", choices=("bf16", "int4", "int4-b32", "sfp8"), default="bf16",
                    help="with --tp: weight format of the plan (default bf16, what TP runs on GPUs)")
     # The report's Table 3 states KV memory in bf16, so the figures here default to it too.
-    options.add(p, "kv_dtype", "plot", *options.MODEL, defaults={"kv_dtype": "bf16"},
+    options.add(p, "kv_dtype", "plot", *options.MODEL, "json", defaults={"kv_dtype": "bf16"},
                 helps={"plot": "write KV memory vs context (1K…128K) to this PNG"})
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("bench", help="load time, prefill/decode speed and peak memory, optionally vs llama.cpp",
                        description="Each side runs in fresh processes, repetitions interleaved, medians reported. "
                                    "Example: gemma3 bench --against llama.cpp --llama-python /path/to/python --json")
-    p.add_argument("--repeat", type=int, default=3, help="repetitions per side, interleaved; medians (default 3)")
-    p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+    p.add_argument("--repeat", type=options.positive_int, default=3, help="repetitions per side, interleaved; medians (default 3)")
+    p.add_argument("--batch", type=options.int_list, default=[],
                    help="also measure batched decode throughput for these batch sizes, e.g. 1,4,16")
     p.add_argument("--against", choices=("llama.cpp",), default=None, help="measure llama-cpp-python side by side")
     p.add_argument("--llama-python", default=None,
                    help="interpreter with llama-cpp-python (default: this one, if it can import llama_cpp)")
-    p.add_argument("--ctx", type=int, default=max(PREFILL_LENGTHS) + DECODE_TOKENS,
+    p.add_argument("--ctx", type=options.positive_int, default=max(PREFILL_LENGTHS) + DECODE_TOKENS,
                    help="context size (KV cache) for both sides (default: %(default)s)")
-    p.add_argument("--decode", type=int, default=DECODE_TOKENS, help="greedy tokens to time (default: %(default)s)")
+    p.add_argument("--decode", type=options.positive_int, default=DECODE_TOKENS, help="greedy tokens to time (default: %(default)s)")
     options.add(p, "model", "backend", "precision", "device", "threads", "json", defaults={"threads": 2},
                 helps={"threads": "threads for both sides (default: %(default)s)",
                        "json": "print one JSON object {ours, llama_cpp, ratio}"})
@@ -70,9 +70,9 @@ def register(sub):
                     "reference, and greedy decode tokens/s on the reference (dequantize + matmul) path.")
     e.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated (default {DEFAULT_FORMATS})")
     e.add_argument("--text", required=True, help="UTF-8 text file to score")
-    e.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
-    e.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
-    e.add_argument("--decode-tokens", type=int, default=8, help="greedy tokens timed per format (0 = skip)")
+    e.add_argument("--ctx", type=options.positive_int, default=512, help="tokens per chunk (default 512)")
+    e.add_argument("--chunks", type=options.positive_int, default=None, help="score at most this many chunks")
+    e.add_argument("--decode-tokens", type=options.count, default=8, help="greedy tokens timed per format (0 = skip)")
     options.add(e, "plot", "model", "threads", "json", "results",
                 helps={"plot": "write size vs perplexity to this PNG"})
     e.set_defaults(func=cmd_eval_quant)
@@ -81,10 +81,12 @@ def register(sub):
                          description="Plants 'The secret number is N.' at each depth of a haystack of each "
                                      "context length and asks for N (greedy). Example: gemma3 eval needle "
                                      "--ctx 4096,8192,16384,32768 --depths 0,0.25,0.5,0.75,1.0 --plot needle.png")
-    e.add_argument("--ctx", default="4096,8192,16384,32768", help="comma-separated context lengths")
-    e.add_argument("--depths", default="0,0.25,0.5,0.75,1.0", help="comma-separated depths in [0, 1]")
+    e.add_argument("--ctx", type=options.int_list, default="4096,8192,16384,32768",
+                   help="comma-separated context lengths")
+    e.add_argument("--depths", type=options.fraction_list, default="0,0.25,0.5,0.75,1.0",
+                   help="comma-separated depths in [0, 1]")
     e.add_argument("--haystack", default=None, help="filler text file (default: a built-in text about a river valley)")
-    options.add(e, "seed", "plot", "results", *options.MODEL, defaults={"seed": 0},
+    options.add(e, "seed", "plot", "results", *options.MODEL, "json", defaults={"seed": 0},
                 helps={"seed": "seed for the hidden numbers (default: %(default)s)", "plot": "write a heat map PNG here"})
     e.set_defaults(func=cmd_eval_needle)
 
@@ -97,11 +99,11 @@ def register(sub):
     e.add_argument("--data", action="append", required=True, help="UTF-8 text file (repeatable)")
     e.add_argument("--control", action="store_true",
                    help="also score a fresh control text: the first file's words shuffled (seed --seed)")
-    e.add_argument("--samples", type=int, default=100, help="windows per file at most (default 100)")
-    e.add_argument("--prefix", type=int, default=PREFIX, help=f"prompt tokens (default {PREFIX})")
-    e.add_argument("--suffix", type=int, default=SUFFIX, help=f"generated and compared tokens (default {SUFFIX})")
-    e.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default 16)")
-    options.add(e, "seed", "plot", "results", *options.MODEL, defaults={"seed": 0},
+    e.add_argument("--samples", type=options.positive_int, default=100, help="windows per file at most (default 100)")
+    e.add_argument("--prefix", type=options.positive_int, default=PREFIX, help=f"prompt tokens (default {PREFIX})")
+    e.add_argument("--suffix", type=options.positive_int, default=SUFFIX, help=f"generated and compared tokens (default {SUFFIX})")
+    e.add_argument("--batch-size", type=options.positive_int, default=16, help="prompts decoded together (default 16)")
+    options.add(e, "seed", "plot", "results", *options.MODEL, "json", defaults={"seed": 0},
                 helps={"seed": "seed for window sampling and the control text (default: %(default)s)",
                        "plot": "write a log-scale bar plot (like Fig. 9) to this PNG"})
     e.set_defaults(func=cmd_eval_memorization)
@@ -136,9 +138,9 @@ def cmd_memory(args):
 
     if args.tp:
         return _print_tp_plan(args, memory)
-    out = {"table3": memory.table3()}
-    if args.model is not None or args.ctx is not None:
-        out["model"] = _measure_kv(args, memory)
+    # --model or --ctx asks about one model; without them, the table.
+    asked = args.model is not None or args.ctx is not None
+    out = {"model": _measure_kv(args, memory)} if asked else {"table3": memory.table3()}
     if args.plot:
         from ..eval.memory import plot_kv_vs_context
 
@@ -147,17 +149,18 @@ def cmd_memory(args):
     if args.json:
         print(json.dumps(out))
         return
-    print("Paper Table 3 (GB) vs our computation from the configs; +KV = weights + full-length bf16 KV at 32,768")
-    print(f"{'model':6}{'format':10}{'weights':>9}{'paper':>7}{'Δ':>8}{'+KV':>9}{'paper':>7}{'Δ':>8}"
-          f"{'+window KV':>12}")
-    for r in out["table3"]:
-        print(f"{r['model']:6}{r['format']:10}{r['weights_gb']:9.2f}{r['paper_weights_gb']:7.1f}"
-              f"{r['weights_rel_diff']:+8.1%}{r['with_kv_gb']:9.2f}{r['paper_with_kv_gb']:7.1f}"
-              f"{r['with_kv_rel_diff']:+8.1%}{r['with_windowed_kv_gb']:12.2f}")
-    if "model" in out:
+    if "table3" in out:
+        print("Paper Table 3 (GB) vs our computation from the configs; +KV = weights + full-length bf16 KV at 32,768")
+        print(f"{'model':6}{'format':10}{'weights':>9}{'paper':>7}{'Δ':>8}{'+KV':>9}{'paper':>7}{'Δ':>8}"
+              f"{'+window KV':>12}")
+        for r in out["table3"]:
+            print(f"{r['model']:6}{r['format']:10}{r['weights_gb']:9.2f}{r['paper_weights_gb']:7.1f}"
+                  f"{r['weights_rel_diff']:+8.1%}{r['with_kv_gb']:9.2f}{r['paper_with_kv_gb']:7.1f}"
+                  f"{r['with_kv_rel_diff']:+8.1%}{r['with_windowed_kv_gb']:12.2f}")
+    else:
         m = out["model"]
         how = "planned (dry run)" if m["dry_run"] else "measured after the prompt"
-        print(f"\n{m['model']}: KV cache at {m['ctx']} tokens ({m['kv_dtype']}): {m['kv_bytes'] / 2**20:.1f} MiB {how}; "
+        print(f"{m['model']}: KV cache at {m['ctx']} tokens ({m['kv_dtype']}): {m['kv_bytes'] / 2**20:.1f} MiB {how}; "
               f"window-sized formula {m['kv_bytes_formula'] / 2**20:.1f} MiB; full-length on every layer "
               f"{m['kv_bytes_full'] / 2**20:.1f} MiB; llama.cpp default {m['kv_bytes_llama_cpp_default'] / 2**20:.1f} MiB")
     if args.plot:
@@ -224,8 +227,7 @@ def cmd_eval_needle(args):
     from ..eval.results import emit
 
     haystack = read_text(args.haystack) if args.haystack else _default_haystack()
-    ctxs = [int(c) for c in args.ctx.split(",")]
-    depths = [float(d) for d in args.depths.split(",")]
+    ctxs, depths = args.ctx, args.depths
     model, tok = options.load_model(args)
     results = run_needle(model, tok, haystack, ctxs, depths, seed=args.seed, progress=not args.json)
     out = to_json(results)

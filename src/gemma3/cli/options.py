@@ -8,13 +8,88 @@ default where one differs (`defaults={"threads": 2}`); `--help` shows each defau
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 from typing import NamedTuple
 
 from ..eval.results import DEFAULT_RESULTS
 
 BACKENDS = ("cpu", "torch")
+
+
+# ---- one convention for every command ----------------------------------------------------------
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default unless the help already states it; descriptions
+    keep their own line breaks (formats lists, examples), each line wrapped to the terminal."""
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None or default is False
+                or default == [] or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the formatter above, and bad input answered by one line naming the problem
+    (the default prints the whole usage first, which buries it)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(kind, ok, what: str):
+    """An argparse `type` that parses `kind` and rejects values `ok` refuses, at parse time."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if kind is float and not math.isfinite(value) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+count = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive = _checked(float, lambda v: v > 0, "a positive number")
+non_negative = _checked(float, lambda v: v >= 0, "a number >= 0")
+fraction = _checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+share = _checked(float, lambda v: 0 < v <= 1, "a number above 0 and at most 1")
+port = _checked(int, lambda v: 0 <= v <= 65535, "a TCP port (0-65535)")
+
+
+def comma_list(parse):
+    """An argparse `type` for a comma-separated list, e.g. 1,4,16, each item parsed by `parse`."""
+
+    def parse_list(text: str) -> list:
+        return [parse(x.strip()) for x in text.split(",") if x.strip()]
+
+    parse_list.__name__ = f"list of {parse.__name__}"
+    return parse_list
+
+
+int_list = comma_list(positive_int)
+fraction_list = comma_list(fraction)
 
 
 class Option(NamedTuple):
@@ -45,22 +120,23 @@ OPTIONS: dict[str, Option] = {
     "device": Option(("--device",), dict(
         choices=("cpu", "cuda", "auto"), default="cpu",
         help="cpu or cuda (bfloat16 unless --dtype, float weights); auto = cuda when available (default: %(default)s)")),
-    "threads": Option(("--threads",), dict(type=int, default=None,
-                                           help="CPU threads (default: %(default)s; none = PyTorch's choice)")),
+    "threads": Option(("--threads",), dict(type=positive_int, default=None,
+                                           help="CPU threads (default: PyTorch's choice)")),
     "json": Option(("--json",), dict(action="store_true", help="machine-readable output")),
     "kv_dtype": Option(("--kv-dtype",), dict(
         choices=("fp32", "bf16", "int8"), default=None,
-        help="KV cache storage; int8 = per-token per-head scales (default: %(default)s; none = the compute dtype)")),
-    "max_tokens": Option(("--max-tokens", "-n"), dict(type=int, default=256,
+        help="KV cache storage; int8 = per-token per-head scales (default: the compute dtype)")),
+    "max_tokens": Option(("--max-tokens", "-n"), dict(type=positive_int, default=256,
                                                       help="tokens to generate at most (default: %(default)s)")),
-    "temperature": Option(("--temperature", "-t"), dict(type=float, default=0.0,
+    "temperature": Option(("--temperature", "-t"), dict(type=non_negative, default=0.0,
                                                         help="0 = greedy (default: %(default)s)")),
-    "top_k": Option(("--top-k",), dict(type=int, default=0, help="keep the k most likely tokens (0 = off)")),
-    "top_p": Option(("--top-p",), dict(type=float, default=1.0, help="nucleus sampling mass (1 = off)")),
-    "min_p": Option(("--min-p",), dict(type=float, default=0.0, help="drop tokens below min_p × p(best) (0 = off)")),
-    "repeat_penalty": Option(("--repeat-penalty",), dict(type=float, default=1.0,
+    "top_k": Option(("--top-k",), dict(type=count, default=0, help="keep the k most likely tokens (0 = off)")),
+    "top_p": Option(("--top-p",), dict(type=share, default=1.0, help="nucleus sampling mass (1 = off)")),
+    "min_p": Option(("--min-p",), dict(type=fraction, default=0.0,
+                                       help="drop tokens below min_p × p(best) (0 = off)")),
+    "repeat_penalty": Option(("--repeat-penalty",), dict(type=positive, default=1.0,
                                                          help="llama.cpp-style repetition penalty (1 = off)")),
-    "seed": Option(("--seed",), dict(type=int, default=None, help="random seed (default: %(default)s)")),
+    "seed": Option(("--seed",), dict(type=count, default=None, help="random seed (default: a fresh one each run)")),
     "stop": Option(("--stop",), dict(action="append", default=[], help="stop string (repeatable)")),
     "mmproj": Option(("--mmproj",), dict(
         default=None, help="llama.cpp mmproj GGUF with the vision encoder (for GGUF models; HF directories carry theirs)")),
@@ -74,7 +150,7 @@ OPTIONS: dict[str, Option] = {
 }
 
 # The options of a command that loads a model to run it.
-MODEL = ("model", "backend", "precision", "dtype", "threads", "json")
+MODEL = ("model", "backend", "precision", "dtype", "threads")
 SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop", "kv_dtype")
 VISION = ("mmproj", "no_pan_and_scan")
 
@@ -118,6 +194,11 @@ def dtype(args, dev: str):
     return getattr(torch, getattr(args, "dtype", None) or ("bfloat16" if dev == "cuda" else "float32"))
 
 
+# What a quantized directory costs: its QuantizedLinear decodes weights at every step, at a small
+# fraction of the kernels' speed (0.4-0.7 tok/s at 4B).
+REFERENCE_PATH = "runs on the slow reference path (weights decoded again at every step)"
+
+
 def load_model(args, timeout=None):
     """The model on its device. Under `torchrun --nproc-per-node N`, each rank joins the process
     group (`timeout`: of each collective) and keeps its tensor-parallel shard (model/tp.py); only
@@ -136,6 +217,9 @@ def load_model(args, timeout=None):
     # The quantized C++ kernels of the cpu backend are CPU-only and unsharded: elsewhere the float path runs.
     backend = args.backend if dev == "cpu" and world == 1 else "torch"
     model, tok = load(args.model, dtype=dtype(args, dev), backend=backend)
+    if getattr(model, "quant_recipe", None):  # only a quantized directory loads with a recipe
+        print(f"gemma3: warning: {args.model} ({model.quant_recipe}) {REFERENCE_PATH}; a .gguf from "
+              "`gemma3 quantize` runs on the C++ kernels", file=sys.stderr)
     if world > 1:
         import atexit
 
@@ -147,6 +231,22 @@ def load_model(args, timeout=None):
         if ctx.rank:
             sys.stdout = open(os.devnull, "w")
     return model.to(dev), tok
+
+
+PRETRAINED = re.compile(r"(?:^|[-_.])pt(?:[-_.]|$)", re.IGNORECASE)
+
+
+def warn_if_not_chat_model(args, tok):
+    """`chat` and `generate --chat` on a model not tuned to chat (the embedded 270M is a base
+    model): one line on stderr, since its replies will be poor. Such a model ships no chat template
+    or is named as pre-trained (gemma-3-1b-pt: the template comes with every Gemma tokenizer)."""
+    from ..inference.load import resolve
+
+    name = resolve(args.model).name
+    why = "no chat template" if tok.chat_template is None else "named -pt" if PRETRAINED.search(name) else None
+    if why:
+        print(f"gemma3: warning: {name} looks like a base model ({why}), not an instruction-tuned one: chat "
+              "replies will be poor; for chat pass one with --model, e.g. gemma-3-1b-it-Q4_K_M.gguf", file=sys.stderr)
 
 
 def sampling_params(args):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 
 from ..quant.apply import KEYS, RECIPES
 from ..quant.formats import ALIASES, FORMATS
@@ -17,8 +17,11 @@ def format_help() -> str:
 
 
 def cmd_quantize(args):
+    from pathlib import Path
+
     from ..inference.convert import convert
     from ..quant.apply import parse_recipe
+    from ..quant.store import without_gguf_type
 
     options.set_threads(args)
     recipe = parse_recipe(args.recipe, args.to)
@@ -28,12 +31,16 @@ def cmd_quantize(args):
     else:
         print(f"wrote {result['out']}: {result['bytes'] / 2**20:.1f} MiB, {result['bits_per_param']:.2f} bits/param "
               f"({recipe.spec})")
+    if Path(args.out).suffix.lower() != ".gguf":
+        no_gguf = without_gguf_type(recipe)
+        better = (f"{', '.join(no_gguf)} has no GGUF type or fast kernel" if no_gguf else
+                  f"the same recipe to {Path(args.out).name}.gguf runs on the C++ kernels")
+        print(f"gemma3: warning: a quantized directory {options.REFERENCE_PATH}; {better}", file=sys.stderr)
 
 
 def register(sub):
     p = sub.add_parser(
         "quantize", help="convert a model's weights to another format (GGUF file or quantized directory)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Quantize every projection and the tied embedding / LM head of --model (norms stay float) and "
                     "write OUT: a .gguf name writes a GGUF file llama.cpp runs, any other name a directory "
                     "(model.safetensors + quantization.json) that `--model` reads back.\n\n"

@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
-from . import options
+from . import chat, options
 
 
 def register(sub):
     p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
-                       description="Generate a continuation. Example: gemma3 generate \"The capital of France is\" -n 32")
-    p.add_argument("prompt", help="prompt text, or - to read it from stdin")
+                       description="Generate a continuation of the prompt, given as text or read from a file "
+                                   "(-f FILE; -f - reads stdin).\nExamples: gemma3 generate \"One, two, three,\" -n 32; "
+                                   "gemma3 generate -f notes.txt -v")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("prompt", nargs="?", help="prompt text")
+    source.add_argument("--file", "-f", help="read the prompt from this file (- = stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (instruction-tuned models)")
-    p.add_argument("--verbose", "-v", action="store_true", help="print timing stats to stderr")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print load time, prompt and decode speed and the thread count to stderr")
     p.add_argument("--image", action="append", default=[],
                    help="image file (repeatable); each <start_of_image> in the prompt marks where one goes, "
                         "otherwise they come before the text")
-    options.add(p, *options.MODEL, "device", *options.SAMPLING, *options.VISION)
+    options.add(p, *options.MODEL, "json", "device", *options.SAMPLING, *options.VISION)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat with the chat template")
-    p.add_argument("--system", default=None, help="system prompt (merged into the first user turn)")
-    options.add(p, *options.MODEL, *options.SAMPLING, *options.VISION)
-    p.set_defaults(func=cmd_chat)
+    chat.register(sub)
 
     p = sub.add_parser("tokenize", help="token ids of each input line",
                        description="Tokenize text from a file or stdin, one line at a time.")
@@ -39,21 +42,38 @@ def register(sub):
     p.set_defaults(func=cmd_info)
 
 
+def read_prompt(args) -> str:
+    if args.file is not None:
+        if args.file == "-":
+            return sys.stdin.read()
+        with open(args.file, encoding="utf-8") as f:
+            return f.read()
+    if os.path.isfile(args.prompt):  # `generate notes.txt` meant -f, most likely
+        print(f"gemma3: note: the prompt is the text {args.prompt!r}; to read that file, use -f {args.prompt}",
+              file=sys.stderr)
+    return args.prompt
+
+
 def cmd_generate(args):
+    import torch
+
     from ..formats.tokenizer import apply_chat_template
     from ..inference.generate import stream_generate
     from ..inference.multimodal import build_prompt, encode_image, load_image, with_placeholders
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args)
     # Images and their encoder before the slow text model: a bad file or a missing mmproj fails fast.
     images = [load_image(path) for path in args.image]
     if images and options.device(args) != "cpu":
         raise ValueError("--image runs on the CPU only for now (use --device cpu)")
     vision, pan_and_scan = options.vision_encoder(args) if images else (None, None)
+    load_start = time.perf_counter()
     model, tok = options.load_model(args)
+    load_s = time.perf_counter() - load_start
     if images:
         prompt = with_placeholders(prompt, len(images))
     if args.chat:
+        options.warn_if_not_chat_model(args, tok)
         prompt = apply_chat_template([{"role": "user", "content": prompt}])
     if images:
         prompt = build_prompt(model, tok, prompt, [encode_image(vision, im, pan_and_scan) for im in images])
@@ -68,68 +88,25 @@ def cmd_generate(args):
     elapsed = time.perf_counter() - start
     decode_s = time.perf_counter() - first
     stats = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-             "finish_reason": last.finish_reason, "time_to_first_token_s": round(first - start, 4),
+             "finish_reason": last.finish_reason, "load_s": round(load_s, 3),
+             "time_to_first_token_s": round(first - start, 4),
              "decode_tok_s": round((last.completion_tokens - 1) / decode_s, 2) if decode_s > 0 else None,
-             "total_s": round(elapsed, 3)}
+             "total_s": round(elapsed, 3), "threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps({"text": "".join(text), **stats}))
     else:
         print()
         if args.verbose:
-            print(json.dumps(stats), file=sys.stderr)
+            print(timings(stats), file=sys.stderr)
 
 
-def cmd_chat(args):
-    from ..formats.tokenizer import apply_chat_template
-    from ..inference.generate import stream_generate
-    from ..inference.multimodal import build_prompt, encode_image, load_image, with_placeholders
-    from ..inference.prefix_cache import PrefixCache
-
-    model, tok = options.load_model(args)
-    # Each turn re-sends the whole conversation; the prefix cache resumes after the previous turns.
-    prefix_cache = PrefixCache(model, kv_dtype=args.kv_dtype)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    encoder, features, pending = None, [], []  # soft tokens of the conversation's images, of the next message's
-    print("Chat with Gemma 3. /image PATH attaches a picture to your next message, /reset clears the "
-          "conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
-            features, pending = [], []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        if line.strip().startswith("/image"):
-            path = line.strip()[len("/image"):].strip()
-            try:
-                image = load_image(path)
-                encoder = encoder or options.vision_encoder(args)
-                pending.append(encode_image(encoder[0], image, encoder[1]))
-            except ValueError as e:  # a bad file or missing vision weights; the conversation goes on
-                print(f"gemma3: error: {e}", file=sys.stderr)
-                continue
-            print(f"(image {path} attached to your next message)", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": with_placeholders(line, len(pending)) if pending else line})
-        features, pending = features + pending, []
-        prompt = apply_chat_template(messages)
-        if features:
-            prompt = build_prompt(model, tok, prompt, features)
-        reply = []
-        for chunk in stream_generate(model, tok, prompt, args.max_tokens, options.sampling_params(args), args.stop,
-                                     prefix_cache=prefix_cache):
-            reply.append(chunk.text)
-            print(chunk.text, end="", flush=True)
-        print()
-        messages.append({"role": "model", "content": "".join(reply)})
+def timings(stats: dict) -> str:
+    """`generate -v`'s line: where the time went, for a person."""
+    decode = (f"{stats['completion_tokens']} tokens at {stats['decode_tok_s']:.1f} tok/s"
+              if stats["decode_tok_s"] else f"{stats['completion_tokens']} token")
+    return (f"load {stats['load_s']:.2f} s, first token after {stats['time_to_first_token_s']:.3f} s "
+            f"(prompt {stats['prompt_tokens']} tokens), {decode} ({stats['finish_reason']}), "
+            f"total {stats['total_s']:.2f} s, {stats['threads']} threads")
 
 
 def cmd_tokenize(args):

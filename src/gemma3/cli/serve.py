@@ -14,36 +14,36 @@ def register(sub):
                        description="Serves /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics "
                                    "and a chat page at /. Example: gemma3 serve --port 8000 --max-batch 8")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together at most (default 8)")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--port", type=options.port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", type=options.positive_int, default=8, help="sequences decoded together at most (default 8)")
+    p.add_argument("--max-queue", type=options.positive_int, default=64,
                    help="requests waiting for a batch slot at most; more get HTTP 503 (default 64)")
-    p.add_argument("--ctx", type=int, default=None, help="context per request, prompt + completion (default: the model's)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--ctx", type=options.positive_int, default=None, help="context per request, prompt + completion (default: the model's)")
+    p.add_argument("--max-tokens", type=options.positive_int, default=None,
                    help="default and upper bound of a request's max_tokens (default: what is left of --ctx)")
-    p.add_argument("--max-stop", type=int, default=16,
+    p.add_argument("--max-stop", type=options.positive_int, default=16,
                    help="stop strings a request may give (default 16; OpenAI allows 4): each is matched "
                         "against every new piece of text on the engine's thread")
-    p.add_argument("--max-stop-chars", type=int, default=256, help="characters per stop string at most (default 256)")
-    p.add_argument("--max-logit-bias", type=int, default=1024, help="logit_bias entries per request at most (default 1024)")
-    p.add_argument("--max-body-mb", type=float, default=64,
+    p.add_argument("--max-stop-chars", type=options.positive_int, default=256, help="characters per stop string at most (default 256)")
+    p.add_argument("--max-logit-bias", type=options.count, default=1024, help="logit_bias entries per request at most (default 1024)")
+    p.add_argument("--max-body-mb", type=options.positive, default=64,
                    help="request body size at most, in MiB; larger bodies get HTTP 413 (default 64: room for images)")
-    p.add_argument("--prompt-bytes-per-token", type=int, default=8,
+    p.add_argument("--prompt-bytes-per-token", type=options.positive_int, default=8,
                    help="prompt text accepted per token of --ctx, checked before tokenizing (default 8: ordinary "
                         "text takes about 4)")
     p.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host header names to answer besides the default (bound to loopback: "
                         "localhost, 127.0.0.1, ::1 only, which stops DNS-rebinding pages; elsewhere: any); * = any")
-    p.add_argument("--head-timeout", type=float, default=10.0,
+    p.add_argument("--head-timeout", type=options.positive, default=10.0,
                    help="seconds a client has to send a request's line and headers (default 10)")
-    p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open (default 5)")
-    p.add_argument("--max-connections", type=int, default=256,
+    p.add_argument("--keep-alive", type=options.positive, default=5.0, help="seconds an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--max-connections", type=options.positive_int, default=256,
                    help="open connections at most; more get HTTP 503 (default 256)")
     p.add_argument("--api-key", default=os.environ.get("GEMMA3_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $GEMMA3_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model file's name)")
-    p.add_argument("--prefix-cache-mb", type=int, default=256, help="prompt prefix cache size, 0 = off (default 256)")
-    p.add_argument("--tp", type=int, default=None,
+    p.add_argument("--prefix-cache-mb", type=options.count, default=256, help="prompt prefix cache size, 0 = off (default 256)")
+    p.add_argument("--tp", type=options.positive_int, default=None,
                    help="tensor parallel over N ranks on this machine (started by the server; float weights, "
                         "text only, no prefix cache). Under torchrun the ranks are torchrun's")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -60,12 +60,6 @@ def cmd_serve(args):
     from ..server import ranks, serve
     from ..server.guard import Limits
 
-    for name in ("port", "max_batch", "max_queue", "ctx", "max_tokens", "tp", "max_stop", "max_stop_chars",
-                 "max_logit_bias", "max_body_mb", "prompt_bytes_per_token", "head_timeout", "keep_alive",
-                 "max_connections"):
-        value = getattr(args, name)
-        if value is not None and not value > (-1 if name in ("port", "max_logit_bias") else 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     world = tp.world_size()
     if args.tp and world > 1 and args.tp != world:
         raise ValueError(f"--tp {args.tp} under torchrun with {world} processes: they must agree (or leave out --tp)")

@@ -19,15 +19,15 @@ def _add_common(p: argparse.ArgumentParser, steps: int | None):
     g.add_argument("--data", default=None,
                    help="UTF-8 text file, or a directory of *.py/*.txt/*.md files joined in path order "
                         "(default: the gemma3 package's own source, ~450 KB)")
-    g.add_argument("--held-out", type=float, default=0.1, help="fraction at the end of the text held out (default 0.1)")
-    g.add_argument("--seq-len", type=int, default=256,
+    g.add_argument("--held-out", type=options.share, default=0.1, help="fraction at the end of the text held out (default 0.1)")
+    g.add_argument("--seq-len", type=options.positive_int, default=256,
                    help="training and held-out sequence length in byte tokens (default 256)")
     if steps:
-        g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per model (default {steps})")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
-    g.add_argument("--kv-ctx", type=int, default=None, help="context at which KV memory is stated (default: --seq-len)")
+        g.add_argument("--steps", type=options.positive_int, default=steps, help=f"optimizer steps per model (default {steps})")
+    g.add_argument("--batch-size", type=options.positive_int, default=16, help="sequences per step (default 16)")
+    g.add_argument("--lr", type=options.positive, default=3e-3, help="peak learning rate (default 3e-3)")
+    g.add_argument("--weight-decay", type=options.non_negative, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
+    g.add_argument("--kv-ctx", type=options.positive_int, default=None, help="context at which KV memory is stated (default: --seq-len)")
     options.add(g, "seed", "kv_dtype", defaults={"seed": 0, "kv_dtype": "bf16"},
                 helps={"seed": "initial weights and data order (default: %(default)s)",
                        "kv_dtype": "KV dtype of the memory figures (default: %(default)s)"})
@@ -42,13 +42,13 @@ def _add_common(p: argparse.ArgumentParser, steps: int | None):
 
 def _add_size(p: argparse.ArgumentParser):
     g = p.add_argument_group("model (the same for every variant)")
-    g.add_argument("--d-model", type=int, default=64, help="hidden size (default 64)")
-    g.add_argument("--layers", type=int, default=12, help="decoder layers (default 12)")
-    g.add_argument("--heads", type=int, default=4, help="query heads (default 4)")
-    g.add_argument("--kv-heads", type=int, default=1, help="KV heads (default 1)")
-    g.add_argument("--head-dim", type=int, default=16, help="head dimension (default 16)")
-    g.add_argument("--ffn", type=int, default=None, help="GeGLU hidden size (default 4 × d-model)")
-    g.add_argument("--seeds", type=int, default=1,
+    g.add_argument("--d-model", type=options.positive_int, default=64, help="hidden size (default 64)")
+    g.add_argument("--layers", type=options.positive_int, default=12, help="decoder layers (default 12)")
+    g.add_argument("--heads", type=options.positive_int, default=4, help="query heads (default 4)")
+    g.add_argument("--kv-heads", type=options.positive_int, default=1, help="KV heads (default 1)")
+    g.add_argument("--head-dim", type=options.positive_int, default=16, help="head dimension (default 16)")
+    g.add_argument("--ffn", type=options.positive_int, default=None, help="GeGLU hidden size (default 4 × d-model)")
+    g.add_argument("--seeds", type=options.positive_int, default=1,
                    help="train every variant with this many seeds (seed, seed+1, …) and average (default 1)")
 
 
@@ -64,7 +64,7 @@ def register(sub):
                                        "Reports held-out perplexity (Δ vs global only) and KV memory per model.")
     s.add_argument("--ratios", default="global,1,3,5,7",
                    help="local layers per global one, 'global' = every layer global (default global,1,3,5,7)")
-    s.add_argument("--window", type=int, default=None, help="sliding window of local layers (default seq-len / 8)")
+    s.add_argument("--window", type=options.positive_int, default=None, help="sliding window of local layers (default seq-len / 8)")
     _add_size(s)
     _add_common(s, steps=200)
     s.set_defaults(func=cmd_study)
@@ -89,11 +89,11 @@ def register(sub):
     s.add_argument("--student", default="32x6", help="student size DxL (default 32x6)")
     s.add_argument("--small-teacher", default="64x6", help="small teacher size DxL (default 64x6)")
     s.add_argument("--large-teacher", default="128x6", help="large teacher size DxL (default 128x6)")
-    s.add_argument("--teacher-steps", type=int, default=300, help="training steps of each teacher (default 300)")
+    s.add_argument("--teacher-steps", type=options.positive_int, default=300, help="training steps of each teacher (default 300)")
     s.add_argument("--budgets", default="25,50,100,200", help="student steps, comma-separated (default 25,50,100,200)")
     s.add_argument("--ratio", default="5", help="local:global ratio of every model, or 'global' (default 5)")
-    s.add_argument("--window", type=int, default=None, help="sliding window (default seq-len / 8)")
-    s.add_argument("--k", type=int, default=256, help="teacher samples per token (default 256)")
+    s.add_argument("--window", type=options.positive_int, default=None, help="sliding window (default seq-len / 8)")
+    s.add_argument("--k", type=options.positive_int, default=256, help="teacher samples per token (default 256)")
     s.add_argument("--no-baseline", action="store_true", help="skip the one-hot (no teacher) students")
     _add_common(s, steps=None)
     s.set_defaults(func=cmd_study)

@@ -15,7 +15,7 @@ def _add_data_args(p: argparse.ArgumentParser):
     p.add_argument("--data", action="append", default=None,
                    help="training data: .txt/.md file, .jsonl with \"text\" or \"messages\" (chat; loss on model "
                         "turns only), or a directory of them (repeatable)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed sequence (default 512)")
+    p.add_argument("--seq-len", type=options.positive_int, default=512, help="tokens per packed sequence (default 512)")
     p.add_argument("--out", "-o", required=True, help="output directory")
     options.add(p, "seed", "threads", "json", defaults={"seed": 0},
                 helps={"seed": "data order and target sampling seed (default: %(default)s)"})
@@ -25,25 +25,25 @@ def _add_data_args(p: argparse.ArgumentParser):
 def _add_train_args(p: argparse.ArgumentParser, lr: float, steps: int):
     _add_data_args(p)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    g.add_argument("--batch-size", type=int, default=8,
+    g.add_argument("--steps", type=options.positive_int, default=steps, help=f"optimizer steps (default {steps})")
+    g.add_argument("--batch-size", type=options.positive_int, default=8,
                    help="sequences per optimizer step, all ranks together (default 8)")
-    g.add_argument("--micro-batch", type=int, default=None,
+    g.add_argument("--micro-batch", type=options.positive_int, default=None,
                    help="sequences per forward on one rank; the rest is gradient accumulation")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay floor as a fraction of --lr")
-    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default 0)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default 0)")
-    g.add_argument("--clip", type=float, default=1.0, help="max global gradient norm (0 = off; default 1)")
+    g.add_argument("--lr", type=options.positive, default=lr, help=f"peak learning rate (default {lr:g})")
+    g.add_argument("--min-lr-ratio", type=options.fraction, default=0.1, help="cosine decay floor as a fraction of --lr")
+    g.add_argument("--warmup", type=options.count, default=0, help="linear warm-up steps (default 0)")
+    g.add_argument("--weight-decay", type=options.non_negative, default=0.0, help="AdamW weight decay on matrices (default 0)")
+    g.add_argument("--clip", type=options.non_negative, default=1.0, help="max global gradient norm (0 = off; default 1)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights and optimizer stay fp32)")
     g.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     g.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
                    help="under torchrun: DDP (replicas) or FSDP2 (sharded); default ddp")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-data", action="append", default=None, help="held-out data (same formats as --data)")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
-    g.add_argument("--stop-after", type=int, default=None,
+    g.add_argument("--eval-every", type=options.count, default=0, help="evaluate every N steps (default: at the end)")
+    g.add_argument("--save-every", type=options.count, default=0, help="checkpoint every N steps (default: at the end)")
+    g.add_argument("--stop-after", type=options.positive_int, default=None,
                    help="stop with a checkpoint after N steps of this run (continue with --resume)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest, exactly")
 
@@ -61,12 +61,12 @@ def register(sub):
     p.add_argument("--student", default=None,
                    help="student: a preset name (random init), a config .json, or a model to start from")
     p.add_argument("--targets", default=None, help="precomputed target store (from `distill precompute`)")
-    p.add_argument("--k", type=int, default=256, help="teacher samples per token (default 256)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--k", type=options.positive_int, default=256, help="teacher samples per token (default 256)")
+    p.add_argument("--temperature", type=options.positive, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--target-mode", choices=("renorm", "unbiased"), default="renorm",
                    help="renorm: teacher probabilities renormalised over the sampled ids, as the report "
                         "(default); unbiased: Horvitz-Thompson weights p/π, an unbiased estimate of the dense loss")
-    p.add_argument("--onehot-weight", type=float, default=0.0, help="mix in the one-hot LM loss with this weight")
+    p.add_argument("--onehot-weight", type=options.non_negative, default=0.0, help="mix in the one-hot LM loss with this weight")
     _add_train_args(p, lr=1e-3, steps=1000)
     p.set_defaults(func=cmd_distill)
 
@@ -75,11 +75,12 @@ def register(sub):
         description="SFT on text or chat JSONL (loss on model turns only). `--lora-rank R` trains LoRA adapters "
                     "(saved in PEFT layout); `gemma3 finetune merge --model BASE --adapter A --out DIR` folds an "
                     "adapter into a full model.")
-    p.add_argument("action", nargs="?", choices=("train", "merge"), default="train")
+    p.add_argument("action", nargs="?", choices=("train", "merge"), default="train",
+                   help="train (default), or merge: fold --adapter into --model and write the full model to --out")
     options.add(p, "model", helps={"model": "model to fine-tune: GGUF file, HF-style directory or preset "
                                             "(default: the embedded 270M)"})
-    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0 = full weights)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 × rank)")
+    p.add_argument("--lora-rank", type=options.count, default=0, help="train LoRA adapters of this rank (0 = full weights)")
+    p.add_argument("--lora-alpha", type=options.positive, default=None, help="LoRA alpha (default 2 × rank)")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated projections to adapt (default: all seven)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory to continue training (or to merge)")
@@ -92,16 +93,17 @@ def register(sub):
         description="Fake-quantize every weight `gemma3 quantize` would store quantized (straight-through "
                     "estimator) and train towards the unquantized model's output distribution (KL). OUT/final "
                     "holds the latent float weights; at the end they are quantized with the same recipe "
-                    "into --export (default OUT/quantized), which `--model` loads.")
+                    "into --export (default OUT/quantized.gguf), which `--model` loads.")
     options.add(p, "model", helps={"model": "model to adapt: GGUF file, HF-style directory or preset "
                                             "(default: the embedded 270M)"})
     p.add_argument("--format", default="int4-block32", choices=("int4-block32", "int4-channel", "sfp8"),
                    help="target format (default int4-block32)")
     p.add_argument("--recipe", default=None, help="per-weight formats as for `gemma3 quantize --recipe`")
-    p.add_argument("--temperature", type=float, default=1.0, help="teacher temperature (default 1)")
+    p.add_argument("--temperature", type=options.positive, default=1.0, help="teacher temperature (default 1)")
     p.add_argument("--export", default=None,
-                   help="where `gemma3 quantize` writes the QAT model: OUT.gguf or a directory "
-                        "(default OUT/quantized)")
+                   help="where `gemma3 quantize` writes the QAT model: OUT.gguf or a directory (default "
+                        "OUT/quantized.gguf, which runs on the C++ kernels; OUT/quantized for formats without "
+                        "a GGUF type)")
     _add_train_args(p, lr=1e-5, steps=500)
     p.set_defaults(func=cmd_qat)
 
@@ -228,14 +230,14 @@ def cmd_qat(args):
 
     from ..inference.convert import convert
     from ..inference.load import load
-    from ..quant.store import check_output
+    from ..quant.store import check_output, without_gguf_type
     from ..train import qat
     from ..train.distributed import teardown
     from ..train.trainer import train
 
     ctx = _setup(args)
     recipe = qat.recipe_for(args.format, args.recipe)
-    export = args.export or str(Path(args.out) / "quantized")
+    export = args.export or str(Path(args.out) / ("quantized" if without_gguf_type(recipe) else "quantized.gguf"))
     check_output(export, recipe)
     model, tok = load(args.model)
     teacher = _frozen(copy.deepcopy(model)).to(ctx.device)

@@ -17,9 +17,11 @@ import copy
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .perplexity import perplexity
 
@@ -99,7 +101,8 @@ def evaluate(model_arg, formats: list[str], text: str, ctx: int = 512, chunks: i
     reference = measure("reference", None, base, base)
     rows = []
     for name, recipe in zip(formats, recipes):
-        model = quantize_model(copy.deepcopy(base), recipe, progress=progress)
+        model = quantize_model(copy.deepcopy(base), recipe,
+                               progress=partial(tqdm, desc="quantize", unit="tensor") if progress else None)
         row = measure(name, recipe, model, _dequantized_copy(model))
         row.delta_ppl = row.ppl - reference.ppl
         row.delta_ppl_pct = 100 * row.delta_ppl / reference.ppl

@@ -121,6 +121,7 @@ class Tokenizer:
         pad_id: int,
         add_bos: bool = True,
         add_space_prefix: bool = False,
+        chat_template: str | None = None,
     ):
         if not len(tokens) == len(scores) == len(token_types):
             raise ValueError("tokens, scores and token_types must have the same length")
@@ -139,6 +140,10 @@ class Tokenizer:
         self._bos_id, self._eos_id, self._unk_id, self._pad_id = bos_id, eos_id, unk_id, pad_id
         self.add_bos = add_bos
         self.add_space_prefix = add_space_prefix
+        # The Jinja template an instruction-tuned checkpoint ships (GGUF tokenizer.chat_template, HF
+        # tokenizer_config.json / chat_template.jinja). Rendering uses apply_chat_template, Gemma 3's
+        # own; the template only tells whether the checkpoint was tuned to chat (base models have none).
+        self.chat_template = chat_template
 
         unique = len(self._piece_to_id) == len(self._pieces)
         types = np.asarray(self._types)
@@ -178,6 +183,7 @@ class Tokenizer:
             pad_id=metadata.get("tokenizer.ggml.padding_token_id", -1),
             add_bos=metadata.get("tokenizer.ggml.add_bos_token", True),
             add_space_prefix=metadata.get("tokenizer.ggml.add_space_prefix", True),
+            chat_template=metadata.get("tokenizer.chat_template"),
         )
 
     def to_gguf_metadata(self) -> dict:
@@ -191,6 +197,8 @@ class Tokenizer:
         }
         if self._pad_id >= 0:
             md["tokenizer.ggml.padding_token_id"] = self._pad_id
+        if self.chat_template is not None:
+            md["tokenizer.chat_template"] = self.chat_template
         return md
 
     @classmethod
@@ -287,10 +295,13 @@ class Tokenizer:
         """Load from a model directory, preferring tokenizer.model over tokenizer.json."""
         path = Path(path)
         if (path / "tokenizer.model").exists():
-            return cls.from_sentencepiece_model(path / "tokenizer.model")
-        if (path / "tokenizer.json").exists():
-            return cls.from_tokenizer_json(path / "tokenizer.json")
-        raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
+            tokenizer = cls.from_sentencepiece_model(path / "tokenizer.model")
+        elif (path / "tokenizer.json").exists():
+            tokenizer = cls.from_tokenizer_json(path / "tokenizer.json")
+        else:
+            raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {path}")
+        tokenizer.chat_template = _dir_chat_template(path)
+        return tokenizer
 
     def save(self, path: str | Path) -> Path:
         """Writes the vocabulary as a SentencePiece `tokenizer.model` into directory `path`;
@@ -300,6 +311,8 @@ class Tokenizer:
         out = path / "tokenizer.model"
         out.write_bytes(_encode_model_proto(self._pieces, self._scores, self._types, self._unk_id,
                                             self._bos_id, self._eos_id, self._pad_id, self.add_space_prefix))
+        if self.chat_template is not None:
+            (path / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
         return out
 
     # ------------------------------------------------------------- properties
@@ -635,6 +648,20 @@ def encode_chat(tokenizer: "Tokenizer", messages: list[dict], add_generation_pro
 
 
 # ------------------------------------------------------------------ helpers
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves it; older ones in tokenizer_config.json
+
+
+def _dir_chat_template(path: Path) -> str | None:
+    """The chat template an HF model directory carries, if any."""
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        return (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        if (path / name).is_file():
+            template = json.loads((path / name).read_text(encoding="utf-8")).get("chat_template")
+            if template:  # a string, or a list of named templates
+                return template if isinstance(template, str) else json.dumps(template)
+    return None
 
 def _is_byte_piece(text: str) -> bool:
     return len(text) == 6 and text.startswith("<0x") and text.endswith(">") and all(

@@ -65,10 +65,11 @@ BACKENDS = ("cpu", "torch")
 
 
 def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
-         backend: str = "torch") -> tuple[Gemma3, Tokenizer]:
+         backend: str = "torch", progress=None) -> tuple[Gemma3, Tokenizer]:
     """The model and its tokenizer. The "cpu" backend applies to GGUF files in float32 where the
     kernels build; elsewhere (an HF or quantized directory, another dtype, a CPU without them)
-    the model loads as with "torch"."""
+    the model loads as with "torch". `progress` wraps the loop over the (name, tensor) pairs
+    decoded to float, the slow part of a float load (e.g. a progress bar's)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     path = resolve(model)
@@ -96,8 +97,9 @@ def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
     for name, q in weights.items():
         if isinstance(q, Quantized):
             install_quantized(net, name, q, dtype)
+    floats = [(name, t) for name, t in weights.items() if not isinstance(t, Quantized)]
     state = {name: gguf_float(t, name in norms, dtype) if isinstance(t, QTensor) else t
-             for name, t in weights.items() if not isinstance(t, Quantized)}
+             for name, t in (progress or iter)(floats)}
     fill(net, state, str(path))
     if recipe is not None:
         net.quant_recipe = recipe

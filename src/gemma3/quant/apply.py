@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .formats import QuantError, Quantized, dequantize, get_format, quantize
 
@@ -131,14 +130,15 @@ def install(model: nn.Module, name: str, q: Quantized, dtype: torch.dtype | None
         setattr(parent, child, QuantizedLinear(q))
 
 
-def quantize_model(model: nn.Module, recipe: Recipe, progress: bool = False) -> nn.Module:
+def quantize_model(model: nn.Module, recipe: Recipe, progress=None) -> nn.Module:
     """Quantize `model` in place with `recipe`; returns it. Weights already quantized are decoded
-    first (converting between formats)."""
+    first (converting between formats). `progress` wraps the loop over the (name, module) pairs
+    quantized (e.g. tqdm)."""
     modules = {name: model.get_submodule(name.removesuffix(".weight")) for name in quantizable(model)}
     for name, module in modules.items():  # every check before any change
         shape = (module.out_features, module.in_features) if isinstance(module, QuantizedLinear) else module.weight.shape
         get_format(recipe.format_for(name)).check(tuple(shape), name)
-    for name, module in tqdm(modules.items(), desc="quantize", unit="tensor", disable=not progress):
+    for name, module in (progress or iter)(list(modules.items())):
         install(model, name, quantize(_weight(module), recipe.format_for(name)))
     model.quant_recipe = recipe.spec
     return model

@@ -117,11 +117,16 @@ def load_tokenizer_dir(path: str | Path) -> Tokenizer:
 # ---- either output: a .gguf name writes a GGUF file, any other name a directory ----
 
 
+def without_gguf_type(recipe: Recipe) -> list[str]:
+    """The formats of `recipe` that only a directory holds."""
+    return [f for f in recipe.names() if get_format(f).ggml_type is None]
+
+
 def check_output(out: str | Path, recipe: Recipe) -> None:
     """Fail before any work when `out` cannot hold `recipe`."""
     out = Path(out)
     if out.suffix.lower() == ".gguf":
-        no_gguf = [f for f in recipe.names() if get_format(f).ggml_type is None]
+        no_gguf = without_gguf_type(recipe)
         if no_gguf:
             raise QuantError(f"{', '.join(no_gguf)} has no GGUF type: write a directory instead "
                              f"(--out DIR: safetensors + quantization.json)")

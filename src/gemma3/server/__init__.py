@@ -5,6 +5,16 @@ model), `app` (FastAPI routes and error shapes), `schemas` (request bodies), `me
 from __future__ import annotations
 
 
+def banner(model_id: str, host: str, port: int, ctx: int, max_batch: int, api_key: str | None) -> str:
+    """What a server runs and where, printed once at start-up (before uvicorn's own lines)."""
+    import torch
+
+    address = f"[{host}]" if ":" in host else host
+    key = "API key required (Authorization: Bearer …)" if api_key else "no API key required"
+    return (f"gemma3 serve: {model_id}, context {ctx}, batch {max_batch}, {torch.get_num_threads()} threads\n"
+            f"gemma3 serve: http://{address}:{port}/ (chat page; OpenAI API under /v1), {key}")
+
+
 def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000, ctx: int | None = None,
           max_batch: int = 8, max_queue: int = 64, limits=None, api_key: str | None = None,
           prefix_cache_mb: int = 256, log_level: str = "info", vision=None, pan_and_scan=None,
@@ -34,6 +44,7 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
                     prefix_cache_bytes=prefix_cache_mb * 2**20, vision=vision, pan_and_scan=pan_and_scan)
     app = create_app(engine, model_id, ctx, limits or Limits(), api_key=api_key, start_engine=False,
                      hosts=host_names(host, allowed_hosts))
+    print(banner(model_id, host, port, ctx, max_batch, api_key), file=sys.stderr, flush=True)
     if not api_key and not is_loopback(host):
         print(f"gemma3 serve: warning: listening on {host} without --api-key: anyone who can reach this "
               "address can use the model", file=sys.stderr)

@@ -3,9 +3,10 @@
 `ops()` returns the compiled extension, or None where it cannot be used (neither AVX-512 VNNI nor
 AVX2, no compiler, a failed build, or GEMMA3_NO_KERNELS=1); callers then take the pure-PyTorch
 reference path, so the package works everywhere and is fast where the kernels build. The build
-(about half a minute at `-O3`) lands in ~/.cache/gemma3/kernels (or $GEMMA3_KERNEL_CACHE), keyed by
-the sources, the flags, the torch version and the CPU, so it happens once per machine; later loads
-import the cached shared library directly (milliseconds, no build tool involved).
+(about a minute at `-O3`, announced on stderr; `make setup` runs it) lands in
+~/.cache/gemma3/kernels (or $GEMMA3_KERNEL_CACHE), keyed by the sources, the flags, the torch
+version and the CPU, so it happens once per machine; later loads import the cached shared
+library directly (milliseconds, no build tool involved).
 
 The kernels are written with AVX-512 intrinsics. CPUs without AVX-512 (Intel's client cores, AMD
 before Zen 4) get the same source built for AVX2 + FMA + F16C, where avx2.h emulates the AVX-512
@@ -26,6 +27,7 @@ import importlib.machinery
 import importlib.util
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -154,6 +156,8 @@ def _load():
     from torch.utils.cpp_extension import load
 
     build_dir.mkdir(parents=True, exist_ok=True)
+    # The first run would otherwise sit silent for the length of the compile.
+    print(f"gemma3: building CPU kernels, one time, ~1 min (cached in {cache_dir()})", file=sys.stderr, flush=True)
     return load(name, [str(s) for s in SOURCES], extra_cflags=cflags(build), extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir), verbose=False)
 

@@ -125,6 +125,6 @@ def test_loader_swaps_the_modules_once(monkeypatch):
 
     calls = []
     install = cpu.install
-    monkeypatch.setattr(cpu, "install", lambda *a: calls.append(1) or install(*a))
+    monkeypatch.setattr(cpu, "install", lambda *a, **k: calls.append(1) or install(*a, **k))
     model, _ = load(backend="cpu")
     assert calls == [1] and isinstance(model.layers[0].mlp.up_proj, GGMLLinear)

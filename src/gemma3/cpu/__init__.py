@@ -4,23 +4,28 @@ blocks in place (linear.py), fused decode-step modules (fused.py), and the C++ k
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from ..formats.gguf import QTensor
 from . import kernels
 from .fused import make_fast
 from .linear import GGMLEmbedding, GGMLLinear
+from .repack_cache import RepackCache
 
 
 def available() -> bool:
     return kernels.available()
 
 
-def install(model: nn.Module, tensors: dict[str, QTensor]) -> set[str]:
+def install(model: nn.Module, tensors: dict[str, QTensor], source: Path | None = None) -> set[str]:
     """Swaps every projection of `model` (built on the meta device) and its tied embedding for
     modules that read the GGUF blocks of `tensors` (by our names) in place, repacks what a decode
     step streams, and swaps in the fused modules. Returns the names it took; the rest (norms, and
-    projections of types without a kernel) are the caller's to load as float parameters."""
+    projections of types without a kernel) are the caller's to load as float parameters.
+    `source`: the GGUF file the tensors map, whose repacked bytes the repack cache keeps (a later
+    install maps them instead of repacking)."""
     taken = set()
     for name, module in list(model.named_modules()):
         t = tensors.get(f"{name}.weight")
@@ -41,9 +46,15 @@ def install(model: nn.Module, tensors: dict[str, QTensor]) -> set[str]:
     # 178 MB) last would put up to 64 MB on top of the peak.
     modules = sorted([m for m in model.modules() if type(m) is GGMLLinear] + [model.embed_tokens],
                      key=lambda m: -m.packed_nbytes())
-    memory = kernels.HugePages([m.packed_nbytes() for m in modules])
+    sizes = [m.packed_nbytes() for m in modules]
+    cache = RepackCache(source, [(m.layout(), m.out_features, m.in_features) for m in modules],
+                        kernels.HugePages.bytes_for(sizes)) if source is not None else None
+    cached = cache.load() if cache is not None else None
+    memory = kernels.HugePages(sizes, buffer=cached)
     for module in modules:
-        module.pack(in_place=True, drop_source=True, memory=memory)
+        module.pack(in_place=True, drop_source=True, memory=memory, repacked=cached is not None)
+    if cache is not None and cached is None and memory.buffer is not None:
+        cache.save(memory.buffer)
     make_fast(model)
     return taken
 

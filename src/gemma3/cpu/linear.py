@@ -67,7 +67,8 @@ class GGMLLinear(nn.Module):
         layout = self.layout()
         return self.out_features * kernels.ops().layout_row_bytes(layout[0], self.in_features) if layout else 0
 
-    def pack(self, in_place: bool = False, drop_source: bool = False, memory: kernels.HugePages | None = None):
+    def pack(self, in_place: bool = False, drop_source: bool = False, memory: kernels.HugePages | None = None,
+             repacked: bool = False):
         """Repacks Q4_0 / Q5_0 / Q8_0 / Q4_K / Q6_K weights into a one-row kernel's layout
         (kernels.INTERLEAVED: 16 rows across the vector lanes; PACKED: 128 values per group,
         unsigned values for vpdpbusd): single-row products (batch-1 decode) read it at a third to
@@ -76,7 +77,8 @@ class GGMLLinear(nn.Module):
         `blocks` instead (every kernel and lookup reads the repacked layouts). `drop_source` (in place only)
         vouches that `blocks` lie in a private, unmodified file mapping (the GGUF's) whose pages
         this process may let go (ops.drop_file_pages). `memory`: where the repacked rows go
-        (2 MB pages; a new tensor otherwise)."""
+        (2 MB pages; a new tensor otherwise). `repacked` (in place only): `memory` holds this
+        weight's repacked rows already (the repack cache's file): they are taken as they are."""
         layout = self.layout()
         if layout is None:
             return
@@ -84,6 +86,9 @@ class GGMLLinear(nn.Module):
         repack = getattr(ops, op)
         shape = (self.out_features, ops.layout_row_bytes(packed_type, self.in_features))
         packed = memory.take(*shape) if memory is not None else torch.empty(shape, dtype=torch.uint8)
+        if repacked:
+            self.blocks, self.storage_type = packed, packed_type
+            return
         if not in_place:
             self.packed = repack(self.blocks, self.out_features, self.in_features, out=packed)
             self.packed_layout = packed_type

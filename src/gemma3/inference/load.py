@@ -92,7 +92,7 @@ def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
         weights |= dict(zip(names, gg.copies([weights[name].name for name in names])))
         del gg  # its metadata (the vocabulary again, as lists) is not resident while the weights load
     if backend == "cpu" and not path.is_dir() and dtype == torch.float32 and cpu.available():
-        taken = cpu.install(net, weights)
+        taken = cpu.install(net, weights, source=path)
         weights = {k: v for k, v in weights.items() if k not in taken}
     for name, q in weights.items():
         if isinstance(q, Quantized):

@@ -193,10 +193,18 @@ class HugePages:
 
     ALIGN = 64
 
-    def __init__(self, sizes: list[int]):
-        total, kernels = sum(-(-n // self.ALIGN) * self.ALIGN for n in sizes if n), ops()
-        self.buffer = kernels.huge_empty(total) if total and kernels is not None else None
+    def __init__(self, sizes: list[int], buffer: torch.Tensor | None = None):
+        """`buffer`: memory to hand out instead of a new allocation (the repack cache's mapped
+        file, holding the tensors already), of bytes_for(sizes) bytes."""
+        total, kernels = self.bytes_for(sizes), ops()
+        if buffer is not None and buffer.numel() != total:
+            raise ValueError(f"HugePages: a buffer of {buffer.numel()} bytes for {total}")
+        self.buffer = buffer if buffer is not None else kernels.huge_empty(total) if total and kernels is not None else None
         self.used = 0
+
+    @classmethod
+    def bytes_for(cls, sizes: list[int]) -> int:
+        return sum(-(-n // cls.ALIGN) * cls.ALIGN for n in sizes if n)
 
     def take(self, rows: int, cols: int) -> torch.Tensor:
         n = rows * cols

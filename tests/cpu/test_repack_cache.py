@@ -1,0 +1,81 @@
+"""The repack cache (cpu/repack_cache.py): a second load maps the first one's repacked bytes and
+computes the same bits; stale, partial or disabled caches never change what a model computes."""
+
+import gc
+import os
+import shutil
+
+import pytest
+import torch
+
+from gemma3.cpu import kernels
+from gemma3.inference.load import embedded_gguf_path, load
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="the C++ kernels do not build here")
+
+IDS = torch.tensor([[2, 651, 6037, 576, 6081, 563, 1126, 496]])
+
+
+def logits_and_mapped(path, cache_dir) -> tuple[torch.Tensor, int]:
+    """The model's logits for IDS, and the kB of cache files this process has resident."""
+    model, _ = load(path, backend="cpu")
+    with torch.inference_mode():
+        out = model(IDS)
+    out = out[0] if isinstance(out, tuple) else out
+    resident, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if not line[0].isupper():  # a mapping's header line: address range, ..., path
+                current = str(cache_dir) in line
+            elif current and line.startswith("Rss:"):
+                resident += int(line.split()[1])
+    del model
+    gc.collect()
+    return out.clone(), resident
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    where = tmp_path / "repacked"
+    monkeypatch.setenv("GEMMA3_REPACK_CACHE", str(where))
+    return where
+
+
+def test_a_second_load_maps_the_cache_and_computes_the_same_bits(cache_dir):
+    first, mapped_first = logits_and_mapped(embedded_gguf_path(), cache_dir)
+    files = list(cache_dir.glob("*.bin"))
+    assert len(files) == 1 and mapped_first == 0
+    second, mapped_second = logits_and_mapped(embedded_gguf_path(), cache_dir)
+    assert torch.equal(first, second)
+    # The weights were read from the file's mapping: (most of) its bytes are resident.
+    assert mapped_second * 1024 > 0.5 * files[0].stat().st_size
+
+
+def test_a_partial_cache_file_is_replaced(cache_dir):
+    want, _ = logits_and_mapped(embedded_gguf_path(), cache_dir)
+    (path,) = cache_dir.glob("*.bin")
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    got, mapped = logits_and_mapped(embedded_gguf_path(), cache_dir)
+    assert torch.equal(want, got) and mapped == 0  # repacked, not read from the half file
+    assert path.stat().st_size == size  # and written again whole
+
+
+def test_a_changed_source_gets_a_new_file_and_the_stale_one_goes(cache_dir, tmp_path):
+    source = tmp_path / "model.gguf"
+    shutil.copyfile(embedded_gguf_path(), source)
+    logits_and_mapped(source, cache_dir)
+    (old,) = cache_dir.glob("*.bin")
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file "changed"
+    logits_and_mapped(source, cache_dir)
+    (new,) = cache_dir.glob("*.bin")
+    assert new != old
+
+
+def test_off_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA3_REPACK_CACHE", "off")
+    monkeypatch.setenv("HOME", str(tmp_path))  # where the default directory would be
+    logits_and_mapped(embedded_gguf_path(), tmp_path)
+    assert not list(tmp_path.rglob("*.bin"))

@@ -231,7 +231,8 @@ def test_bad_chat_requests_are_400(server, body):
     {"model": MODEL_ID, "prompt": [1, -5]},
     {"model": MODEL_ID, "prompt": [10**9]},
     {"model": MODEL_ID, "prompt": "hi", "logprobs": 9},
-    {"model": MODEL_ID, "prompt": "hi", "echo": True, "logprobs": 1},
+    {"model": MODEL_ID, "prompt": "hi", "echo": True, "logprobs": 1, "stream": True},
+    {"model": MODEL_ID, "prompt": "hi", "max_tokens": 0},
 ])
 def test_bad_completion_requests_are_400(server, body):
     assert_error(post(server, "/v1/completions", body), 400)

@@ -60,7 +60,7 @@ def register(sub):
     p.set_defaults(func=cmd_bench)
 
     # `gemma3 eval <study>`
-    p = sub.add_parser("eval", help="evaluations: quant, needle, memorization, report")
+    p = sub.add_parser("eval", help="evaluations: quant, needle, memorization, choices, report")
     evals = p.add_subparsers(dest="eval_command", required=True, metavar="EVALUATION")
 
     e = evals.add_parser(
@@ -107,6 +107,17 @@ def register(sub):
                 helps={"seed": "seed for window sampling and the control text (default: %(default)s)",
                        "plot": "write a log-scale bar plot (like Fig. 9) to this PNG"})
     e.set_defaults(func=cmd_eval_memorization)
+
+    e = evals.add_parser(
+        "choices", help="multiple-choice accuracy by log-likelihood (lm-evaluation-harness's protocol)",
+        description="Scores each choice of each JSONL item ({question, choices, answer}) as the continuation "
+                    "' CHOICE' of 'Question: QUESTION\\nAnswer:' and predicts the most likely, exactly as "
+                    "lm_eval's multiple_choice tasks do (no <bos>, as lm_eval's remote tokenizer asks). Default "
+                    "FILE: the shipped 100-item task. Example: gemma3 eval choices --json")
+    e.add_argument("file", nargs="?", default=None, help="JSONL items (default: the shipped gemma3_choices.jsonl)")
+    e.add_argument("--limit", type=options.positive_int, default=None, help="score the first N items only")
+    options.add(e, *options.MODEL, "json")
+    e.set_defaults(func=cmd_eval_choices)
 
     e = evals.add_parser("report", help="Markdown summary of a results file written with --results",
                          description="Renders the JSON lines that `gemma3 eval … --results` and `gemma3 perplexity "
@@ -237,6 +248,23 @@ def cmd_eval_needle(args):
         print(f"ctx {r.ctx:>6}  depth {r.depth:4.0%}  {'found ' if r.found else 'MISSED'}  "
               f"log p(answer) {r.answer_logprob:7.2f}  generated {r.generated!r}")
     print(f"accuracy {out['accuracy']:.0%}" + (f"; heat map written to {args.plot}" if args.plot else ""))
+
+
+def cmd_eval_choices(args):
+    from ..eval.choices import accuracy, default_items, read_items, score_items
+
+    items = read_items(args.file or default_items())[:args.limit]
+    model, tok = options.load_model(args)
+    scored = score_items(model, tok, items)
+    if args.json:
+        print(json.dumps({"items": len(scored), "acc": accuracy(scored),
+                          "loglikelihoods": [s.loglikelihoods for s in scored]}))
+        return
+    for i, (item, s) in enumerate(zip(items, scored)):
+        mark = "right" if s.predicted == s.answer else "WRONG"
+        print(f"{i:3}  {mark}  {item['choices'][s.predicted]!r:24}  "
+              + "  ".join(f"{ll:8.3f}" for ll in s.loglikelihoods))
+    print(f"accuracy {accuracy(scored):.1%} on {len(scored)} items")
 
 
 def _default_haystack() -> str:

@@ -25,9 +25,10 @@ from ..formats.tokenizer import encode_chat
 from ..inference.generate import encode_prompt
 from ..inference.multimodal import IMAGE_MARK, ImageError, decode_image, encode_chat_with_images, without_marks
 from ..inference.sampling import SamplingParams
-from .engine import Done, Engine, Failed, QueueFull, Request, ShuttingDown
+from .engine import Done, Engine, Failed, PromptScores, QueueFull, Request, ShuttingDown
 from .guard import Gate, Limits
 from .schemas import ChatCompletionRequest, CompletionRequest
+from .tokens import add_routes
 
 # How often a non-streaming handler checks whether its client is still connected.
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
@@ -178,7 +179,7 @@ class Server:
             raise APIError(400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
         return list(prompt)
 
-    def build(self, body, ids: list[int], top_logprobs: int | None, images=()) -> Request:
+    def build(self, body, ids: list[int], top_logprobs: int | None, images=(), prompt_top: int | None = None) -> Request:
         if body.model != self.model_id:
             raise APIError(404, f"The model '{body.model}' does not exist (this server serves '{self.model_id}')",
                            param="model", code="model_not_found")
@@ -191,7 +192,7 @@ class Server:
                            code="context_length_exceeded")
         requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
         # Documented: max_tokens above what is left of the context is capped, not refused.
-        max_tokens = min(requested or self.max_tokens, self.max_tokens, self.ctx - len(ids))
+        max_tokens = min(self.max_tokens if requested is None else requested, self.max_tokens, self.ctx - len(ids))
         try:
             params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                     min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
@@ -209,7 +210,7 @@ class Server:
                            code="stop_string_too_long")
         return Request(ids=ids, params=params, max_tokens=max_tokens, stop=[s for s in stop if s],
                        stop_ids=frozenset((self.tokenizer.eos_id, self.tokenizer.end_of_turn_id)),
-                       top_logprobs=top_logprobs, images=list(images))
+                       top_logprobs=top_logprobs, images=list(images), prompt_top=prompt_top)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         if not bias:
@@ -239,8 +240,9 @@ class Server:
     # ---------------------------------------------------------------- engine events → responses
 
     async def collect(self, req: Request, http: HTTPRequest):
-        """(text, Done, logprobs) for a non-streaming request; cancels it if the client leaves."""
-        text, logprobs, finished = [], [], False
+        """(text, Done, logprobs, prompt scores or None) for a non-streaming request; cancels it if
+        the client leaves."""
+        text, logprobs, finished, prompt = [], [], False, None
         loop = asyncio.get_running_loop()
         checked = loop.time()
         try:
@@ -257,6 +259,9 @@ class Server:
                         return None
                 if event is None:
                     continue
+                if isinstance(event, PromptScores):
+                    prompt = event.scores
+                    continue
                 if isinstance(event, Failed):
                     finished = True
                     raise APIError(500, event.message, type="server_error")
@@ -264,7 +269,7 @@ class Server:
                 logprobs += event.logprobs
                 if isinstance(event, Done):
                     finished = True
-                    return "".join(text), event, logprobs
+                    return "".join(text), event, logprobs, prompt
         finally:
             if not finished:
                 req.cancel()
@@ -368,8 +373,10 @@ def completion_logprobs(tokenizer, lps, offset: int = 0) -> dict:
         offsets.append(offset)
         tokens.append(_token_text(tokenizer, lp.token)[0])
         offset += len(tokens[-1])
+    # An echoed prompt's first token has nothing before it: its logprob and top_logprobs are null.
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{_token_text(tokenizer, t)[0]: v for t, v in lp.top} for lp in lps],
+            "top_logprobs": [None if lp.logprob is None else {_token_text(tokenizer, t)[0]: v for t, v in lp.top}
+                             for lp in lps],
             "text_offset": offsets}
 
 
@@ -442,6 +449,9 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
                                             "owned_by": "gemma3", "max_model_len": ctx,
                                             "input_modalities": modalities}]}
 
+    add_routes(app, server, lambda status, message, param: APIError(status, message, param=param,
+                                                                     code="invalid_value"))
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         if body.top_logprobs is not None and not body.logprobs:
@@ -458,7 +468,7 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
         result = await server.collect(req, http)
         if result is None:
             return JSONResponse({}, status_code=499)
-        text, done, lps = result
+        text, done, lps, _ = result
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": {"content": chat_logprobs(server.tokenizer, lps)} if body.logprobs else None,
@@ -468,9 +478,14 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
         ids = await server.prepare(server._completion_ids, body)
-        req = server.build(body, ids, body.logprobs)
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo together with logprobs is not supported", param="echo")
+        scored = body.echo and body.logprobs is not None
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 only makes sense with echo (the prompt is all the answer has)",
+                           param="max_tokens")
+        if scored and body.stream:
+            raise APIError(400, "echo with logprobs is not supported when streaming; send stream=false",
+                           param="stream")
+        req = server.build(body, ids, body.logprobs, prompt_top=body.logprobs if scored else None)
         await server.submit(req)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = server.tokenizer.decode(ids) if body.echo else ""
@@ -482,11 +497,13 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
         result = await server.collect(req, http)
         if result is None:
             return JSONResponse({}, status_code=499)
-        text, done, lps = result
+        text, done, lps, prompt = result
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(server.tokenizer, (prompt or []) + lps)
         return {"id": cid, "object": "text_completion", "created": created, "model": model_id,
                 "choices": [{"index": 0, "text": echo + text, "finish_reason": done.finish_reason,
-                             "logprobs": completion_logprobs(server.tokenizer, lps)
-                             if body.logprobs is not None else None}],
+                             "logprobs": logprobs}],
                 "usage": _usage(done)}
 
     return app

@@ -27,6 +27,7 @@ from ..inference.generate import StopMatcher, prefill
 from ..inference.multimodal import embed_prompt, encode_image
 from ..inference.prefix_cache import PIECE, Prefill, PrefixCache
 from ..inference.sampling import SamplingParams, sample
+from ..inference.score import TokenScore, prompt_scores
 from .arenas import release_free_memory
 from .metrics import Metrics
 
@@ -70,6 +71,11 @@ class Done:
 
 
 @dataclass
+class PromptScores:
+    scores: list[TokenScore]  # one per prompt token, sent before any generated text
+
+
+@dataclass
 class Failed:
     message: str
 
@@ -83,6 +89,7 @@ class Request:
     stop_ids: frozenset[int]
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the k best
     images: list = field(default_factory=list)  # decoded PIL images; `ids` holds their soft tokens
+    prompt_top: int | None = None  # None: no prompt scores; k >= 0: each prompt token's logprob and k best
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False  # set from the asyncio side (client gone); the engine drops the sequence
@@ -114,7 +121,10 @@ class _Sequence:
         """Emit what `token` adds; True when the sequence is finished."""
         req, self.n, self.last = self.req, self.n + 1, token
         self.history.append(token)
-        lps = [logprob] if logprob is not None and token not in req.stop_ids else []
+        # A stop token's logprob is dropped (its text is not sent), except after a scored prompt: a
+        # harness finds the prompt's logprobs by position, counting one generated entry after them.
+        kept = token not in req.stop_ids or req.prompt_top is not None
+        lps = [logprob] if logprob is not None and kept else []
         text, stopped = self.matcher.feed(token)
         if stopped:
             return self._finish(text, "stop", lps)
@@ -239,7 +249,14 @@ class Engine:
                 continue
             try:
                 max_len = len(req.ids) + req.max_tokens
-                if req.images:  # encoded here, on the thread that owns the models; prefilled at once
+                if req.prompt_top is not None:  # every position's logits are needed: one full pass
+                    scores, cache, logits = prompt_scores(self.model, req.ids, req.prompt_top, max_len)
+                    req.emit(PromptScores(scores))
+                    if req.max_tokens == 0:
+                        req.emit(Done("", "length", len(req.ids), 0, []))
+                    else:
+                        self._started(req, cache, logits)
+                elif req.images:  # encoded here, on the thread that owns the models; prefilled at once
                     features = [encode_image(self.vision, im, self.pan_and_scan) for im in req.images]
                     self._started(req, *prefill(self.model, embed_prompt(self.model, req.ids, features), max_len))
                 elif self.prefix_cache is not None:

@@ -117,3 +117,39 @@ def test_lm_eval_harness_scores_as_we_do(server, local, tmp_path):
         assert max(abs(a - b) for a, b in zip(lls, scored.loglikelihoods)) < 1e-3, (sample["doc_id"], lls, scored)
         assert sample["acc"] == float(scored.predicted == scored.answer)
     assert abs(sum(s["acc"] for s in harness) / len(harness) - accuracy(ours)) < 1e-9
+
+
+def test_embeddings_are_unit_vectors_in_either_encoding(client, local):
+    import base64
+
+    import numpy as np
+
+    from gemma3.inference.embed import embed
+
+    model, tok = local
+    texts = ["a cat", "a kitten", "a car"]
+    floats = client.embeddings.create(model=MODEL_ID, input=texts, encoding_format="float")
+    assert [d.index for d in floats.data] == [0, 1, 2] and floats.usage.prompt_tokens == sum(
+        len(tok.encode(t, add_bos=True)) for t in texts)
+    raw = client.with_options().embeddings.with_raw_response.create(model=MODEL_ID, input=texts[0],
+                                                                    encoding_format="base64")
+    packed = np.frombuffer(base64.b64decode(json.loads(raw.text)["data"][0]["embedding"]), "<f4")
+    assert np.allclose(packed, floats.data[0].embedding, atol=0)
+    mine = embed(model, tok.encode(texts[0], add_bos=True))
+    assert np.allclose(floats.data[0].embedding, mine.numpy(), atol=1e-5)
+    assert abs(np.linalg.norm(floats.data[0].embedding) - 1) < 1e-5
+    last = client.embeddings.create(model=MODEL_ID, input=texts[0], extra_body={"pooling": "last"})
+    assert not np.allclose(last.data[0].embedding, floats.data[0].embedding)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": ""}, "input"),
+    ({"input": []}, "input"),
+    ({"input": [[10**9]]}, "input"),
+    ({"input": "hi", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": "hi", "pooling": "max"}, "pooling"),
+])
+def test_bad_embedding_requests_are_400(server, body, param):
+    r = httpx.post(server.url + "/v1/embeddings", json={"model": MODEL_ID, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

@@ -25,10 +25,10 @@ from ..formats.tokenizer import encode_chat
 from ..inference.generate import encode_prompt
 from ..inference.multimodal import IMAGE_MARK, ImageError, decode_image, encode_chat_with_images, without_marks
 from ..inference.sampling import SamplingParams
+from . import embeddings, tokens
 from .engine import Done, Engine, Failed, PromptScores, QueueFull, Request, ShuttingDown
 from .guard import Gate, Limits
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .tokens import add_routes
 
 # How often a non-streaming handler checks whether its client is still connected.
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
@@ -449,8 +449,11 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
                                             "owned_by": "gemma3", "max_model_len": ctx,
                                             "input_modalities": modalities}]}
 
-    add_routes(app, server, lambda status, message, param: APIError(status, message, param=param,
-                                                                     code="invalid_value"))
+    tokens.add_routes(app, server, lambda status, message, param: APIError(status, message, param=param,
+                                                                            code="invalid_value"))
+    embeddings.add_routes(app, server, lambda status, message, param, code: APIError(
+        status, message, type="server_overloaded" if status == 503 else "invalid_request_error", param=param,
+        code=code))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):

@@ -19,7 +19,9 @@ import asyncio
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -163,6 +165,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.prefilling: list[tuple[Request, Prefill]] = []
         self.active: list[_Sequence] = []
+        self.jobs: deque[tuple[Callable, Future]] = deque()
         self.cond = threading.Condition()
         self.stopping = False
         self.running = False  # True while run() is looping, on whichever thread
@@ -189,6 +192,20 @@ class Engine:
             self.metrics.queue_depth = len(self.waiting)
             self.cond.notify()
 
+    def call(self, fn: Callable) -> Future:
+        """fn(model) on the engine thread, between two steps: work such as embeddings that needs the
+        model but not a batch slot. The model is not safe to run from two threads at once."""
+        future = Future()
+        with self.cond:
+            if self.stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self.jobs) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self.jobs)} jobs are already queued "
+                                f"(--max-queue {self.max_queue}); retry later")
+            self.jobs.append((fn, future))
+            self.cond.notify()
+        return future
+
     def stop(self, timeout: float = 30.0):
         """Cancel what is queued or running and wait for the loop to return."""
         with self.cond:
@@ -211,12 +228,13 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self.cond:
-                if not self.stopping and not self.waiting and not self.active and not self.prefilling:
+                if not self._busy():
                     release_free_memory()  # going idle: nothing is in flight
-                while not self.stopping and not self.waiting and not self.active and not self.prefilling:
+                while not self._busy():
                     self.cond.wait(1.0)  # a bounded wait lets the main thread run signal handlers
                 if self.stopping:
                     break
+            self._run_jobs()
             self._admit()
             self._step()
         for seq in self.active:
@@ -228,8 +246,26 @@ class Engine:
             for req in self.waiting:
                 req.emit(Failed("the server is shutting down"))
             self.waiting.clear()
+            for _, future in self.jobs:
+                future.set_exception(ShuttingDown("the server is shutting down"))
+            self.jobs.clear()
         self.active = []
         self._gauges()
+
+    def _busy(self) -> bool:
+        return self.stopping or bool(self.waiting or self.active or self.prefilling or self.jobs)
+
+    def _run_jobs(self):
+        """One job per turn of the loop, so queued jobs cannot starve the decoding sequences."""
+        with self.cond:
+            if not self.jobs:
+                return
+            fn, future = self.jobs.popleft()
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(self.model))
+            except Exception as e:  # the caller gets it; the loop goes on
+                future.set_exception(e)
 
     def _take(self) -> Request | None:
         with self.cond:

@@ -11,8 +11,9 @@ from . import options
 
 def register(sub):
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page",
-                       description="Serves /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics "
-                                   "and a chat page at /. Example: gemma3 serve --port 8000 --max-batch 8")
+                       description="Serves /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, "
+                                   "/tokenize, /detokenize, /tokenizer_info, /props, /health, /metrics and a chat "
+                                   "page at /. Example: gemma3 serve --port 8000 --max-batch 8")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=options.port, default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-batch", type=options.positive_int, default=8, help="sequences decoded together at most (default 8)")
@@ -40,7 +41,8 @@ def register(sub):
     p.add_argument("--max-connections", type=options.positive_int, default=256,
                    help="open connections at most; more get HTTP 503 (default 256)")
     p.add_argument("--api-key", default=os.environ.get("GEMMA3_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $GEMMA3_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
+                        "(default: $GEMMA3_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model file's name)")
     p.add_argument("--prefix-cache-mb", type=options.count, default=256, help="prompt prefix cache size, 0 = off (default 256)")
     p.add_argument("--tp", type=options.positive_int, default=None,

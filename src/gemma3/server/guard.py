@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ENDPOINTS = ("/", "/health", "/metrics", "/props", "/tokenizer_info", "/tokenize", "/detokenize", "/v1/models",
+             "/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# Outside /v1 but doing work on request text, so behind the key too (lm-eval sends it to them).
+KEYED = ("/tokenize", "/detokenize")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -100,7 +103,7 @@ class Gate:
             return (400, f"Host header {headers.get(b'host', b'').decode('latin-1')!r} is not allowed: this "
                          "server answers to " + ", ".join(sorted(self.hosts)) + " (serve --allowed-hosts)",
                     "invalid_host")
-        if self.api_key and scope["path"].startswith("/v1/"):
+        if self.api_key and (scope["path"].startswith("/v1/") or scope["path"] in KEYED):
             given = headers.get(b"authorization", b"")
             if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 return 401, "Incorrect API key provided: pass it as 'Authorization: Bearer KEY'", "invalid_api_key"

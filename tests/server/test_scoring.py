@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 from tests.helpers.server import MODEL_ID, ServerProcess  # noqa: E402
 
 ROOT = Path(__file__).parents[2]
-HARNESS_ITEMS = 12  # of the shipped 100 (all 100: docs/evaluation.md)
+HARNESS_ITEMS = 12  # of the shipped 100 (all 100 agree exactly: docs/evaluation.md)
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,9 @@ def test_echo_logprobs_score_every_prompt_token(client, local):
     for got, want, top in zip(lp.token_logprobs[1:len(ids)], expected[1:], lp.top_logprobs[1:]):
         assert abs(got - want.logprob) < 1e-4
         assert len(top) == 1 and max(top.values()) >= got - 1e-6
-    assert lp.text_offset == sorted(lp.text_offset)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[:2] == [0, 0]  # <bos> takes no text
+    text = r.choices[0].text
+    assert all(text[o:].startswith(t.replace("▁", " ")) for o, t in zip(lp.text_offset[1:], lp.tokens[1:]))
     assert r.choices[0].text.startswith("The capital of France is Paris")
 
     zero = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=0, logprobs=0, echo=True)

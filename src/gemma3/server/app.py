@@ -372,7 +372,8 @@ def completion_logprobs(tokenizer, lps, offset: int = 0) -> dict:
     for lp in lps:
         offsets.append(offset)
         tokens.append(_token_text(tokenizer, lp.token)[0])
-        offset += len(tokens[-1])
+        # Offsets index the returned text, in which control tokens (an echoed <bos>) take no room.
+        offset += len(tokenizer.token_bytes(lp.token).decode("utf-8", errors="replace"))
     # An echoed prompt's first token has nothing before it: its logprob and top_logprobs are null.
     return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
             "top_logprobs": [None if lp.logprob is None else {_token_text(tokenizer, t)[0]: v for t, v in lp.top}

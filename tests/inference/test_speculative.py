@@ -149,7 +149,7 @@ def test_sampled_lookup_generation_follows_the_model(one_thread):
     params = SamplingParams(temperature=1.0)
     counts: dict[int, torch.Tensor] = {}
     for seed in range(3000):
-        lookup = PromptLookup(ngram=2, k=2)
+        lookup = PromptLookup(ngram=1, k=2)
         tokens = list(generate_step(model, prompt, SamplingParams(temperature=1.0, seed=seed), 3, lookup=lookup))
         counts.setdefault(tokens[0], torch.zeros(16))[tokens[1]] += 1
     drafted = {t: c for t, c in counts.items() if t in prompt}  # the lookup drafts after these

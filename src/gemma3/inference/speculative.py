@@ -27,6 +27,12 @@ import torch
 from .sampling import SamplingParams, distribution, draw, sample
 
 MAX_BACKOFF = 32  # steps without drafting after many misses in a row
+# A verify step of 2 to 8 rows costs about two one-token steps on the CPU kernels (the 270M's LM
+# head reads its 262k-row table once per few rows: 57 ms for one row, 125-140 ms for 2 to 8, on
+# a loaded 2-core EPYC), so a draft pays only when at least this many of its tokens are accepted;
+# fewer count as a miss. Matches shorter than MIN_MATCH tokens rarely continue right on prose.
+PAYING = 2
+MIN_MATCH = 2
 
 
 @dataclass
@@ -55,8 +61,9 @@ class SpeculativeStats:
 
 @dataclass
 class PromptLookup:
-    """Drafts up to `k` tokens by matching the last `ngram` tokens (down to 1) earlier in the
-    sequence; after a draft of which nothing is accepted it skips 1, 2, 4, ... steps."""
+    """Drafts up to `k` tokens by matching the last `ngram` tokens (down to MIN_MATCH) earlier in
+    the sequence; after drafts that did not pay (fewer than PAYING tokens accepted) it skips 1, 2,
+    4, ... steps."""
 
     ngram: int = 3
     k: int = 7  # at most 7: verify steps of up to 8 rows take the decode kernels (cpu.linear.MAX_VNNI_ROWS)
@@ -75,7 +82,7 @@ class PromptLookup:
         limit = min(limit, self.k)
         if limit <= 0:
             return []
-        for n in range(min(self.ngram, len(history) - 1), 0, -1):
+        for n in range(min(self.ngram, len(history) - 1), min(self.ngram, MIN_MATCH) - 1, -1):
             found = find_continuation(history, n, limit)
             if found:
                 return found
@@ -85,7 +92,7 @@ class PromptLookup:
         self.stats.verify_steps += 1
         self.stats.drafted += drafted
         self.stats.accepted += accepted
-        if accepted:
+        if accepted >= min(PAYING, drafted):
             self._misses = 0
         else:
             self._misses += 1

@@ -102,8 +102,11 @@ def main():
     parser.add_argument("--ngram", type=int, default=3)
     parser.add_argument("--k", type=int, default=7)
     parser.add_argument("--identity", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    model, tok = load(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load(args.model, backend="cpu")
     print(f"threads {torch.get_num_threads()}", flush=True)
     with torch.inference_mode():
         if args.identity:

@@ -159,3 +159,15 @@ def test_sampled_lookup_generation_follows_the_model(one_thread):
     p = distribution(logits, params)
     assert row.sum() > 150
     assert chisquare(row.double().numpy(), (p.double() / p.double().sum() * row.sum()).numpy()).pvalue > 1e-3
+
+
+def test_generate_lookup_on_the_real_270m_is_plain_greedy(capsys):
+    """`gemma3 generate --lookup -v`: the plain command's text, and the acceptance line on stderr."""
+    from tests.helpers.cli import run_cli
+
+    prompt = "One, two, three, four, five, six, seven, eight. One, two, three, four,"
+    code, plain, _ = run_cli(["generate", prompt, "-n", "40"], capsys)
+    assert code == 0
+    code, spec, err = run_cli(["generate", prompt, "-n", "40", "--lookup", "--lookup-ngram", "2", "-v"], capsys)
+    assert code == 0 and spec == plain
+    assert "drafted tokens accepted" in err and "tokens per step" in err

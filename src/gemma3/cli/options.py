@@ -147,12 +147,21 @@ OPTIONS: dict[str, Option] = {
         help=f"append this run (model, config, git commit, time, command, results) as one JSON line to FILE "
              f"(default {DEFAULT_RESULTS}; nothing is written without the flag); `gemma3 eval report` summarises it")),
     "plot": Option(("--plot",), dict(default=None, help="write the plot to this PNG")),
+    "lookup": Option(("--lookup",), dict(
+        action="store_true", help="speculative decoding by prompt lookup: drafts the tokens that followed the "
+                                  "last n-gram earlier in the text, checked in one step (same greedy text; "
+                                  "faster when the output repeats the input: editing, quoting, copying)")),
+    "lookup_ngram": Option(("--lookup-ngram",), dict(type=positive_int, default=3,
+                                                     help="longest n-gram --lookup matches (default: %(default)s)")),
+    "lookup_k": Option(("--lookup-k",), dict(type=positive_int, default=7,
+                                             help="tokens --lookup drafts at most, 1-7 (default: %(default)s)")),
 }
 
 # The options of a command that loads a model to run it.
 MODEL = ("model", "backend", "precision", "dtype", "threads")
 SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop", "kv_dtype")
 VISION = ("mmproj", "no_pan_and_scan")
+LOOKUP = ("lookup", "lookup_ngram", "lookup_k")
 
 
 def add(p, *names: str, defaults: dict | None = None, helps: dict | None = None):
@@ -258,6 +267,13 @@ def sampling_params(args):
         seed = tp.shared_seed()  # every rank must draw the same tokens
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repeat_penalty, seed=seed)
+
+
+def prompt_lookup(args):
+    """The --lookup drafter, or None."""
+    from ..inference.speculative import PromptLookup
+
+    return PromptLookup(ngram=args.lookup_ngram, k=args.lookup_k) if args.lookup else None
 
 
 def vision_encoder(args):

@@ -117,13 +117,22 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
            history: list[int] | None = None) -> int:
     """One token id from a 1-D logits vector."""
-    logits = apply_logit_bias(logits, params.logit_bias)
-    logits = apply_repetition_penalty(logits, history[-params.repetition_window:] if history else [],
-                                      params.repetition_penalty)
+    logits = adjusted(logits, params, history)
     if params.greedy:
         return int(greedy(logits))
-    probs = filter_logits(logits, params).softmax(-1)
-    return draw(probs, generator)
+    return draw(filter_logits(logits, params).softmax(-1), generator)
+
+
+def adjusted(logits: torch.Tensor, params: SamplingParams, history: list[int] | None) -> torch.Tensor:
+    """Logits with the logit bias and the repetition penalty over `history` applied."""
+    logits = apply_logit_bias(logits, params.logit_bias)
+    return apply_repetition_penalty(logits, history[-params.repetition_window:] if history else [],
+                                    params.repetition_penalty)
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams, history: list[int] | None = None) -> torch.Tensor:
+    """The probabilities `sample` draws from (not greedy), for speculative sampling's acceptance test."""
+    return filter_logits(adjusted(logits, params, history), params).softmax(-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:

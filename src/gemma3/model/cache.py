@@ -12,9 +12,9 @@ Storage dtype is independent of the compute dtype: fp32, bf16, or int8 with one 
 Who changes what (as mlx-lm's cache classes): the model appends a chunk (`LayerKV.update`) or one
 token per row (`store`) and then moves the cache on (`KVCache.advance`); a backend whose kernels
 write a token themselves asks for the slot and the storage first (`next_slot`, `view`) and records
-the token afterwards (`commit`); the prefix cache copies and restores states (`snapshot`,
-`frozen`, `resumed`). Backend objects tied to the storage (the CPU backend's one-call decode step)
-live in `backend_state`.
+the token afterwards (`commit`); the prefix cache copies and restores states (`snapshot`, `frozen`,
+`resumed`); speculative decoding takes back rejected tokens (`mark`, `rewind`). Backend objects
+tied to the storage (the CPU backend's one-call decode step) live in `backend_state`.
 """
 
 from __future__ import annotations
@@ -149,6 +149,26 @@ class RingKV:
     def commit(self, n: int = 1):
         """A kernel stored tokens through view() (and recorded their positions in ring_positions)."""
 
+    def saved(self, start: int, n: int) -> "RingKV":
+        """A copy of the slots that positions start..start+n-1 will overwrite, for `restore`."""
+        slots = torch.arange(start, start + n, device=self._pos.device) % self.window
+        k, v = (_Slots(s.data[:, :, slots].clone(), None if s.scale is None else s.scale[:, :, slots].clone(),
+                       s.compute_dtype) for s in (self._k, self._v))
+        return RingKV(k, v, self._pos[slots].clone())
+
+    def restore(self, saved: "RingKV", start: int, keep: int):
+        """Puts back what `saved` (from saved(start, n)) held in the slots of positions start+keep
+        onwards: a rejected token's slot held a key that later tokens still see."""
+        n = saved.window
+        if keep >= n:
+            return
+        slots = torch.arange(start + keep, start + n, device=self._pos.device) % self.window
+        for mine, old in ((self._k, saved._k), (self._v, saved._v)):
+            mine.data.index_copy_(2, slots, old.data[:, :, keep:])
+            if mine.scale is not None:
+                mine.scale.index_copy_(2, slots, old.scale[:, :, keep:])
+        self._pos.index_copy_(0, slots, saved._pos[keep:])
+
     def clone(self) -> "RingKV":
         k, v = (s.resized(s.size, s.size) for s in (self._k, self._v))
         return RingKV(k, v, self._pos.clone())
@@ -211,13 +231,18 @@ class LinearKV:
         return KVView(self._k.data, self._v.data, self._k.scale, self._v.scale, None)
 
     def next_slot(self, position: int) -> int:
-        """The slot a kernel writes the next token to (room reserved for it)."""
-        self.reserve(self._length + 1)
-        return self._length
+        """The slot a kernel writes the token at `position` to (room reserved for it): slot i
+        holds position i, so tokens of one sequence stored in one call take consecutive slots."""
+        self.reserve(position + 1)
+        return position
 
     def commit(self, n: int = 1):
         """A kernel stored `n` tokens through view() after the ones held."""
         self._length += n
+
+    def rewind(self, length: int):
+        """Forgets the positions from `length` on (their slots are written again later)."""
+        self._length = min(self._length, length)
 
     def truncated(self, length: int, max_len: int) -> "LinearKV":
         """A copy holding the first `length` positions, able to grow to `max_len`."""
@@ -244,6 +269,13 @@ class KVSnapshot(NamedTuple):
 
     def nbytes(self) -> int:
         return sum(r.nbytes() for r in self.rings)
+
+
+class KVMark(NamedTuple):
+    """A cache's position and the ring slots the next tokens will overwrite (KVCache.mark)."""
+
+    pos: int
+    rings: tuple[RingKV, ...]
 
 
 class KVCache:
@@ -307,6 +339,26 @@ class KVCache:
                 return None
             held = self._backend[owner] = (key, build(self))
         return held[1]
+
+    def mark(self, n: int) -> KVMark:
+        """What `rewind` needs to take back up to `n` tokens appended after this point (a
+        speculative verify step): the ring slots they will overwrite."""
+        if n > min((layer.window for layer in self._layers if isinstance(layer, RingKV)), default=n):
+            raise ValueError(f"cannot take back {n} tokens: more than a ring holds")
+        return KVMark(self._pos, tuple(l.saved(self._pos, n) for l in self._layers if isinstance(l, RingKV)))
+
+    def rewind(self, mark: KVMark, keep: int):
+        """Keeps the first `keep` tokens appended since `mark` and takes back the rest: global
+        layers forget them, ring layers get back the keys they overwrote."""
+        if not 0 <= keep <= self._pos - mark.pos:
+            raise ValueError(f"cannot keep {keep} of the {self._pos - mark.pos} tokens appended since the mark")
+        rings = iter(mark.rings)
+        for layer in self._layers:
+            if isinstance(layer, RingKV):
+                layer.restore(next(rings), mark.pos, keep)
+            else:
+                layer.rewind(mark.pos + keep)
+        self._pos = mark.pos + keep
 
     def snapshot(self) -> KVSnapshot:
         return KVSnapshot(self._pos, tuple(layer.clone() for layer in self._layers if isinstance(layer, RingKV)))

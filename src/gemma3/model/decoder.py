@@ -286,6 +286,22 @@ class Gemma3(nn.Module):
             c.advance(1)
         return self.logits(self.norm(x))[:, 0]
 
+    def verify(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [n, vocab] for `tokens` [n], consecutive tokens of the one sequence in `cache`
+        (a speculative verify step). Each token is a row of a decode step, so projections and MLPs
+        read their weights once for all rows while every row gets the very logits a one-token step
+        would give it; attention takes the rows in order, each storing its key before attending."""
+        n = tokens.shape[0]
+        cache.check_room(n)
+        positions = torch.arange(cache.pos, cache.pos + n, device=tokens.device)[:, None]  # [n, 1]
+
+        def kv(i):
+            return [KVRows(slice(r, r + 1), cache.layers[i], positions[r]) for r in range(n)]
+
+        x = self.run_layers(self.embed(tokens[:, None]), self.rope(positions), kv)
+        cache.advance(n)
+        return self.logits(self.norm(x))[:, 0]
+
     def hidden_states(self, input_ids: torch.Tensor, embeds: torch.Tensor | None = None,
                       groups: torch.Tensor | None = None, checkpoint: bool = False) -> torch.Tensor:
         """Training path: one pass over the whole sequence from position 0 with no KV cache, so

@@ -244,6 +244,12 @@ void store_slot(const float* x, torch::Tensor& dst, const c10::optional<torch::T
 // value are stored at slots[b] first. Ring caches (sliding-window layers) pass key_pos[b], the
 // slot positions, and get key_pos[b][slot] = positions[b]; linear caches (global layers) pass no
 // key_pos and hold positions 0..slot in slots 0..slot. One call per layer instead of B.
+//
+// Rows may also be consecutive tokens of one sequence sharing one cache (a speculative verify
+// step, inference/speculative.py): then each row is stored and attended before the next is
+// stored, because a later row's key overwrites a ring slot an earlier row still sees. A row
+// attended alone gives the same bits as in a batch (attend_rows), so every row's output is the
+// one-token step's.
 torch::Tensor decode_attention_list(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> keys,
                                     std::vector<torch::Tensor> values, std::vector<torch::Tensor> k_scales,
                                     std::vector<torch::Tensor> v_scales, std::vector<torch::Tensor> key_pos,
@@ -259,6 +265,22 @@ torch::Tensor decode_attention_list(torch::Tensor q, torch::Tensor k, torch::Ten
     k = k.contiguous().to(torch::kFloat32);
     v = v.contiguous().to(torch::kFloat32);
     const int64_t Hk = keys[0].size(1), D = q.size(2);
+    bool shared = false;
+    for (int64_t b = 1; b < B; b++) shared = shared || keys[b].data_ptr() == keys[0].data_ptr();
+    if (shared) {
+        std::vector<torch::Tensor> outs;
+        for (int64_t b = 0; b < B; b++) {
+            auto one = [&](const std::vector<torch::Tensor>& t) {
+                return t.empty() ? std::vector<torch::Tensor>{} : std::vector<torch::Tensor>{t[b]};
+            };
+            TORCH_CHECK(b == 0 || positions[b] == positions[b - 1] + 1,
+                        "decode_attention_list: rows sharing a cache must be consecutive positions");
+            outs.push_back(decode_attention_list(q.narrow(0, b, 1), k.narrow(0, b, 1), v.narrow(0, b, 1),
+                                                 {keys[b]}, {values[b]}, one(k_scales), one(v_scales), one(key_pos),
+                                                 {slots[b]}, {positions[b]}, window, scale));
+        }
+        return torch::cat(outs);
+    }
     std::vector<std::vector<int64_t>> visible(B);
     for (int64_t b = 0; b < B; b++) {
         auto ksc = int8 ? c10::optional<torch::Tensor>(k_scales[b]) : c10::nullopt;

@@ -1,0 +1,162 @@
+"""Speculative decoding with prompt lookup: a cheap guess of the next tokens, scored by the model
+in one verify step (model.verify: the guess's tokens as the rows of one decode step), the longest
+agreeing prefix kept and the rest taken back from the KV cache (KVCache.mark / rewind).
+
+Prompt lookup (Saxena 2023, as transformers' `prompt_lookup_num_tokens` and llama.cpp's
+lookup decoding) drafts by finding the last n-gram of the text so far earlier in the prompt or
+the output and proposing what followed it: free when a task repeats its input (editing code,
+quoting a document), useless on free prose. A verify step of k+1 rows costs more than a
+one-token step, so the drafter backs off after misses (it stops proposing for a doubling number
+of steps) and proposes only as far as recent acceptance pays for.
+
+Exactness. Greedy: every verify row's logits are bit-identical to the one-token step's
+(model.verify), so the kept tokens are plain greedy decoding's, token for token. Sampling: the
+draft is deterministic (q is one-hot on the drafted token), so speculative sampling's
+min(1, p/q) acceptance is "accept with probability p(draft)" and the residual max(0, p - q) is p
+without the drafted token, renormalised (Leviathan et al. 2023, Chen et al. 2023): each token
+is drawn from the target's distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .sampling import SamplingParams, distribution, draw, sample
+
+MAX_BACKOFF = 32  # steps without drafting after many misses in a row
+# A verify step of n rows costs more than a one-token step, less than n of them (the 270M on the
+# CPU kernels, one thread of a loaded EPYC: 1 row 42 ms, 2 rows 57, 4 rows 68, 8 rows 117), so a
+# draft pays only when at least this many of its tokens are accepted; fewer count as a miss.
+# Matches shorter than MIN_MATCH tokens rarely continue right on prose.
+PAYING = 2
+MIN_MATCH = 2
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts of one generation: verify steps, drafted and accepted tokens, plain steps."""
+
+    verify_steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    plain_steps: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens generated per forward (verify steps give accepted + 1)."""
+        steps = self.verify_steps + self.plain_steps
+        return (self.accepted + steps) / steps if steps else 0.0
+
+    def summary(self) -> str:
+        return (f"speculative: {self.accepted}/{self.drafted} drafted tokens accepted ({self.acceptance:.0%}), "
+                f"{self.tokens_per_step:.2f} tokens per step ({self.verify_steps} verify, {self.plain_steps} plain)")
+
+
+@dataclass
+class PromptLookup:
+    """Drafts up to `k` tokens by matching the last `ngram` tokens (down to MIN_MATCH) earlier in
+    the sequence; after drafts that did not pay (fewer than PAYING tokens accepted) it skips 1, 2,
+    4, ... steps."""
+
+    ngram: int = 3
+    k: int = 7  # at most 7: verify steps of up to 8 rows take the decode kernels (cpu.linear.MAX_VNNI_ROWS)
+    stats: SpeculativeStats = field(default_factory=SpeculativeStats)
+    _misses: int = 0
+    _skip: int = 0
+
+    def __post_init__(self):
+        if self.ngram < 1 or not 1 <= self.k <= 7:
+            raise ValueError(f"lookup needs ngram >= 1 and 1 <= k <= 7, got ngram {self.ngram}, k {self.k}")
+
+    def propose(self, history: Sequence[int], limit: int) -> list[int]:
+        if self._skip:
+            self._skip -= 1
+            return []
+        limit = min(limit, self.k)
+        if limit <= 0:
+            return []
+        for n in range(min(self.ngram, len(history) - 1), min(self.ngram, MIN_MATCH) - 1, -1):
+            found = find_continuation(history, n, limit)
+            if found:
+                return found
+        return []
+
+    def record(self, drafted: int, accepted: int):
+        self.stats.verify_steps += 1
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted
+        if accepted >= min(PAYING, drafted):
+            self._misses = 0
+        else:
+            self._misses += 1
+            self._skip = min(2 ** (self._misses - 1), MAX_BACKOFF)
+
+
+def find_continuation(history: Sequence[int], n: int, limit: int) -> list[int]:
+    """Up to `limit` tokens that followed the latest earlier occurrence of the last `n` tokens."""
+    tail = list(history[-n:])
+    last = len(history) - n
+    for start in range(last - 1, -1, -1):  # latest first: recent text predicts best
+        if history[start] == tail[0] and list(history[start:start + n]) == tail:
+            return list(history[start + n:start + n + limit])
+    return []
+
+
+def accept(logits: torch.Tensor, draft: list[int], params: SamplingParams, generator: torch.Generator,
+           history: list[int]) -> tuple[int, int]:
+    """(drafted tokens accepted, the token after them) from verify logits [len(draft) + 1, vocab]:
+    row i scores the token after draft[:i]."""
+    for i, d in enumerate(draft):
+        seen = history + draft[:i]
+        if params.greedy:
+            token = sample(logits[i], params, None, seen)
+            if token != d:
+                return i, token
+            continue
+        p = distribution(logits[i], params, seen)
+        if float(torch.rand((), generator=generator)) >= float(p[d]):
+            residual = p.clone()
+            residual[d] = 0.0
+            return i, draw(residual, generator)
+    return len(draft), sample(logits[-1], params, generator, history + draft)
+
+
+def lookup_steps(model, cache, first: int, history: list[int], params: SamplingParams, generator: torch.Generator,
+                 max_tokens: int, drafter: PromptLookup) -> Iterator[int]:
+    """After `first` (already sampled, not yet in the cache) up to `max_tokens` - 1 more tokens,
+    drafted by `drafter` and verified; yields `first` too. `history` holds the prompt and is
+    extended with every yielded token."""
+    token, n = first, 0
+    while True:
+        yield token
+        history.append(token)
+        n += 1
+        if n == max_tokens:
+            return
+        draft = drafter.propose(history, min(max_tokens - n - 1, cache.max_len - cache.pos - 1))
+        if not draft:
+            drafter.stats.plain_steps += 1
+            step = torch.tensor([[token]], device=model.device)
+            if params.plain_greedy:
+                token = int(model.greedy_next(step, cache))
+            else:
+                token = sample(model(step, cache, last_only=True)[0, -1].cpu(), params, generator, history)
+            continue
+        mark = cache.mark(len(draft) + 1)
+        logits = model.verify(torch.tensor([token] + draft, device=model.device), cache).cpu()
+        kept, token = accept(logits, draft, params, generator, history)
+        cache.rewind(mark, kept + 1)
+        drafter.record(len(draft), kept)
+        for d in draft[:kept]:
+            yield d
+            history.append(d)
+            n += 1
+            if n == max_tokens:
+                return

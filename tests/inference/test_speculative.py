@@ -1,0 +1,173 @@
+"""Speculative decoding (inference/speculative.py): the verify step and the cache rewind on tiny
+random models, greedy identity with plain decoding, and the sampling distribution."""
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from scipy.stats import chisquare
+
+from gemma3.inference.generate import generate_step
+from gemma3.inference.sampling import SamplingParams, distribution
+from gemma3.inference.speculative import PromptLookup, accept, find_continuation
+from tests.helpers.kernels import needs_kernels, quantized_copy
+from tests.helpers.models import random_model, tiny_config
+
+WINDOW = 8
+
+
+def ring_state(cache):
+    return [(layer.positions.clone(), *layer.contents()) for layer in cache.layers if hasattr(layer, "positions")]
+
+
+@pytest.mark.parametrize("start", [2, 5, 8, 11, 30])  # the rejected rows before, across and past the window
+@pytest.mark.parametrize("keep", [0, 1, 3, 6])
+def test_rewind_restores_the_rings_and_the_next_steps(one_thread, start, keep):
+    """Verify 6 tokens at `start`, keep `keep` of them: the cache then holds what a cache that
+    decoded only those holds (ring slots overwritten by the rejected rows restored, global
+    layers cut), and the following steps give the same logits."""
+    model = random_model(tiny_config(layers=6, window=WINDOW))
+    ids = torch.randint(0, 257, (1, start + 12), generator=torch.Generator().manual_seed(start))
+    with torch.inference_mode():
+        spec, plain = model.new_cache(1, 64), model.new_cache(1, 64)
+        model(ids[:, :start], spec)
+        model(ids[:, :start], plain)
+        mark = spec.mark(6)
+        rows = model.verify(ids[0, start:start + 6], spec)
+        steps = [model(ids[:, t:t + 1], plain, last_only=True)[0, -1] for t in range(start, start + 6)]
+        torch.testing.assert_close(rows, torch.stack(steps), rtol=1e-5, atol=1e-5)
+        spec.rewind(mark, keep)
+        plain = model.new_cache(1, 64)
+        model(ids[:, :start], plain)
+        for t in range(start, start + keep):
+            model(ids[:, t:t + 1], plain)
+        assert spec.pos == plain.pos == start + keep
+        for (pa, ka, va), (pb, kb, vb) in zip(ring_state(spec), ring_state(plain)):
+            assert torch.equal(pa, pb)
+            torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)
+        for t in range(start + keep, start + 12):
+            a = model(ids[:, t:t + 1], spec, last_only=True)
+            b = model(ids[:, t:t + 1], plain, last_only=True)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mark_refuses_more_tokens_than_a_ring_holds():
+    model = random_model(tiny_config(window=4))
+    with pytest.raises(ValueError, match="more than a ring holds"):
+        model.new_cache(1, 32).mark(5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_verify_rows_are_the_one_token_steps_bit_for_bit(kv_dtype):
+    """On the CPU kernels every verify row (a row of a decode step; attention in order on the
+    shared cache) has exactly the logits of the one-call one-token step, with the rows crossing
+    the window, and a rewound cache goes on exactly as a plain one."""
+    cfg = tiny_config(layers=6, heads=4, kv_heads=1, head_dim=32, hidden=128, window=WINDOW)
+    fast, _ = quantized_copy(random_model(cfg), T.Q8_0, in_place=True)  # one layout, as loaded from GGUF
+    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        for start in (3, 6, 20):
+            spec, plain = fast.new_cache(1, 64, kv_dtype=kv_dtype), fast.new_cache(1, 64, kv_dtype=kv_dtype)
+            fast(ids[:, :start], spec)
+            fast(ids[:, :start], plain)
+            mark = spec.mark(8)
+            rows = fast.verify(ids[0, start:start + 8], spec)
+            for r in range(8):
+                assert torch.equal(rows[r], fast(ids[:, start + r:start + r + 1], plain)[0, -1]), (start, r)
+            spec.rewind(mark, 2)
+            plain = fast.new_cache(1, 64, kv_dtype=kv_dtype)
+            fast(ids[:, :start], plain)
+            for t in range(start, start + 2):
+                fast(ids[:, t:t + 1], plain)
+            for t in range(start + 2, start + 14):
+                assert torch.equal(fast(ids[:, t:t + 1], spec), fast(ids[:, t:t + 1], plain)), (start, t)
+
+
+def test_find_continuation_takes_the_latest_match():
+    assert find_continuation([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3, 2) == [7, 8]
+    assert find_continuation([1, 2, 3, 4], 2, 3) == []
+    lookup = PromptLookup(ngram=2, k=3)
+    assert lookup.propose([5, 6, 7, 8, 5, 6], 10) == [7, 8, 5]
+    lookup.record(3, 0)  # a miss: the next step drafts nothing (a second miss in a row would skip two)
+    assert lookup.propose([5, 6, 7, 8, 5, 6], 10) == []
+    assert lookup.propose([5, 6, 7, 8, 5, 6], 1) == [7]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(repetition_penalty=1.3)])
+def test_greedy_lookup_is_plain_greedy_token_for_token(one_thread, params):
+    model = random_model(tiny_config(layers=6, window=WINDOW, vocab=64))
+    prompt = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(1)).tolist() * 3
+    plain = list(generate_step(model, prompt, params, 60))
+    lookup = PromptLookup(ngram=2, k=5)
+    assert list(generate_step(model, prompt, params, 60, lookup=lookup)) == plain
+    assert lookup.stats.verify_steps > 0 and lookup.stats.accepted > 0
+
+
+@needs_kernels
+def test_greedy_lookup_on_the_kernels_is_plain_greedy():
+    cfg = tiny_config(layers=6, heads=4, kv_heads=1, head_dim=32, hidden=128, window=WINDOW, vocab=256)
+    fast, _ = quantized_copy(random_model(cfg), T.Q8_0, in_place=True)  # one layout, as loaded from GGUF
+    prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(2)).tolist() * 4
+    plain = list(generate_step(fast, prompt, SamplingParams(), 80))
+    lookup = PromptLookup(ngram=3, k=7)
+    assert list(generate_step(fast, prompt, SamplingParams(), 80, lookup=lookup)) == plain
+    assert lookup.stats.accepted > 0
+
+
+def test_accepting_a_drafted_token_samples_the_target_distribution():
+    """Speculative sampling with a deterministic draft: over many draws the token at each of
+    the first two positions follows the target's distribution (chi-square), for a likely and an
+    unlikely drafted token."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(3)) * 1.5
+    params = SamplingParams(temperature=0.8, top_k=10)
+    n = 20000
+    for draft in ([int(logits[0].argmax()), 4], [int(logits[0].argsort()[-3]), 2]):
+        first, second = torch.zeros(12), torch.zeros(12)
+        for _ in range(n):
+            kept, token = accept(logits, draft, params, g, [])
+            tokens = (draft[:kept] + [token])
+            first[tokens[0]] += 1
+            if kept >= 1:
+                second[tokens[1]] += 1
+        p0 = distribution(logits[0], params)
+        p1 = distribution(logits[1], params, [draft[0]])
+        for counts, p in ((first, p0), (second, p1)):
+            support = p > 0
+            assert counts[~support].sum() == 0
+            expected = p[support].double() / p[support].double().sum() * counts.sum()
+            assert counts.sum() > 1000
+            assert chisquare(counts[support].double().numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_sampled_lookup_generation_follows_the_model(one_thread):
+    """End to end on a tiny model: the second generated token (drafted by lookup on a repetitive
+    prompt, so it is accepted or resampled) has the target distribution given the first."""
+    model = random_model(tiny_config(layers=2, local_per_global=1, window=WINDOW, vocab=16))
+    prompt = [1, 2, 3, 4] * 3 + [1, 2]
+    params = SamplingParams(temperature=1.0)
+    counts: dict[int, torch.Tensor] = {}
+    for seed in range(3000):
+        lookup = PromptLookup(ngram=1, k=2)
+        tokens = list(generate_step(model, prompt, SamplingParams(temperature=1.0, seed=seed), 3, lookup=lookup))
+        counts.setdefault(tokens[0], torch.zeros(16))[tokens[1]] += 1
+    drafted = {t: c for t, c in counts.items() if t in prompt}  # the lookup drafts after these
+    first, row = max(drafted.items(), key=lambda kv: kv[1].sum())
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + [first]]))[0, -1]
+    p = distribution(logits, params)
+    assert row.sum() > 150
+    assert chisquare(row.double().numpy(), (p.double() / p.double().sum() * row.sum()).numpy()).pvalue > 1e-3
+
+
+def test_generate_lookup_on_the_real_270m_is_plain_greedy(capsys):
+    """`gemma3 generate --lookup -v`: the plain command's text, and the acceptance line on stderr."""
+    from tests.helpers.cli import run_cli
+
+    prompt = "One, two, three, four, five, six, seven, eight. One, two, three, four,"
+    code, plain, _ = run_cli(["generate", prompt, "-n", "40"], capsys)
+    assert code == 0
+    code, spec, err = run_cli(["generate", prompt, "-n", "40", "--lookup", "--lookup-ngram", "2", "-v"], capsys)
+    assert code == 0 and spec == plain
+    assert "drafted tokens accepted" in err and "tokens per step" in err

@@ -1,12 +1,16 @@
-"""Prompt-lookup speculative decoding against plain decoding on the embedded 270M (or --model):
+"""Speculative decoding (prompt lookup, a draft model) against plain decoding on the embedded 270M
+(or --model):
 
     PYTHONPATH=src python scripts/bench_speculative.py              # speed: repeat task and free prose
     PYTHONPATH=src python scripts/bench_speculative.py --identity   # greedy identity, 10 prompts x 128 tokens
+    ... --draft-model small.gguf [--draft-k 4]    # the draft model too (speed and identity)
+    ... --step-times 1b.gguf 4b.gguf               # ms per decode step and per verify step of each model
 
 Speed: greedy decode tok/s (after the first token, so prefill is left out) of plain decoding and
 of --lookup, run back to back `--rounds` times (other processes on a shared machine slow both
 alike), and the ratio of the medians; a task that repeats its input and one of free prose.
-Identity: the generated token ids of plain and lookup decoding, compared for every prompt."""
+Identity: the generated token ids of plain, lookup and draft-model decoding, compared for every
+prompt. Step times: the inputs of an estimated draft-model speed-up (docs/speculative.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 from gemma3.inference.generate import generate_step
 from gemma3.inference.load import load
 from gemma3.inference.sampling import SamplingParams
-from gemma3.inference.speculative import PromptLookup
+from gemma3.inference.speculative import DraftModel, PromptLookup
 
 PARAGRAPH = (
     "The committee met on Tuesday to review the budget for the coming year. After a long discussion, "
@@ -59,39 +63,73 @@ IDENTITY_PROMPTS = [
 ]
 
 
-def decode_rate(model, ids, max_tokens, lookup):
+def decode_rate(model, ids, max_tokens, drafter):
     """(decode tok/s after the first token, tokens)."""
     tokens, start = [], None
-    for token in generate_step(model, ids, SamplingParams(), max_tokens, lookup=lookup):
+    for token in generate_step(model, ids, SamplingParams(), max_tokens, speculative=drafter):
         tokens.append(token)
         if start is None:
             start = time.perf_counter()
     return (len(tokens) - 1) / (time.perf_counter() - start), tokens
 
 
-def speed(model, tok, args):
+def drafters(args, draft):
+    """(name, a new drafter) for each method measured."""
+    yield "lookup", PromptLookup(ngram=args.ngram, k=args.k)
+    if draft is not None:
+        yield "draft", DraftModel(draft, k=args.draft_k)
+
+
+def speed(model, tok, args, draft):
     for name, text in TASKS.items():
         ids = tok.encode(text)
-        plain, spec, stats = [], [], None
+        rates, stats = {"plain": []}, {}
         for _ in range(args.rounds):
-            plain.append(decode_rate(model, ids, args.tokens, None)[0])
-            lookup = PromptLookup(ngram=args.ngram, k=args.k)
-            spec.append(decode_rate(model, ids, args.tokens, lookup)[0])
-            stats = lookup.stats
-        p, s = statistics.median(plain), statistics.median(spec)
-        print(f"{name:7s} plain {p:6.1f} tok/s   lookup {s:6.1f} tok/s   x{s / p:.2f}   {stats.summary()}", flush=True)
+            rates["plain"].append(decode_rate(model, ids, args.tokens, None)[0])
+            for method, drafter in drafters(args, draft):
+                rates.setdefault(method, []).append(decode_rate(model, ids, args.tokens, drafter)[0])
+                stats[method] = drafter.stats
+        plain = statistics.median(rates["plain"])
+        print(f"{name:7s} plain {plain:6.1f} tok/s", flush=True)
+        for method, stat in stats.items():
+            rate = statistics.median(rates[method])
+            print(f"        {method:6s} {rate:6.1f} tok/s   x{rate / plain:.2f}   {stat.summary()}", flush=True)
 
 
-def identity(model, tok, args):
+def identity(model, tok, args, draft):
     same = 0
     for text in IDENTITY_PROMPTS:
         ids = tok.encode(text)
         plain = decode_rate(model, ids, args.tokens, None)[1]
-        spec = decode_rate(model, ids, args.tokens, PromptLookup(ngram=args.ngram, k=args.k))[1]
-        same += plain == spec
-        print(f"{'identical' if plain == spec else 'DIFFERENT'}  {len(plain)} tokens  {text[:40]!r}", flush=True)
+        results = {method: decode_rate(model, ids, args.tokens, d)[1] for method, d in drafters(args, draft)}
+        ok = all(tokens == plain for tokens in results.values())
+        same += ok
+        verdict = "identical" if ok else "DIFFERENT: " + ", ".join(m for m, t in results.items() if t != plain)
+        print(f"{verdict}  plain {' '.join(results)}  {len(plain)} tokens  {text[:40]!r}", flush=True)
     print(f"{same}/{len(IDENTITY_PROMPTS)} prompts identical")
     return same == len(IDENTITY_PROMPTS)
+
+
+def step_times(paths, args):
+    """Median ms of a one-token decode step and of a verify step of draft_k + 1 rows, per model."""
+    for path in paths:
+        model, _ = load(path, backend="cpu")
+        one, verify = [], []
+        for _ in range(args.rounds):
+            cache = model.new_cache(1, max_len=160)
+            model(torch.tensor([[2] + [100] * 99]), cache)  # a 100-token context
+            for _ in range(8):
+                start = time.perf_counter()
+                model.greedy_next(torch.tensor([[100]]), cache)
+                one.append(time.perf_counter() - start)
+            mark = cache.mark(args.draft_k + 1)
+            for _ in range(4):
+                start = time.perf_counter()
+                model.verify(torch.tensor([100] * (args.draft_k + 1)), cache)
+                verify.append(time.perf_counter() - start)
+                cache.rewind(mark, 0)
+        print(f"{model.config.name or path}: step {1000 * statistics.median(one):.1f} ms, verify of "
+              f"{args.draft_k + 1} rows {1000 * statistics.median(verify):.1f} ms  ({path})", flush=True)
 
 
 def main():
@@ -102,16 +140,23 @@ def main():
     parser.add_argument("--ngram", type=int, default=3)
     parser.add_argument("--k", type=int, default=7)
     parser.add_argument("--identity", action="store_true")
+    parser.add_argument("--draft-model", default=None, help="also measure this draft model")
+    parser.add_argument("--draft-k", type=int, default=4)
+    parser.add_argument("--step-times", nargs="+", default=None, metavar="MODEL",
+                        help="only time decode and verify steps of these models")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load(args.model, backend="cpu")
     print(f"threads {torch.get_num_threads()}", flush=True)
     with torch.inference_mode():
+        if args.step_times:
+            return step_times(args.step_times, args)
+        model, tok = load(args.model, backend="cpu")
+        draft = load(args.draft_model, backend="cpu")[0] if args.draft_model else None
         if args.identity:
-            raise SystemExit(0 if identity(model, tok, args) else 1)
-        speed(model, tok, args)
+            raise SystemExit(0 if identity(model, tok, args, draft) else 1)
+        speed(model, tok, args, draft)
 
 
 if __name__ == "__main__":

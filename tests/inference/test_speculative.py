@@ -7,8 +7,8 @@ from gguf import GGMLQuantizationType as T
 from scipy.stats import chisquare
 
 from gemma3.inference.generate import generate_step
-from gemma3.inference.sampling import SamplingParams, distribution
-from gemma3.inference.speculative import PromptLookup, accept, find_continuation
+from gemma3.inference.sampling import SamplingParams, distribution, draw
+from gemma3.inference.speculative import DraftModel, PromptLookup, accept, find_continuation
 from tests.helpers.kernels import needs_kernels, quantized_copy
 from tests.helpers.models import random_model, tiny_config
 
@@ -100,7 +100,7 @@ def test_greedy_lookup_is_plain_greedy_token_for_token(one_thread, params):
     prompt = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(1)).tolist() * 3
     plain = list(generate_step(model, prompt, params, 60))
     lookup = PromptLookup(ngram=2, k=5)
-    assert list(generate_step(model, prompt, params, 60, lookup=lookup)) == plain
+    assert list(generate_step(model, prompt, params, 60, speculative=lookup)) == plain
     assert lookup.stats.verify_steps > 0 and lookup.stats.accepted > 0
 
 
@@ -111,7 +111,7 @@ def test_greedy_lookup_on_the_kernels_is_plain_greedy():
     prompt = torch.randint(0, 256, (10,), generator=torch.Generator().manual_seed(2)).tolist() * 4
     plain = list(generate_step(fast, prompt, SamplingParams(), 80))
     lookup = PromptLookup(ngram=3, k=7)
-    assert list(generate_step(fast, prompt, SamplingParams(), 80, lookup=lookup)) == plain
+    assert list(generate_step(fast, prompt, SamplingParams(), 80, speculative=lookup)) == plain
     assert lookup.stats.accepted > 0
 
 
@@ -150,7 +150,8 @@ def test_sampled_lookup_generation_follows_the_model(one_thread):
     counts: dict[int, torch.Tensor] = {}
     for seed in range(3000):
         lookup = PromptLookup(ngram=1, k=2)
-        tokens = list(generate_step(model, prompt, SamplingParams(temperature=1.0, seed=seed), 3, lookup=lookup))
+        seeded = SamplingParams(temperature=1.0, seed=seed)
+        tokens = list(generate_step(model, prompt, seeded, 3, speculative=lookup))
         counts.setdefault(tokens[0], torch.zeros(16))[tokens[1]] += 1
     drafted = {t: c for t, c in counts.items() if t in prompt}  # the lookup drafts after these
     first, row = max(drafted.items(), key=lambda kv: kv[1].sum())
@@ -171,3 +172,95 @@ def test_generate_lookup_on_the_real_270m_is_plain_greedy(capsys):
     code, spec, err = run_cli(["generate", prompt, "-n", "40", "--lookup", "--lookup-ngram", "2", "-v"], capsys)
     assert code == 0 and spec == plain
     assert "drafted tokens accepted" in err and "tokens per step" in err
+
+
+def draft_pair(vocab=64):
+    """A tiny target and a smaller, differently shaped draft with its vocabulary."""
+    target = random_model(tiny_config(layers=6, window=WINDOW, vocab=vocab))
+    draft = random_model(tiny_config(layers=2, local_per_global=1, window=WINDOW, vocab=vocab), seed=7)
+    return target, draft
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(repetition_penalty=1.3)])
+def test_greedy_draft_model_is_plain_greedy_token_for_token(one_thread, params):
+    target, draft = draft_pair()
+    prompt = torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(4)).tolist()
+    plain = list(generate_step(target, prompt, params, 50))
+    for drafter, k in ((draft, 4), (target, 7)):  # a poor draft (rejections) and a perfect one (all accepted)
+        spec = DraftModel(drafter, k=k)
+        assert list(generate_step(target, prompt, params, 50, speculative=spec)) == plain
+        assert spec.stats.verify_steps > 0
+    assert spec.stats.accepted == spec.stats.drafted
+
+
+def test_the_draft_cache_follows_the_kept_tokens(one_thread):
+    """After every verify step the draft's cache holds exactly the kept tokens it was fed (past
+    the window, so ring slots overwritten by rejected drafts must have been restored): it equals
+    a cache that decoded them one by one, and its pos is at most one behind the sequence."""
+    target, draft = draft_pair()
+    prompt = torch.randint(0, 64, (5,), generator=torch.Generator().manual_seed(6)).tolist()
+    spec = DraftModel(draft, k=5)
+    seen, states = 0, []
+    for _ in generate_step(target, prompt, SamplingParams(), 40, speculative=spec):
+        if spec.stats.verify_steps > seen:  # the draft cache as the last verify step left it
+            seen = spec.stats.verify_steps
+            states.append((spec.cache.pos, [tuple(t.clone() for t in s) for s in ring_state(spec.cache)]))
+    sequence = prompt + list(generate_step(target, prompt, SamplingParams(), 40))
+    assert len(states) > 3 and 0 < spec.stats.accepted < spec.stats.drafted
+    assert max(pos for pos, _ in states) > 3 * WINDOW
+    for pos, rings in states:
+        ref = draft.new_cache(1, 64)
+        with torch.inference_mode():
+            for t in range(pos):
+                draft(torch.tensor([[sequence[t]]]), ref)
+        for (pa, ka, va), (pb, kb, vb) in zip(rings, ring_state(ref)):
+            assert torch.equal(pa, pb)
+            torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)
+
+
+def test_accepting_a_sampled_draft_samples_the_target_distribution():
+    """Speculative sampling with a draft distribution q: the draft token drawn from q, accepted
+    with min(1, p/q) or replaced from the residual, gives the first token p's distribution."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(8)) * 1.5
+    q = (torch.randn(12, generator=torch.Generator().manual_seed(9)) * 1.5).softmax(-1)
+    params = SamplingParams(temperature=0.8, top_k=10)
+    counts = torch.zeros(12)
+    for _ in range(20000):
+        d = draw(q, g)
+        kept, token = accept(logits, [d], params, g, [], [q])
+        counts[d if kept else token] += 1
+    p = distribution(logits[0], params)
+    support = p > 0
+    assert counts[~support].sum() == 0
+    expected = p[support].double() / p[support].double().sum() * counts.sum()
+    assert chisquare(counts[support].double().numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_sampled_draft_model_generation_follows_the_model(one_thread):
+    """End to end: the second token (drafted by a sampling draft model, accepted or resampled)
+    has the target's distribution given the first."""
+    target = random_model(tiny_config(layers=2, local_per_global=1, window=WINDOW, vocab=16))
+    draft = random_model(tiny_config(layers=1, local_per_global=1, window=WINDOW, vocab=16), seed=3)
+    prompt = [1, 2, 3, 4, 5]
+    counts: dict[int, torch.Tensor] = {}
+    spec = DraftModel(draft, k=2)
+    for seed in range(2000):
+        seeded = SamplingParams(temperature=1.0, seed=seed)
+        tokens = list(generate_step(target, prompt, seeded, 3, speculative=spec))
+        counts.setdefault(tokens[0], torch.zeros(16))[tokens[1]] += 1
+    assert spec.stats.accepted > 0 and spec.stats.accepted < spec.stats.drafted
+    first, row = max(counts.items(), key=lambda kv: kv[1].sum())
+    with torch.inference_mode():
+        logits = target(torch.tensor([prompt + [first]]))[0, -1]
+    p = distribution(logits, SamplingParams(temperature=1.0))
+    assert row.sum() > 150
+    assert chisquare(row.double().numpy(), (p.double() / p.double().sum() * row.sum()).numpy()).pvalue > 1e-3
+
+
+def test_a_draft_model_needs_the_vocabulary():
+    target, _ = draft_pair()
+    other = random_model(tiny_config(layers=1, vocab=32))
+    with pytest.raises(ValueError, match="vocabulary"):
+        list(generate_step(target, [1, 2], SamplingParams(), 4, speculative=DraftModel(other)))

@@ -155,13 +155,20 @@ OPTIONS: dict[str, Option] = {
                                                      help="longest n-gram --lookup matches (default: %(default)s)")),
     "lookup_k": Option(("--lookup-k",), dict(type=positive_int, default=7,
                                              help="tokens --lookup drafts at most, 1-7 (default: %(default)s)")),
+    "draft_model": Option(("--draft-model",), dict(
+        default=None, metavar="FILE",
+        help="speculative decoding with a smaller Gemma 3 of the same vocabulary drafting (e.g. the 270M for a "
+             "4B): its k tokens are checked by the model in one step (same greedy text, same sampling "
+             "distribution)")),
+    "draft_k": Option(("--draft-k",), dict(type=positive_int, default=4,
+                                           help="tokens --draft-model drafts per step, 1-7 (default: %(default)s)")),
 }
 
 # The options of a command that loads a model to run it.
 MODEL = ("model", "backend", "precision", "dtype", "threads")
 SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop", "kv_dtype")
 VISION = ("mmproj", "no_pan_and_scan")
-LOOKUP = ("lookup", "lookup_ngram", "lookup_k")
+LOOKUP = ("lookup", "lookup_ngram", "lookup_k", "draft_model", "draft_k")
 
 
 def add(p, *names: str, defaults: dict | None = None, helps: dict | None = None):
@@ -269,11 +276,20 @@ def sampling_params(args):
                           repetition_penalty=args.repeat_penalty, seed=seed)
 
 
-def prompt_lookup(args):
-    """The --lookup drafter, or None."""
-    from ..inference.speculative import PromptLookup
+def drafter(args, model):
+    """The --lookup or --draft-model drafter (the draft loaded like the model, on its device), or None."""
+    from ..inference.load import load
+    from ..inference.speculative import DraftModel, PromptLookup
 
-    return PromptLookup(ngram=args.lookup_ngram, k=args.lookup_k) if args.lookup else None
+    if args.lookup and args.draft_model:
+        raise ValueError("--lookup and --draft-model are two ways to draft: pass one")
+    if args.lookup:
+        return PromptLookup(ngram=args.lookup_ngram, k=args.lookup_k)
+    if not args.draft_model:
+        return None
+    backend = args.backend if model.device.type == "cpu" else "torch"
+    draft, _ = load(args.draft_model, dtype=dtype(args, model.device.type), backend=backend)
+    return DraftModel(draft.to(model.device), k=args.draft_k)
 
 
 def vision_encoder(args):

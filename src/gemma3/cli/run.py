@@ -77,10 +77,10 @@ def cmd_generate(args):
         prompt = apply_chat_template([{"role": "user", "content": prompt}])
     if images:
         prompt = build_prompt(model, tok, prompt, [encode_image(vision, im, pan_and_scan) for im in images])
-    lookup = options.prompt_lookup(args)
+    spec = options.drafter(args, model)
     start, first, text, last = time.perf_counter(), None, [], None
     for chunk in stream_generate(model, tok, prompt, args.max_tokens, options.sampling_params(args), args.stop,
-                                 kv_dtype=args.kv_dtype, lookup=lookup):
+                                 kv_dtype=args.kv_dtype, speculative=spec):
         first = first or time.perf_counter()
         text.append(chunk.text)
         last = chunk
@@ -93,17 +93,17 @@ def cmd_generate(args):
              "time_to_first_token_s": round(first - start, 4),
              "decode_tok_s": round((last.completion_tokens - 1) / decode_s, 2) if decode_s > 0 else None,
              "total_s": round(elapsed, 3), "threads": torch.get_num_threads()}
-    if lookup is not None:
-        stats.update(draft_acceptance=round(lookup.stats.acceptance, 3),
-                     tokens_per_step=round(lookup.stats.tokens_per_step, 2))
+    if spec is not None:
+        stats.update(draft_acceptance=round(spec.stats.acceptance, 3),
+                     tokens_per_step=round(spec.stats.tokens_per_step, 2))
     if args.json:
         print(json.dumps({"text": "".join(text), **stats}))
     else:
         print()
         if args.verbose:
             print(timings(stats), file=sys.stderr)
-            if lookup is not None:
-                print(lookup.stats.summary(), file=sys.stderr)
+            if spec is not None:
+                print(spec.stats.summary(), file=sys.stderr)
 
 
 def timings(stats: dict) -> str:

@@ -13,7 +13,7 @@ from ..formats.tokenizer import StreamDecoder
 from ..model.cache import KVCache
 from .prompt import MultimodalPrompt, Prompt, encode_prompt
 from .sampling import SamplingParams, sample
-from .speculative import PromptLookup, lookup_steps
+from .speculative import DraftModel, PromptLookup, speculative_steps
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,11 @@ def prefill(model, prompt: Sequence[int] | MultimodalPrompt, max_len: int, prefi
 
 
 def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: SamplingParams, max_tokens: int,
-                  prefix_cache=None, kv_dtype=None, lookup: PromptLookup | None = None) -> Iterator[int]:
-    """Yields up to `max_tokens` sampled token ids after prefilling the prompt. With `lookup`,
-    speculative decoding drafts by prompt lookup (the same greedy tokens; the same distribution
-    when sampling); its counts accumulate in `lookup.stats`."""
+                  prefix_cache=None, kv_dtype=None,
+                  speculative: PromptLookup | DraftModel | None = None) -> Iterator[int]:
+    """Yields up to `max_tokens` sampled token ids after prefilling the prompt. With `speculative`,
+    speculative decoding drafts by prompt lookup or a draft model (the same greedy tokens; the
+    same distribution when sampling); its counts accumulate in `speculative.stats`."""
     ids = prompt_ids.ids if isinstance(prompt_ids, MultimodalPrompt) else list(prompt_ids)
     if not ids:
         raise ValueError("empty prompt: at least one token (e.g. <bos>) is needed")
@@ -60,8 +61,8 @@ def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: S
     plain_greedy = params.plain_greedy  # no logits needed: the model's greedy_next may take the argmax
     with torch.inference_mode():
         token = sample(logits.cpu(), params, generator, history)  # the generator lives on the CPU
-        if lookup is not None:
-            yield from lookup_steps(model, cache, token, history, params, generator, max_tokens, lookup)
+        if speculative is not None:
+            yield from speculative_steps(model, cache, token, history, params, generator, max_tokens, speculative)
             return
         for i in range(max_tokens):
             yield token
@@ -116,14 +117,14 @@ class StopMatcher:
 def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256,
                     params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
                     stop_ids: Sequence[int] | None = None, prefix_cache=None, kv_dtype=None,
-                    lookup: PromptLookup | None = None) -> Iterator[Chunk]:
+                    speculative: PromptLookup | DraftModel | None = None) -> Iterator[Chunk]:
     """Text as it is generated. Stops on eos / <end_of_turn> (not emitted), a stop string (cut
     before it) or `max_tokens` (finish_reason "length")."""
     ids = encode_prompt(tokenizer, prompt)
     matcher = StopMatcher(tokenizer, stop, stop_ids)
     n = 0
     source = prompt if isinstance(prompt, MultimodalPrompt) else ids
-    for token in generate_step(model, source, params, max_tokens, prefix_cache, kv_dtype, lookup):
+    for token in generate_step(model, source, params, max_tokens, prefix_cache, kv_dtype, speculative):
         n += 1
         text, stopped = matcher.feed(token)
         yield Chunk(text, token, "stop" if stopped else None, len(ids), n)
@@ -135,9 +136,10 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256,
 def generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-             lookup: PromptLookup | None = None) -> str:
-    """`lookup=PromptLookup()`: speculative decoding by prompt lookup (the same text when greedy)."""
+             speculative: PromptLookup | DraftModel | None = None) -> str:
+    """`speculative=PromptLookup()` or `DraftModel(smaller_model)`: speculative decoding (the same
+    text when greedy)."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed)
     return "".join(c.text for c in stream_generate(model, tokenizer, prompt, max_tokens, params, stop,
-                                                   lookup=lookup))
+                                                   speculative=speculative))

@@ -1,5 +1,5 @@
-"""Speculative decoding with prompt lookup: a cheap guess of the next tokens, scored by the model
-in one verify step (model.verify: the guess's tokens as the rows of one decode step), the longest
+"""Speculative decoding: a cheap guess of the next tokens (prompt lookup or a smaller draft model),
+scored by the model in one verify step (model.verify: the guess's tokens as the rows of one decode step), the longest
 agreeing prefix kept and the rest taken back from the KV cache (KVCache.mark / rewind).
 
 Prompt lookup (Saxena 2023, as transformers' `prompt_lookup_num_tokens` and llama.cpp's
@@ -9,12 +9,17 @@ quoting a document), useless on free prose. A verify step of k+1 rows costs more
 one-token step, so the drafter backs off after misses (it stops proposing for a doubling number
 of steps) and proposes only as far as recent acceptance pays for.
 
+A draft model (any smaller Gemma 3 with the same vocabulary) drafts k tokens one step at a time
+with its own KV cache, which is rewound with the target's on rejection.
+
 Exactness. Greedy: every verify row's logits are bit-identical to the one-token step's
-(model.verify), so the kept tokens are plain greedy decoding's, token for token. Sampling: the
-draft is deterministic (q is one-hot on the drafted token), so speculative sampling's
-min(1, p/q) acceptance is "accept with probability p(draft)" and the residual max(0, p - q) is p
-without the drafted token, renormalised (Leviathan et al. 2023, Chen et al. 2023): each token
-is drawn from the target's distribution.
+(model.verify), so the kept tokens are plain greedy decoding's, token for token. Sampling:
+speculative sampling (Leviathan et al. 2023, Chen et al. 2023) accepts a drafted token d with
+probability min(1, p(d)/q(d)) and otherwise draws from the residual max(0, p - q), renormalised,
+so each token is drawn from the target's distribution p. A draft model samples its tokens from
+its own distribution q (the same sampling settings on its logits); prompt lookup is
+deterministic (q one-hot), so acceptance is "with probability p(d)" and the residual is p
+without d.
 """
 
 from __future__ import annotations
@@ -75,6 +80,12 @@ class PromptLookup:
         if self.ngram < 1 or not 1 <= self.k <= 7:
             raise ValueError(f"lookup needs ngram >= 1 and 1 <= k <= 7, got ngram {self.ngram}, k {self.k}")
 
+    q = None  # deterministic drafts: no draft distributions
+
+    def start(self, model, max_len: int, params: SamplingParams, generator: torch.Generator):
+        """A new generation (the back-off starts afresh; the counts go on accumulating)."""
+        self._misses = self._skip = 0
+
     def propose(self, history: Sequence[int], limit: int) -> list[int]:
         if self._skip:
             self._skip -= 1
@@ -99,6 +110,63 @@ class PromptLookup:
             self._skip = min(2 ** (self._misses - 1), MAX_BACKOFF)
 
 
+class DraftModel:
+    """Drafts `k` tokens with `model`, a smaller Gemma 3 with the target's vocabulary: greedily
+    when the target decodes greedily, else sampled with the same settings (its distributions kept
+    in `q` for the acceptance test). Its KV cache follows the target's: tokens it has not seen
+    yet (the last accepted ones) are fed before drafting, and the drafted tokens the target
+    rejects are taken back (KVCache.mark / rewind), so it never reprocesses the sequence."""
+
+    def __init__(self, model, k: int = 4):
+        if not 1 <= k <= 7:
+            raise ValueError(f"a draft model drafts 1 to 7 tokens per step, got k {k}")
+        self.model, self.k = model, k
+        self.stats = SpeculativeStats()
+        self.cache = self.q = self._mark = None
+
+    def start(self, target, max_len: int, params: SamplingParams, generator: torch.Generator):
+        """A new generation of at most `max_len` tokens (prompt included) for `target`."""
+        if self.model.config.vocab_size != target.config.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({self.model.config.vocab_size} tokens) is not the "
+                             f"model's ({target.config.vocab_size}): a draft model must share its tokenizer")
+        self.cache = self.model.new_cache(1, max_len=max_len)
+        self.params, self.generator = params, generator
+
+    def propose(self, history: Sequence[int], limit: int) -> list[int]:
+        limit = min(limit, self.k)
+        if limit <= 0:
+            return []
+        model, cache, device = self.model, self.cache, self.model.device
+        if len(history) - cache.pos > 2:  # the prompt (or tokens after plain steps): in one forward, kept
+            model(torch.tensor([list(history[cache.pos:-1])], device=device), cache, last_only=True)
+        fresh = list(history[cache.pos:])  # the last token, after it at most one accepted one
+        self._fresh = len(fresh)
+        self._mark = cache.mark(len(fresh) + limit - 1)
+        draft, self.q = [], None if self.params.greedy else []
+        for i in range(limit):
+            step = torch.tensor([fresh if i == 0 else draft[-1:]], device=device)
+            seen = list(history) + draft
+            if self.params.plain_greedy:
+                token = int(model.greedy_next(step, cache))
+            else:
+                logits = model(step, cache, last_only=True)[0, -1].cpu()
+                if self.params.greedy:
+                    token = sample(logits, self.params, None, seen)
+                else:
+                    self.q.append(distribution(logits, self.params, seen))
+                    token = draw(self.q[-1], self.generator)
+            draft.append(token)
+        return draft
+
+    def record(self, drafted: int, accepted: int):
+        """Keeps the fed tokens and the drafted ones the target accepted (the last drafted token
+        was never fed: when all are accepted the next proposal feeds it)."""
+        self.stats.verify_steps += 1
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted
+        self.cache.rewind(self._mark, self._fresh + min(accepted, drafted - 1))
+
+
 def find_continuation(history: Sequence[int], n: int, limit: int) -> list[int]:
     """Up to `limit` tokens that followed the latest earlier occurrence of the last `n` tokens."""
     tail = list(history[-n:])
@@ -110,9 +178,10 @@ def find_continuation(history: Sequence[int], n: int, limit: int) -> list[int]:
 
 
 def accept(logits: torch.Tensor, draft: list[int], params: SamplingParams, generator: torch.Generator,
-           history: list[int]) -> tuple[int, int]:
+           history: list[int], q: list[torch.Tensor] | None = None) -> tuple[int, int]:
     """(drafted tokens accepted, the token after them) from verify logits [len(draft) + 1, vocab]:
-    row i scores the token after draft[:i]."""
+    row i scores the token after draft[:i]. `q[i]`: the distribution draft[i] was drawn from
+    (None: drafted deterministically)."""
     for i, d in enumerate(draft):
         seen = history + draft[:i]
         if params.greedy:
@@ -121,18 +190,25 @@ def accept(logits: torch.Tensor, draft: list[int], params: SamplingParams, gener
                 return i, token
             continue
         p = distribution(logits[i], params, seen)
-        if float(torch.rand((), generator=generator)) >= float(p[d]):
-            residual = p.clone()
-            residual[d] = 0.0
+        ratio = float(p[d]) if q is None else float(p[d]) / float(q[i][d])
+        if float(torch.rand((), generator=generator)) >= ratio:
+            if q is None:
+                residual = p.clone()
+                residual[d] = 0.0
+            else:
+                residual = (p - q[i]).clamp_min(0.0)
+                if not float(residual.sum()) > 0:  # p == q up to rounding: the residual is empty
+                    residual = p
             return i, draw(residual, generator)
     return len(draft), sample(logits[-1], params, generator, history + draft)
 
 
-def lookup_steps(model, cache, first: int, history: list[int], params: SamplingParams, generator: torch.Generator,
-                 max_tokens: int, drafter: PromptLookup) -> Iterator[int]:
+def speculative_steps(model, cache, first: int, history: list[int], params: SamplingParams,
+                      generator: torch.Generator, max_tokens: int, drafter: PromptLookup | DraftModel) -> Iterator[int]:
     """After `first` (already sampled, not yet in the cache) up to `max_tokens` - 1 more tokens,
     drafted by `drafter` and verified; yields `first` too. `history` holds the prompt and is
     extended with every yielded token."""
+    drafter.start(model, cache.max_len, params, generator)
     token, n = first, 0
     while True:
         yield token
@@ -151,7 +227,7 @@ def lookup_steps(model, cache, first: int, history: list[int], params: SamplingP
             continue
         mark = cache.mark(len(draft) + 1)
         logits = model.verify(torch.tensor([token] + draft, device=model.device), cache).cpu()
-        kept, token = accept(logits, draft, params, generator, history)
+        kept, token = accept(logits, draft, params, generator, history, drafter.q)
         cache.rewind(mark, kept + 1)
         drafter.record(len(draft), kept)
         for d in draft[:kept]:

@@ -119,6 +119,57 @@ def test_concurrent_requests_are_batched_and_exact(client, local, server):
     assert server.metric('gemma3_decode_batch_size_bucket{le="1"}') < server.metric("gemma3_decode_batch_size_count")
 
 
+REPEAT = ("Copy the list.\nList: apples, pears, plums, cherries, grapes, lemons, limes.\n"
+          "Copy: apples, pears, plums,")
+LOOKUP = {"speculative": {"method": "lookup", "ngram": 2, "k": 5}}
+
+
+def test_speculative_lookup_gives_the_plain_text_and_counts_in_metrics(client, server):
+    """Prompt lookup inside the batching engine: greedy text equal to the same request without
+    it, alone and while a plain request shares the steps (verify beside a batched decode), and
+    acceptance and tokens per step in /metrics."""
+    def complete(prompt, **extra):
+        r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=CAP, temperature=0,
+                                      extra_body=extra or None)
+        return r.choices[0].text
+
+    before = server.metric("gemma3_speculative_accepted_tokens_total")
+    plain = complete(REPEAT)
+    assert complete(REPEAT, **LOOKUP) == plain
+    out = {}
+    jobs = [threading.Thread(target=lambda: out.__setitem__("spec", complete(REPEAT, **LOOKUP))),
+            threading.Thread(target=lambda: out.__setitem__("other", complete("Once upon a time")))]
+    for t in jobs:
+        t.start()
+    for t in jobs:
+        t.join()
+    assert out["spec"] == plain and out["other"] == complete("Once upon a time")
+    chat = [{"role": "user", "content": REPEAT}]
+    r = client.chat.completions.create(model=MODEL_ID, messages=chat, max_tokens=CAP, temperature=0, extra_body=LOOKUP)
+    assert r.choices[0].message.content == client.chat.completions.create(
+        model=MODEL_ID, messages=chat, max_tokens=CAP, temperature=0).choices[0].message.content
+    assert server.metric("gemma3_speculative_accepted_tokens_total") > before
+    assert 0 < server.metric("gemma3_speculative_acceptance_rate") <= 1
+    assert server.metric("gemma3_speculative_tokens_per_step") > 1
+
+
+def test_speculative_sampling_runs_with_logprobs(client):
+    r = client.completions.create(model=MODEL_ID, prompt=REPEAT, max_tokens=CAP, temperature=0.7, seed=3,
+                                  logprobs=1, extra_body=LOOKUP)
+    assert r.usage.completion_tokens == len(r.choices[0].logprobs.tokens)
+    assert all(lp <= 0 for lp in r.choices[0].logprobs.token_logprobs)
+
+
+@pytest.mark.parametrize("spec,param", [({"method": "draft"}, "speculative.method"),
+                                        ({"method": "lookup", "k": 8}, "speculative.k"),
+                                        ({"method": "lookup", "ngram": 0}, "speculative.ngram"),
+                                        ("lookup", "speculative")])
+def test_bad_speculative_options_are_400s_naming_the_param(server, spec, param):
+    r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 2, "speculative": spec})
+    assert_error(r, 400)
+    assert r.json()["error"]["param"] == param
+
+
 def test_chat_streaming(client):
     kw = dict(model=MODEL_ID, messages=[{"role": "user", "content": "Count: one, two,"}], max_tokens=8, temperature=0)
     full = client.chat.completions.create(**kw).choices[0].message.content

@@ -210,7 +210,8 @@ class Server:
                            code="stop_string_too_long")
         return Request(ids=ids, params=params, max_tokens=max_tokens, stop=[s for s in stop if s],
                        stop_ids=frozenset((self.tokenizer.eos_id, self.tokenizer.end_of_turn_id)),
-                       top_logprobs=top_logprobs, images=list(images), prompt_top=prompt_top)
+                       top_logprobs=top_logprobs, images=list(images), prompt_top=prompt_top,
+                       speculative=body.speculative)
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         if not bias:

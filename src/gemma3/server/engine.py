@@ -11,6 +11,10 @@ while others decode, prefill chunks get at most PREFILL_SHARE of the time decode
 a 30k-token prompt slows the running sequences by that fraction instead of stopping them for its
 whole prefill. Requests come in through a bounded deque; results go back to the asyncio side
 as events on the request's own asyncio.Queue (`loop.call_soon_threadsafe`).
+
+A request with `speculative` options drafts by prompt lookup: in a step where it has a draft it
+leaves the batched decode and runs its own verify step (model.verify: the rows are the one-token
+steps' rows, so greedy output is the plain request's), then gives back the rejected tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..inference.multimodal import embed_prompt, encode_image
 from ..inference.prefix_cache import PIECE, Prefill, PrefixCache
 from ..inference.sampling import SamplingParams, sample
 from ..inference.score import TokenScore, prompt_scores
+from ..inference.speculative import PromptLookup, accept
 from .arenas import release_free_memory
 from .metrics import Metrics
 
@@ -92,6 +97,7 @@ class Request:
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the k best
     images: list = field(default_factory=list)  # decoded PIL images; `ids` holds their soft tokens
     prompt_top: int | None = None  # None: no prompt scores; k >= 0: each prompt token's logprob and k best
+    speculative: object | None = None  # schemas.Speculative: draft by prompt lookup (ngram, k)
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False  # set from the asyncio side (client gone); the engine drops the sequence
@@ -118,6 +124,18 @@ class _Sequence:
         self.matcher = StopMatcher(tokenizer, req.stop, req.stop_ids)
         self.n = 0
         self.last = None
+        spec = req.speculative
+        self.drafter = PromptLookup(ngram=spec.ngram, k=spec.k) if spec is not None else None
+
+    def propose(self) -> list[int]:
+        """Tokens drafted for the next step (none: a plain decode step)."""
+        if self.drafter is None:
+            return []
+        draft = self.drafter.propose(self.history, min(self.req.max_tokens - self.n - 1,
+                                                       self.cache.max_len - self.cache.pos - 1))
+        if not draft:
+            self.drafter.stats.plain_steps += 1
+        return draft
 
     def advance(self, token: int, logprob: TokenLogprob | None) -> bool:
         """Emit what `token` adds; True when the sequence is finished."""
@@ -366,15 +384,14 @@ class Engine:
         try:
             with torch.inference_mode():
                 start = time.perf_counter()
-                logits = self.model.decode(torch.tensor([s.last for s in live]), [s.cache for s in live])
+                drafts = [seq.propose() for seq in live]
+                self.metrics.speculative.plain_steps += sum(1 for s, d in zip(live, drafts) if s.drafter and not d)
+                plain = [seq for seq, draft in zip(live, drafts) if not draft]
+                keep = self._decode(plain) if plain else []
+                keep += [seq for seq, draft in zip(live, drafts) if draft and not self._verify(seq, draft)]
                 # Earned prefill time, capped at one chunk's worth so idle credit cannot pile up.
                 self.credit = min(self.credit + PREFILL_SHARE * (time.perf_counter() - start), 0.05) \
                     if self.prefilling else 0.0
-                keep = []
-                for seq, row in zip(live, logits):
-                    token = sample(row, seq.req.params, seq.generator, seq.history)
-                    if not self._advance(seq, token, row):
-                        keep.append(seq)
         except Exception as e:
             for seq in live:
                 seq.req.emit(Failed(f"decode failed: {type(e).__name__}: {e}"))
@@ -382,6 +399,33 @@ class Engine:
             keep = []
         self.active = keep
         self._gauges()
+
+    def _decode(self, batch: list[_Sequence]) -> list[_Sequence]:
+        """One batched decode step; the sequences that go on."""
+        logits = self.model.decode(torch.tensor([s.last for s in batch]), [s.cache for s in batch])
+        keep = []
+        for seq, row in zip(batch, logits):
+            token = sample(row, seq.req.params, seq.generator, seq.history)
+            if not self._advance(seq, token, row):
+                keep.append(seq)
+        return keep
+
+    def _verify(self, seq: _Sequence, draft: list[int]) -> bool:
+        """A speculative step of one sequence: its last token and `draft` scored in one verify
+        step (the rows a one-token step would give), the agreeing prefix and the token after it
+        emitted, the rest taken back from its cache. True when the sequence is finished."""
+        mark = seq.cache.mark(len(draft) + 1)
+        logits = self.model.verify(torch.tensor([seq.last] + draft, device=self.model.device), seq.cache).cpu()
+        kept, token = accept(logits, draft, seq.req.params, seq.generator, seq.history)
+        seq.cache.rewind(mark, kept + 1)
+        seq.drafter.record(len(draft), kept)
+        spec = self.metrics.speculative
+        spec.verify_steps, spec.drafted, spec.accepted = spec.verify_steps + 1, spec.drafted + len(draft), \
+            spec.accepted + kept
+        for i, t in enumerate(draft[:kept] + [token]):
+            if self._advance(seq, t, logits[i]):
+                return True
+        return False
 
     def _gauges(self):
         self.metrics.active_sequences = len(self.active) + len(self.prefilling)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+from ..inference.speculative import SpeculativeStats
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -39,6 +41,7 @@ class Metrics:
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttft = Histogram(LATENCY_BUCKETS)
         self.batch = Histogram(BATCH_BUCKETS)
+        self.speculative = SpeculativeStats()  # over every request that asked for speculative decoding
 
     def count_request(self, endpoint: str, status: int):
         with self.lock:
@@ -72,6 +75,17 @@ class Metrics:
             ("active_sequences", "gauge", "Sequences in the running batch (each holds a KV cache).",
              self.active_sequences),
             ("batch_size", "gauge", "Sequences in the last decode step.", self.batch_size),
+            ("speculative_verify_steps_total", "counter", "Verify steps of speculative requests.",
+             self.speculative.verify_steps),
+            ("speculative_plain_steps_total", "counter", "Steps of speculative requests with nothing drafted.",
+             self.speculative.plain_steps),
+            ("speculative_draft_tokens_total", "counter", "Tokens drafted (prompt lookup).", self.speculative.drafted),
+            ("speculative_accepted_tokens_total", "counter", "Drafted tokens the model accepted.",
+             self.speculative.accepted),
+            ("speculative_acceptance_rate", "gauge", "Accepted / drafted tokens so far.",
+             round(self.speculative.acceptance, 4)),
+            ("speculative_tokens_per_step", "gauge", "Tokens generated per step of speculative requests so far.",
+             round(self.speculative.tokens_per_step, 4)),
         ):
             out += [f"# HELP gemma3_{name} {help_}", f"# TYPE gemma3_{name} {kind}", f"gemma3_{name} {value}"]
         for name, help_, hist in (

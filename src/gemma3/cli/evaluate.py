@@ -54,6 +54,9 @@ def register(sub):
     p.add_argument("--ctx", type=options.positive_int, default=max(PREFILL_LENGTHS) + DECODE_TOKENS,
                    help="context size (KV cache) for both sides (default: %(default)s)")
     p.add_argument("--decode", type=options.positive_int, default=DECODE_TOKENS, help="greedy tokens to time (default: %(default)s)")
+    p.add_argument("--lookup", action="store_true",
+                   help="also time generation with prompt-lookup speculative decoding beside plain, on a prompt "
+                        "whose continuation repeats it (ours only)")
     options.add(p, "model", "backend", "precision", "device", "threads", "json", defaults={"threads": 2},
                 helps={"threads": "threads for both sides (default: %(default)s)",
                        "json": "print one JSON object {ours, llama_cpp, ratio}"})

@@ -7,6 +7,10 @@ read once first (warm_page_cache): both sides load it from the page cache, neith
 Both sides get the same token ids (a fixed pseudo-random sequence after <bos>, so no text file is
 needed), the same warm-up, and a greedy decode loop that includes the argmax over the vocabulary.
 
+`--lookup` adds, on our side only, greedy generation after a prompt that repeats its input (a
+pseudo-random passage, then its first tokens again: the model goes on copying it, as when editing
+or quoting a document), plain and with prompt-lookup speculative decoding, back to back.
+
 This file imports only the standard library at module level: the llama.cpp worker runs it as a
 plain script under another interpreter (`--llama-python`), which need not have torch or gemma3.
 The command's options are defined in cli/evaluate.py; a worker gets its part of them as JSON.
@@ -29,12 +33,19 @@ DECODE_TOKENS = 256
 PROMPT_TOKENS = 16  # decode starts after a short prompt, like llama-bench's tg runs
 BATCH_STEPS = 32  # decode steps per batched-decode measurement
 WARMUP_TOKENS = 32
+REPEAT_PASSAGE, REPEAT_TOKENS = 200, 128  # --lookup: the passage the prompt repeats, tokens generated
 BOS = 2
 
 
 def token_ids(n: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [BOS] + [rng.randrange(1000, 200_000) for _ in range(n - 1)]
+
+
+def repeat_prompt() -> list[int]:
+    """<bos>, a passage, then its first 8 tokens again: the greedy continuation copies the rest."""
+    passage = token_ids(REPEAT_PASSAGE + 1, seed=7)[1:]
+    return [BOS] + passage + passage[:8]
 
 
 def peak_rss_mb() -> float:
@@ -90,6 +101,19 @@ def run_ours(args):
                     tokens = step([tokens], cache)
                 emit("decode", args.decode / (time.perf_counter() - start))
                 emit("peak_rss_mb", peak_rss_mb())
+            elif phase in ("repeat_plain", "repeat_lookup"):
+                from ..inference.generate import generate_step
+                from ..inference.sampling import SamplingParams
+                from ..inference.speculative import PromptLookup
+
+                drafter = PromptLookup() if phase == "repeat_lookup" else None
+                start, n = None, 0
+                for _ in generate_step(model, repeat_prompt(), SamplingParams(), REPEAT_TOKENS, speculative=drafter):
+                    start, n = start or time.perf_counter(), n + 1  # timed from the first token: decode only
+                emit(phase, (n - 1) / (time.perf_counter() - start))
+                if drafter is not None:
+                    emit("repeat_acceptance", drafter.stats.acceptance)
+                    emit("repeat_tokens_per_step", drafter.stats.tokens_per_step)
             elif phase.startswith("batch"):
                 b = int(phase[len("batch"):])
                 cache = model.new_cache(b, max_len=PROMPT_TOKENS + BATCH_STEPS + 1)
@@ -226,9 +250,10 @@ def run_worker(cmd) -> tuple[dict, int, str]:
     return results, proc.returncode, tail
 
 
-def phases_for(args) -> list[str]:
+def phases_for(args, side: str) -> list[str]:
     return (["warmup", "decode", "warmup_batch"] + [f"prefill{n}" for n in PREFILL_LENGTHS]
-            + [f"batch{b}" for b in args.batch])
+            + [f"batch{b}" for b in args.batch]
+            + (["repeat_plain", "repeat_lookup"] if args.lookup and side == "ours" else []))
 
 
 class Side:
@@ -241,8 +266,8 @@ class Side:
         self.notes: list[str] = []
 
     def measure(self, args):
-        phases = phases_for(args)
         side = "llama" if self.name == "llama_cpp" else "ours"
+        phases = phases_for(args, side)
         first = [p for p in phases if p not in self.fallback_phases
                  and not (p == "warmup_batch" and self.fallback_phases)]
         results, rc, err = run_worker(worker_command(self.python, side, args, first))
@@ -273,6 +298,12 @@ class Side:
                "peak_rss_mb": round(med["peak_rss_mb"], 1)}
         if args.batch:
             out["batch_decode_tok_s"] = {str(b): round(med[f"batch{b}"], 1) for b in args.batch}
+        if "repeat_lookup" in med:
+            out["lookup"] = {"plain_tok_s": round(med["repeat_plain"], 1),
+                             "lookup_tok_s": round(med["repeat_lookup"], 1),
+                             "speedup": round(med["repeat_lookup"] / med["repeat_plain"], 2),
+                             "acceptance": round(med["repeat_acceptance"], 3),
+                             "tokens_per_step": round(med["repeat_tokens_per_step"], 2)}
         return out
 
 
@@ -318,6 +349,12 @@ def table(result: dict, args) -> str:
         lines.append(line)
     widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))) for l in lines]
+    lookup = result["ours"].get("lookup")
+    if lookup:
+        text.append(f"repeat-the-input {REPEAT_TOKENS} tokens (ours): plain {lookup['plain_tok_s']:.1f} tok/s, "
+                    f"--lookup {lookup['lookup_tok_s']:.1f} tok/s ({lookup['speedup']:.2f}x; "
+                    f"{lookup['acceptance']:.0%} of drafted tokens accepted, {lookup['tokens_per_step']:.2f} "
+                    "tokens per step)")
     m = result.get("machine")
     if m:
         text.append(f"({m['cpu']}, {m['threads']} threads; our path: {m['isa']})")

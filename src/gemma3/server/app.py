@@ -28,6 +28,7 @@ from ..inference.sampling import SamplingParams
 from . import embeddings, tokens
 from .engine import Done, Engine, Failed, PromptScores, QueueFull, Request, ShuttingDown
 from .guard import Gate, Limits
+from .ranks import Leader
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 # How often a non-streaming handler checks whether its client is still connected.
@@ -199,6 +200,10 @@ class Server:
                                     logit_bias=self._logit_bias(body.logit_bias))
         except ValueError as e:
             raise APIError(400, str(e), param="logit_bias" if "logit_bias" in str(e) else None) from None
+        if body.speculative is not None and isinstance(self.engine.model, Leader):
+            # A verify step and a cache rewind are not among the calls the leader mirrors to its ranks.
+            raise APIError(400, "speculative decoding is not served under tensor parallelism (--tp)",
+                           param="speculative", code="unsupported")
         limits = self.limits
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > limits.max_stop:

@@ -408,6 +408,12 @@ def test_schemathesis_finds_no_server_errors(server, tmp_path):
 # ------------------------------------------------------------------ last: graceful shutdown
 
 
+def test_the_key_guards_the_tokenizer_routes_but_not_props(server):
+    assert_error(post(server, "/tokenize", {"prompt": "hi"}, key=None), 401, "invalid_api_key")
+    assert post(server, "/tokenize", {"prompt": "hi"}).json()["count"] == 2  # <bos> hi
+    assert httpx.get(server.url + "/props", timeout=10).json()["context"] == CTX
+
+
 def test_sigterm_finishes_in_flight_stream_and_exits_0(server):
     body = {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 8, "stream": True, "temperature": 0}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120,
@@ -419,9 +425,3 @@ def test_sigterm_finishes_in_flight_stream_and_exits_0(server):
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2][5:])["choices"][0]["finish_reason"] == "length"
     assert server.proc.wait(60) == 0
-
-
-def test_the_key_guards_the_tokenizer_routes_but_not_props(server):
-    assert_error(post(server, "/tokenize", {"prompt": "hi"}, key=None), 401, "invalid_api_key")
-    assert post(server, "/tokenize", {"prompt": "hi"}).json()["count"] == 2  # <bos> hi
-    assert httpx.get(server.url + "/props", timeout=10).json()["context"] == CTX

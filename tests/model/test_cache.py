@@ -114,7 +114,7 @@ def test_prefix_cache_start_stores_when_the_chunks_finish(tiny):
     job = pc.start(ids, max_len=200)
     assert job.step(window + 3) is None and not pc.entries  # stored only once complete
     logits = job.step()
-    assert list(pc.entries) == [tuple(ids)]
+    assert list(pc.entries) == [(None, tuple(ids))]  # keyed by (adapter slot, prompt)
     cache, again = pc.prefill(ids + [5], max_len=200)
     assert pc.hits == 1 and pc.reused_tokens == len(ids)
     with torch.no_grad():

@@ -262,3 +262,31 @@ def test_qat_exports_a_gguf_by_default(tmp_path):
     ids = torch.randint(0, 263, (1, 30))
     with torch.no_grad():
         torch.testing.assert_close(load(exported)[0](ids), reference(ids))
+
+
+def test_finetuned_adapter_unmerged_equals_merged_and_loads_by_directory(tmp_path, capsys):
+    """`gemma3 finetune --lora-rank` writes an adapter: applied unmerged (`generate --adapter`, or
+    `--model` on the adapter directory) it gives the merged model's logits and greedy text."""
+    from gemma3.inference.load import load_adapter
+
+    base = tiny_model_dir(tmp_path / "base")
+    main(["finetune", "--model", str(base), *_write_data(tmp_path), "--seq-len", "48", "--steps", "3",
+          "--batch-size", "2", "--lr", "1e-2", "--lora-rank", "4", "--out", str(tmp_path / "run"), "--quiet"])
+    adapter = tmp_path / "run" / "final"
+    main(["finetune", "merge", "--model", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged")])
+    merged, _ = load(tmp_path / "merged")
+    unmerged, _ = load(base)
+    load_adapter(unmerged, adapter, default=True)
+    by_dir, _ = load(adapter)  # the adapter names its base (finetune --model's path)
+    ids = torch.randint(0, 263, (1, 30))
+    with torch.no_grad():
+        want = merged(ids)
+        torch.testing.assert_close(unmerged(ids), want, rtol=0, atol=1e-3)
+        torch.testing.assert_close(by_dir(ids), want, rtol=0, atol=1e-3)
+        assert not torch.allclose(load(base)[0](ids), want, atol=1e-3)
+    texts = []
+    for extra in (["--model", str(tmp_path / "merged")], ["--model", str(base), "--adapter", str(adapter)],
+                  ["--model", str(adapter)]):
+        main(["generate", "It is a truth", "-n", "12", "--backend", "torch", "--json", *extra])
+        texts.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"])
+    assert texts[0] == texts[1] == texts[2]

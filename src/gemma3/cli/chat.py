@@ -37,7 +37,7 @@ def register(sub):
                                    "new line, Ctrl-C stops a reply, Ctrl-D quits; /help lists the commands.")
     p.add_argument("--system", default=None, help="system prompt (merged into the first user turn)")
     p.add_argument("--history", default=str(DEFAULT_HISTORY), help="file that keeps your input lines across sessions")
-    options.add(p, *options.MODEL, *options.SAMPLING, *options.VISION)
+    options.add(p, *options.MODEL, *options.SAMPLING, *options.VISION, "adapter")
     p.set_defaults(func=cmd_chat)
 
 

@@ -147,6 +147,11 @@ OPTIONS: dict[str, Option] = {
         help=f"append this run (model, config, git commit, time, command, results) as one JSON line to FILE "
              f"(default {DEFAULT_RESULTS}; nothing is written without the flag); `gemma3 eval report` summarises it")),
     "plot": Option(("--plot",), dict(default=None, help="write the plot to this PNG")),
+    "adapter": Option(("--adapter",), dict(
+        action="append", default=[], metavar="[NAME=]DIR",
+        help="LoRA adapter directory (PEFT layout, as `gemma3 finetune --lora-rank` writes) applied unmerged "
+             "beside the base's weights; serve: NAME=DIR (repeatable) serves it as model NAME, chosen per "
+             "request, while a bare DIR applies to every request")),
     "lookup": Option(("--lookup",), dict(
         action="store_true", help="speculative decoding by prompt lookup: drafts the tokens that followed the "
                                   "last n-gram earlier in the text, checked in one step (same greedy text; "
@@ -233,6 +238,7 @@ def load_model(args, timeout=None):
     # The quantized C++ kernels of the cpu backend are CPU-only and unsharded: elsewhere the float path runs.
     backend = args.backend if dev == "cpu" and world == 1 else "torch"
     model, tok = load(args.model, dtype=dtype(args, dev), backend=backend)
+    attach_adapters(args, model, world)
     if getattr(model, "quant_recipe", None):  # only a quantized directory loads with a recipe
         print(f"gemma3: warning: {args.model} ({model.quant_recipe}) {REFERENCE_PATH}; a .gguf from "
               "`gemma3 quantize` runs on the C++ kernels", file=sys.stderr)
@@ -247,6 +253,25 @@ def load_model(args, timeout=None):
         if ctx.rank:
             sys.stdout = open(os.devnull, "w")
     return model.to(dev), tok
+
+
+def attach_adapters(args, model, world: int):
+    """Applies `--adapter`s: a bare DIR to every sequence, NAME=DIR (serve only) as a model clients
+    choose by name (model/adapters.py's bank holds the names)."""
+    from ..inference.load import load_adapter
+
+    specs = [a.split("=", 1) if "=" in a else (None, a) for a in getattr(args, "adapter", None) or []]
+    if specs and world > 1:
+        raise ValueError("--adapter does not run tensor parallel: serve adapters from one process")
+    if sum(name is None for name, _ in specs) > 1:
+        raise ValueError("more than one --adapter DIR without a name: name them (--adapter NAME=DIR) to serve "
+                         "several, chosen per request by `model`")
+    if args.command != "serve" and any(name is not None for name, _ in specs):
+        raise ValueError(f"`gemma3 {args.command}` takes --adapter DIR; NAME=DIR is for `gemma3 serve`")
+    for name, path in specs:
+        if name is not None and not name:
+            raise ValueError(f"--adapter ={path}: empty name")
+        load_adapter(model, path, name=name, default=name is None)
 
 
 PRETRAINED = re.compile(r"(?:^|[-_.])pt(?:[-_.]|$)", re.IGNORECASE)

@@ -24,7 +24,7 @@ def register(sub):
     p.add_argument("--image", action="append", default=[],
                    help="image file (repeatable); each <start_of_image> in the prompt marks where one goes, "
                         "otherwise they come before the text")
-    options.add(p, *options.MODEL, "json", "device", *options.SAMPLING, *options.VISION, *options.LOOKUP)
+    options.add(p, *options.MODEL, "json", "device", *options.SAMPLING, *options.VISION, *options.LOOKUP, "adapter")
     p.set_defaults(func=cmd_generate)
 
     chat.register(sub)

@@ -50,7 +50,7 @@ def register(sub):
                         "text only, no prefix cache). Under torchrun the ranks are torchrun's")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn log level (default info: one line per request)")
-    options.add(p, *options.VISION, *options.MODEL)
+    options.add(p, *options.VISION, *options.MODEL, "adapter")
     p.set_defaults(func=cmd_serve)
 
 

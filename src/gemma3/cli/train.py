@@ -195,6 +195,8 @@ def cmd_distill(args):
 
 
 def cmd_finetune(args):
+    from pathlib import Path
+
     from ..formats.checkpoint import save_hf_dir
     from ..inference.load import load
     from ..train import lora
@@ -212,6 +214,9 @@ def cmd_finetune(args):
         return
     ctx = _setup(args)
     model, tok = load(args.model)
+    # What an adapter's `base_model_name_or_path` names, so `--model OUT/final` finds its base.
+    model.base_name = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() \
+        else (args.model or "270m")
     if args.adapter:
         lora.load_adapter(model, args.adapter)
     elif args.lora_rank:

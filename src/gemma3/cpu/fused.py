@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.adapters import with_delta
 from ..model.cache import KVCache
 from ..model.decoder import MLP, Attention, Block, Gemma3, KVRows, RMSNorm, rope_cos_sin
 from . import kernels
@@ -65,8 +66,10 @@ class FastAttention(Attention):
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if b <= MAX_VNNI_ROWS and all(kernel_ready(p) for p in projections):  # one activation quantization
             weights = [p.weight_for(b) for p in projections]
-            q, k, v = ops.qmatmul_many(x.view(b, -1), [w for w, _ in weights], [t for _, t in weights],
+            x2 = x.view(b, -1)
+            q, k, v = ops.qmatmul_many(x2, [w for w, _ in weights], [t for _, t in weights],
                                        [p.out_features for p in projections])
+            q, k, v = (with_delta(p, x2, y) for p, y in zip(projections, (q, k, v)))  # LoRA adapters, if any
         else:
             q, k, v = (p(x) for p in projections)
         q = q.view(b, self.n_heads, self.head_dim)
@@ -119,7 +122,9 @@ class FastBlock(Block):
         if fused is None:
             return super().forward(x, cos, sin, kv, groups)
         D = self.self_attn.head_dim
-        y = fused.forward(x.view(b, d), cos.reshape(-1, D), sin.reshape(-1, D), *cache_args(kv))
+        bank = self.__dict__.get("adapters")  # LoRA: each row's adapter slot (model/adapters.py)
+        y = fused.forward(x.view(b, d), cos.reshape(-1, D), sin.reshape(-1, D), *cache_args(kv),
+                          bank.row_slots(b) if bank is not None else [])
         for part in kv:
             part.cache.commit()
         return y.view(b, 1, d)
@@ -214,7 +219,8 @@ class FastGemma3(Gemma3):
             layers, [w.keys for w in views], [w.values for w in views], [w.k_scale for w in views],
             [w.v_scale for w in views], [w.ring_positions for w in views],
             [layer.window if w.ring_positions is not None else 0 for layer, w in zip(cache.layers, views)],
-            qweight(table), self.embed_scale().item(), self.norm.weight, self.norm.eps)
+            qweight(table), self.embed_scale().item(), self.norm.weight, self.norm.eps,
+            bank.slot_of(cache) if (bank := self.__dict__.get("adapters")) is not None else -1)
 
 
 def refuse_hooks(model: nn.Module, modules) -> None:
@@ -238,16 +244,23 @@ def _decode_layer(block: Block):
     norms = (block.input_layernorm, block.post_attention_layernorm, block.pre_feedforward_layernorm,
              block.post_feedforward_layernorm)
     refuse_hooks(block, (block, attn, mlp, attn.q_norm, attn.k_norm) + linears + norms)
-    return ops.DecodeLayer(*(qweight(p) for p in linears), *(n.weight for n in norms), attn.q_norm.weight,
-                           attn.k_norm.weight, attn.n_heads, attn.n_kv, attn.head_dim, attn.window or 0, attn.scale,
-                           attn.q_norm.eps)
+    layer = ops.DecodeLayer(*(qweight(p) for p in linears), *(n.weight for n in norms), attn.q_norm.weight,
+                            attn.k_norm.weight, attn.n_heads, attn.n_kv, attn.head_dim, attn.window or 0, attn.scale,
+                            attn.q_norm.eps)
+    for i, p in enumerate(linears):  # LoRA adapters beside the quantized projections (model/adapters.py)
+        if p.__dict__.get("lora"):
+            layer.set_lora(i, *p.__dict__["lora"].kernel_tensors())
+    return layer
 
 
 class FastMLP(MLP):
     def forward(self, x):
         layers = (self.gate_proj, self.up_proj, self.down_proj)
         rows = x.numel() // x.shape[-1]
-        if rows > MAX_VNNI_ROWS or x.dtype != torch.float32 or not all(kernel_ready(p) for p in layers):
+        # The one-call MLP has no LoRA paths: adapted projections take the modules' way (one kernel
+        # call each, plus their paths); the fused decode layer does add them (DecodeLayer).
+        if (rows > MAX_VNNI_ROWS or x.dtype != torch.float32 or not all(kernel_ready(p) for p in layers)
+                or any(p.__dict__.get("lora") for p in layers)):
             return super().forward(x)
         g, u, d = layers
         y = kernels.ops().mlp(x.reshape(rows, -1), *g.weight_for(rows), *u.weight_for(rows), *d.weight_for(rows),

@@ -26,19 +26,23 @@ class Chunk:
 
 
 def prefill(model, prompt: Sequence[int] | MultimodalPrompt, max_len: int, prefix_cache=None,
-            kv_dtype=None) -> tuple[KVCache, torch.Tensor]:
+            kv_dtype=None, adapter: int | None = None) -> tuple[KVCache, torch.Tensor]:
     """A new cache holding the prompt, and the logits [vocab] of its last token. A MultimodalPrompt
     is prefilled with its image features and bidirectional image groups; a text prompt with a
     `PrefixCache` resumes after the longest stored prefix it shares (images are not keyed by ids,
-    so they never use it)."""
+    so they never use it). `adapter`: the LoRA adapter slot of the new cache (model/adapters.py)."""
     with torch.inference_mode():
         if isinstance(prompt, MultimodalPrompt):
             cache = model.new_cache(1, max_len=max_len, kv_dtype=kv_dtype)
+            if adapter is not None:  # else the cache's own None: the default adapter, if any
+                cache.adapter = adapter
             ids = torch.tensor([prompt.ids], device=model.device)
             return cache, model(ids, cache, last_only=True, embeds=prompt.embeds, groups=prompt.groups)[0, -1]
         if prefix_cache is not None:
-            return prefix_cache.prefill(list(prompt), max_len)
+            return prefix_cache.prefill(list(prompt), max_len, adapter)
         cache = model.new_cache(1, max_len=max_len, kv_dtype=kv_dtype)
+        if adapter is not None:  # else the cache's own None: the default adapter, if any
+            cache.adapter = adapter
         return cache, model(torch.tensor([list(prompt)], device=model.device), cache, last_only=True)[0, -1]
 
 

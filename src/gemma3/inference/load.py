@@ -26,7 +26,9 @@ from ..formats.checkpoint import (
     read_vision_hf_dir,
 )
 from ..formats.gguf import QTensor, read_gguf
+from ..formats.peft import base_model, is_adapter_dir, read_adapter
 from ..formats.tokenizer import Tokenizer
+from ..model import adapters
 from ..model.config import PRESETS
 from ..model.decoder import Gemma3
 from ..model.vision import VisionModel
@@ -73,6 +75,14 @@ def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     path = resolve(model)
+    if is_adapter_dir(path):  # a LoRA adapter (`gemma3 finetune --lora-rank`): its base, with it applied
+        base = base_model(path)
+        if base is None or not (Path(base).exists() or base.lower() == DEFAULT_MODEL):
+            raise WeightsError(f"{path} is a LoRA adapter whose base model {base!r} is not on this machine: "
+                               "pass the base with --model and the adapter with --adapter")
+        net, tokenizer = load(base, dtype, backend, progress)
+        load_adapter(net, path, default=True)
+        return net, tokenizer
     recipe = None
     if is_quantized_dir(path):  # written by `gemma3 quantize` (quant/store.py)
         cfg, weights, recipe = read_dir(path, dtype)
@@ -106,6 +116,14 @@ def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32,
     if backend == "cpu" and cpu.available():
         cpu.accelerate_tokenizer(tokenizer)
     return net.eval(), tokenizer
+
+
+def load_adapter(model: nn.Module, path: str | Path, name: str | None = None, default: bool = False) -> int:
+    """Applies the LoRA adapter at `path` (PEFT layout) unmerged, beside the model's projections, as
+    adapter `name` (default: the directory's path); `default`: every sequence uses it unless its
+    cache names another. Returns its slot (model/adapters.py)."""
+    cfg, tensors = read_adapter(path)
+    return adapters.attach(model, name or str(path), cfg.rank, cfg.alpha, tensors, default=default)
 
 
 def fill(net: nn.Module, state: dict[str, torch.Tensor], source: str):

@@ -21,6 +21,7 @@ from ..model.cache import KVCache, KVSnapshot
 @dataclass
 class _Entry:
     tokens: tuple[int, ...]
+    adapter: int | None  # the LoRA adapter slot its keys were computed under (model/adapters.py)
     final: KVCache  # the state after the whole prompt (global layers complete)
     rings: dict[int, KVSnapshot] = field(default_factory=dict)  # boundary -> the ring layers there
 
@@ -44,33 +45,38 @@ class PrefixCache:
         self.model, self.max_bytes, self.kv_dtype = model, max_bytes, kv_dtype
         self.block = block or model.config.sliding_window
         self.piece = piece  # Prefill's
-        self.entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
+        self.entries: OrderedDict[tuple, _Entry] = OrderedDict()  # by (adapter, tokens)
         self.hits = self.reused_tokens = 0
 
-    def lookup(self, ids) -> tuple[_Entry | None, int]:
-        """Best entry and resume boundary (< len(ids): the last token is always computed)."""
+    def lookup(self, ids, adapter: int | None = None) -> tuple[_Entry | None, int]:
+        """Best entry and resume boundary (< len(ids): the last token is always computed), among the
+        prompts computed under the same adapter (another one's keys differ)."""
         best, best_b = None, 0
         for entry in self.entries.values():
+            if entry.adapter != adapter:
+                continue
             shared = min(_common_prefix(entry.tokens, ids), len(ids) - 1)
             b = max((x for x in entry.rings if x <= shared), default=0)
             if b > best_b:
                 best, best_b = entry, b
         return best, best_b
 
-    def prefill(self, ids, max_len: int) -> tuple[KVCache, torch.Tensor]:
+    def prefill(self, ids, max_len: int, adapter: int | None = None) -> tuple[KVCache, torch.Tensor]:
         """A cache holding `ids` and the logits of the last token, reusing a stored prefix."""
-        job = self.start(ids, max_len)
+        job = self.start(ids, max_len, adapter)
         return job.cache, job.step()
 
-    def start(self, ids, max_len: int) -> "Prefill":
-        """A Prefill of `ids` that resumes after the longest stored prefix and stores its own
-        states when it completes."""
+    def start(self, ids, max_len: int, adapter: int | None = None) -> "Prefill":
+        """A Prefill of `ids` (its rows under LoRA adapter slot `adapter`) that resumes after the
+        longest stored prefix and stores its own states when it completes."""
         ids = list(ids)
-        entry, b = self.lookup(ids)
+        entry, b = self.lookup(ids, adapter)
         if entry is None:
-            return Prefill(self.model, ids, self.model.new_cache(1, max_len=max_len, kv_dtype=self.kv_dtype),
-                           self.block, {}, self._finished, self.piece)
-        self.entries.move_to_end(entry.tokens)
+            cache = self.model.new_cache(1, max_len=max_len, kv_dtype=self.kv_dtype)
+            if adapter is not None:  # else the cache's own None: the default adapter, if any
+                cache.adapter = adapter
+            return Prefill(self.model, ids, cache, self.block, {}, self._finished, self.piece)
+        self.entries.move_to_end((entry.adapter, entry.tokens))
         self.hits += 1
         self.reused_tokens += b
         rings = {x: r for x, r in entry.rings.items() if x <= b}
@@ -81,11 +87,12 @@ class PrefixCache:
         # The caller keeps decoding into `cache`: store a copy of the state at the end of the prompt.
         final = cache.frozen()
         rings[final.pos] = final.snapshot()  # a longer prompt can resume at the very end
-        self._store(_Entry(tuple(ids), final, rings))
+        self._store(_Entry(tuple(ids), cache.adapter, final, rings))
 
     def _store(self, entry: _Entry):
-        self.entries.pop(entry.tokens, None)
-        self.entries[entry.tokens] = entry
+        key = (entry.adapter, entry.tokens)
+        self.entries.pop(key, None)
+        self.entries[key] = entry
         while len(self.entries) > 1 and sum(e.nbytes() for e in self.entries.values()) > self.max_bytes:
             self.entries.popitem(last=False)
 

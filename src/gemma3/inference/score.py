@@ -21,12 +21,15 @@ class TokenScore:
     top: list[tuple[int, float]]  # (token id, logprob) of the k most likely, most likely first
 
 
-def prompt_scores(model, ids: list[int], top: int = 0, max_len: int | None = None):
+def prompt_scores(model, ids: list[int], top: int = 0, max_len: int | None = None, adapter: int | None = None):
     """(scores, cache, last logits): each token's log-probability given the tokens before it,
     with the `top` most likely alternatives, plus the filled cache (room for `max_len` tokens)
-    and the logits after the last token, so generation can go on from there."""
+    and the logits after the last token, so generation can go on from there. `adapter`: the LoRA
+    adapter slot the cache's rows use (model/adapters.py)."""
     with torch.inference_mode():
         cache = model.new_cache(1, max_len=max(max_len or len(ids), len(ids)))
+        if adapter is not None:  # else the cache's own None: the default adapter, if any
+            cache.adapter = adapter
         hidden = model.forward_hidden(torch.tensor([ids], device=model.device), cache)[0]
         scores = [TokenScore(ids[0], None, [])]
         last = None

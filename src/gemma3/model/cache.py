@@ -285,6 +285,7 @@ class KVCache:
         self._layers, self._pos, self._max_len = tuple(layers), pos, max_len
         self._linear = [layer for layer in self._layers if isinstance(layer, LinearKV)]
         self._backend: dict[object, tuple[tuple[int, ...], object]] = {}
+        self.adapter: int | None = None  # the LoRA adapter slot of its rows (model/adapters.py)
 
     @classmethod
     def empty(cls, config: Gemma3Config, batch_size: int = 1, max_len: int | None = None,
@@ -366,7 +367,7 @@ class KVCache:
     def frozen(self) -> "KVCache":
         """A copy of the state at `pos` (global layers cut to their length, able to grow no further)."""
         layers = [l.clone() if isinstance(l, RingKV) else l.truncated(l.length, l.length) for l in self._layers]
-        return KVCache(layers, self._pos, self._max_len)
+        return self._same_adapter(KVCache(layers, self._pos, self._max_len))
 
     def resumed(self, snapshot: KVSnapshot, max_len: int) -> "KVCache":
         """A new cache at `snapshot.pos`: rings from the snapshot, global layers from this cache
@@ -374,7 +375,11 @@ class KVCache:
         rings = iter(snapshot.rings)
         layers = [next(rings).clone() if isinstance(l, RingKV) else l.truncated(snapshot.pos, max_len)
                   for l in self._layers]
-        return KVCache(layers, snapshot.pos, max_len)
+        return self._same_adapter(KVCache(layers, snapshot.pos, max_len))
+
+    def _same_adapter(self, cache: "KVCache") -> "KVCache":
+        cache.adapter = self.adapter  # keys computed under an adapter are only valid under it
+        return cache
 
     def nbytes(self) -> int:
         """Bytes of K/V storage currently allocated (measured, not estimated)."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from .adapters import route
 from .cache import KVCache, LayerKV
 from .config import GLOBAL, Gemma3Config
 
@@ -209,9 +210,14 @@ class Gemma3(nn.Module):
     def device(self):
         return self.norm.weight.device
 
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None, kv_dtype=None) -> KVCache:
-        """`kv_dtype`: "fp32" | "bf16" | "int8" storage (default: the model's dtype)."""
-        return KVCache.empty(self.config, batch_size, max_len, dtype=self.dtype, device=self.device, kv_dtype=kv_dtype)
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None, kv_dtype=None,
+                  adapter: int | None = None) -> KVCache:
+        """`kv_dtype`: "fp32" | "bf16" | "int8" storage (default: the model's dtype); `adapter`: the
+        LoRA adapter slot its rows use (model/adapters.py; None: the default one, if any)."""
+        cache = KVCache.empty(self.config, batch_size, max_len, dtype=self.dtype, device=self.device,
+                              kv_dtype=kv_dtype)
+        cache.adapter = adapter
+        return cache
 
     def embed_scale(self) -> torch.Tensor:
         # The sqrt(d_model) factor is rounded to the activation dtype first, as the reference does.
@@ -259,6 +265,7 @@ class Gemma3(nn.Module):
         in chunks. `embeds` [batch, seq, d_model] replaces the token embeddings (image features
         spliced in); `groups` [batch, seq] gives each image soft token its image index (-1 elsewhere)."""
         outs = []
+        route(self, [cache])
         for start, end in self.chunks(input_ids.shape[1], groups):
             n = end - start
             cache.check_room(n)
@@ -277,6 +284,7 @@ class Gemma3(nn.Module):
         for c in caches:
             c.check_room(1)
         positions = torch.tensor([[c.pos] for c in caches], device=tokens.device)  # [B, 1]
+        route(self, caches)
 
         def kv(i):
             return [KVRows(slice(r, r + 1), c.layers[i], positions[r]) for r, c in enumerate(caches)]
@@ -294,6 +302,7 @@ class Gemma3(nn.Module):
         n = tokens.shape[0]
         cache.check_room(n)
         positions = torch.arange(cache.pos, cache.pos + n, device=tokens.device)[:, None]  # [n, 1]
+        route(self, [cache])
 
         def kv(i):
             return [KVRows(slice(r, r + 1), cache.layers[i], positions[r]) for r in range(n)]
@@ -309,6 +318,7 @@ class Gemma3(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embed(input_ids) if embeds is None else embeds
         whole = [KVRows(slice(None), None, positions)]
+        route(self, [None])
         return self.norm(self.run_layers(x, self.rope(positions), lambda i: whole, groups, checkpoint))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from ..formats.tokenizer import encode_chat
 from ..inference.generate import encode_prompt
 from ..inference.multimodal import IMAGE_MARK, ImageError, decode_image, encode_chat_with_images, without_marks
 from ..inference.sampling import SamplingParams
+from ..model import adapters
 from . import embeddings, tokens
 from .engine import Done, Engine, Failed, PromptScores, QueueFull, Request, ShuttingDown
 from .guard import Gate, Limits
@@ -106,6 +107,11 @@ class Server:
 
     def __init__(self, engine: Engine, model_id: str, ctx: int, limits: Limits = Limits()):
         self.engine, self.tokenizer, self.model_id = engine, engine.tokenizer, model_id
+        # LoRA adapters served by name (`serve --adapter NAME=DIR`), as vLLM's --lora-modules: a
+        # request's `model` picks one; the model's own id runs the base (or the bare --adapter).
+        bank = adapters.bank(engine.model)
+        self.adapters = {} if bank is None else {n: i for i, n in enumerate(bank.names) if i != bank.default}
+        self.models = [model_id, *self.adapters]
         self.ctx, self.limits = ctx, limits
         self.max_tokens = min(limits.max_tokens or ctx, ctx)
         self.max_prompt_bytes = ctx * limits.prompt_bytes_per_token
@@ -181,9 +187,9 @@ class Server:
         return list(prompt)
 
     def build(self, body, ids: list[int], top_logprobs: int | None, images=(), prompt_top: int | None = None) -> Request:
-        if body.model != self.model_id:
-            raise APIError(404, f"The model '{body.model}' does not exist (this server serves '{self.model_id}')",
-                           param="model", code="model_not_found")
+        if body.model not in self.models:
+            raise APIError(404, f"The model '{body.model}' does not exist (this server serves "
+                                f"{', '.join(repr(m) for m in self.models)})", param="model", code="model_not_found")
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", param="n")
         if len(ids) >= self.ctx:
@@ -216,7 +222,7 @@ class Server:
         return Request(ids=ids, params=params, max_tokens=max_tokens, stop=[s for s in stop if s],
                        stop_ids=frozenset((self.tokenizer.eos_id, self.tokenizer.end_of_turn_id)),
                        top_logprobs=top_logprobs, images=list(images), prompt_top=prompt_top,
-                       speculative=body.speculative)
+                       speculative=body.speculative, adapter=self.adapters.get(body.model))
 
     def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
         if not bias:
@@ -317,9 +323,9 @@ def _usage(done: Done) -> dict:
 
 
 class _ChatChunks:
-    def __init__(self, server: Server, cid: str, created: int, include_usage: bool, logprobs: bool):
+    def __init__(self, server: Server, cid: str, created: int, include_usage: bool, logprobs: bool, model: str):
         self.server, self.logprobs = server, logprobs
-        self.base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.model_id}
+        self.base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
         if include_usage:
             self.base["usage"] = None
 
@@ -338,9 +344,9 @@ class _ChatChunks:
 
 
 class _CompletionChunks:
-    def __init__(self, server: Server, cid: str, created: int, include_usage: bool, logprobs: bool):
+    def __init__(self, server: Server, cid: str, created: int, include_usage: bool, logprobs: bool, model: str):
         self.server, self.logprobs, self.offset = server, logprobs, 0
-        self.base = {"id": cid, "object": "text_completion", "created": created, "model": server.model_id}
+        self.base = {"id": cid, "object": "text_completion", "created": created, "model": model}
         if include_usage:
             self.base["usage"] = None
 
@@ -452,9 +458,10 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": server.created,
-                                            "owned_by": "gemma3", "max_model_len": ctx,
-                                            "input_modalities": modalities}]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": server.created,
+                                            "owned_by": "gemma3", "max_model_len": ctx, "input_modalities": modalities,
+                                            **({"parent": model_id} if m != model_id else {})}
+                                           for m in server.models]}
 
     tokens.add_routes(app, server, lambda status, message, param: APIError(status, message, param=param,
                                                                             code="invalid_value"))
@@ -472,14 +479,14 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            chunks = _ChatChunks(server, cid, created, include_usage, body.logprobs)
+            chunks = _ChatChunks(server, cid, created, include_usage, body.logprobs, body.model)
             first = chunks.make({"role": "assistant", "content": ""})
             return _event_stream(server.stream(req, chunks, include_usage, first))
         result = await server.collect(req, http)
         if result is None:
             return JSONResponse({}, status_code=499)
         text, done, lps, _ = result
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
+        return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": {"content": chat_logprobs(server.tokenizer, lps)} if body.logprobs else None,
                              "finish_reason": done.finish_reason}],
@@ -501,7 +508,7 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
         echo = server.tokenizer.decode(ids) if body.echo else ""
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            chunks = _CompletionChunks(server, cid, created, include_usage, body.logprobs is not None)
+            chunks = _CompletionChunks(server, cid, created, include_usage, body.logprobs is not None, body.model)
             first = chunks.make(echo) if echo else None
             return _event_stream(server.stream(req, chunks, include_usage, first))
         result = await server.collect(req, http)
@@ -511,7 +518,7 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
         logprobs = None
         if body.logprobs is not None:
             logprobs = completion_logprobs(server.tokenizer, (prompt or []) + lps)
-        return {"id": cid, "object": "text_completion", "created": created, "model": model_id,
+        return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "text": echo + text, "finish_reason": done.finish_reason,
                              "logprobs": logprobs}],
                 "usage": _usage(done)}

@@ -98,6 +98,7 @@ class Request:
     images: list = field(default_factory=list)  # decoded PIL images; `ids` holds their soft tokens
     prompt_top: int | None = None  # None: no prompt scores; k >= 0: each prompt token's logprob and k best
     speculative: object | None = None  # schemas.Speculative: draft by prompt lookup (ngram, k)
+    adapter: int | None = None  # the LoRA adapter slot its sequence uses (model/adapters.py); None: the default
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False  # set from the asyncio side (client gone); the engine drops the sequence
@@ -304,7 +305,7 @@ class Engine:
             try:
                 max_len = len(req.ids) + req.max_tokens
                 if req.prompt_top is not None:  # every position's logits are needed: one full pass
-                    scores, cache, logits = prompt_scores(self.model, req.ids, req.prompt_top, max_len)
+                    scores, cache, logits = prompt_scores(self.model, req.ids, req.prompt_top, max_len, req.adapter)
                     req.emit(PromptScores(scores))
                     if req.max_tokens == 0:
                         req.emit(Done("", "length", len(req.ids), 0, []))
@@ -312,13 +313,16 @@ class Engine:
                         self._started(req, cache, logits)
                 elif req.images:  # encoded here, on the thread that owns the models; prefilled at once
                     features = [encode_image(self.vision, im, self.pan_and_scan) for im in req.images]
-                    self._started(req, *prefill(self.model, embed_prompt(self.model, req.ids, features), max_len))
+                    self._started(req, *prefill(self.model, embed_prompt(self.model, req.ids, features), max_len,
+                                                adapter=req.adapter))
                 elif self.prefix_cache is not None:
-                    self.prefilling.append((req, self.prefix_cache.start(req.ids, max_len)))
+                    self.prefilling.append((req, self.prefix_cache.start(req.ids, max_len, req.adapter)))
                     self.metrics.prefix_hits = self.prefix_cache.hits
                     self.metrics.prefix_tokens = self.prefix_cache.reused_tokens
                 else:
                     cache = self.model.new_cache(1, max_len=max_len)
+                    if req.adapter is not None:  # else the cache's own None: the default adapter, if any
+                        cache.adapter = req.adapter
                     self.prefilling.append((req, Prefill(self.model, list(req.ids), cache, self.block, piece=PIECE)))
             except Exception as e:  # one bad request must not take the loop down
                 req.emit(Failed(f"prefill failed: {type(e).__name__}: {e}"))

@@ -72,7 +72,7 @@ def save_model_files(path: Path, model: nn.Module, state: dict[str, torch.Tensor
     """The loadable part of a checkpoint: adapter only for LoRA (or merged weights), else full weights."""
     cfg = getattr(model, "lora_config", None)
     if cfg is not None and not merge_lora:
-        lora.save_adapter(path, cfg, state, base_name=model.config.name)
+        lora.save_adapter(path, cfg, state, base_name=getattr(model, "base_name", None) or model.config.name)
     else:
         weights = lora.merge_state(state, cfg) if cfg is not None else state
         save_hf_dir(path, model.config, {k: v.detach().cpu().contiguous() for k, v in weights.items()})

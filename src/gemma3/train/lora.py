@@ -8,31 +8,18 @@ Adapters are saved in PEFT's layout (adapter_config.json + adapter_model.safeten
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PEFT_PREFIX = "base_model.model.model."
+from ..formats.peft import ALL_TARGETS, LoRAConfig, read_adapter_config
+from ..formats.peft import PEFT_PREFIX as _PEFT_PREFIX
 
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ALL_TARGETS
-
-    def __post_init__(self):
-        bad = set(self.targets) - set(ALL_TARGETS)
-        if bad or not self.targets:
-            raise ValueError(f"unknown LoRA target(s) {sorted(bad)}; choose from {', '.join(ALL_TARGETS)}")
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be ≥ 1, got {self.rank}")
+__all__ = ["ALL_TARGETS", "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "lora_state", "merge_state",
+           "save_adapter", "read_adapter_config", "load_adapter"]
 
 
 class LoRALinear(nn.Module):
@@ -106,6 +93,8 @@ def merge_state(state: dict[str, torch.Tensor], cfg: LoRAConfig) -> dict[str, to
 
 def save_adapter(path: str | Path, cfg: LoRAConfig, state: dict[str, torch.Tensor], base_name: str | None = None):
     """Writes the adapter tensors of `state` (our names; other entries are ignored) in PEFT's layout."""
+    import json
+
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -116,19 +105,6 @@ def save_adapter(path: str | Path, cfg: LoRAConfig, state: dict[str, torch.Tenso
         "base_model_name_or_path": base_name}, indent=2))
     save_file({f"{_PEFT_PREFIX}{k}.weight": v.detach().contiguous().cpu() for k, v in state.items() if _is_lora(k)},
               str(path / "adapter_model.safetensors"))
-
-
-def read_adapter_config(path: str | Path) -> LoRAConfig:
-    path = Path(path)
-    try:
-        cfg = json.loads((path / "adapter_config.json").read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no adapter_config.json (not a LoRA adapter directory)") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: adapter type {cfg.get('peft_type')!r} is not LoRA")
-    targets = cfg["target_modules"]
-    targets = ALL_TARGETS if targets == "all-linear" else tuple([targets] if isinstance(targets, str) else targets)
-    return LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), targets=targets)
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:

@@ -85,12 +85,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t, int64_t,
                       double, double>())
         .def("forward", &DecodeLayer::forward, "Block.forward for one token per row, each row with its own cache",
-             nogil);
+             nogil)
+        .def("set_lora", &DecodeLayer::set_lora, "LoRA adapters of projection 0..6 (q k v o gate up down), by slot");
     py::class_<DecodeStack>(m, "DecodeStack")
         .def(py::init<std::vector<DecodeLayer>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                       std::vector<c10::optional<torch::Tensor>>, std::vector<c10::optional<torch::Tensor>>,
                       std::vector<c10::optional<torch::Tensor>>, std::vector<int64_t>, QWeight, double, torch::Tensor,
-                      double>())
+                      double, int64_t>())
         .def("step", &DecodeStack::step, "a one-token step over the held cache: embedding, layers, final norm (and LM head)",
              nogil)
         .def("next_token", &DecodeStack::next_token, "the step's greedy next token (argmax inside the LM head)", nogil);

@@ -25,6 +25,44 @@ struct QWeight {
     Product product(int64_t rows, float* Y) const { return {bytes(rows), kind(rows), N, Y}; }
 };
 
+// LoRA adapters beside one projection (src/gemma3/model/adapters.py), by adapter slot: A [r, in] and
+// Bs = (scale * B)^T [r, out], fp32 (an empty A: that adapter leaves the projection alone). A row
+// routed to slot s gets y += (A x) Bs. A rank-8 path reads ~1-2% of its quantized weight's bytes,
+// so plain loops the compiler vectorizes are enough (16 partial sums keep the dot product in lanes).
+struct LoRA {
+    std::vector<torch::Tensor> A, Bs;
+
+    bool adapts(const std::vector<int64_t>& slots) const {
+        for (int64_t s : slots)
+            if (s >= 0 && s < (int64_t)A.size() && A[s].numel() > 0) return true;
+        return false;
+    }
+
+    void add(const float* x, int64_t rows, int64_t in, float* y, int64_t out, const std::vector<int64_t>& slots) const {
+        for (int64_t r = 0; r < rows && r < (int64_t)slots.size(); r++) {
+            const int64_t s = slots[r];
+            if (s < 0 || s >= (int64_t)A.size() || A[s].numel() == 0) continue;
+            const int64_t R = A[s].size(0);
+            const float* a = A[s].data_ptr<float>();
+            const float* bs = Bs[s].data_ptr<float>();
+            const float* xr = x + r * in;
+            float* yr = y + r * out;
+            for (int64_t i = 0; i < R; i++) {
+                const float* ai = a + i * in;
+                float lanes[16] = {0};
+                int64_t k = 0;
+                for (; k + 16 <= in; k += 16)
+                    for (int j = 0; j < 16; j++) lanes[j] += ai[k + j] * xr[k + j];
+                float t = 0;
+                for (int j = 0; j < 16; j++) t += lanes[j];
+                for (; k < in; k++) t += ai[k] * xr[k];
+                const float* bi = bs + i * out;
+                for (int64_t o = 0; o < out; o++) yr[o] += t * bi[o];
+            }
+        }
+    }
+};
+
 // Block.forward of model/decoder.py for one token per row, each row with its own cache (the arguments
 // of decode_attention_list): cpu/fused.py's FastBlock builds one per layer and calls it once per decode step,
 // instead of ~15 Python-level module calls and kernel launches.
@@ -34,11 +72,18 @@ struct DecodeLayer {
     torch::Tensor q_norm, k_norm;                                         // w (qk_norm_rope adds 1)
     int64_t Hq, Hk, D, window;
     double scale, eps;
+    LoRA lora[7];  // q, k, v, o, gate, up, down (set_lora); `adapters` routes each row to a slot (-1: none)
+
+    void set_lora(int64_t which, std::vector<torch::Tensor> A, std::vector<torch::Tensor> Bs) {
+        TORCH_CHECK(which >= 0 && which < 7 && A.size() == Bs.size(), "set_lora: projection 0..6, one Bs per A");
+        lora[which] = {A, Bs};
+    }
 
     torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> keys,
                           std::vector<torch::Tensor> values, std::vector<torch::Tensor> k_scales,
                           std::vector<torch::Tensor> v_scales, std::vector<torch::Tensor> key_pos,
-                          std::vector<int64_t> slots, std::vector<int64_t> positions) const {
+                          std::vector<int64_t> slots, std::vector<int64_t> positions,
+                          std::vector<int64_t> adapters) const {
         x = as_rows(x);
         const int64_t B = x.size(0), d = x.size(1), F = gate.N;
         const float e = (float)eps;
@@ -52,21 +97,45 @@ struct DecodeLayer {
                  vt = torch::empty({B, Hk * D}, torch::kFloat32);
             matmul_acts(acts, {q.product(B, qt.data_ptr<float>()), k.product(B, kt.data_ptr<float>()),
                                v.product(B, vt.data_ptr<float>())});
+            lora[0].add(h.data_ptr<float>(), B, d, qt.data_ptr<float>(), Hq * D, adapters);
+            lora[1].add(h.data_ptr<float>(), B, d, kt.data_ptr<float>(), Hk * D, adapters);
+            lora[2].add(h.data_ptr<float>(), B, d, vt.data_ptr<float>(), Hk * D, adapters);
             auto qk = qk_norm_rope(qt.view({B, Hq, D}), kt.view({B, Hk, D}), q_norm, k_norm, cos, sin, eps);
             auto att = decode_attention_list(qk[0], qk[1], vt.view({B, Hk, D}), keys, values, k_scales, v_scales,
                                              key_pos, slots, positions, window, scale);
             Acts att_acts(att.data_ptr<float>(), B, Hq * D);
             matmul_acts(att_acts, {o.product(B, op)});
+            lora[3].add(att.data_ptr<float>(), B, Hq * D, op, d, adapters);
         }
         // x += post_attn_norm(o); h = pre_ffw_norm(x)
         auto x1 = torch::empty({B, d}, torch::kFloat32);
         rms_norm_rows(op, post_attn_norm.data_ptr<float>(), e, B, d, x1.data_ptr<float>(), x.data_ptr<float>());
         rms_norm_rows(x1.data_ptr<float>(), pre_ffw_norm.data_ptr<float>(), e, B, d, h.data_ptr<float>());
-        auto m = mlp(h, gate.bytes(B), gate.kind(B), up.bytes(B), up.kind(B), down.bytes(B), down.kind(B), F, d);
+        auto m = lora[4].adapts(adapters) || lora[5].adapts(adapters) || lora[6].adapts(adapters)
+                     ? adapted_mlp(h, adapters)
+                     : mlp(h, gate.bytes(B), gate.kind(B), up.bytes(B), up.kind(B), down.bytes(B), down.kind(B), F, d);
         auto out = torch::empty({B, d}, torch::kFloat32);
         rms_norm_rows(m.data_ptr<float>(), post_ffw_norm.data_ptr<float>(), e, B, d, out.data_ptr<float>(),
                       x1.data_ptr<float>());
         return out;
+    }
+
+    // mlp() with the adapters' paths added to gate, up and down (the same products and GELU).
+    torch::Tensor adapted_mlp(const torch::Tensor& h, const std::vector<int64_t>& adapters) const {
+        const int64_t B = h.size(0), d = h.size(1), F = gate.N;
+        Acts acts(h.data_ptr<float>(), B, d);
+        auto gu = torch::empty({2, B, F}, torch::kFloat32);
+        float* g = gu.data_ptr<float>();
+        float* u = g + B * F;
+        matmul_acts(acts, {gate.product(B, g), up.product(B, u)});
+        lora[4].add(h.data_ptr<float>(), B, d, g, F, adapters);
+        lora[5].add(h.data_ptr<float>(), B, d, u, F, adapters);
+        gelu_mul(g, u, B * F);
+        Acts hidden(g, B, F);
+        auto y = torch::empty({B, down.N}, torch::kFloat32);
+        matmul_acts(hidden, {down.product(B, y.data_ptr<float>())});
+        lora[6].add(g, B, F, y.data_ptr<float>(), down.N, adapters);
+        return y;
     }
 };
 
@@ -86,6 +155,7 @@ struct DecodeStack {
     double embed_scale;      // sqrt(d) rounded to fp32, as Gemma3.embed does
     torch::Tensor out_norm;  // the final norm's w
     double eps;
+    int64_t adapter;         // the cache's adapter slot (DecodeLayer::lora), -1: none
 
     // model.forward for token `token` at `pos`: logits [1, vocab], or with `logits` false the
     // final-normed hidden state [1, d] (model.forward_hidden). The same arithmetic as the modules:
@@ -132,7 +202,7 @@ struct DecodeStack {
             };
             x = layers[i].forward(x, ring ? cos_local : cos_global, ring ? sin_local : sin_global, {keys[i]},
                                   {values[i]}, one(k_scales[i]), one(v_scales[i]), ring ? one(key_pos[i]) : none,
-                                  {ring ? pos % windows[i] : pos}, {pos});
+                                  {ring ? pos % windows[i] : pos}, {pos}, {adapter});
         }
         auto h = torch::empty({1, d}, torch::kFloat32);
         rms_norm_rows(x.data_ptr<float>(), out_norm.data_ptr<float>(), (float)eps, 1, d, h.data_ptr<float>());

@@ -155,6 +155,15 @@ std::vector<torch::Tensor> qmatmul_many(torch::Tensor x, std::vector<torch::Tens
     return ys;
 }
 
+// g[i] = gelu_tanh(g[i]) * u[i]: torch's gelu(approximate="tanh"), 16 values at a time (scalar tanh
+// took ~10% of a step).
+INLINE void gelu_mul(float* g, const float* u, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(g + i, gelu_mul512(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+    const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(g + i, tail, gelu_mul512(_mm512_maskz_loadu_ps(tail, g + i), _mm512_maskz_loadu_ps(tail, u + i)));
+}
+
 // Gemma's MLP, down(gelu_tanh(gate(x)) * up(x)), in one call.
 torch::Tensor mlp(torch::Tensor x, torch::Tensor wg, int64_t tg, torch::Tensor wu, int64_t tu, torch::Tensor wd,
                   int64_t td, int64_t F, int64_t N) {
@@ -165,10 +174,7 @@ torch::Tensor mlp(torch::Tensor x, torch::Tensor wg, int64_t tg, torch::Tensor w
     float* g = gu.data_ptr<float>();
     float* u = g + M * F;
     matmul_acts(acts, {{wg, tg, F, g}, {wu, tu, F, u}});
-    int64_t i = 0;  // torch's gelu(approximate="tanh"), 16 values at a time (scalar tanh took ~10% of a step)
-    for (; i + 16 <= M * F; i += 16) _mm512_storeu_ps(g + i, gelu_mul512(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
-    const __mmask16 tail = (__mmask16)((1u << (M * F - i)) - 1);
-    _mm512_mask_storeu_ps(g + i, tail, gelu_mul512(_mm512_maskz_loadu_ps(tail, g + i), _mm512_maskz_loadu_ps(tail, u + i)));
+    gelu_mul(g, u, M * F);
     Acts hidden(g, M, F);
     auto y = torch::empty({M, N}, torch::kFloat32);
     matmul_acts(hidden, {{wd, td, N, y.data_ptr<float>()}});

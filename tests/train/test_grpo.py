@@ -7,7 +7,7 @@ import torch
 from gemma3.inference.generate import generate_step
 from gemma3.inference.sampling import SamplingParams
 from gemma3.train import lora
-from gemma3.train.grpo import GRPOConfig, adapters_off, rollout, train_grpo
+from gemma3.train.grpo import GRPOConfig, rollout, train_grpo
 from gemma3.train.rewards import Score
 from gemma3.train.rl import ObjectiveConfig
 from tests.helpers.cli import run_cli
@@ -47,7 +47,7 @@ def test_adapters_off_gives_the_base_model():
             if isinstance(m, lora.LoRALinear):
                 m.lora_B.data.normal_()
         changed = model(x)
-        with adapters_off(model):
+        with lora.adapters_off(model):
             off = model(x)
     assert not torch.allclose(base, changed) and torch.allclose(base, off, atol=1e-6)
 

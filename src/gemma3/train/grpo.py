@@ -11,7 +11,6 @@ come from the same weights with the adapters switched off (the base), and one Ad
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import time
@@ -41,20 +40,6 @@ class GRPOConfig:
     seed: int = 0
     progress: bool = True
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-
-
-@contextlib.contextmanager
-def adapters_off(model):
-    """The base model's outputs from a LoRA model: every adapter's scale set to 0 for the duration."""
-    layers = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
-    scales = [m.scale for m in layers]
-    for m in layers:
-        m.scale = 0.0
-    try:
-        yield model
-    finally:
-        for m, s in zip(layers, scales):
-            m.scale = s
 
 
 @torch.inference_mode()
@@ -127,7 +112,7 @@ def _update(model, seqs, mask, advantages, cfg: GRPOConfig, optimizer, params):
             continue
         ref = None
         if obj.beta:
-            with torch.no_grad(), adapters_off(model):
+            with torch.no_grad(), lora.adapters_off(model):
                 ref = completion_logprobs(model, seqs[sl], mask[sl], cfg.temperature)
         logp = completion_logprobs(model, seqs[sl], mask[sl], cfg.temperature)
         loss, stats = policy_loss(logp, advantages[sl], mask[sl], obj, ref_logp=ref)

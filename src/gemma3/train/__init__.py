@@ -12,5 +12,7 @@ scale-out with torchrun + DDP/FSDP. One loop (`trainer`), several target sources
 | `checkpoint` | save / exact resume (weights as HF safetensors, optimizer, RNG, data position) |
 | `distributed` | torchrun process group, DDP / FSDP2 wrapping |
 | `student` | student configs (preset / JSON) and initialisation |
+| `sandbox`, `rewards`, `tasks` | code execution under limits; verifiable rewards and their weighted sum; procedural tasks |
+| `rl`, `grpo` | GRPO / RLOO objectives; the rollout → reward → update loop behind `gemma3 rl` |
 | `commands` | the `gemma3 distill | finetune | qat` subcommands |
 """

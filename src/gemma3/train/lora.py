@@ -8,6 +8,8 @@ Adapters are saved in PEFT's layout (adapter_config.json + adapter_model.safeten
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -33,8 +35,14 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype,
                                                device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default initialisation
+        self.enabled = True
+
+    def enable(self, on: bool):
+        self.enabled = on
 
     def forward(self, x):
+        if not self.enabled:
+            return F.linear(x, self.weight)
         return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
     def merged(self) -> nn.Linear:
@@ -60,6 +68,19 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         setattr(parent, child, LoRALinear(module, cfg.rank, cfg.alpha))
     model.lora_config = cfg
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """The base model's outputs from a LoRA model (e.g. RL's reference policy) for the duration."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enable(False)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enable(True)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -93,7 +114,6 @@ def merge_state(state: dict[str, torch.Tensor], cfg: LoRAConfig) -> dict[str, to
 
 def save_adapter(path: str | Path, cfg: LoRAConfig, state: dict[str, torch.Tensor], base_name: str | None = None):
     """Writes the adapter tensors of `state` (our names; other entries are ignored) in PEFT's layout."""
-    import json
 
     from safetensors.torch import save_file
 

@@ -1,0 +1,84 @@
+"""`gemma3 rl grpo | rloo`: RL with verifiable rewards on LoRA adapters (train/grpo.py)."""
+
+from __future__ import annotations
+
+import json
+
+from . import options
+
+
+def register(sub):
+    p = sub.add_parser(
+        "rl", help="reinforcement learning with verifiable rewards (GRPO, RLOO) on LoRA adapters",
+        description="Sample --group completions per prompt with the policy (the model with its LoRA adapters) on "
+                    "our batched decode, score them with the task's verifiable reward (plus an optional format "
+                    "reward), and take one policy-gradient step per batch: GRPO (group-standardised advantages, "
+                    "clipped ratio, k3 KL to the base model) or RLOO (leave-one-out baseline). Writes "
+                    "OUT/metrics.jsonl (every reward component), OUT/rewards.png and OUT/adapter (PEFT layout).")
+    p.add_argument("algorithm", choices=("grpo", "rloo"), help="grpo: group mean/std advantages; rloo: leave-one-out")
+    options.add(p, "model", "threads", "json", "seed", defaults={"seed": 0},
+                helps={"model": "policy base: GGUF file, HF-style directory or preset (default: the embedded 270M)",
+                       "seed": "sampling, prompt order and LoRA initialisation seed (default: %(default)s)"})
+    p.add_argument("--task", default="arithmetic",
+                   help="arithmetic (built in) or reasoning-gym:NAME, e.g. reasoning-gym:basic_arithmetic")
+    p.add_argument("--train-size", type=options.positive_int, default=1000, help="training problems (default 1000)")
+    p.add_argument("--eval-size", type=options.count, default=200, help="held-out problems for greedy accuracy (default 200)")
+    p.add_argument("--format-weight", type=options.non_negative, default=0.0,
+                   help="weight of a format reward (the completion's first line is a bare number; default 0)")
+    p.add_argument("--out", "-o", required=True, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--steps", type=options.positive_int, default=20, help="policy updates (default 20)")
+    g.add_argument("--prompts", type=options.positive_int, default=4, help="prompts per step (default 4)")
+    g.add_argument("--group", type=options.positive_int, default=8, help="completions per prompt (≥ 2; default 8)")
+    g.add_argument("--max-tokens", type=options.positive_int, default=8, help="completion length cap (default 8)")
+    g.add_argument("--temperature", type=options.positive, default=1.0, help="sampling temperature (default 1)")
+    g = p.add_argument_group("objective")
+    g.add_argument("--lr", type=options.positive, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--beta", type=options.non_negative, default=0.04, help="k3 KL coefficient to the base (default 0.04)")
+    g.add_argument("--epsilon", type=options.positive, default=0.2, help="ratio clip ε (default 0.2)")
+    g.add_argument("--normalise", choices=("sequence", "token"), default="sequence",
+                   help="mean over each completion then over completions (default), or over all tokens")
+    g.add_argument("--no-scale-rewards", action="store_true", help="GRPO: do not divide by the group std")
+    g.add_argument("--lora-rank", type=options.positive_int, default=8, help="LoRA rank (default 8)")
+    g.add_argument("--micro-batch", type=options.positive_int, default=8,
+                   help="sequences per forward/backward in the update (default 8)")
+    g.add_argument("--eval-every", type=options.count, default=0, help="held-out accuracy every N steps (default: start and end)")
+    p.set_defaults(func=cmd_rl)
+
+
+def cmd_rl(args):
+    from ..inference.load import load
+    from ..train import lora, rewards, tasks
+    from ..train.grpo import GRPOConfig, train_grpo
+    from ..train.rl import ObjectiveConfig
+
+    if args.group < 2:
+        raise ValueError("--group must be at least 2 (advantages are relative to the group)")
+    options.set_threads(args)
+    model, tok = load(args.model)
+    import torch
+
+    torch.manual_seed(args.seed)
+    lora.apply_lora(model, lora.LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank))
+    samples = tasks.load(args.task, args.train_size + args.eval_size, seed=args.seed)
+    train, held_out = samples[:args.train_size], samples[args.train_size:]
+    components = {"task": (1.0, tasks.task_reward)}
+    if args.format_weight:
+        components["format"] = (args.format_weight, rewards.format_reward(r"\s*-?\d+(\.\d+)?\s*(\n.*)?", full=True))
+    objective = ObjectiveConfig(advantage=args.algorithm, scale_rewards=not args.no_scale_rewards,
+                                epsilon_low=args.epsilon, epsilon_high=args.epsilon, beta=args.beta,
+                                normalise=args.normalise)
+    cfg = GRPOConfig(out=args.out, steps=args.steps, prompts_per_step=args.prompts, group=args.group,
+                     max_tokens=args.max_tokens, temperature=args.temperature, lr=args.lr,
+                     micro_batch=args.micro_batch, eval_every=args.eval_every, seed=args.seed,
+                     progress=not args.quiet, objective=objective)
+    result = train_grpo(model, tok, train, held_out, rewards.Weighted(components), tasks.task_reward, cfg)
+    if args.json:
+        print(json.dumps(result))
+        return
+    acc = ""
+    if result["accuracy_before"] is not None:
+        acc = f"; held-out greedy accuracy {result['accuracy_before']:.1%} → {result['accuracy_after']:.1%}"
+    print(f"{args.algorithm}: {result['steps']} steps in {result['seconds']:.0f} s, final mean reward "
+          f"{result['final_reward']:.3f}{acc}; adapter in {result['adapter']}")

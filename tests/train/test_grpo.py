@@ -1,0 +1,99 @@
+"""The GRPO / RLOO loop on a tiny random model: rollouts, updates, logs, CLI."""
+
+import json
+
+import torch
+
+from gemma3.inference.generate import generate_step
+from gemma3.inference.sampling import SamplingParams
+from gemma3.train import lora
+from gemma3.train.grpo import GRPOConfig, rollout, train_grpo
+from gemma3.train.rewards import Score
+from gemma3.train.rl import ObjectiveConfig
+from tests.helpers.cli import run_cli
+from tests.helpers.models import random_model, tiny_config
+from tests.helpers.training import byte_tokenizer, tiny_model_dir
+
+
+def _model(seed=0):
+    return random_model(tiny_config(vocab=263, layers=2, local_per_global=1, window=16), seed=seed)
+
+
+def test_greedy_rollout_equals_plain_generation():
+    model = _model()
+    prompts = [[2, 70, 71, 72], [2, 100, 101, 102, 103, 104]]
+    got = rollout(model, prompts, group=2, max_tokens=6, temperature=0.0, stop_ids=set())
+    for i, ids in enumerate(prompts):
+        want = list(generate_step(model, ids, SamplingParams(temperature=0), 6))
+        assert got[2 * i] == got[2 * i + 1] == want
+
+
+def test_sampled_rollouts_stop_and_differ():
+    model = _model()
+    got = rollout(model, [[2, 70, 71]], group=4, max_tokens=12, temperature=1.0, stop_ids={7, 8, 9},
+                  generator=torch.Generator().manual_seed(0))
+    assert len({tuple(c) for c in got}) > 1
+    for c in got:
+        assert 1 <= len(c) <= 12 and all(t not in {7, 8, 9} for t in c[:-1])
+
+
+def test_adapters_off_gives_the_base_model():
+    model = _model()
+    x = torch.tensor([[2, 70, 71, 72]])
+    with torch.no_grad():
+        base = model(x)
+        lora.apply_lora(model, lora.LoRAConfig(rank=2))
+        for m in model.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.lora_B.data.normal_()
+        changed = model(x)
+        with lora.adapters_off(model):
+            off = model(x)
+    assert not torch.allclose(base, changed) and torch.allclose(base, off, atol=1e-6)
+
+
+def _low_first_byte(text, sample):
+    """A learnable toy reward: the completion starts with a byte below 'P'."""
+    return Score(float(bool(text) and ord(text[0]) < ord("P")), "toy")
+
+
+def _good_mass(model, tok, prompts):
+    """Mean probability of a first completion token that `_low_first_byte` rewards."""
+    good = torch.tensor([tok.token_to_id(f"<0x{b:02X}>") for b in range(ord("P"))])
+    with torch.no_grad():
+        return sum(float(torch.softmax(model(torch.tensor([tok.encode(p, add_bos=True)]))[0, -1], -1)[good].sum())
+                   for p in prompts) / len(prompts)
+
+
+def test_grpo_moves_probability_towards_rewarded_completions(tmp_path):
+    model = _model(seed=3)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8))
+    tok = byte_tokenizer()
+    samples = [{"prompt": f"q{i}", "answer": "0"} for i in range(4)]
+    before = _good_mass(model, tok, [s["prompt"] for s in samples])
+    cfg = GRPOConfig(out=str(tmp_path), steps=6, prompts_per_step=2, group=8, max_tokens=1, lr=1e-1,
+                     progress=False, objective=ObjectiveConfig(beta=0.0))
+    result = train_grpo(model, tok, samples, [], lambda t, s: (_low_first_byte(t, s).value, {"toy": _low_first_byte(t, s)}),
+                        _low_first_byte, cfg)
+    after = _good_mass(model, tok, [s["prompt"] for s in samples])
+    assert after > before + 0.05, (before, after)  # seeded: 0.31 → 0.39 when measured
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all("reward/toy" in r and r["grad_norm"] > 0 for r in records)
+    assert (tmp_path / "rewards.png").exists() and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert result["steps"] == 6
+
+
+def test_cli_runs_two_steps_of_grpo_and_rloo(tmp_path, capsys):
+    model_dir = tiny_model_dir(tmp_path / "m")
+    for algo in ("grpo", "rloo"):
+        out = tmp_path / algo
+        code, stdout, err = run_cli(["rl", algo, "--model", str(model_dir), "--steps", "2", "--prompts", "2",
+                                     "--group", "2", "--train-size", "4", "--eval-size", "2", "--format-weight",
+                                     "0.5", "--max-tokens", "3", "--out", str(out), "--json", "--quiet"], capsys)
+        assert code == 0, err
+        result = json.loads(stdout)
+        assert result["steps"] == 2 and result["accuracy_after"] is not None
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in records if "reward" in r]
+        assert len(steps) == 2 and {"reward/task", "reward/format", "kl", "rollout_tokens_per_s"} <= set(steps[0])
+        assert json.loads((out / "config.json").read_text())["objective"]["advantage"] == algo

@@ -35,14 +35,14 @@ def prefill(model, prompt: Sequence[int] | MultimodalPrompt, max_len: int, prefi
         if isinstance(prompt, MultimodalPrompt):
             cache = model.new_cache(1, max_len=max_len, kv_dtype=kv_dtype)
             if adapter is not None:  # else the cache's own None: the default adapter, if any
-                cache.adapter = adapter
+                cache.use_adapter(adapter)
             ids = torch.tensor([prompt.ids], device=model.device)
             return cache, model(ids, cache, last_only=True, embeds=prompt.embeds, groups=prompt.groups)[0, -1]
         if prefix_cache is not None:
             return prefix_cache.prefill(list(prompt), max_len, adapter)
         cache = model.new_cache(1, max_len=max_len, kv_dtype=kv_dtype)
         if adapter is not None:  # else the cache's own None: the default adapter, if any
-            cache.adapter = adapter
+            cache.use_adapter(adapter)
         return cache, model(torch.tensor([list(prompt)], device=model.device), cache, last_only=True)[0, -1]
 
 

@@ -74,7 +74,7 @@ class PrefixCache:
         if entry is None:
             cache = self.model.new_cache(1, max_len=max_len, kv_dtype=self.kv_dtype)
             if adapter is not None:  # else the cache's own None: the default adapter, if any
-                cache.adapter = adapter
+                cache.use_adapter(adapter)
             return Prefill(self.model, ids, cache, self.block, {}, self._finished, self.piece)
         self.entries.move_to_end((entry.adapter, entry.tokens))
         self.hits += 1

@@ -29,7 +29,7 @@ def prompt_scores(model, ids: list[int], top: int = 0, max_len: int | None = Non
     with torch.inference_mode():
         cache = model.new_cache(1, max_len=max(max_len or len(ids), len(ids)))
         if adapter is not None:  # else the cache's own None: the default adapter, if any
-            cache.adapter = adapter
+            cache.use_adapter(adapter)
         hidden = model.forward_hidden(torch.tensor([ids], device=model.device), cache)[0]
         scores = [TokenScore(ids[0], None, [])]
         last = None

@@ -378,8 +378,12 @@ class KVCache:
         return self._same_adapter(KVCache(layers, snapshot.pos, max_len))
 
     def _same_adapter(self, cache: "KVCache") -> "KVCache":
-        cache.adapter = self.adapter  # keys computed under an adapter are only valid under it
-        return cache
+        return cache.use_adapter(self.adapter)  # keys computed under an adapter are only valid under it
+
+    def use_adapter(self, slot: int | None) -> "KVCache":
+        """Marks the rows of this cache as computed under LoRA adapter `slot` (None: the base)."""
+        self.adapter = slot
+        return self
 
     def nbytes(self) -> int:
         """Bytes of K/V storage currently allocated (measured, not estimated)."""

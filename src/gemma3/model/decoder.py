@@ -216,7 +216,7 @@ class Gemma3(nn.Module):
         LoRA adapter slot its rows use (model/adapters.py; None: the default one, if any)."""
         cache = KVCache.empty(self.config, batch_size, max_len, dtype=self.dtype, device=self.device,
                               kv_dtype=kv_dtype)
-        cache.adapter = adapter
+        cache.use_adapter(adapter)
         return cache
 
     def embed_scale(self) -> torch.Tensor:

@@ -322,7 +322,7 @@ class Engine:
                 else:
                     cache = self.model.new_cache(1, max_len=max_len)
                     if req.adapter is not None:  # else the cache's own None: the default adapter, if any
-                        cache.adapter = req.adapter
+                        cache.use_adapter(req.adapter)
                     self.prefilling.append((req, Prefill(self.model, list(req.ids), cache, self.block, piece=PIECE)))
             except Exception as e:  # one bad request must not take the loop down
                 req.emit(Failed(f"prefill failed: {type(e).__name__}: {e}"))

@@ -200,13 +200,17 @@ class Engine:
         on the thread that loaded the model."""
         threading.Thread(target=self.run, name="gemma3-engine", daemon=True).start()
 
+    def _check_room(self, queue, what: str):
+        """Refuses new work (caller holds self.cond) once stopping, or with `queue` at --max-queue."""
+        if self.stopping:
+            raise ShuttingDown("the server is shutting down")
+        if len(queue) >= self.max_queue:
+            raise QueueFull(f"the server is busy: {len(queue)} {what} are already queued "
+                            f"(--max-queue {self.max_queue}); retry later")
+
     def submit(self, req: Request):
         with self.cond:
-            if self.stopping:
-                raise ShuttingDown("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self.waiting)} requests are already queued "
-                                f"(--max-queue {self.max_queue}); retry later")
+            self._check_room(self.waiting, "requests")
             self.waiting.append(req)
             self.metrics.queue_depth = len(self.waiting)
             self.cond.notify()
@@ -216,11 +220,7 @@ class Engine:
         model but not a batch slot. The model is not safe to run from two threads at once."""
         future = Future()
         with self.cond:
-            if self.stopping:
-                raise ShuttingDown("the server is shutting down")
-            if len(self.jobs) >= self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self.jobs)} jobs are already queued "
-                                f"(--max-queue {self.max_queue}); retry later")
+            self._check_room(self.jobs, "jobs")
             self.jobs.append((fn, future))
             self.cond.notify()
         return future

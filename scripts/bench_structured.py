@@ -67,6 +67,9 @@ def run_batch(engine: Engine, tok, batch: int, tokens: int, constrained: bool) -
             engine.submit(r)
         events = await asyncio.gather(*(consume(r) for r in reqs))
         start, end = max(t[0] for t in events), min(t[-1] for t in events)  # every row decoding
+        if end <= start:
+            raise SystemExit("no step ran the whole batch (the first row finished before the last was admitted): "
+                             "raise --tokens")
         n = sum(start < x <= end for t in events for x in t)
         return n / (end - start)
 

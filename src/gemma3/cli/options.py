@@ -167,6 +167,14 @@ OPTIONS: dict[str, Option] = {
              "distribution)")),
     "draft_k": Option(("--draft-k",), dict(type=positive_int, default=4,
                                            help="tokens --draft-model drafts per step, 1-7 (default: %(default)s)")),
+    "json_schema": Option(("--json-schema",), dict(
+        default=None, metavar="FILE", help="constrain the output to JSON valid against the JSON schema in FILE")),
+    "grammar": Option(("--grammar",), dict(
+        default=None, metavar="FILE", help="constrain the output to the grammar in FILE (llguidance's Lark "
+                                           "dialect, or llama.cpp's GBNF)")),
+    "regex": Option(("--regex",), dict(default=None, help="constrain the output to match this regular expression")),
+    "choice": Option(("--choice",), dict(action="append", default=None,
+                                         help="the output is exactly one of these strings (repeatable)")),
 }
 
 # The options of a command that loads a model to run it.
@@ -174,6 +182,7 @@ MODEL = ("model", "backend", "precision", "dtype", "threads")
 SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop", "kv_dtype")
 VISION = ("mmproj", "no_pan_and_scan")
 LOOKUP = ("lookup", "lookup_ngram", "lookup_k", "draft_model", "draft_k")
+CONSTRAIN = ("json_schema", "grammar", "regex", "choice")
 
 
 def add(p, *names: str, defaults: dict | None = None, helps: dict | None = None):
@@ -298,7 +307,25 @@ def sampling_params(args):
     if seed is None and tp.world_size() > 1:
         seed = tp.shared_seed()  # every rank must draw the same tokens
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repeat_penalty, seed=seed)
+                          repetition_penalty=args.repeat_penalty, seed=seed, constraint=constraint(args))
+
+
+def constraint(args):
+    """The Constraint of --json-schema / --grammar / --regex / --choice (at most one), or None."""
+    given = [name for name in CONSTRAIN if getattr(args, name, None)]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ValueError(f"give one of {', '.join('--' + n.replace('_', '-') for n in given)}, not several")
+    from ..inference.constrain import Constraint
+
+    if args.json_schema:
+        with open(args.json_schema, encoding="utf-8") as f:
+            return Constraint.json_schema(f.read())
+    if args.grammar:
+        with open(args.grammar, encoding="utf-8") as f:
+            return Constraint("grammar", f.read())
+    return Constraint("regex", args.regex) if args.regex else Constraint.choice(args.choice)
 
 
 def drafter(args, model):

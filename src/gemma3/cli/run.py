@@ -14,7 +14,8 @@ def register(sub):
     p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
                        description="Generate a continuation of the prompt, given as text or read from a file "
                                    "(-f FILE; -f - reads stdin).\nExamples: gemma3 generate \"One, two, three,\" -n 32; "
-                                   "gemma3 generate -f notes.txt -v")
+                                   "gemma3 generate -f notes.txt -v; "
+                                   "gemma3 generate \"A user record: \" --json-schema user.schema.json")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("prompt", nargs="?", help="prompt text")
     source.add_argument("--file", "-f", help="read the prompt from this file (- = stdin)")
@@ -24,7 +25,8 @@ def register(sub):
     p.add_argument("--image", action="append", default=[],
                    help="image file (repeatable); each <start_of_image> in the prompt marks where one goes, "
                         "otherwise they come before the text")
-    options.add(p, *options.MODEL, "json", "device", *options.SAMPLING, *options.VISION, *options.LOOKUP, "adapter")
+    options.add(p, *options.MODEL, "json", "device", *options.SAMPLING, *options.VISION, *options.LOOKUP, "adapter",
+                *options.CONSTRAIN)
     p.set_defaults(func=cmd_generate)
 
     chat.register(sub)

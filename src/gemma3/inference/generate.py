@@ -5,7 +5,7 @@ engine, so both start and stop a sequence the same way."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -14,6 +14,9 @@ from ..model.cache import KVCache
 from .prompt import MultimodalPrompt, Prompt, encode_prompt
 from .sampling import SamplingParams, sample
 from .speculative import DraftModel, PromptLookup, speculative_steps
+
+if TYPE_CHECKING:  # constrain imports llguidance: loaded only where a constraint is used
+    from .constrain import Constraint, Guide
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,17 @@ def prefill(model, prompt: Sequence[int] | MultimodalPrompt, max_len: int, prefi
 
 def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: SamplingParams, max_tokens: int,
                   prefix_cache=None, kv_dtype=None,
-                  speculative: PromptLookup | DraftModel | None = None) -> Iterator[int]:
+                  speculative: PromptLookup | DraftModel | None = None, guide: Guide | None = None) -> Iterator[int]:
     """Yields up to `max_tokens` sampled token ids after prefilling the prompt. With `speculative`,
     speculative decoding drafts by prompt lookup or a draft model (the same greedy tokens; the
-    same distribution when sampling); its counts accumulate in `speculative.stats`."""
+    same distribution when sampling); its counts accumulate in `speculative.stats`. With `guide`,
+    every token is drawn from those its grammar allows (params.constraint compiled for the
+    tokenizer: stream_generate makes it)."""
     ids = prompt_ids.ids if isinstance(prompt_ids, MultimodalPrompt) else list(prompt_ids)
     if not ids:
         raise ValueError("empty prompt: at least one token (e.g. <bos>) is needed")
+    if guide is not None and speculative is not None:
+        raise ValueError("speculative decoding cannot be combined with a constraint (its drafts are not masked)")
     limit = model.config.max_context
     if len(ids) >= limit:
         raise ValueError(f"prompt has {len(ids)} tokens but the context is {limit} tokens")
@@ -62,9 +69,19 @@ def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: S
     generator = params.generator()
     history = list(ids)
     cache, logits = prefill(model, prompt_ids, len(ids) + max_tokens, prefix_cache, kv_dtype)
-    plain_greedy = params.plain_greedy  # no logits needed: the model's greedy_next may take the argmax
+    plain_greedy = params.plain_greedy and guide is None  # no logits needed: the model may take the argmax
+
+    def pick(logits: torch.Tensor) -> int:
+        logits = logits.cpu()  # the generator lives on the CPU
+        if guide is not None:
+            logits = guide.apply(logits, guide.mask())
+        token = sample(logits, params, generator, history)
+        if guide is not None:
+            guide.advance(token)
+        return token
+
     with torch.inference_mode():
-        token = sample(logits.cpu(), params, generator, history)  # the generator lives on the CPU
+        token = pick(logits)
         if speculative is not None:
             yield from speculative_steps(model, cache, token, history, params, generator, max_tokens, speculative)
             return
@@ -77,7 +94,7 @@ def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: S
             if plain_greedy:
                 token = int(model.greedy_next(step, cache))
             else:
-                token = sample(model(step, cache, last_only=True)[0, -1].cpu(), params, generator, history)
+                token = pick(model(step, cache, last_only=True)[0, -1])
 
 
 class StopMatcher:
@@ -128,7 +145,12 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256,
     matcher = StopMatcher(tokenizer, stop, stop_ids)
     n = 0
     source = prompt if isinstance(prompt, MultimodalPrompt) else ids
-    for token in generate_step(model, source, params, max_tokens, prefix_cache, kv_dtype, speculative):
+    guide = None
+    if params.constraint is not None:
+        from .constrain import Guide  # imports llguidance: only when a constraint is used
+
+        guide = Guide(tokenizer, params.constraint)
+    for token in generate_step(model, source, params, max_tokens, prefix_cache, kv_dtype, speculative, guide):
         n += 1
         text, stopped = matcher.feed(token)
         yield Chunk(text, token, "stop" if stopped else None, len(ids), n)
@@ -140,10 +162,11 @@ def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256,
 def generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-             speculative: PromptLookup | DraftModel | None = None) -> str:
+             speculative: PromptLookup | DraftModel | None = None, constraint: Constraint | None = None) -> str:
     """`speculative=PromptLookup()` or `DraftModel(smaller_model)`: speculative decoding (the same
-    text when greedy)."""
+    text when greedy). `constraint`: what the text must match, e.g. `Constraint.json_schema({...})`
+    (constrain.py)."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=repetition_penalty, seed=seed)
+                            repetition_penalty=repetition_penalty, seed=seed, constraint=constraint)
     return "".join(c.text for c in stream_generate(model, tokenizer, prompt, max_tokens, params, stop,
                                                    speculative=speculative))

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..cpu import kernels
+
+if TYPE_CHECKING:  # constrain imports llguidance: loaded only where a constraint is used
+    from .constrain import Constraint
 
 # Temperatures below this are greedy (vLLM's threshold). Logits divided by 1e-30, let alone a
 # denormal such as 1e-45, overflow float32 to inf, and softmax turns that into NaN: such requests
@@ -30,6 +34,8 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits before anything else (OpenAI's logit_bias:
     # -100 bans a token, +100 all but forces it).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # What the output must match (a JSON schema, grammar, regex, choice): see constrain.py.
+    constraint: "Constraint | None" = None
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -49,7 +55,7 @@ class SamplingParams:
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that needs the logits: a model may take the argmax itself."""
-        return self.greedy and self.repetition_penalty == 1.0 and not self.logit_bias
+        return self.greedy and self.repetition_penalty == 1.0 and not self.logit_bias and self.constraint is None
 
     @property
     def greedy(self) -> bool:

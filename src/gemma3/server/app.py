@@ -26,7 +26,7 @@ from ..inference.generate import encode_prompt
 from ..inference.multimodal import IMAGE_MARK, ImageError, decode_image, encode_chat_with_images, without_marks
 from ..inference.sampling import SamplingParams
 from ..model import adapters
-from . import embeddings, tokens
+from . import embeddings, structured, tokens
 from .engine import Done, Engine, Failed, PromptScores, QueueFull, Request, ShuttingDown
 from .guard import Gate, Limits
 from .ranks import Leader
@@ -239,6 +239,14 @@ class Server:
                                param="logit_bias", code="invalid_value")
             out.append((token, float(value)))
         return tuple(out)
+
+    def guide(self, body):
+        """The Guide of a request's response_format / grammar / regex / choice (None: free text); a
+        400 naming the field when it is invalid. On a preparation thread (see structured.py)."""
+        try:
+            return structured.guide(self.tokenizer, body)
+        except structured.InvalidConstraint as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
 
     async def submit(self, req: Request):
         req.loop, req.events = asyncio.get_running_loop(), asyncio.Queue()
@@ -475,6 +483,7 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         ids, images = await server.prepare(server._chat_ids, body)
         req = server.build(body, ids, (body.top_logprobs or 0) if body.logprobs else None, images)
+        req.guide = await server.prepare(server.guide, body)
         await server.submit(req)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -503,6 +512,7 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
             raise APIError(400, "echo with logprobs is not supported when streaming; send stream=false",
                            param="stream")
         req = server.build(body, ids, body.logprobs, prompt_top=body.logprobs if scored else None)
+        req.guide = await server.prepare(server.guide, body)
         await server.submit(req)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = server.tokenizer.decode(ids) if body.echo else ""

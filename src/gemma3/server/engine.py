@@ -23,12 +23,13 @@ import asyncio
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..inference.constrain import Guide, fill_masks
 from ..inference.generate import StopMatcher, prefill
 from ..inference.multimodal import embed_prompt, encode_image
 from ..inference.prefix_cache import PIECE, Prefill, PrefixCache
@@ -99,6 +100,7 @@ class Request:
     prompt_top: int | None = None  # None: no prompt scores; k >= 0: each prompt token's logprob and k best
     speculative: object | None = None  # schemas.Speculative: draft by prompt lookup (ngram, k)
     adapter: int | None = None  # the LoRA adapter slot its sequence uses (model/adapters.py); None: the default
+    guide: Guide | None = None  # structured output: the grammar state every sampled token must keep valid
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False  # set from the asyncio side (client gone); the engine drops the sequence
@@ -119,7 +121,7 @@ class _Sequence:
     back text that could still grow into a stop string)."""
 
     def __init__(self, req: Request, cache, tokenizer):
-        self.req, self.cache = req, cache
+        self.req, self.cache, self.guide = req, cache, req.guide
         self.generator = req.params.generator()
         self.history = list(req.ids)
         self.matcher = StopMatcher(tokenizer, req.stop, req.stop_ids)
@@ -142,6 +144,8 @@ class _Sequence:
         """Emit what `token` adds; True when the sequence is finished."""
         req, self.n, self.last = self.req, self.n + 1, token
         self.history.append(token)
+        if self.guide is not None:
+            self.guide.advance(token)
         # A stop token's logprob is dropped (its text is not sent), except after a scored prompt: a
         # harness finds the prompt's logprobs by position, counting one generated entry after them.
         kept = token not in req.stop_ids or req.prompt_top is not None
@@ -185,6 +189,8 @@ class Engine:
         self.prefilling: list[tuple[Request, Prefill]] = []
         self.active: list[_Sequence] = []
         self.jobs: deque[tuple[Callable, Future]] = deque()
+        # Grammar masks of constrained rows are computed here while the model runs the decode step.
+        self.masker = ThreadPoolExecutor(1, thread_name_prefix="gemma3-masks")
         self.cond = threading.Condition()
         self.stopping = False
         self.running = False  # True while run() is looping, on whichever thread
@@ -360,7 +366,9 @@ class Engine:
     def _started(self, req: Request, cache, logits: torch.Tensor):
         """A prompt is in its cache: sample the first token, then the sequence joins the batch."""
         seq = _Sequence(req, cache, self.tokenizer)
-        token = sample(logits, req.params, seq.generator, seq.history)
+        # Logprobs stay the model's own (a masked token's would be -inf, which JSON cannot carry).
+        allowed = logits if seq.guide is None else seq.guide.apply(logits, seq.guide.mask())
+        token = sample(allowed, req.params, seq.generator, seq.history)
         self.metrics.observe_first_token(time.perf_counter() - req.submitted)
         self.metrics.prompt_tokens += len(req.ids)
         if not self._advance(seq, token, logits):
@@ -406,10 +414,16 @@ class Engine:
 
     def _decode(self, batch: list[_Sequence]) -> list[_Sequence]:
         """One batched decode step; the sequences that go on."""
+        guided = [s.guide for s in batch if s.guide is not None]
+        # The masks depend only on the tokens sampled so far: computed beside the forward
+        # (llguidance drops the GIL), waited for after it.
+        masks = self.masker.submit(fill_masks, guided) if guided else None
         logits = self.model.decode(torch.tensor([s.last for s in batch]), [s.cache for s in batch])
+        rows = iter(masks.result()) if masks is not None else None
         keep = []
         for seq, row in zip(batch, logits):
-            token = sample(row, seq.req.params, seq.generator, seq.history)
+            allowed = row if seq.guide is None else seq.guide.apply(row, next(rows))
+            token = sample(allowed, seq.req.params, seq.generator, seq.history)
             if not self._advance(seq, token, row):
                 keep.append(seq)
         return keep

@@ -48,6 +48,19 @@ class Speculative(_Body):
     k: int = Field(7, ge=1, le=7)
 
 
+class JSONSchemaFormat(_Body):
+    name: str = Field(..., max_length=64)
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute; the JSON key is still "schema".
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _Sampling(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -63,6 +76,12 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     speculative: Speculative | None = None
+    # Structured output (server/structured.py): OpenAI's response_format, and the llama.cpp/vLLM-style
+    # extensions grammar (llguidance Lark or GBNF), regex and choice. At most one of them.
+    response_format: ResponseFormat | None = None
+    grammar: str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
 
 
 class ChatCompletionRequest(_Sampling):

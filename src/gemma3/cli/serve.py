@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from . import options
+from . import options, serve_ray
 
 
 def register(sub):
@@ -51,7 +51,16 @@ def register(sub):
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn log level (default info: one line per request)")
     options.add(p, *options.VISION, *options.MODEL, "adapter")
+    serve_ray.add_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+
+def limits(args):
+    from ..server.guard import Limits
+
+    return Limits(max_tokens=args.max_tokens, max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
+                  max_logit_bias=args.max_logit_bias, max_body_bytes=int(args.max_body_mb * 2**20),
+                  prompt_bytes_per_token=args.prompt_bytes_per_token)
 
 
 def cmd_serve(args):
@@ -60,8 +69,10 @@ def cmd_serve(args):
     from ..inference.load import resolve
     from ..model import tp
     from ..server import ranks, serve
-    from ..server.guard import Limits
 
+    serve_ray.check(args)
+    if args.ray:
+        return serve_ray.run(args)
     world = tp.world_size()
     if args.tp and world > 1 and args.tp != world:
         raise ValueError(f"--tp {args.tp} under torchrun with {world} processes: they must agree (or leave out --tp)")
@@ -86,11 +97,7 @@ def cmd_serve(args):
                   file=sys.stderr)
         try:
             serve(model, tok, model_id, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
-                  max_queue=args.max_queue, api_key=args.api_key,
-                  limits=Limits(max_tokens=args.max_tokens, max_stop=args.max_stop,
-                                max_stop_chars=args.max_stop_chars, max_logit_bias=args.max_logit_bias,
-                                max_body_bytes=int(args.max_body_mb * 2**20),
-                                prompt_bytes_per_token=args.prompt_bytes_per_token),
+                  max_queue=args.max_queue, api_key=args.api_key, limits=limits(args),
                   allowed_hosts=args.allowed_hosts.split(",") if args.allowed_hosts else None,
                   head_timeout=args.head_timeout, keep_alive=args.keep_alive,
                   max_connections=args.max_connections,

@@ -451,8 +451,9 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
 
     @app.get("/health")
     async def health():
-        if not engine.running:
-            raise APIError(503, "the engine is not running", type="server_error")
+        problem = engine.healthy()
+        if problem:
+            raise APIError(503, problem, type="server_error")
         return {"status": "ok", "model": model_id, "active_sequences": engine.metrics.active_sequences,
                 "queue_depth": engine.metrics.queue_depth}
 

@@ -46,6 +46,9 @@ PREFILL_SHARE = 0.35
 # prompt is computed in the same position-aligned pieces (prefix_cache.PIECE), so its logits do
 # not depend on the load.
 BUSY_CHUNK, IDLE_CHUNK = 64, 128
+# A loop that has not come round for this long is wedged (a turn is one decode step, one prefill
+# chunk or one job: well under a second for the models served on CPU; an image encode, seconds).
+WEDGED_S = 60.0
 
 
 class QueueFull(Exception):
@@ -194,6 +197,7 @@ class Engine:
         self.cond = threading.Condition()
         self.stopping = False
         self.running = False  # True while run() is looping, on whichever thread
+        self.beat = time.monotonic()  # when the loop last came round (idle, it wakes every second)
         self.finished = threading.Event()
 
     # ---------------------------------------------------------------- asyncio side
@@ -231,6 +235,16 @@ class Engine:
             self.cond.notify()
         return future
 
+    def healthy(self, wedged_s: float = WEDGED_S) -> str | None:
+        """None when the loop is running and came round within `wedged_s`; else why not. A live
+        process whose loop is stuck (a hung step) is not healthy: /health and Ray's check say so."""
+        if not self.running:
+            return "the engine is not running"
+        late = time.monotonic() - self.beat
+        if late > wedged_s:
+            return f"the engine loop has not come round for {late:.0f} s (wedged)"
+        return None
+
     def stop(self, timeout: float = 30.0):
         """Cancel what is queued or running and wait for the loop to return."""
         with self.cond:
@@ -252,11 +266,13 @@ class Engine:
     def _loop(self):
         torch.set_grad_enabled(False)
         while True:
+            self.beat = time.monotonic()
             with self.cond:
                 if not self._busy():
                     release_free_memory()  # going idle: nothing is in flight
                 while not self._busy():
                     self.cond.wait(1.0)  # a bounded wait lets the main thread run signal handlers
+                    self.beat = time.monotonic()
                 if self.stopping:
                     break
             self._run_jobs()

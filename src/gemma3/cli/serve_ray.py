@@ -1,0 +1,138 @@
+"""`gemma3 serve --ray`: the OpenAI server as Ray Serve replicas (server/ray_serve.py).
+
+`gemma3 serve --ray` deploys and waits; `build` is the same application as a Ray Serve import
+path, for `serve run gemma3.cli.serve_ray:build argv="--replicas 2"` and RayService manifests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from functools import partial
+
+from . import options
+
+
+def autoscale(text: str) -> tuple[int, int]:
+    """argparse type of --autoscale MIN:MAX."""
+    low, sep, high = text.partition(":")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        bounds = None
+    if not sep or bounds is None or bounds[0] < 0 or bounds[1] < max(bounds[0], 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN:MAX replicas with 0 <= MIN <= MAX and MAX >= 1 "
+                                         "(e.g. 1:4)")
+    return bounds
+
+
+def add_arguments(p):
+    ray = p.add_argument_group("Ray Serve replicas (pip install 'gemma3[ray]'; docs/serving.md)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve through Ray Serve: engine replicas behind one ingress at --host/--port, restarted "
+                          "when they die; each replica uses --threads CPUs")
+    count = ray.add_mutually_exclusive_group()
+    count.add_argument("--replicas", type=options.positive_int, default=None, help="engine replicas with --ray (default 1)")
+    count.add_argument("--autoscale", type=autoscale, default=None, metavar="MIN:MAX",
+                       help="with --ray: between MIN and MAX replicas, scaled on ongoing requests per replica "
+                            "(target: --max-batch)")
+    ray.add_argument("--ray-address", default=None,
+                     help="Ray cluster to deploy to (e.g. 10.0.0.1:6379 or auto; default: $RAY_ADDRESS, else a "
+                          "local cluster on 127.0.0.1 started for this command)")
+    ray.add_argument("--drain-timeout", type=options.positive, default=60.0,
+                     help="seconds a replica being removed has to finish its requests (default 60)")
+
+
+def check(args):
+    """Ray options without --ray, or what --ray cannot serve: a clear error."""
+    given = [flag for flag, value in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
+                                      ("--ray-address", args.ray_address)) if value is not None]
+    if given and not args.ray:
+        raise ValueError(f"{', '.join(given)} only apply with --ray")
+    if args.ray and args.tp:
+        raise ValueError("--ray serves whole-model replicas; --tp is not served through Ray (run torchrun per "
+                         "replica instead: docs/serving.md)")
+
+
+def load_replica(args):
+    """What a replica loads, in its own process: model, tokenizer and the vision encoder if any."""
+    from .serve import _has_vision
+
+    model, tok = options.load_model(args)
+    vision, pan_and_scan = options.vision_encoder(args) if (args.mmproj or _has_vision(args.model)) else (None, None)
+    return model, tok, vision, pan_and_scan
+
+
+def application(args):
+    from pathlib import Path
+
+    from ..inference.load import resolve
+    from ..server.guard import allowed_hosts as host_names
+    from ..server.ray_serve import Settings, application
+    from .serve import limits
+
+    model_id = args.served_model_name or Path(resolve(args.model)).name.removesuffix(".gguf")
+    settings = Settings(load=partial(load_replica, argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                                                          if k != "func"})),
+                        model_id=model_id, ctx=args.ctx, limits=limits(args), api_key=args.api_key,
+                        hosts=host_names(args.host, args.allowed_hosts.split(",") if args.allowed_hosts else None),
+                        max_batch=args.max_batch, max_queue=args.max_queue, prefix_cache_mb=args.prefix_cache_mb,
+                        threads=args.threads or 1)
+    return model_id, application(settings, replicas=args.replicas or 1, autoscale=args.autoscale,
+                                 drain_s=args.drain_timeout)
+
+
+def build(args: dict):
+    """Ray Serve application builder: `argv` holds `gemma3 serve` options (e.g. "--replicas 2
+    --threads 4 --model /models/x.gguf"); the listener is the cluster's (serve run / RayService)."""
+    from . import build_parser
+
+    ns = build_parser().parse_args(["serve", "--ray", *shlex.split(args.get("argv", ""))])
+    check(ns)
+    return application(ns)[1]
+
+
+def run(args):
+    """Deploys, prints where, and waits for Ctrl-C/SIGTERM; then removes the application (and
+    stops the local cluster if this command started one)."""
+    import signal
+    import threading
+
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ValueError("serve --ray needs Ray Serve: pip install 'gemma3[ray]'") from None
+    from ..server.ray_serve import APP_NAME
+
+    model_id, app = application(args)
+    local = args.ray_address is None and not _env_address()
+    if local:  # one machine: keep Ray's services on loopback like the server itself
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+    else:
+        ray.init(address=args.ray_address)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        scale = f"{args.autoscale[0]}..{args.autoscale[1]} replicas (autoscaled)" if args.autoscale else \
+            f"{args.replicas or 1} replica{'s' * ((args.replicas or 1) > 1)}"
+        print(f"gemma3 serve: {model_id} on Ray Serve, {scale} x {args.threads or 1} threads\n"
+              f"gemma3 serve: http://{args.host}:{args.port}/v1 (OpenAI API)", file=sys.stderr, flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        serve.delete(APP_NAME)
+        if local:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _env_address() -> bool:
+    import os
+
+    return bool(os.environ.get("RAY_ADDRESS"))

@@ -1,0 +1,196 @@
+"""`gemma3 serve --ray`: engine replicas as a Ray Serve deployment behind one ingress.
+
+Two deployments make one Ray Serve application:
+
+- `Replica` (N of them, or MIN..MAX autoscaled): each loads the model, runs its own Engine on its
+  own thread and builds the very FastAPI app `gemma3 serve` serves (create_app: same routes,
+  limits, errors). It takes requests as plain data (method, path, headers, body) and runs them
+  through that app in-process, handing back the status and headers, then the body chunk by chunk
+  (a Ray streaming call), so SSE streams stay streams.
+- `Ingress` (one, no CPU of its own): Ray Serve's HTTP entry. It forwards every request to a
+  replica through a deployment handle, which routes by Ray Serve's default policy: power of two
+  choices on ongoing requests (a prefix-aware router would need Ray's LLM package; the prefix
+  cache is then per replica and hit when a client's requests land on the same one).
+
+Owning the forwarding is what lets a replica's death end its requests with an OpenAI-shaped
+error instead of a dropped connection: a stream whose replica dies gets a final `data: {"error":
+...}` event and `[DONE]`; a request that had no answer yet gets a 503 JSON error. Ray restarts the
+dead replica; the others keep serving. Ray's health check calls the engine's own (Engine.healthy:
+a loop that stopped coming round is unhealthy, and Ray replaces the replica).
+
+Only this module imports Ray, and only `gemma3 serve --ray` imports this module. (No `from __future__ import annotations` here: Ray Serve's
+class-based routes need real annotations for FastAPI to see `request` as the HTTP request.)
+"""
+
+import asyncio
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from .app import create_app
+from .arenas import limit_arenas
+from .engine import WEDGED_S, Engine
+from .guard import Limits
+
+APP_NAME = "gemma3"
+# Response header naming the replica (and its process) that answered: for logs and fault drills.
+REPLICA_HEADER = "x-gemma3-replica"
+
+
+@dataclass
+class Settings:
+    """What each replica serves with: `gemma3 serve`'s options, minus the HTTP listener's."""
+
+    load: Callable  # () -> (model, tokenizer, vision, pan_and_scan), run in the replica's process
+    model_id: str
+    ctx: int | None = None
+    limits: Limits = Limits()
+    api_key: str | None = None
+    hosts: frozenset[str] | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    prefix_cache_mb: int = 256
+    threads: int = 1
+    wedged_s: float = WEDGED_S
+
+
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_wait_loop_s=1)
+class Replica:
+    def __init__(self, settings: Settings):
+        torch.set_num_threads(settings.threads)
+        limit_arenas()
+        model, tokenizer, vision, pan_and_scan = settings.load()
+        ctx = min(settings.ctx or model.config.max_context, model.config.max_context)
+        self.wedged_s = settings.wedged_s
+        self.engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                             prefix_cache_bytes=settings.prefix_cache_mb * 2**20, vision=vision,
+                             pan_and_scan=pan_and_scan)
+        self.app = create_app(self.engine, settings.model_id, ctx, settings.limits, api_key=settings.api_key,
+                              start_engine=False, hosts=settings.hosts)
+        # On a thread of its own: a Ray actor's main thread belongs to Ray (see Engine.start for
+        # what a second OpenMP pool costs when a replica has more than one thread).
+        self.engine.start()
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.name = f"{replica}@{socket.gethostname()}:{os.getpid()}"
+
+    def check_health(self):
+        """Ray's periodic check: raising marks the replica unhealthy, and Ray replaces it."""
+        problem = self.engine.healthy(self.wedged_s)
+        if problem:
+            raise RuntimeError(problem)
+
+    def __del__(self):  # after Ray's drain (graceful_shutdown_timeout_s): end whatever is left
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop(timeout=5)
+
+    async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+                     client: tuple[str, int] | None):
+        """Runs one HTTP request through this replica's app; yields (status, headers), then the
+        body's chunks. Closing the generator (the client left) is a disconnect to the app, which
+        cancels the request in the engine."""
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query,
+                 "headers": headers, "client": client, "server": None}
+        sent, gone, out = False, asyncio.Event(), asyncio.Queue()
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        task = asyncio.create_task(self.app(scope, receive, out.put))
+        task.add_done_callback(lambda _: out.put_nowait(None))
+        try:
+            while (message := await out.get()) is not None:
+                if message["type"] == "http.response.start":
+                    yield message["status"], [*message.get("headers", []), (REPLICA_HEADER.encode(), self.name.encode())]
+                elif message["type"] == "http.response.body":
+                    if message.get("body"):
+                        yield message["body"]
+                    if not message.get("more_body"):
+                        break
+            if task.done():
+                task.result()  # an exception the app's own handlers let through
+        finally:
+            gone.set()
+            if not task.done():  # lets the app see the disconnect and cancel its request
+                await asyncio.wait({task}, timeout=5)
+                task.cancel()
+
+
+def _error(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+ingress_app = FastAPI(title="gemma3 (Ray Serve)", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+@serve.ingress(ingress_app)
+class Ingress:
+    def __init__(self, replicas):
+        self.replicas = replicas.options(stream=True)
+
+    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                           include_in_schema=False)
+    async def forward(self, path: str, request: HTTPRequest):
+        from ray.serve.exceptions import BackPressureError
+
+        body = await request.body()
+        client = tuple(request.client) if request.client else None
+        chunks = self.replicas.handle.remote(request.method, "/" + path, request.scope.get("query_string", b""),
+                                             request.scope["headers"], body, client)
+        try:
+            status, headers = await chunks.__anext__()
+        except BackPressureError as e:
+            return JSONResponse(_error(f"every replica is busy: {e}", "queue_full"), status_code=503,
+                                headers={"Retry-After": "1"})
+        except Exception as e:  # the replica died (or could not be reached) before it answered
+            return JSONResponse(_error(f"the replica serving this request failed before answering "
+                                            f"({type(e).__name__}); retry", "replica_failed"), status_code=503,
+                                headers={"Retry-After": "1"})
+        sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+
+        async def body_chunks():
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except Exception as e:  # the replica died mid-response
+                if not sse:
+                    raise  # a JSON body cannot be amended: the connection is cut short
+                message = f"the replica serving this stream failed ({type(e).__name__}); the answer is incomplete"
+                yield f"data: {json.dumps(_error(message, 'replica_failed'))}\n\ndata: [DONE]\n\n".encode()
+
+        response = StreamingResponse(body_chunks(), status_code=status)
+        response.raw_headers = list(headers)
+        return response
+
+
+def application(settings: Settings, replicas: int = 1, autoscale: tuple[int, int] | None = None,
+                drain_s: float = 60.0):
+    """The Ray Serve application: `replicas` fixed, or `autoscale` (MIN, MAX) replicas scaled on
+    ongoing requests per replica (target: the engine's batch). Each replica asks Ray for
+    `settings.threads` CPUs; a replica being removed stops taking requests and has `drain_s` to
+    finish the ones it has (streams included) before its engine is stopped."""
+    options = dict(ray_actor_options={"num_cpus": settings.threads},
+                   max_ongoing_requests=settings.max_batch + settings.max_queue,
+                   graceful_shutdown_timeout_s=drain_s)
+    if autoscale:
+        low, high = autoscale
+        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": low,
+                                         "target_ongoing_requests": settings.max_batch}
+    else:
+        options["num_replicas"] = replicas
+    return Ingress.bind(Replica.options(**options).bind(settings))

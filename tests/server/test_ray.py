@@ -1,0 +1,130 @@
+"""`gemma3 serve --ray`: the real 270M model as Ray Serve replicas on a local Ray cluster bound to
+127.0.0.1 (started here, stopped at the end), driven through the official openai client."""
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'gemma3[ray]')")
+from ray import serve  # noqa: E402
+
+from gemma3.cli import serve_ray  # noqa: E402
+from gemma3.server.ray_serve import APP_NAME, REPLICA_HEADER  # noqa: E402
+from tests.helpers.server import MODEL_ID, free_port  # noqa: E402
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def deploy(url, argv: str):
+    """The application `serve run gemma3.cli.serve_ray:build` would deploy, replacing the last one."""
+    import openai
+
+    serve.run(serve_ray.build({"argv": f"--threads 1 --ctx 1024 {argv}"}), name=APP_NAME, route_prefix="/")
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local():
+    from gemma3 import load
+
+    return load(None, backend="cpu")
+
+
+def replica_states() -> dict:
+    return dict(serve.status().applications[APP_NAME].deployments["Replica"].replica_states)
+
+
+def test_ray_openai_routes_match_single_process_generate(cluster, local):
+    from gemma3.formats.tokenizer import apply_chat_template
+    from gemma3.inference.generate import generate
+
+    client = deploy(cluster, "--replicas 1")
+    prompt = "The capital of France is"
+    done = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=N, temperature=0)
+    assert done.choices[0].text == generate(*local, prompt, max_tokens=N)
+    assert done.usage.completion_tokens == N
+    streamed = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=N, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=N, temperature=0)
+    assert chat.choices[0].message.content == generate(*local, apply_chat_template(messages), max_tokens=N)
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=N, temperature=0,
+                                                 stream=True))
+    assert len(chunks) > 3  # streamed piece by piece, not as one body
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+
+    # The replica's own errors and health come through the ingress unchanged.
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt=prompt, max_tokens=1)
+    health = httpx.get(cluster + "/health", timeout=30)
+    assert health.json()["status"] == "ok" and health.json()["model"] == MODEL_ID
+    assert health.headers[REPLICA_HEADER]  # which replica (and process) answered
+
+
+def test_ray_killed_replica_ends_its_stream_with_an_error_and_comes_back(cluster):
+    """Two replicas x 1 thread: SIGKILL the process serving a stream. The stream ends with an
+    OpenAI-shaped error (not a hang), the next 20 requests succeed on the other replica, and Ray
+    has two replicas running again within 60 s."""
+    import openai
+
+    client = deploy(cluster, "--replicas 2")
+    assert replica_states() == {"RUNNING": 2}
+    stream = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=600, temperature=0,
+                                       stream=True)
+    pid = int(stream.response.headers[REPLICA_HEADER].rsplit(":", 1)[1])
+    pieces = iter(stream)
+    next(pieces)
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError, match="replica serving this stream failed"):
+        for _ in pieces:
+            assert time.monotonic() - killed < 30
+    assert time.monotonic() - killed < 30
+
+    for i in range(20):
+        r = client.completions.create(model=MODEL_ID, prompt=f"Count to {i}:", max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens == 2
+
+    deadline = killed + 60
+    while replica_states() != {"RUNNING": 2} and time.monotonic() < deadline:
+        time.sleep(1)
+    assert replica_states() == {"RUNNING": 2}
+
+
+def test_ray_options_are_checked_and_build_the_autoscaling_config():
+    from gemma3.cli import build_parser
+
+    parse = build_parser().parse_args
+    with pytest.raises(ValueError, match="only apply with --ray"):
+        serve_ray.check(parse(["serve", "--replicas", "2"]))
+    with pytest.raises(ValueError, match="--tp is not served"):
+        serve_ray.check(parse(["serve", "--ray", "--tp", "2"]))
+    for bad in ("4", "3:2", "x:2", "0:0"):
+        with pytest.raises(Exception, match="MIN:MAX"):
+            serve_ray.autoscale(bad)
+    replica = serve_ray.build({"argv": "--autoscale 1:3 --threads 2 --max-batch 4 --drain-timeout 20"})
+    replica = replica._bound_deployment.init_args[0]._bound_deployment  # Ingress(Replica(settings))
+    config = replica._deployment_config
+    auto = config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4)
+    assert config.graceful_shutdown_timeout_s == 20
+    assert replica.ray_actor_options["num_cpus"] == 2

@@ -3,8 +3,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -224,3 +226,46 @@ def test_270m_on_cuda_bf16_matches_cpu_fp32():
     print(f"CUDA bf16 vs CPU fp32: max|Δ|/range {rel:.2e}, argmax agreement {agree:.2%}")
     assert rel <= 0.03
     assert agree >= 0.97
+
+
+@needs_gloo
+def test_torchrun_two_launchers_serve_matches_single_process(tmp_path):
+    """Two "nodes" on this machine: two torchrun launchers (--nnodes 2, one process each) meet at a
+    c10d rendezvous on 127.0.0.1, and `serve --tp 2` serves from whichever rank is 0 (2 KV heads:
+    one per rank). Greedy completions equal single-process generation; SIGTERM to both launchers
+    stops both ranks."""
+    import openai
+
+    from gemma3 import generate, load
+    from tests.helpers.server import free_port
+
+    model_dir = tiny_model_dir(tmp_path / "tiny", seed=2)  # a seed whose greedy text is not one repeated byte
+    port, rdzv = free_port(), free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "-m", "gemma3", "serve", "--tp", "2",
+           "-m", str(model_dir), "--port", str(port), "--threads", "1", "--log-level", "warning"]
+    logs = [open(tmp_path / f"node{i}.log", "w+") for i in range(2)]
+    nodes = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    prompts = ["Once upon a time", "It is a truth"]
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and all(n.poll() is None for n in nodes):
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.5)
+        outs = [client.completions.create(model="tiny", prompt=p, max_tokens=32, temperature=0).choices[0].text
+                for p in prompts]
+    finally:
+        for n in nodes:
+            n.send_signal(signal.SIGTERM)  # each launcher passes it on to its worker
+        for n in nodes:
+            n.wait(60)
+        text = "".join(log.seek(0) or log.read() for log in logs)
+    assert text.count("tensor parallel over 2 ranks") == 1, text[-3000:]  # rank 0 only, on one of the nodes
+    model, tok = load(model_dir)
+    for prompt, out in zip(prompts, outs):
+        assert out == generate(model, tok, prompt, max_tokens=32), prompt
+    assert len(set(outs[0])) > 3  # not a degenerate repeat

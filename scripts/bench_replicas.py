@@ -1,0 +1,98 @@
+"""Throughput of `gemma3 serve --ray` with 1 and with 2 replicas (1 thread each) on the same
+request mix: a local Ray cluster on 127.0.0.1, the same concurrent greedy completions sent through
+the ingress with the openai client, completion tokens per second of wall time.
+
+usage: PYTHONPATH=src python scripts/bench_replicas.py [--requests 16] [--concurrency 8]
+       [--max-tokens 32] [--rounds 2] [--json]
+
+Each configuration is deployed, warmed up with one request per replica, then timed `--rounds`
+times; the figure is the best round (the machine may be shared). 2 replicas need 2 free cores.
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three laws of thermodynamics are", "A good recipe for bread starts with",
+           "In 1969, the first humans to walk on the Moon", "SELECT name FROM users WHERE",
+           "The most important idea in economics is"]
+
+
+def run_mix(client, model, requests, concurrency, max_tokens) -> tuple[int, float]:
+    """(completion tokens, seconds) for `requests` completions, `concurrency` at a time."""
+    def one(i):
+        r = client.completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
+                                      temperature=0)
+        return r.usage.completion_tokens
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        tokens = sum(pool.map(one, range(requests)))
+    return tokens, time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--model", default=None, help="as gemma3 serve --model (default: the embedded 270M)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    import openai
+    import ray
+    from ray import serve
+
+    from gemma3.cli import serve_ray
+    from gemma3.server.ray_serve import APP_NAME
+    load_before = os.getloadavg()
+    ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    model_flag = f"--model {args.model} " if args.model else ""
+    results = []
+    try:
+        for replicas in (1, 2):
+            serve.run(serve_ray.build({"argv": f"{model_flag}--replicas {replicas} --threads 1 --ctx 1024"}),
+                      name=APP_NAME, route_prefix="/")
+            model = client.models.list().data[0].id
+            run_mix(client, model, replicas, replicas, 4)  # warm-up: one request per replica
+            rounds = []
+            for _ in range(args.rounds):
+                tokens, seconds = run_mix(client, model, args.requests, args.concurrency, args.max_tokens)
+                rounds.append(tokens / seconds)
+            results.append({"replicas": replicas, "threads_per_replica": 1, "tokens_per_s": max(rounds),
+                            "rounds_tokens_per_s": [round(r, 2) for r in rounds]})
+            if not args.json:
+                print(f"{replicas} replica(s) x 1 thread: {max(rounds):.1f} tokens/s "
+                      f"(rounds: {', '.join(f'{r:.1f}' for r in rounds)})", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    speedup = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
+    report = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+              "cpu_count": os.cpu_count(), "load_average_before": load_before, "results": results,
+              "speedup_2_over_1": round(speedup, 3)}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"2 replicas / 1 replica: {speedup:.2f}x (load average before: "
+              f"{', '.join(f'{x:.1f}' for x in load_before)} on {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()

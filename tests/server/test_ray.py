@@ -128,3 +128,34 @@ def test_ray_options_are_checked_and_build_the_autoscaling_config():
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 4)
     assert config.graceful_shutdown_timeout_s == 20
     assert replica.ray_actor_options["num_cpus"] == 2
+
+
+def test_ray_health_check_fails_for_a_wedged_engine_loop(tiny):
+    """Ray's check_health asks the engine: a live process whose loop is stuck in a step is
+    unhealthy (Ray then replaces the replica); once the loop comes round again it is healthy."""
+    import threading
+    from types import SimpleNamespace
+
+    from gemma3.server.engine import Engine
+    from gemma3.server.ray_serve import Replica
+
+    engine = Engine(tiny, None, prefix_cache_bytes=0)
+    replica = SimpleNamespace(engine=engine, wedged_s=0.5)
+    check = Replica.func_or_class.check_health
+    with pytest.raises(RuntimeError, match="not running"):
+        check(replica)
+    engine.start()
+    try:
+        time.sleep(0.1)
+        check(replica)
+        stuck = threading.Event()
+        job = engine.call(lambda model: stuck.wait(30))  # a step that never returns, as a hung kernel would
+        time.sleep(1.0)
+        with pytest.raises(RuntimeError, match="wedged"):
+            check(replica)
+        stuck.set()
+        job.result(5)
+        time.sleep(0.1)
+        check(replica)
+    finally:
+        engine.stop(5)

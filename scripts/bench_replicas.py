@@ -53,7 +53,7 @@ def main():
     import ray
     from ray import serve
 
-    from gemma3.cli import serve_ray
+    from gemma3.cli import ray_app
     from gemma3.server.ray_serve import APP_NAME
     load_before = os.getloadavg()
     ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.1",
@@ -67,7 +67,7 @@ def main():
     results = []
     try:
         for replicas in (1, 2):
-            serve.run(serve_ray.build({"argv": f"{model_flag}--replicas {replicas} --threads 1 --ctx 1024"}),
+            serve.run(ray_app.build({"argv": f"{model_flag}--replicas {replicas} --threads 1 --ctx 1024"}),
                       name=APP_NAME, route_prefix="/")
             model = client.models.list().data[0].id
             run_mix(client, model, replicas, replicas, 4)  # warm-up: one request per replica

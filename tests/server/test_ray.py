@@ -11,7 +11,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'gemma3[ray]')")
 from ray import serve  # noqa: E402
 
-from gemma3.cli import serve_ray  # noqa: E402
+from gemma3.cli import ray_app, serve_ray  # noqa: E402
 from gemma3.server.ray_serve import APP_NAME, REPLICA_HEADER  # noqa: E402
 from tests.helpers.server import MODEL_ID, free_port  # noqa: E402
 
@@ -32,10 +32,10 @@ def cluster():
 
 
 def deploy(url, argv: str):
-    """The application `serve run gemma3.cli.serve_ray:build` would deploy, replacing the last one."""
+    """The application `serve run gemma3.cli.ray_app:build` would deploy, replacing the last one."""
     import openai
 
-    serve.run(serve_ray.build({"argv": f"--threads 1 --ctx 1024 {argv}"}), name=APP_NAME, route_prefix="/")
+    serve.run(ray_app.build({"argv": f"--threads 1 --ctx 1024 {argv}"}), name=APP_NAME, route_prefix="/")
     return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
@@ -48,6 +48,15 @@ def local():
 
 def replica_states() -> dict:
     return dict(serve.status().applications[APP_NAME].deployments["Replica"].replica_states)
+
+
+def wait_for_replicas(n: int, timeout: float) -> dict:
+    """Replica states once `n` are running and no others are left (a redeploy stops the old ones
+    after the new ones run), or as they are at the timeout."""
+    deadline = time.monotonic() + timeout
+    while (states := replica_states()) != {"RUNNING": n} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return states
 
 
 def test_ray_openai_routes_match_single_process_generate(cluster, local):
@@ -87,7 +96,7 @@ def test_ray_killed_replica_ends_its_stream_with_an_error_and_comes_back(cluster
     import openai
 
     client = deploy(cluster, "--replicas 2")
-    assert replica_states() == {"RUNNING": 2}
+    assert wait_for_replicas(2, 60) == {"RUNNING": 2}
     stream = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=600, temperature=0,
                                        stream=True)
     pid = int(stream.response.headers[REPLICA_HEADER].rsplit(":", 1)[1])
@@ -104,10 +113,7 @@ def test_ray_killed_replica_ends_its_stream_with_an_error_and_comes_back(cluster
         r = client.completions.create(model=MODEL_ID, prompt=f"Count to {i}:", max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2
 
-    deadline = killed + 60
-    while replica_states() != {"RUNNING": 2} and time.monotonic() < deadline:
-        time.sleep(1)
-    assert replica_states() == {"RUNNING": 2}
+    assert wait_for_replicas(2, killed + 60 - time.monotonic()) == {"RUNNING": 2}
 
 
 def test_ray_options_are_checked_and_build_the_autoscaling_config():
@@ -121,7 +127,7 @@ def test_ray_options_are_checked_and_build_the_autoscaling_config():
     for bad in ("4", "3:2", "x:2", "0:0"):
         with pytest.raises(Exception, match="MIN:MAX"):
             serve_ray.autoscale(bad)
-    replica = serve_ray.build({"argv": "--autoscale 1:3 --threads 2 --max-batch 4 --drain-timeout 20"})
+    replica = ray_app.build({"argv": "--autoscale 1:3 --threads 2 --max-batch 4 --drain-timeout 20"})
     replica = replica._bound_deployment.init_args[0]._bound_deployment  # Ingress(Replica(settings))
     config = replica._deployment_config
     auto = config.autoscaling_config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -55,14 +54,6 @@ def register(sub):
     p.set_defaults(func=cmd_serve)
 
 
-def limits(args):
-    from ..server.guard import Limits
-
-    return Limits(max_tokens=args.max_tokens, max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
-                  max_logit_bias=args.max_logit_bias, max_body_bytes=int(args.max_body_mb * 2**20),
-                  prompt_bytes_per_token=args.prompt_bytes_per_token)
-
-
 def cmd_serve(args):
     from pathlib import Path
 
@@ -79,7 +70,7 @@ def cmd_serve(args):
     world = max(world, args.tp or 1)
     model_id = args.served_model_name or Path(resolve(args.model)).name.removesuffix(".gguf")
     # Images need a vision encoder: --mmproj for a GGUF, or the HF directory's own; else text-only.
-    wants_vision = bool(args.mmproj) or _has_vision(args.model)
+    wants_vision = bool(args.mmproj) or serve_ray.has_vision(args.model)
     if world > 1 and wants_vision:
         raise ValueError("serve --tp serves text only (the vision encoder is not sharded); "
                          "serve a multimodal model without --tp")
@@ -97,7 +88,7 @@ def cmd_serve(args):
                   file=sys.stderr)
         try:
             serve(model, tok, model_id, host=args.host, port=args.port, ctx=args.ctx, max_batch=args.max_batch,
-                  max_queue=args.max_queue, api_key=args.api_key, limits=limits(args),
+                  max_queue=args.max_queue, api_key=args.api_key, limits=serve_ray.limits(args),
                   allowed_hosts=args.allowed_hosts.split(",") if args.allowed_hosts else None,
                   head_timeout=args.head_timeout, keep_alive=args.keep_alive,
                   max_connections=args.max_connections,
@@ -111,11 +102,3 @@ def cmd_serve(args):
         raise
     ranks.stop_ranks(followers)
 
-
-def _has_vision(model) -> bool:
-    """An HF directory whose config describes a vision tower (Gemma3ForConditionalGeneration)."""
-    from ..inference.load import resolve
-
-    path = resolve(model)
-    config = path / "config.json"
-    return path.is_dir() and config.is_file() and "vision_config" in json.loads(config.read_text())

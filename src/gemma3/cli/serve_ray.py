@@ -1,13 +1,13 @@
 """`gemma3 serve --ray`: the OpenAI server as Ray Serve replicas (server/ray_serve.py).
 
-`gemma3 serve --ray` deploys and waits; `build` is the same application as a Ray Serve import
-path, for `serve run gemma3.cli.serve_ray:build argv="--replicas 2"` and RayService manifests.
+`gemma3 serve --ray` deploys and waits; ray_app.py offers the same application as a Ray Serve
+import path. Also the helpers both servers share: `limits`, `has_vision`.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
+import json
 import sys
 from functools import partial
 
@@ -55,12 +55,28 @@ def check(args):
                          "replica instead: docs/serving.md)")
 
 
+def limits(args):
+    """The request limits set on the command line (the same for `serve` and each Ray replica)."""
+    from ..server.guard import Limits
+
+    return Limits(max_tokens=args.max_tokens, max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
+                  max_logit_bias=args.max_logit_bias, max_body_bytes=int(args.max_body_mb * 2**20),
+                  prompt_bytes_per_token=args.prompt_bytes_per_token)
+
+
+def has_vision(model) -> bool:
+    """An HF directory whose config describes a vision tower (Gemma3ForConditionalGeneration)."""
+    from ..inference.load import resolve
+
+    path = resolve(model)
+    config = path / "config.json"
+    return path.is_dir() and config.is_file() and "vision_config" in json.loads(config.read_text())
+
+
 def load_replica(args):
     """What a replica loads, in its own process: model, tokenizer and the vision encoder if any."""
-    from .serve import _has_vision
-
     model, tok = options.load_model(args)
-    vision, pan_and_scan = options.vision_encoder(args) if (args.mmproj or _has_vision(args.model)) else (None, None)
+    vision, pan_and_scan = options.vision_encoder(args) if (args.mmproj or has_vision(args.model)) else (None, None)
     return model, tok, vision, pan_and_scan
 
 
@@ -70,7 +86,6 @@ def application(args):
     from ..inference.load import resolve
     from ..server.guard import allowed_hosts as host_names
     from ..server.ray_serve import Settings, application
-    from .serve import limits
 
     model_id = args.served_model_name or Path(resolve(args.model)).name.removesuffix(".gguf")
     settings = Settings(load=partial(load_replica, argparse.Namespace(**{k: v for k, v in vars(args).items()
@@ -81,16 +96,6 @@ def application(args):
                         threads=args.threads or 1)
     return model_id, application(settings, replicas=args.replicas or 1, autoscale=args.autoscale,
                                  drain_s=args.drain_timeout)
-
-
-def build(args: dict):
-    """Ray Serve application builder: `argv` holds `gemma3 serve` options (e.g. "--replicas 2
-    --threads 4 --model /models/x.gguf"); the listener is the cluster's (serve run / RayService)."""
-    from . import build_parser
-
-    ns = build_parser().parse_args(["serve", "--ray", *shlex.split(args.get("argv", ""))])
-    check(ns)
-    return application(ns)[1]
 
 
 def run(args):

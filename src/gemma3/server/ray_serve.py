@@ -14,7 +14,8 @@ Two deployments make one Ray Serve application:
 
 Owning the forwarding is what lets a replica's death end its requests with an OpenAI-shaped
 error instead of a dropped connection: a stream whose replica dies gets a final `data: {"error":
-...}` event and `[DONE]`; a request that had no answer yet gets a 503 JSON error. Ray restarts the
+...}` event and `[DONE]`; a request that had no answer yet is sent again (RETRIES), then gets a
+503 JSON error. Ray restarts the
 dead replica; the others keep serving. Ray's health check calls the engine's own (Engine.healthy:
 a loop that stopped coming round is unhealthy, and Ray replaces the replica).
 
@@ -41,6 +42,9 @@ from .engine import WEDGED_S, Engine
 from .guard import Limits
 
 APP_NAME = "gemma3"
+# A request whose replica fails before answering is sent again (nothing of it was seen yet): until
+# Ray's router learns that a replica died it may still pick it.
+RETRIES = 2
 # Response header naming the replica (and its process) that answered: for logs and fault drills.
 REPLICA_HEADER = "x-gemma3-replica"
 
@@ -150,17 +154,20 @@ class Ingress:
 
         body = await request.body()
         client = tuple(request.client) if request.client else None
-        chunks = self.replicas.handle.remote(request.method, "/" + path, request.scope.get("query_string", b""),
-                                             request.scope["headers"], body, client)
-        try:
-            status, headers = await chunks.__anext__()
-        except BackPressureError as e:
-            return JSONResponse(_error(f"every replica is busy: {e}", "queue_full"), status_code=503,
-                                headers={"Retry-After": "1"})
-        except Exception as e:  # the replica died (or could not be reached) before it answered
-            return JSONResponse(_error(f"the replica serving this request failed before answering "
-                                            f"({type(e).__name__}); retry", "replica_failed"), status_code=503,
-                                headers={"Retry-After": "1"})
+        for attempt in range(RETRIES + 1):
+            chunks = self.replicas.handle.remote(request.method, "/" + path, request.scope.get("query_string", b""),
+                                                 request.scope["headers"], body, client)
+            try:
+                status, headers = await chunks.__anext__()
+                break
+            except BackPressureError as e:
+                return JSONResponse(_error(f"every replica is busy: {e}", "queue_full"), status_code=503,
+                                    headers={"Retry-After": "1"})
+            except Exception as e:  # the replica died (or could not be reached) before it answered
+                if attempt == RETRIES:
+                    return JSONResponse(_error(f"the replica serving this request failed before answering "
+                                               f"({type(e).__name__}); retry", "replica_failed"), status_code=503,
+                                        headers={"Retry-After": "1"})
         sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
 
         async def body_chunks():

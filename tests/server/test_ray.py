@@ -89,6 +89,32 @@ def test_ray_openai_routes_match_single_process_generate(cluster, local):
     assert health.headers[REPLICA_HEADER]  # which replica (and process) answered
 
 
+def test_ray_redeploy_drains_the_old_replica_s_stream(cluster):
+    """A new version of the deployment (here: another --max-batch) replaces the replica. The old
+    one is told to stop while its stream is open, stops taking requests, and finishes the stream
+    (all of it, no error) before its engine is stopped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = deploy(cluster, "--replicas 1")
+    stream = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=300, temperature=0,
+                                       stream=True)
+    old = stream.response.headers[REPLICA_HEADER]
+    pieces = iter(stream)
+    next(pieces)
+    with ThreadPoolExecutor(1) as pool:
+        redeploy = pool.submit(deploy, cluster, "--replicas 1 --max-batch 4")
+        deadline = time.monotonic() + 30
+        while "STOPPING" not in replica_states() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "STOPPING" in replica_states()  # the old replica drains while its stream is still open
+        chunks = list(pieces)  # raises if the stream is cut
+        client = redeploy.result(120)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert wait_for_replicas(1, 60) == {"RUNNING": 1}
+    r = client.completions.with_raw_response.create(model=MODEL_ID, prompt="Hi", max_tokens=2)
+    assert r.headers[REPLICA_HEADER] != old
+
+
 def test_ray_killed_replica_ends_its_stream_with_an_error_and_comes_back(cluster):
     """Two replicas x 1 thread: SIGKILL the process serving a stream. The stream ends with an
     OpenAI-shaped error (not a hang), the next 20 requests succeed on the other replica, and Ray

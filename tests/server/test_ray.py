@@ -146,7 +146,7 @@ def test_ray_options_are_checked_and_build_the_autoscaling_config():
     from gemma3.cli import build_parser
 
     parse = build_parser().parse_args
-    with pytest.raises(ValueError, match="only apply with --ray"):
+    with pytest.raises(ValueError, match="--replicas needs --ray"):
         serve_ray.check(parse(["serve", "--replicas", "2"]))
     with pytest.raises(ValueError, match="--tp is not served"):
         serve_ray.check(parse(["serve", "--ray", "--tp", "2"]))

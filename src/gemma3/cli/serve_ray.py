@@ -49,7 +49,7 @@ def check(args):
     given = [flag for flag, value in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
                                       ("--ray-address", args.ray_address)) if value is not None]
     if given and not args.ray:
-        raise ValueError(f"{', '.join(given)} only apply with --ray")
+        raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --ray")
     if args.ray and args.tp:
         raise ValueError("--ray serves whole-model replicas; --tp is not served through Ray (run torchrun per "
                          "replica instead: docs/serving.md)")

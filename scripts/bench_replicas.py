@@ -3,10 +3,12 @@ request mix: a local Ray cluster on 127.0.0.1, the same concurrent greedy comple
 the ingress with the openai client, completion tokens per second of wall time.
 
 usage: PYTHONPATH=src python scripts/bench_replicas.py [--requests 16] [--concurrency 8]
-       [--max-tokens 32] [--rounds 2] [--json]
+       [--max-tokens 32] [--rounds 3] [--json]
 
-Each configuration is deployed, warmed up with one request per replica, then timed `--rounds`
-times; the figure is the best round (the machine may be shared). 2 replicas need 2 free cores.
+Both configurations are deployed side by side (two Ray Serve applications, /r1 and /r2; an idle
+replica only wakes once a second) and warmed up with one request per replica; then their rounds
+alternate (1, 2, 1, 2, ...) so that a change in the machine's other load hits both alike. The
+figure is each one's best round; every round is reported. 2 replicas need 2 free cores.
 """
 
 import argparse
@@ -44,7 +46,7 @@ def main():
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", default=None, help="as gemma3 serve --model (default: the embedded 270M)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -54,35 +56,43 @@ def main():
     from ray import serve
 
     from gemma3.cli import ray_app
-    from gemma3.server.ray_serve import APP_NAME
     load_before = os.getloadavg()
-    ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.1",
+    report_to = sys.stdout
+    sys.stdout = sys.stderr  # Ray's own messages (its driver prints to stdout) stay off the report
+    # 3 logical CPUs: the 1-replica and the 2-replica application stay deployed together, and only
+    # one of them is sent work at a time.
+    ray.init(address="local", include_dashboard=False, num_cpus=3, _node_ip_address="127.0.0.1",
              log_to_driver=False)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
     model_flag = f"--model {args.model} " if args.model else ""
-    results = []
+    configs, rounds = (1, 2), {1: [], 2: []}
     try:
-        for replicas in (1, 2):
+        clients = {}
+        for replicas in configs:
             serve.run(ray_app.build({"argv": f"{model_flag}--replicas {replicas} --threads 1 --ctx 1024"}),
-                      name=APP_NAME, route_prefix="/")
-            model = client.models.list().data[0].id
-            run_mix(client, model, replicas, replicas, 4)  # warm-up: one request per replica
-            rounds = []
-            for _ in range(args.rounds):
-                tokens, seconds = run_mix(client, model, args.requests, args.concurrency, args.max_tokens)
-                rounds.append(tokens / seconds)
-            results.append({"replicas": replicas, "threads_per_replica": 1, "tokens_per_s": max(rounds),
-                            "rounds_tokens_per_s": [round(r, 2) for r in rounds]})
-            if not args.json:
-                print(f"{replicas} replica(s) x 1 thread: {max(rounds):.1f} tokens/s "
-                      f"(rounds: {', '.join(f'{r:.1f}' for r in rounds)})", flush=True)
+                      name=f"r{replicas}", route_prefix=f"/r{replicas}")
+            clients[replicas] = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/r{replicas}/v1", api_key="none",
+                                              max_retries=0, timeout=600)
+        model = clients[1].models.list().data[0].id
+        for replicas in configs:
+            run_mix(clients[replicas], model, replicas, replicas, 4)  # warm-up: one request per replica
+        for _ in range(args.rounds):
+            for replicas in configs:
+                tokens, seconds = run_mix(clients[replicas], model, args.requests, args.concurrency, args.max_tokens)
+                rounds[replicas].append(tokens / seconds)
     finally:
         serve.shutdown()
         ray.shutdown()
+        sys.stdout = report_to
+    results = [{"replicas": r, "threads_per_replica": 1, "tokens_per_s": round(max(rounds[r]), 2),
+                "rounds_tokens_per_s": [round(x, 2) for x in rounds[r]]} for r in configs]
+    if not args.json:
+        for r in results:
+            print(f"{r['replicas']} replica(s) x 1 thread: {r['tokens_per_s']:.1f} tokens/s "
+                  f"(rounds: {', '.join(f'{x:.1f}' for x in r['rounds_tokens_per_s'])})")
     speedup = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
     report = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
               "cpu_count": os.cpu_count(), "load_average_before": load_before, "results": results,

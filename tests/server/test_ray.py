@@ -3,7 +3,10 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -59,34 +62,61 @@ def wait_for_replicas(n: int, timeout: float) -> dict:
     return states
 
 
-def test_ray_openai_routes_match_single_process_generate(cluster, local):
+@contextmanager
+def cli(*args: str):
+    """`gemma3 serve --ray --ray-address ADDR ...` deploying to the test's cluster, until Ctrl-C."""
+    cmd = [sys.executable, "-m", "gemma3", "serve", "--ray", "--ray-address", ray.get_runtime_context().gcs_address,
+           *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any("OpenAI API" in line for line in lines) and proc.poll() is None:
+            lines.append(proc.stderr.readline())
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+
+
+def test_ray_cli_serves_the_openai_routes_equal_to_single_process_generate(cluster, local):
+    """`gemma3 serve --ray` deploys one replica to a running cluster; through the openai client,
+    completions, chat and their streams equal `generate`; on Ctrl-C it removes its application
+    and leaves the cluster running."""
+    import openai
+
     from gemma3.formats.tokenizer import apply_chat_template
     from gemma3.inference.generate import generate
 
-    client = deploy(cluster, "--replicas 1")
-    prompt = "The capital of France is"
-    done = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=N, temperature=0)
-    assert done.choices[0].text == generate(*local, prompt, max_tokens=N)
-    assert done.usage.completion_tokens == N
-    streamed = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=N, temperature=0, stream=True)
-    assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+    with cli("--threads", "1", "--ctx", "1024") as proc:
+        client = openai.OpenAI(base_url=cluster + "/v1", api_key="none", max_retries=0, timeout=60)
+        prompt = "The capital of France is"
+        done = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=N, temperature=0)
+        assert done.choices[0].text == generate(*local, prompt, max_tokens=N)
+        assert done.usage.completion_tokens == N
+        streamed = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=N, temperature=0,
+                                             stream=True)
+        assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
 
-    messages = [{"role": "user", "content": "Name a colour."}]
-    chat = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=N, temperature=0)
-    assert chat.choices[0].message.content == generate(*local, apply_chat_template(messages), max_tokens=N)
-    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=N, temperature=0,
-                                                 stream=True))
-    assert len(chunks) > 3  # streamed piece by piece, not as one body
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+        messages = [{"role": "user", "content": "Name a colour."}]
+        chat = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=N, temperature=0)
+        assert chat.choices[0].message.content == generate(*local, apply_chat_template(messages), max_tokens=N)
+        chunks = list(client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=N,
+                                                     temperature=0, stream=True))
+        assert len(chunks) > 3  # streamed piece by piece, not as one body
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
 
-    # The replica's own errors and health come through the ingress unchanged.
-    import openai
+        # The replica's own errors and health come through the ingress unchanged.
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.completions.create(model="nope", prompt=prompt, max_tokens=1)
+        health = httpx.get(cluster + "/health", timeout=30)
+        assert health.json()["status"] == "ok" and health.json()["model"] == MODEL_ID
+        assert health.headers[REPLICA_HEADER]  # which replica (and process) answered
 
-    with pytest.raises(openai.NotFoundError, match="does not exist"):
-        client.completions.create(model="nope", prompt=prompt, max_tokens=1)
-    health = httpx.get(cluster + "/health", timeout=30)
-    assert health.json()["status"] == "ok" and health.json()["model"] == MODEL_ID
-    assert health.headers[REPLICA_HEADER]  # which replica (and process) answered
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    assert APP_NAME not in serve.status().applications
 
 
 def test_ray_redeploy_drains_the_old_replica_s_stream(cluster):
@@ -96,7 +126,7 @@ def test_ray_redeploy_drains_the_old_replica_s_stream(cluster):
     from concurrent.futures import ThreadPoolExecutor
 
     client = deploy(cluster, "--replicas 1")
-    stream = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=300, temperature=0,
+    stream = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=160, temperature=0,
                                        stream=True)
     old = stream.response.headers[REPLICA_HEADER]
     pieces = iter(stream)

@@ -111,6 +111,19 @@ class Attention(nn.Module):
     def attend(self, q, k, v, k_pos, positions, groups):
         """Attention of queries at `positions` over keys at `k_pos`; mask derived from positions."""
         b, t = q.shape[0], q.shape[2]
+        if groups is None and t > 1 and only_chunk(k_pos, positions):
+            # A chunk with nothing before it (a fresh prompt): its own keys suffice, and within the
+            # window the mask is plain causal, which flash attention applies by skipping the blocks
+            # above the diagonal instead of reading a [t, keys] mask (2x at 512 tokens).
+            k, v, k_pos = k[:, :, -t:], v[:, :, -t:], k_pos[-t:]
+            if self.window is None or t <= self.window:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            # Past a local layer's window: blocks of W queries over the 2W keys they can see, a
+            # W x 2W band mask each instead of t x t (the first block is causal again).
+            w = self.window
+            return torch.cat([self.attend(q[:, :, s:s + w], k[:, :, max(0, s - w):s + w], v[:, :, max(0, s - w):s + w],
+                                          k_pos[max(0, s - w):s + w], positions[s:s + w], None)
+                              for s in range(0, t, w)], dim=2)
         allowed = (k_pos[None, :] <= positions[:, None]) & (k_pos[None, :] >= 0)
         if groups is not None:
             allowed = allowed | same_image(groups, k.shape[2])
@@ -127,6 +140,14 @@ class Attention(nn.Module):
             mask = mask[:, None]  # per-batch-row masks (images) broadcast over KV heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out.reshape(b, self.n_heads, t, self.head_dim)
+
+
+def only_chunk(k_pos: torch.Tensor, positions: torch.Tensor) -> bool:
+    """True when the keys are the queries' own chunk (the last len(positions) keys, at the same
+    positions) and every earlier key slot is empty (position < 0, as a fresh ring holds)."""
+    t = positions.shape[0]
+    return (k_pos.shape[0] >= t and torch.equal(k_pos[-t:], positions.to(k_pos.dtype))
+            and bool((k_pos[:-t] < 0).all()))
 
 
 def same_image(groups: torch.Tensor, n_keys: int) -> torch.Tensor:

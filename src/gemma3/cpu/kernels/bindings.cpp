@@ -44,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("qmatmul", &qmatmul, "x @ W^T with W in GGUF blocks or a repacked layout, int16 activations (int8 for interleaved weights with int8=True)",
           nogil, py::arg("x"), py::arg("w"), py::arg("type"), py::arg("N"), py::arg("int8") = false);
     m.def("qmatmul_many", &qmatmul_many, "several x @ W^T sharing one activation quantization", nogil);
+    m.def("gelu_mul_", &gelu_mul_, "g = gelu_tanh(g) * u in place (float32, contiguous)", nogil);
     m.def("mlp", &mlp, "down(gelu_tanh(gate(x)) * up(x)) with GGUF weights", nogil);
     m.def("dequant", &dequant, "GGUF blocks -> float32/bfloat16 rows", nogil);
     m.def("lookup", &lookup, "rows `ids` of a table (any layout) -> float32 rows: embedding lookups", nogil);

@@ -164,6 +164,20 @@ INLINE void gelu_mul(float* g, const float* u, int64_t n) {
     _mm512_mask_storeu_ps(g + i, tail, gelu_mul512(_mm512_maskz_loadu_ps(tail, g + i), _mm512_maskz_loadu_ps(tail, u + i)));
 }
 
+// g = gelu_tanh(g) * u in place, on every thread: prefill's MLP between its products (torch's
+// gelu and mul took 17% of a 512-token prefill, two passes over [t, 2048] floats).
+void gelu_mul_(torch::Tensor g, const torch::Tensor& u) {
+    TORCH_CHECK(g.dtype() == torch::kFloat32 && u.dtype() == torch::kFloat32 && g.is_contiguous() &&
+                u.is_contiguous() && g.numel() == u.numel(), "gelu_mul_ needs two contiguous float32 tensors of one size");
+    float* gp = g.data_ptr<float>();
+    const float* up = u.data_ptr<float>();
+    const int64_t n = g.numel(), chunk = 16 * 1024;
+    at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+        const int64_t i0 = c0 * chunk, i1 = std::min(n, c1 * chunk);
+        gelu_mul(gp + i0, up + i0, i1 - i0);
+    });
+}
+
 // Gemma's MLP, down(gelu_tanh(gate(x)) * up(x)), in one call.
 torch::Tensor mlp(torch::Tensor x, torch::Tensor wg, int64_t tg, torch::Tensor wu, int64_t tu, torch::Tensor wd,
                   int64_t td, int64_t F, int64_t N) {

@@ -2,6 +2,7 @@
 random models, greedy identity with plain decoding, and the sampling distribution."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -207,6 +208,12 @@ def test_generate_lookup_on_the_real_270m_is_plain_greedy(capsys):
     assert code == 0
     out = json.loads(spec)
     assert out["text"] + "\n" == plain and out["draft_acceptance"] > 0.9 and out["tokens_per_step"] > 3
+    code, spec, err = run_cli(["generate", prompt, "-n", "40", "--draft-model", str(assemble()), "--draft-k", "3",
+                               "-v"], capsys)
+    assert code == 0 and spec == plain
+    accepted, drafted, percent, per_step = re.search(
+        r"(\d+)/(\d+) drafted tokens accepted \((\d+)%\), ([\d.]+) tokens per step", err).groups()
+    assert int(accepted) == int(drafted) > 0 and percent == "100" and float(per_step) > 3
 
 
 def draft_pair(vocab=64):

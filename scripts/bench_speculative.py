@@ -5,17 +5,22 @@
     PYTHONPATH=src python scripts/bench_speculative.py --identity   # greedy identity, 10 prompts x 128 tokens
     ... --draft-model small.gguf [--draft-k 4]    # the draft model too (speed and identity)
     ... --step-times 1b.gguf 4b.gguf               # ms per decode step and per verify step of each model
+    ... --server http://127.0.0.1:8000             # greedy identity through a running `gemma3 serve`
 
 Speed: greedy decode tok/s (after the first token, so prefill is left out) of plain decoding and
 of --lookup, run back to back `--rounds` times (other processes on a shared machine slow both
 alike), and the ratio of the medians; a task that repeats its input and one of free prose.
 Identity: the generated token ids of plain, lookup and draft-model decoding, compared for every
-prompt. Step times: the inputs of an estimated draft-model speed-up (docs/speculative.md)."""
+prompt. Step times: the inputs of an estimated draft-model speed-up (docs/speculative.md).
+Server: the identity prompts greedy through the server, each alone without `speculative`, then
+all at once (sharing the continuous batch) plainly and with each method of --methods; the texts
+compared, the batch's wall time, and acceptance and tokens per step from /metrics."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 
 import torch
@@ -132,6 +137,57 @@ def step_times(paths, args):
               f"{args.draft_k + 1} rows {1000 * statistics.median(verify):.1f} ms  ({path})", flush=True)
 
 
+def server_identity(url, args) -> bool:
+    import re
+
+    import httpx
+
+    model_id = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+    def complete(prompt, spec=None):
+        body = {"model": model_id, "prompt": prompt, "max_tokens": args.tokens, "temperature": 0}
+        if spec:
+            body["speculative"] = spec
+        r = httpx.post(url + "/v1/completions", json=body, timeout=3600)
+        if r.status_code != 200:
+            raise SystemExit(f"{r.status_code}: {r.text}")
+        return r.json()["choices"][0]["text"]
+
+    def together(spec):
+        out = [None] * len(IDENTITY_PROMPTS)
+        threads = [threading.Thread(target=lambda i=i, p=p: out.__setitem__(i, complete(p, spec)))
+                   for i, p in enumerate(IDENTITY_PROMPTS)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out, time.perf_counter() - start
+
+    def counters():
+        text = httpx.get(url + "/metrics", timeout=30).text
+        return {k: float(re.search(rf"^gemma3_speculative_{k}_total (\S+)$", text, re.M).group(1))
+                for k in ("verify_steps", "plain_steps", "draft_tokens", "accepted_tokens")}
+
+    alone = [complete(p) for p in IDENTITY_PROMPTS]
+    ok = True
+    for method in ["plain"] + args.methods.split(","):
+        spec = None if method == "plain" else {"method": method}
+        if method == "draft":
+            spec["k"] = args.draft_k
+        before = counters()
+        texts, wall = together(spec)
+        moved = {k: v - before[k] for k, v in counters().items()}
+        same = sum(a == b for a, b in zip(texts, alone))
+        ok = ok and same == len(alone)
+        steps = moved["verify_steps"] + moved["plain_steps"]
+        extra = (f", {moved['accepted_tokens']:.0f}/{moved['draft_tokens']:.0f} drafted tokens accepted, "
+                 f"{(moved['accepted_tokens'] + steps) / steps:.2f} tokens per step" if steps else "")
+        print(f"{method:6s} {same}/{len(alone)} identical to alone-plain, {len(alone)} requests together in "
+              f"{wall:.1f} s{extra}", flush=True)
+    return ok
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -145,7 +201,13 @@ def main():
     parser.add_argument("--step-times", nargs="+", default=None, metavar="MODEL",
                         help="only time decode and verify steps of these models")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--server", default=None, metavar="URL", help="only check identity through this server")
+    parser.add_argument("--methods", default="lookup,draft",
+                        help="--server: speculative methods to send (default lookup,draft; draft needs a server "
+                             "started with --draft-model)")
     args = parser.parse_args()
+    if args.server:
+        raise SystemExit(0 if server_identity(args.server.rstrip("/"), args) else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}", flush=True)

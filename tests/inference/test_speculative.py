@@ -2,6 +2,7 @@
 random models, greedy identity with plain decoding, and the sampling distribution."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -84,6 +85,31 @@ def test_verify_rows_are_the_one_token_steps_bit_for_bit(kv_dtype):
                 fast(ids[:, t:t + 1], plain)
             for t in range(start + 2, start + 14):
                 assert torch.equal(fast(ids[:, t:t + 1], spec), fast(ids[:, t:t + 1], plain)), (start, t)
+
+
+@needs_kernels
+def test_verify_rows_beside_other_sequences_rows_are_the_one_token_steps_bit_for_bit():
+    """A continuous-batching step with verify rows (model.decode with row counts): plain rows and
+    the verify rows of two sequences, 11 rows in all (the CPU backend runs them in groups of at
+    most 8), each exactly the one-token step of its own sequence, across the window."""
+    cfg = tiny_config(layers=6, heads=4, kv_heads=1, head_dim=32, hidden=128, window=WINDOW)
+    fast, _ = quantized_copy(random_model(cfg), T.Q8_0, in_place=True)
+    gen = torch.Generator().manual_seed(8)
+    starts, counts = (3, 11, 6, 20), (1, 6, 1, 3)
+    ids = [torch.randint(0, cfg.vocab_size, (1, s + n), generator=gen) for s, n in zip(starts, counts)]
+    with torch.inference_mode():
+        caches, plains = [fast.new_cache(1, 64) for _ in ids], [fast.new_cache(1, 64) for _ in ids]
+        for seq, s, cache, plain in zip(ids, starts, caches, plains):
+            fast(seq[:, :s], cache)
+            fast(seq[:, :s], plain)
+        tokens = torch.cat([seq[0, s:] for seq, s in zip(ids, starts)])
+        rows = fast.decode(tokens, caches, list(counts))
+        expected = [fast(seq[:, t:t + 1], plain)[0, -1]
+                    for seq, s, plain in zip(ids, starts, plains) for t in range(s, seq.shape[1])]
+        assert len(rows) == len(expected) == sum(counts)
+        for r, want in enumerate(expected):
+            assert torch.equal(rows[r], want), r
+        assert [c.pos for c in caches] == [p.pos for p in plains]
 
 
 def test_find_continuation_takes_the_latest_match():
@@ -182,6 +208,12 @@ def test_generate_lookup_on_the_real_270m_is_plain_greedy(capsys):
     assert code == 0
     out = json.loads(spec)
     assert out["text"] + "\n" == plain and out["draft_acceptance"] > 0.9 and out["tokens_per_step"] > 3
+    code, spec, err = run_cli(["generate", prompt, "-n", "40", "--draft-model", str(assemble()), "--draft-k", "3",
+                               "-v"], capsys)
+    assert code == 0 and spec == plain
+    accepted, drafted, percent, per_step = re.search(
+        r"(\d+)/(\d+) drafted tokens accepted \((\d+)%\), ([\d.]+) tokens per step", err).groups()
+    assert int(accepted) == int(drafted) > 0 and percent == "100" and float(per_step) > 3
 
 
 def draft_pair(vocab=64):

@@ -160,7 +160,7 @@ def test_speculative_sampling_runs_with_logprobs(client):
     assert all(lp <= 0 for lp in r.choices[0].logprobs.token_logprobs)
 
 
-@pytest.mark.parametrize("spec,param", [({"method": "draft"}, "speculative.method"),
+@pytest.mark.parametrize("spec,param", [({"method": "beam"}, "speculative.method"),
                                         ({"method": "lookup", "k": 8}, "speculative.k"),
                                         ({"method": "lookup", "ngram": 0}, "speculative.ngram"),
                                         ("lookup", "speculative")])
@@ -168,6 +168,13 @@ def test_bad_speculative_options_are_400s_naming_the_param(server, spec, param):
     r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 2, "speculative": spec})
     assert_error(r, 400)
     assert r.json()["error"]["param"] == param
+
+
+def test_draft_requests_need_a_server_with_a_draft_model(server):
+    r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "Hi", "max_tokens": 2,
+                                         "speculative": {"method": "draft", "k": 4}})
+    assert_error(r, 400, "unsupported")
+    assert r.json()["error"]["param"] == "speculative.method" and "--draft-model" in r.json()["error"]["message"]
 
 
 def test_chat_streaming(client):

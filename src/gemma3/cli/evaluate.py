@@ -57,6 +57,11 @@ def register(sub):
     p.add_argument("--lookup", action="store_true",
                    help="also time generation with prompt-lookup speculative decoding beside plain, on a prompt "
                         "whose continuation repeats it (ours only)")
+    p.add_argument("--draft-model", default=None, metavar="FILE",
+                   help="also time generation with this draft model drafting (speculative decoding) beside plain, "
+                        "on an ordinary instruction: tok/s, acceptance, tokens per step (ours only)")
+    p.add_argument("--draft-k", type=options.positive_int, default=4,
+                   help="tokens --draft-model drafts per step, 1-7 (default: %(default)s)")
     options.add(p, "model", "backend", "precision", "device", "threads", "json", defaults={"threads": 2},
                 helps={"threads": "threads for both sides (default: %(default)s)",
                        "json": "print one JSON object {ours, llama_cpp, ratio}"})

@@ -330,7 +330,6 @@ def constraint(args):
 
 def drafter(args, model):
     """The --lookup or --draft-model drafter (the draft loaded like the model, on its device), or None."""
-    from ..inference.load import load
     from ..inference.speculative import DraftModel, PromptLookup
 
     if args.lookup and args.draft_model:
@@ -339,9 +338,19 @@ def drafter(args, model):
         return PromptLookup(ngram=args.lookup_ngram, k=args.lookup_k)
     if not args.draft_model:
         return None
+    return DraftModel(load_draft(args, model), k=args.draft_k)
+
+
+def load_draft(args, model):
+    """The --draft-model, loaded like the model (backend, dtype) on its device; refused unless it
+    shares the model's vocabulary."""
+    from ..inference.load import load
+    from ..inference.speculative import check_vocabulary
+
     backend = args.backend if model.device.type == "cpu" else "torch"
     draft, _ = load(args.draft_model, dtype=dtype(args, model.device.type), backend=backend)
-    return DraftModel(draft.to(model.device), k=args.draft_k)
+    check_vocabulary(draft, model)
+    return draft.to(model.device)
 
 
 def vision_encoder(args):

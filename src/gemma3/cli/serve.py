@@ -49,7 +49,12 @@ def register(sub):
                         "text only, no prefix cache). Under torchrun the ranks are torchrun's")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn log level (default info: one line per request)")
-    options.add(p, *options.VISION, *options.MODEL, "adapter")
+    options.add(p, *options.VISION, *options.MODEL, "adapter", "draft_model", "draft_k",
+                helps={"draft_model": "a smaller Gemma 3 of the same vocabulary that requests may draft with "
+                                      "(body: \"speculative\": {\"method\": \"draft\", \"k\": 4}); each "
+                                      "drafting sequence keeps a KV cache of the draft beside its own",
+                       "draft_k": "tokens drafted per step by a draft request that gives no k, 1-7 "
+                                  "(default: %(default)s)"})
     serve_ray.add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
@@ -71,6 +76,10 @@ def cmd_serve(args):
     model_id = args.served_model_name or Path(resolve(args.model)).name.removesuffix(".gguf")
     # Images need a vision encoder: --mmproj for a GGUF, or the HF directory's own; else text-only.
     wants_vision = bool(args.mmproj) or serve_ray.has_vision(args.model)
+    if world > 1 and args.draft_model:
+        raise ValueError("serve --tp does not serve speculative decoding: leave out --draft-model")
+    if not 1 <= args.draft_k <= 7:
+        raise ValueError(f"--draft-k must be 1 to 7, got {args.draft_k}")
     if world > 1 and wants_vision:
         raise ValueError("serve --tp serves text only (the vision encoder is not sharded); "
                          "serve a multimodal model without --tp")
@@ -82,6 +91,7 @@ def cmd_serve(args):
         model, tok = options.load_model(args, timeout=ranks.IDLE_TIMEOUT)
         if world > 1 and int(os.environ["RANK"]):
             return ranks.follow(model)
+        draft = options.load_draft(args, model) if args.draft_model else None
         if world > 1:
             model = ranks.Leader(model)
             print(f"gemma3 serve: tensor parallel over {world} ranks (float weights; prefix cache off)",
@@ -93,7 +103,7 @@ def cmd_serve(args):
                   head_timeout=args.head_timeout, keep_alive=args.keep_alive,
                   max_connections=args.max_connections,
                   prefix_cache_mb=0 if world > 1 else args.prefix_cache_mb, log_level=args.log_level,
-                  vision=vision, pan_and_scan=pan_and_scan)
+                  vision=vision, pan_and_scan=pan_and_scan, draft=draft, draft_k=args.draft_k)
         finally:
             if world > 1:
                 model.close()

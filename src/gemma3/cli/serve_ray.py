@@ -53,6 +53,8 @@ def check(args):
     if args.ray and args.tp:
         raise ValueError("--ray serves whole-model replicas; --tp is not served through Ray (run torchrun per "
                          "replica instead: docs/serving.md)")
+    if args.ray and getattr(args, "draft_model", None):
+        raise ValueError("--ray replicas do not load a --draft-model yet: serve it without --ray")
 
 
 def limits(args):

@@ -157,11 +157,17 @@ class FastGemma3(Gemma3):
             return super().forward_hidden(input_ids, cache, embeds, groups)
         return self._step(stack.step, input_ids, cache, False).view(1, 1, -1)
 
-    def decode(self, tokens, caches):
-        """Gemma3.decode; one sequence (a server serving one request) takes the one-call step."""
-        stack = self._one_call(tokens.view(1, 1), caches[0]) if len(caches) == 1 else None
+    def decode(self, tokens, caches, counts=None):
+        """Gemma3.decode; one sequence (a server serving one request) takes the one-call step. A
+        step with verify rows (`counts`) runs in groups of whole sequences of at most
+        MAX_VNNI_ROWS rows: only there do the fused layers compute every row as a one-row step
+        does (more rows take the GEMM kernels, which round differently)."""
+        if counts is not None and sum(counts) > MAX_VNNI_ROWS:
+            return torch.cat([super(FastGemma3, self).decode(tokens[start:start + sum(c)], caches[i:i + len(c)], c)
+                              for i, start, c in _groups(counts, MAX_VNNI_ROWS)])
+        stack = self._one_call(tokens.view(1, 1), caches[0]) if len(caches) == 1 and tokens.numel() == 1 else None
         if stack is None:
-            return super().decode(tokens, caches)
+            return super().decode(tokens, caches, counts)
         return self._step(stack.step, tokens, caches[0], True)
 
     def greedy_next(self, input_ids, cache):
@@ -222,6 +228,18 @@ class FastGemma3(Gemma3):
             [layer.window if w.ring_positions is not None else 0 for layer, w in zip(cache.layers, views)],
             qweight(table), self.embed_scale().item(), self.norm.weight, self.norm.eps,
             bank.slot_of(cache) if (bank := self.__dict__.get("adapters")) is not None else -1)
+
+
+def _groups(counts: list[int], limit: int):
+    """(first sequence, first row, counts) of consecutive sequences whose rows add up to at most
+    `limit` (a sequence with more rows alone)."""
+    group, first, row = [], 0, 0
+    for i, n in enumerate(counts):
+        if group and sum(group) + n > limit:
+            yield first, row, group
+            first, row, group = i, row + sum(group), []
+        group.append(n)
+    yield first, row, group
 
 
 def refuse_hooks(model: nn.Module, modules) -> None:

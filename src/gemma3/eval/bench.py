@@ -10,6 +10,8 @@ needed), the same warm-up, and a greedy decode loop that includes the argmax ove
 `--lookup` adds, on our side only, greedy generation after a prompt that repeats its input (a
 pseudo-random passage, then its first tokens again: the model goes on copying it, as when editing
 or quoting a document), plain and with prompt-lookup speculative decoding, back to back.
+`--draft-model FILE` adds, on our side only, greedy generation after an ordinary instruction,
+plain and with the draft model drafting `--draft-k` tokens per step, back to back.
 
 This file imports only the standard library at module level: the llama.cpp worker runs it as a
 plain script under another interpreter (`--llama-python`), which need not have torch or gemma3.
@@ -34,6 +36,8 @@ PROMPT_TOKENS = 16  # decode starts after a short prompt, like llama-bench's tg 
 BATCH_STEPS = 32  # decode steps per batched-decode measurement
 WARMUP_TOKENS = 32
 REPEAT_PASSAGE, REPEAT_TOKENS = 200, 128  # --lookup: the passage the prompt repeats, tokens generated
+# --draft-model: free text (drafts are guesses, not copies), as a chat turn, REPEAT_TOKENS generated
+DRAFT_PROMPT = "Explain how a refrigerator keeps food cold, step by step."
 BOS = 2
 
 
@@ -66,11 +70,14 @@ def run_ours(args):
     torch.set_num_threads(args.threads)
     from ..inference.load import load
 
+    def loaded(path):
+        if args.device == "cuda":  # bf16 float weights: the quantized kernels are CPU-only
+            model, tok = load(path, dtype=torch.bfloat16, backend="torch")
+            return model.to("cuda"), tok
+        return load(path, backend=args.backend)
+
     start = time.perf_counter()
-    if args.device == "cuda":  # bf16 float weights: the quantized kernels are CPU-only
-        model = load(args.model, dtype=torch.bfloat16, backend="torch")[0].to("cuda")
-    else:
-        model, _ = load(args.model, backend=args.backend)
+    model, tok = loaded(args.model)
     emit("load_s", time.perf_counter() - start)
 
     def step(ids, cache):  # greedy next tokens, as `generate` decodes; .tolist() waits for the GPU
@@ -114,6 +121,22 @@ def run_ours(args):
                 if drafter is not None:
                     emit("repeat_acceptance", drafter.stats.acceptance)
                     emit("repeat_tokens_per_step", drafter.stats.tokens_per_step)
+            elif phase in ("draft_plain", "draft"):
+                from ..formats.tokenizer import apply_chat_template
+                from ..inference.generate import generate_step
+                from ..inference.prompt import encode_prompt
+                from ..inference.sampling import SamplingParams
+                from ..inference.speculative import DraftModel
+
+                drafter = DraftModel(loaded(args.draft_model)[0], k=args.draft_k) if phase == "draft" else None
+                prompt = encode_prompt(tok, apply_chat_template([{"role": "user", "content": DRAFT_PROMPT}]))
+                start, n = None, 0
+                for _ in generate_step(model, prompt, SamplingParams(), REPEAT_TOKENS, speculative=drafter):
+                    start, n = start or time.perf_counter(), n + 1  # timed from the first token: decode only
+                emit(phase, (n - 1) / (time.perf_counter() - start))
+                if drafter is not None:
+                    emit("draft_acceptance", drafter.stats.acceptance)
+                    emit("draft_tokens_per_step", drafter.stats.tokens_per_step)
             elif phase.startswith("batch"):
                 b = int(phase[len("batch"):])
                 cache = model.new_cache(b, max_len=PROMPT_TOKENS + BATCH_STEPS + 1)
@@ -231,7 +254,8 @@ def worker_command(python, side, args, phases, no_extra_bufts=False):
     spec = {"worker": side, "model": args.model_path, "threads": args.threads, "ctx": args.ctx,
             "decode": args.decode, "phases": phases, "no_extra_bufts": no_extra_bufts}
     if side == "ours":
-        spec |= {"backend": args.backend, "device": args.device}
+        spec |= {"backend": args.backend, "device": args.device, "draft_model": args.draft_model_path,
+                 "draft_k": args.draft_k}
     head = [python, os.path.abspath(__file__)] if side == "llama" else [python, "-m", "gemma3.eval.bench"]
     return head + [json.dumps(spec)]
 
@@ -253,7 +277,8 @@ def run_worker(cmd) -> tuple[dict, int, str]:
 def phases_for(args, side: str) -> list[str]:
     return (["warmup", "decode", "warmup_batch"] + [f"prefill{n}" for n in PREFILL_LENGTHS]
             + [f"batch{b}" for b in args.batch]
-            + (["repeat_plain", "repeat_lookup"] if args.lookup and side == "ours" else []))
+            + (["repeat_plain", "repeat_lookup"] if args.lookup and side == "ours" else [])
+            + (["draft_plain", "draft"] if args.draft_model and side == "ours" else []))
 
 
 class Side:
@@ -304,6 +329,12 @@ class Side:
                              "speedup": round(med["repeat_lookup"] / med["repeat_plain"], 2),
                              "acceptance": round(med["repeat_acceptance"], 3),
                              "tokens_per_step": round(med["repeat_tokens_per_step"], 2)}
+        if "draft" in med:
+            out["draft"] = {"model": os.path.basename(args.draft_model_path), "k": args.draft_k,
+                            "plain_tok_s": round(med["draft_plain"], 1), "draft_tok_s": round(med["draft"], 1),
+                            "speedup": round(med["draft"] / med["draft_plain"], 2),
+                            "acceptance": round(med["draft_acceptance"], 3),
+                            "tokens_per_step": round(med["draft_tokens_per_step"], 2)}
         return out
 
 
@@ -355,6 +386,12 @@ def table(result: dict, args) -> str:
                     f"--lookup {lookup['lookup_tok_s']:.1f} tok/s ({lookup['speedup']:.2f}x; "
                     f"{lookup['acceptance']:.0%} of drafted tokens accepted, {lookup['tokens_per_step']:.2f} "
                     "tokens per step)")
+    draft = result["ours"].get("draft")
+    if draft:
+        text.append(f"free text {REPEAT_TOKENS} tokens (ours): plain {draft['plain_tok_s']:.1f} tok/s, "
+                    f"--draft-model {draft['model']} --draft-k {draft['k']} {draft['draft_tok_s']:.1f} tok/s "
+                    f"({draft['speedup']:.2f}x; {draft['acceptance']:.0%} of drafted tokens accepted, "
+                    f"{draft['tokens_per_step']:.2f} tokens per step)")
     m = result.get("machine")
     if m:
         text.append(f"({m['cpu']}, {m['threads']} threads; our path: {m['isa']})")
@@ -384,6 +421,9 @@ def bench(args) -> dict:
     from ..inference.load import resolve
 
     args.model_path = str(resolve(args.model))
+    args.draft_model_path = str(resolve(args.draft_model)) if args.draft_model else None
+    if args.draft_model and not 1 <= args.draft_k <= 7:
+        raise ValueError(f"--draft-k must be 1 to 7, got {args.draft_k}")
     if args.device == "auto":
         import torch
 

@@ -115,7 +115,10 @@ class DraftModel:
     when the target decodes greedily, else sampled with the same settings (its distributions kept
     in `q` for the acceptance test). Its KV cache follows the target's: tokens it has not seen
     yet (the last accepted ones) are fed before drafting, and the drafted tokens the target
-    rejects are taken back (KVCache.mark / rewind), so it never reprocesses the sequence."""
+    rejects are taken back (KVCache.mark / rewind), so it never reprocesses the sequence.
+
+    One instance per sequence (it holds the sequence's draft cache); several may share `model`,
+    and `draft_together` drafts for them in batched steps (the server's continuous batch)."""
 
     def __init__(self, model, k: int = 4):
         if not 1 <= k <= 7:
@@ -126,37 +129,30 @@ class DraftModel:
 
     def start(self, target, max_len: int, params: SamplingParams, generator: torch.Generator):
         """A new generation of at most `max_len` tokens (prompt included) for `target`."""
-        if self.model.config.vocab_size != target.config.vocab_size:
-            raise ValueError(f"the draft model's vocabulary ({self.model.config.vocab_size} tokens) is not the "
-                             f"model's ({target.config.vocab_size}): a draft model must share its tokenizer")
+        check_vocabulary(self.model, target)
         self.cache = self.model.new_cache(1, max_len=max_len)
         self.params, self.generator = params, generator
 
     def propose(self, history: Sequence[int], limit: int) -> list[int]:
-        limit = min(limit, self.k)
-        if limit <= 0:
-            return []
-        model, cache, device = self.model, self.cache, self.model.device
+        return draft_together([self], [history], [limit])[0]
+
+    def _begin(self, history: Sequence[int], limit: int) -> list[int]:
+        """Brings the cache up to the last token and marks it; the tokens the first draft step
+        feeds (the last token, after it at most one accepted one the draft has not seen)."""
+        cache = self.cache
         if len(history) - cache.pos > 2:  # the prompt (or tokens after plain steps): in one forward, kept
-            model(torch.tensor([list(history[cache.pos:-1])], device=device), cache, last_only=True)
-        fresh = list(history[cache.pos:])  # the last token, after it at most one accepted one
+            self.model(torch.tensor([list(history[cache.pos:-1])], device=self.model.device), cache, last_only=True)
+        fresh = list(history[cache.pos:])
         self._fresh = len(fresh)
         self._mark = cache.mark(len(fresh) + limit - 1)
-        draft, self.q = [], None if self.params.greedy else []
-        for i in range(limit):
-            step = torch.tensor([fresh if i == 0 else draft[-1:]], device=device)
-            seen = list(history) + draft
-            if self.params.plain_greedy:
-                token = int(model.greedy_next(step, cache))
-            else:
-                logits = model(step, cache, last_only=True)[0, -1].cpu()
-                if self.params.greedy:
-                    token = sample(logits, self.params, None, seen)
-                else:
-                    self.q.append(distribution(logits, self.params, seen))
-                    token = draw(self.q[-1], self.generator)
-            draft.append(token)
-        return draft
+        self.q = None if self.params.greedy else []
+        return fresh
+
+    def _pick(self, logits: torch.Tensor, seen: list[int]) -> int:
+        if self.params.greedy:
+            return sample(logits, self.params, None, seen)
+        self.q.append(distribution(logits, self.params, seen))
+        return draw(self.q[-1], self.generator)
 
     def record(self, drafted: int, accepted: int):
         """Keeps the fed tokens and the drafted ones the target accepted (the last drafted token
@@ -165,6 +161,32 @@ class DraftModel:
         self.stats.drafted += drafted
         self.stats.accepted += accepted
         self.cache.rewind(self._mark, self._fresh + min(accepted, drafted - 1))
+
+
+def check_vocabulary(draft, target):
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) is not the "
+                         f"model's ({target.config.vocab_size}): a draft model must share its tokenizer")
+
+
+def draft_together(drafters: list[DraftModel], histories: list[Sequence[int]], limits: list[int]) -> list[list[int]]:
+    """Each drafter's proposal (at most min(limit, its k) tokens) after its history; drafters of
+    one draft model, each with its own cache, step together: one batched draft forward per
+    drafted position (the first feeds each sequence's unseen tokens as rows of that step)."""
+    model = drafters[0].model
+    out: list[list[int]] = [[] for _ in drafters]
+    wants = {i: min(limit, d.k) for i, (d, limit) in enumerate(zip(drafters, limits)) if min(limit, d.k) > 0}
+    feed = {i: drafters[i]._begin(histories[i], n) for i, n in wants.items()}
+    for step in range(max(wants.values(), default=0)):
+        rows = [i for i, n in wants.items() if n > step]
+        tokens = [t for i in rows for t in (feed[i] if step == 0 else out[i][-1:])]
+        counts = [len(feed[i]) for i in rows] if step == 0 else None
+        logits = model.decode(torch.tensor(tokens, device=model.device), [drafters[i].cache for i in rows],
+                              counts).cpu()
+        ends = torch.tensor(counts).cumsum(0) - 1 if counts else torch.arange(len(rows))
+        for i, row in zip(rows, ends.tolist()):
+            out[i].append(drafters[i]._pick(logits[row], list(histories[i]) + out[i]))
+    return out
 
 
 def find_continuation(history: Sequence[int], n: int, limit: int) -> list[int]:

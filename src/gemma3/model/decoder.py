@@ -298,39 +298,34 @@ class Gemma3(nn.Module):
             outs.append(self.norm(x))
         return torch.cat(outs, dim=1)
 
-    def decode(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, caches: list[KVCache], counts: list[int] | None = None) -> torch.Tensor:
         """One decode step for B independent sequences: logits [B, vocab] for `tokens` [B], each
         appended to its own cache at its own position. Projections, MLPs and the LM head run
-        batched (their weights are read once per step); attention runs per sequence."""
-        for c in caches:
-            c.check_room(1)
-        positions = torch.tensor([[c.pos] for c in caches], device=tokens.device)  # [B, 1]
-        route(self, caches)
+        batched (their weights are read once per step); attention runs per sequence.
+
+        `counts` (speculative verify steps): caches[j] takes counts[j] consecutive tokens, so
+        `tokens` has sum(counts) rows; each is a row of the step as a one-token step would be
+        (the same logits), attention taking a sequence's rows in order, each storing its key
+        before attending. Logits [sum(counts), vocab]."""
+        counts = [1] * len(caches) if counts is None else counts
+        for c, n in zip(caches, counts):
+            c.check_room(n)
+        rows = [(c, c.pos + i) for c, n in zip(caches, counts) for i in range(n)]
+        positions = torch.tensor([[p] for _, p in rows], device=tokens.device)  # [rows, 1]
+        route(self, [c for c, _ in rows])
 
         def kv(i):
-            return [KVRows(slice(r, r + 1), c.layers[i], positions[r]) for r, c in enumerate(caches)]
+            return [KVRows(slice(r, r + 1), c.layers[i], positions[r]) for r, (c, _) in enumerate(rows)]
 
         x = self.run_layers(self.embed(tokens[:, None]), self.rope(positions), kv)
-        for c in caches:
-            c.advance(1)
+        for c, n in zip(caches, counts):
+            c.advance(n)
         return self.logits(self.norm(x))[:, 0]
 
     def verify(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [n, vocab] for `tokens` [n], consecutive tokens of the one sequence in `cache`
-        (a speculative verify step). Each token is a row of a decode step, so projections and MLPs
-        read their weights once for all rows while every row gets the very logits a one-token step
-        would give it; attention takes the rows in order, each storing its key before attending."""
-        n = tokens.shape[0]
-        cache.check_room(n)
-        positions = torch.arange(cache.pos, cache.pos + n, device=tokens.device)[:, None]  # [n, 1]
-        route(self, [cache])
-
-        def kv(i):
-            return [KVRows(slice(r, r + 1), cache.layers[i], positions[r]) for r in range(n)]
-
-        x = self.run_layers(self.embed(tokens[:, None]), self.rope(positions), kv)
-        cache.advance(n)
-        return self.logits(self.norm(x))[:, 0]
+        (a speculative verify step): `decode` with the n tokens as the rows of one step."""
+        return self.decode(tokens, [cache], [tokens.shape[0]])
 
     def hidden_states(self, input_ids: torch.Tensor, embeds: torch.Tensor | None = None,
                       groups: torch.Tensor | None = None, checkpoint: bool = False) -> torch.Tensor:

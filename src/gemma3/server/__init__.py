@@ -19,13 +19,14 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
           max_batch: int = 8, max_queue: int = 64, limits=None, api_key: str | None = None,
           prefix_cache_mb: int = 256, log_level: str = "info", vision=None, pan_and_scan=None,
           allowed_hosts: list[str] | None = None, head_timeout: float = 10.0, keep_alive: float = 5.0,
-          max_connections: int = 256):
+          max_connections: int = 256, draft=None, draft_k: int = 4):
     """Run until SIGINT/SIGTERM: uvicorn stops accepting connections, lets in-flight responses
     finish (up to 30 s), then the engine cancels whatever is left and the call returns.
 
     The engine loop runs on this (the main) thread and uvicorn on a second one: all model work
     then happens on the thread that loaded the model, so it shares that thread's OpenMP pool (see
-    Engine.start for what a second pool costs)."""
+    Engine.start for what a second pool costs). `draft`: the model of requests that ask for
+    speculative decoding with a draft model (`draft_k` tokens per step unless they say)."""
     import signal
     import sys
     import threading
@@ -41,10 +42,14 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
     limit_arenas()
     ctx = min(ctx or model.config.max_context, model.config.max_context)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                    prefix_cache_bytes=prefix_cache_mb * 2**20, vision=vision, pan_and_scan=pan_and_scan)
+                    prefix_cache_bytes=prefix_cache_mb * 2**20, vision=vision, pan_and_scan=pan_and_scan,
+                    draft=draft, draft_k=draft_k)
     app = create_app(engine, model_id, ctx, limits or Limits(), api_key=api_key, start_engine=False,
                      hosts=host_names(host, allowed_hosts))
     print(banner(model_id, host, port, ctx, max_batch, api_key), file=sys.stderr, flush=True)
+    if draft is not None:
+        print(f"gemma3 serve: draft model for speculative requests: {draft.config.num_layers} layers, "
+              f"{draft_k} tokens per step by default", file=sys.stderr, flush=True)
     if not api_key and not is_loopback(host):
         print(f"gemma3 serve: warning: listening on {host} without --api-key: anyone who can reach this "
               "address can use the model", file=sys.stderr)

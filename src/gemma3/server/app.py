@@ -210,6 +210,10 @@ class Server:
             # A verify step and a cache rewind are not among the calls the leader mirrors to its ranks.
             raise APIError(400, "speculative decoding is not served under tensor parallelism (--tp)",
                            param="speculative", code="unsupported")
+        if body.speculative is not None and body.speculative.method == "draft" and self.engine.draft is None:
+            raise APIError(400, "speculative method 'draft' needs a draft model, and this server has none (start "
+                                "it with --draft-model FILE); method 'lookup' needs none",
+                           param="speculative.method", code="unsupported")
         limits = self.limits
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > limits.max_stop:

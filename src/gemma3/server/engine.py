@@ -12,9 +12,12 @@ a 30k-token prompt slows the running sequences by that fraction instead of stopp
 whole prefill. Requests come in through a bounded deque; results go back to the asyncio side
 as events on the request's own asyncio.Queue (`loop.call_soon_threadsafe`).
 
-A request with `speculative` options drafts by prompt lookup: in a step where it has a draft it
-leaves the batched decode and runs its own verify step (model.verify: the rows are the one-token
-steps' rows, so greedy output is the plain request's), then gives back the rejected tokens.
+A request with `speculative` options drafts by prompt lookup or with the server's draft model
+(`--draft-model`; the draft models of all such sequences step together, each with its own draft
+cache). A sequence with a draft puts its last token and the draft as rows of the same batched
+decode step as everyone else's one token (model.decode with per-sequence row counts: each row is
+the one-token step's row, so greedy output is the plain request's), then gives back the rejected
+tokens from its cache and its draft cache.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ..inference.multimodal import embed_prompt, encode_image
 from ..inference.prefix_cache import PIECE, Prefill, PrefixCache
 from ..inference.sampling import SamplingParams, sample
 from ..inference.score import TokenScore, prompt_scores
-from ..inference.speculative import PromptLookup, accept
+from ..inference.speculative import DraftModel, PromptLookup, accept, check_vocabulary, draft_together
 from .arenas import release_free_memory
 from .metrics import Metrics
 
@@ -101,7 +104,7 @@ class Request:
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the k best
     images: list = field(default_factory=list)  # decoded PIL images; `ids` holds their soft tokens
     prompt_top: int | None = None  # None: no prompt scores; k >= 0: each prompt token's logprob and k best
-    speculative: object | None = None  # schemas.Speculative: draft by prompt lookup (ngram, k)
+    speculative: object | None = None  # schemas.Speculative: draft by prompt lookup (ngram, k) or the draft model (k)
     adapter: int | None = None  # the LoRA adapter slot its sequence uses (model/adapters.py); None: the default
     guide: Guide | None = None  # structured output: the grammar state every sampled token must keep valid
     loop: asyncio.AbstractEventLoop | None = None
@@ -123,7 +126,7 @@ class _Sequence:
     """Per-request decode state: its cache, sampling generator, and its stop matcher (which holds
     back text that could still grow into a stop string)."""
 
-    def __init__(self, req: Request, cache, tokenizer):
+    def __init__(self, req: Request, cache, tokenizer, model=None, draft=None, draft_k: int = 4):
         self.req, self.cache, self.guide = req, cache, req.guide
         self.generator = req.params.generator()
         self.history = list(req.ids)
@@ -131,17 +134,16 @@ class _Sequence:
         self.n = 0
         self.last = None
         spec = req.speculative
-        self.drafter = PromptLookup(ngram=spec.ngram, k=spec.k) if spec is not None else None
+        self.drafter = None
+        if spec is not None and spec.method == "lookup":
+            self.drafter = PromptLookup(ngram=spec.ngram, k=spec.k or PromptLookup.k)
+        elif spec is not None:  # its draft cache: dropped with the sequence, like its cache
+            self.drafter = DraftModel(draft, k=spec.k or draft_k)
+            self.drafter.start(model, cache.max_len, req.params, self.generator)
 
-    def propose(self) -> list[int]:
-        """Tokens drafted for the next step (none: a plain decode step)."""
-        if self.drafter is None:
-            return []
-        draft = self.drafter.propose(self.history, min(self.req.max_tokens - self.n - 1,
-                                                       self.cache.max_len - self.cache.pos - 1))
-        if not draft:
-            self.drafter.stats.plain_steps += 1
-        return draft
+    def room(self) -> int:
+        """Drafted tokens that could still be used: the token after them must fit too."""
+        return min(self.req.max_tokens - self.n - 1, self.cache.max_len - self.cache.pos - 1)
 
     def advance(self, token: int, logprob: TokenLogprob | None) -> bool:
         """Emit what `token` adds; True when the sequence is finished."""
@@ -179,8 +181,13 @@ def _logprob(logits: torch.Tensor, token: int, k: int | None) -> TokenLogprob | 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64,
                  prefix_cache_bytes: int = 256 * 2**20, metrics: Metrics | None = None,
-                 vision=None, pan_and_scan=None):
+                 vision=None, pan_and_scan=None, draft=None, draft_k: int = 4):
         self.model, self.tokenizer = model, tokenizer
+        if draft is not None:
+            check_vocabulary(draft, model)
+        # The draft model of `speculative: {"method": "draft"}` requests (None: they are refused)
+        # and the tokens it drafts per step when a request gives no k.
+        self.draft, self.draft_k = draft, draft_k
         self.vision, self.pan_and_scan = vision, pan_and_scan  # vision None: a text-only server
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefix_cache = PrefixCache(model, max_bytes=prefix_cache_bytes, piece=PIECE) \
@@ -219,6 +226,8 @@ class Engine:
                             f"(--max-queue {self.max_queue}); retry later")
 
     def submit(self, req: Request):
+        if req.speculative is not None and req.speculative.method == "draft" and self.draft is None:
+            raise ValueError("speculative method 'draft' needs a draft model (serve --draft-model FILE)")
         with self.cond:
             self._check_room(self.waiting, "requests")
             self.waiting.append(req)
@@ -381,7 +390,7 @@ class Engine:
 
     def _started(self, req: Request, cache, logits: torch.Tensor):
         """A prompt is in its cache: sample the first token, then the sequence joins the batch."""
-        seq = _Sequence(req, cache, self.tokenizer)
+        seq = _Sequence(req, cache, self.tokenizer, self.model, self.draft, self.draft_k)
         # Logprobs stay the model's own (a masked token's would be -inf, which JSON cannot carry).
         allowed = logits if seq.guide is None else seq.guide.apply(logits, seq.guide.mask())
         token = sample(allowed, req.params, seq.generator, seq.history)
@@ -412,11 +421,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 start = time.perf_counter()
-                drafts = [seq.propose() for seq in live]
-                self.metrics.speculative.plain_steps += sum(1 for s, d in zip(live, drafts) if s.drafter and not d)
-                plain = [seq for seq, draft in zip(live, drafts) if not draft]
-                keep = self._decode(plain) if plain else []
-                keep += [seq for seq, draft in zip(live, drafts) if draft and not self._verify(seq, draft)]
+                keep = self._decode(live, self._propose(live))
                 # Earned prefill time, capped at one chunk's worth so idle credit cannot pile up.
                 self.credit = min(self.credit + PREFILL_SHARE * (time.perf_counter() - start), 0.05) \
                     if self.prefilling else 0.0
@@ -428,29 +433,56 @@ class Engine:
         self.active = keep
         self._gauges()
 
-    def _decode(self, batch: list[_Sequence]) -> list[_Sequence]:
-        """One batched decode step; the sequences that go on."""
-        guided = [s.guide for s in batch if s.guide is not None]
+    def _propose(self, batch: list[_Sequence]) -> list[list[int]]:
+        """Each sequence's draft for this step (none: one plain row). Prompt lookup drafts per
+        sequence; the draft-model sequences draft together, one batched draft step per token."""
+        drafts: list[list[int]] = [[] for _ in batch]
+        by_model = [i for i, s in enumerate(batch) if isinstance(s.drafter, DraftModel)]
+        for i, seq in enumerate(batch):
+            if isinstance(seq.drafter, PromptLookup):
+                drafts[i] = seq.drafter.propose(seq.history, seq.room())
+        if by_model:
+            proposed = draft_together([batch[i].drafter for i in by_model], [batch[i].history for i in by_model],
+                                      [batch[i].room() for i in by_model])
+            for i, draft in zip(by_model, proposed):
+                drafts[i] = draft
+        for seq, draft in zip(batch, drafts):
+            if seq.drafter is not None and not draft:
+                seq.drafter.stats.plain_steps += 1
+                self.metrics.speculative.plain_steps += 1
+        return drafts
+
+    def _decode(self, batch: list[_Sequence], drafts: list[list[int]]) -> list[_Sequence]:
+        """One batched decode step: a row for each sequence's last token, followed by its draft
+        if it has one (a verify step within the batch); the sequences that go on."""
+        guided = [s.guide for s in batch if s.guide is not None]  # never drafting: they are refused
         # The masks depend only on the tokens sampled so far: computed beside the forward
         # (llguidance drops the GIL), waited for after it.
         masks = self.masker.submit(fill_masks, guided) if guided else None
-        logits = self.model.decode(torch.tensor([s.last for s in batch]), [s.cache for s in batch])
+        tokens = torch.tensor([t for s, d in zip(batch, drafts) for t in [s.last] + d], device=self.model.device)
+        caches = [s.cache for s in batch]
+        if any(drafts):
+            marks = [s.cache.mark(len(d) + 1) if d else None for s, d in zip(batch, drafts)]
+            logits = self.model.decode(tokens, caches, [len(d) + 1 for d in drafts])
+        else:
+            logits = self.model.decode(tokens, caches)
         rows = iter(masks.result()) if masks is not None else None
-        keep = []
-        for seq, row in zip(batch, logits):
-            allowed = row if seq.guide is None else seq.guide.apply(row, next(rows))
-            token = sample(allowed, seq.req.params, seq.generator, seq.history)
-            if not self._advance(seq, token, row):
+        keep, start = [], 0
+        for i, (seq, draft) in enumerate(zip(batch, drafts)):
+            out, start = logits[start:start + len(draft) + 1], start + len(draft) + 1
+            if draft:
+                done = self._verified(seq, draft, out.cpu(), marks[i])
+            else:
+                allowed = out[0] if seq.guide is None else seq.guide.apply(out[0], next(rows))
+                done = self._advance(seq, sample(allowed, seq.req.params, seq.generator, seq.history), out[0])
+            if not done:
                 keep.append(seq)
         return keep
 
-    def _verify(self, seq: _Sequence, draft: list[int]) -> bool:
-        """A speculative step of one sequence: its last token and `draft` scored in one verify
-        step (the rows a one-token step would give), the agreeing prefix and the token after it
-        emitted, the rest taken back from its cache. True when the sequence is finished."""
-        mark = seq.cache.mark(len(draft) + 1)
-        logits = self.model.verify(torch.tensor([seq.last] + draft, device=self.model.device), seq.cache).cpu()
-        kept, token = accept(logits, draft, seq.req.params, seq.generator, seq.history)
+    def _verified(self, seq: _Sequence, draft: list[int], logits: torch.Tensor, mark) -> bool:
+        """After a verify step: the agreeing prefix of `draft` and the token after it emitted, the
+        rest taken back from the caches. True when the sequence is finished."""
+        kept, token = accept(logits, draft, seq.req.params, seq.generator, seq.history, seq.drafter.q)
         seq.cache.rewind(mark, kept + 1)
         seq.drafter.record(len(draft), kept)
         spec = self.metrics.speculative

@@ -79,7 +79,7 @@ class Metrics:
              self.speculative.verify_steps),
             ("speculative_plain_steps_total", "counter", "Steps of speculative requests with nothing drafted.",
              self.speculative.plain_steps),
-            ("speculative_draft_tokens_total", "counter", "Tokens drafted (prompt lookup).", self.speculative.drafted),
+            ("speculative_draft_tokens_total", "counter", "Tokens drafted (prompt lookup or the draft model).", self.speculative.drafted),
             ("speculative_accepted_tokens_total", "counter", "Drafted tokens the model accepted.",
              self.speculative.accepted),
             ("speculative_acceptance_rate", "gauge", "Accepted / drafted tokens so far.",

@@ -40,12 +40,14 @@ class StreamOptions(_Body):
 
 
 class Speculative(_Body):
-    """Per-request speculative decoding (a gemma3 extension; off unless sent): prompt lookup drafts
-    up to `k` tokens by matching the last `ngram` tokens earlier in the prompt or output."""
+    """Per-request speculative decoding (a gemma3 extension; off unless sent): "lookup" drafts up
+    to `k` tokens (default 7) by matching the last `ngram` tokens earlier in the prompt or output;
+    "draft" has the server's draft model (`serve --draft-model`) draft `k` tokens (default: the
+    server's --draft-k)."""
 
-    method: Literal["lookup"]
+    method: Literal["lookup", "draft"]
     ngram: int = Field(3, ge=1, le=16)
-    k: int = Field(7, ge=1, le=7)
+    k: int | None = Field(None, ge=1, le=7)
 
 
 class JSONSchemaFormat(_Body):

@@ -246,10 +246,10 @@ void store_slot(const float* x, torch::Tensor& dst, const c10::optional<torch::T
 // key_pos and hold positions 0..slot in slots 0..slot. One call per layer instead of B.
 //
 // Rows may also be consecutive tokens of one sequence sharing one cache (a speculative verify
-// step, inference/speculative.py): then each row is stored and attended before the next is
-// stored, because a later row's key overwrites a ring slot an earlier row still sees. A row
-// attended alone gives the same bits as in a batch (attend_rows), so every row's output is the
-// one-token step's.
+// step, inference/speculative.py, alone or beside other sequences' rows): then each row is
+// stored and attended before the next is stored, because a later row's key overwrites a ring
+// slot an earlier row still sees. A row attended alone gives the same bits as in a batch
+// (attend_rows), so every row's output is the one-token step's.
 torch::Tensor decode_attention_list(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> keys,
                                     std::vector<torch::Tensor> values, std::vector<torch::Tensor> k_scales,
                                     std::vector<torch::Tensor> v_scales, std::vector<torch::Tensor> key_pos,
@@ -265,16 +265,24 @@ torch::Tensor decode_attention_list(torch::Tensor q, torch::Tensor k, torch::Ten
     k = k.contiguous().to(torch::kFloat32);
     v = v.contiguous().to(torch::kFloat32);
     const int64_t Hk = keys[0].size(1), D = q.size(2);
+    // Verify rows may sit beside other sequences' rows (speculative decoding in a continuous
+    // batch): a cache's rows must be adjacent, at consecutive positions; then every row of the
+    // step is stored and attended in order.
     bool shared = false;
-    for (int64_t b = 1; b < B; b++) shared = shared || keys[b].data_ptr() == keys[0].data_ptr();
+    for (int64_t b = 1; b < B; b++) {
+        int64_t a = b - 1;
+        while (a >= 0 && keys[a].data_ptr() != keys[b].data_ptr()) a--;
+        if (a < 0) continue;
+        TORCH_CHECK(a == b - 1 && positions[b] == positions[a] + 1,
+                    "decode_attention_list: rows sharing a cache must be adjacent, at consecutive positions");
+        shared = true;
+    }
     if (shared) {
         std::vector<torch::Tensor> outs;
         for (int64_t b = 0; b < B; b++) {
             auto one = [&](const std::vector<torch::Tensor>& t) {
                 return t.empty() ? std::vector<torch::Tensor>{} : std::vector<torch::Tensor>{t[b]};
             };
-            TORCH_CHECK(b == 0 || positions[b] == positions[b - 1] + 1,
-                        "decode_attention_list: rows sharing a cache must be consecutive positions");
             outs.push_back(decode_attention_list(q.narrow(0, b, 1), k.narrow(0, b, 1), v.narrow(0, b, 1),
                                                  {keys[b]}, {values[b]}, one(k_scales), one(v_scales), one(key_pos),
                                                  {slots[b]}, {positions[b]}, window, scale));

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from ..inference.constrain import Guide, fill_masks
+from ..inference.constrain import Guide, apply_masks, fill_masks
 from ..inference.generate import StopMatcher, prefill
 from ..inference.multimodal import embed_prompt, encode_image
 from ..inference.prefix_cache import PIECE, Prefill, PrefixCache
@@ -419,11 +419,14 @@ class Engine:
         # (llguidance drops the GIL), waited for after it.
         masks = self.masker.submit(fill_masks, guided) if guided else None
         logits = self.model.decode(torch.tensor([s.last for s in batch]), [s.cache for s in batch])
-        rows = iter(masks.result()) if masks is not None else None
+        allowed = list(logits)
+        if masks is not None:  # every constrained row masked at once (apply_masks says why)
+            rows = [i for i, s in enumerate(batch) if s.guide is not None]
+            for i, masked in zip(rows, apply_masks(logits[rows], masks.result(), self.tokenizer.vocab_size)):
+                allowed[i] = masked
         keep = []
-        for seq, row in zip(batch, logits):
-            allowed = row if seq.guide is None else seq.guide.apply(row, next(rows))
-            token = sample(allowed, seq.req.params, seq.generator, seq.history)
+        for seq, row, choices in zip(batch, logits, allowed):
+            token = sample(choices, seq.req.params, seq.generator, seq.history)
             if not self._advance(seq, token, row):
                 keep.append(seq)
         return keep

@@ -10,7 +10,10 @@ driven step by step on the main thread (the thread `gemma3 serve` runs it on), e
 prefilled before the first step. Timed: each `Engine._step` (the batched forward, the masks
 computed beside it on the engine's mask thread, the masking, the sampling), all of them running
 the whole batch. Reported per round: the median and mean step time of each and their ratio (the
-two alternate, so a busy machine slows both)."""
+two alternate, so a busy machine slows both). On a shared machine the forward's time varies more
+than the whole cost of the masks, so the constrained rounds also time that cost directly: the
+mask fill (on the mask thread, beside the forward) and the masking, per step; their sum over the
+unconstrained median step bounds the slowdown the constraints add."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from gemma3.inference.constrain import Constraint, Guide
 from gemma3.inference.load import load
 from gemma3.inference.sampling import SamplingParams
+from gemma3.server import engine as engine_module
 from gemma3.server.engine import Done, Engine, Request
 
 RECORD = {
@@ -44,6 +48,21 @@ RECORD = {
 }
 SCHEMA = {"type": "array", "items": RECORD, "minItems": 50}
 PROMPT = "A list of the users of our web site, as JSON:\n"
+
+
+class _Timed:
+    """Wraps a function of the engine module, keeping how long each call took."""
+
+    def __init__(self, name: str):
+        self.name, self.fn, self.seconds = name, getattr(engine_module, name), []
+        setattr(engine_module, name, self)
+
+    def __call__(self, *args):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            self.seconds.append(time.perf_counter() - start)
 
 
 class _Inbox:
@@ -92,22 +111,28 @@ def main():
     model, tok = load(args.model, backend="cpu")[:2]
     engine = Engine(model, tok, max_batch=args.batch, max_queue=args.batch, prefix_cache_bytes=0)
     Guide(tok, Constraint("json_object"))  # builds llguidance's tokenizer view (~1 s) before timing
-    results = []
+    results, fill, apply = [], _Timed("fill_masks"), _Timed("apply_masks")
     with torch.inference_mode():
         run_batch(engine, tok, args.batch, 8, True)  # warm-up: kernels, allocator, grammar cache
         for r in range(args.rounds):
             free = run_batch(engine, tok, args.batch, args.tokens, False)
+            fill.seconds.clear()
+            apply.seconds.clear()
             constrained = run_batch(engine, tok, args.batch, args.tokens, True)
-            results.append((free, constrained))
+            masks = statistics.median(fill.seconds) + statistics.median(apply.seconds)
             f, c = statistics.median(free), statistics.median(constrained)
+            results.append((free, constrained, masks))
             print(f"round {r + 1}: batch {args.batch} x {args.tokens} tokens, {len(free)} / {len(constrained)} steps "
                   f"of the whole batch: median step unconstrained {1e3 * f:.1f} ms, constrained {1e3 * c:.1f} ms, "
                   f"ratio {c / f:.3f} (means {1e3 * statistics.mean(free):.1f} / "
-                  f"{1e3 * statistics.mean(constrained):.1f} ms)", flush=True)
+                  f"{1e3 * statistics.mean(constrained):.1f} ms); masks per step: fill "
+                  f"{1e3 * statistics.median(fill.seconds):.1f} ms + apply {1e3 * statistics.median(apply.seconds):.1f} "
+                  f"ms = {100 * masks / f:.1f}% of the unconstrained step", flush=True)
     print(json.dumps({"batch": args.batch, "tokens": args.tokens, "rounds": [
         {"steps": [len(f), len(c)], "unconstrained_median_ms": round(1e3 * statistics.median(f), 2),
          "constrained_median_ms": round(1e3 * statistics.median(c), 2),
-         "ratio": round(statistics.median(c) / statistics.median(f), 3)} for f, c in results]}))
+         "ratio": round(statistics.median(c) / statistics.median(f), 3), "mask_ms": round(1e3 * m, 2),
+         "mask_share": round(m / statistics.median(f), 4)} for f, c, m in results]}))
 
 
 if __name__ == "__main__":

@@ -47,3 +47,18 @@ def test_bad_tool_options_are_one_line_errors(tools_file, tmp_path, capsys):
         "type": "object", "properties": {"x": {"type": "frob"}}}}}]))
     one_line_error(*run_cli(["generate", "--chat", "hi", "--tools", str(tmp_path / "bad.json")], capsys),
                    "tools.0.function.parameters", "frob")
+
+
+def test_chat_answers_a_call_with_result(tools_file, tmp_path):
+    import subprocess
+    import sys
+
+    saved = tmp_path / "c.json"
+    out = subprocess.run([sys.executable, "-m", "gemma3", "chat", "--tools", tools_file, "--tool-choice",
+                          "get_time", "-n", "24"], input=f"What time is it?\n/result 12:30\n/save {saved}\n",
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "(tool call get_time({}): answer with /result TEXT)" in out.stderr
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[2] == {"role": "tool", "tool_call_id": messages[1]["tool_calls"][0]["id"], "content": "12:30"}

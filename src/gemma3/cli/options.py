@@ -183,6 +183,9 @@ OPTIONS: dict[str, Option] = {
         default="auto", metavar="CHOICE",
         help="with --tools: auto (the model answers with text or a call), required (a call, constrained to the "
              "tools' schemas), none, or a function's name (a call of that function) (default: %(default)s)")),
+    "parallel_tool_calls": Option(("--parallel-tool-calls",), dict(
+        action="store_true", help="with --tools: the model may make several calls at once (a JSON list); "
+                                  "by default it makes one")),
 }
 
 # The options of a command that loads a model to run it.
@@ -191,7 +194,7 @@ SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_pena
 VISION = ("mmproj", "no_pan_and_scan")
 LOOKUP = ("lookup", "lookup_ngram", "lookup_k", "draft_model", "draft_k")
 CONSTRAIN = ("json_schema", "grammar", "regex", "choice")
-TOOLS = ("tools", "tool_choice")
+TOOLS = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 def add(p, *names: str, defaults: dict | None = None, helps: dict | None = None):
@@ -336,7 +339,7 @@ def tool_calling(args, tok=None):
     choice = args.tool_choice if args.tool_choice in tools.CHOICES else \
         {"type": "function", "function": {"name": args.tool_choice}}
     try:
-        calling = tools.calling(definitions, choice)
+        calling = tools.calling(definitions, choice, parallel=args.parallel_tool_calls)
         if calling is not None and tok is not None:
             calling.check(tok)
     except tools.ToolError as e:

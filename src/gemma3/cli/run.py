@@ -67,6 +67,7 @@ def cmd_generate(args):
 
     if args.tools and not args.chat:
         raise ValueError("--tools needs --chat (the tools are described in the chat's first turn)")
+    options.constraint(args)  # a bad schema file or a clash of options fails before the slow load
     prompt = read_prompt(args)
     # Images and their encoder before the slow text model: a bad file or a missing mmproj fails fast.
     images = [load_image(path) for path in args.image]

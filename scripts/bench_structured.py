@@ -5,22 +5,32 @@ the same batch unconstrained, on the embedded 270M (or --model):
 
 `--batch` requests are queued together and decode `--tokens` tokens each: unconstrained with no
 stop token (so none ends early), constrained by a schema no document can complete in that many
-tokens (an array of at least 50 records), so both batches run the same steps. The engine runs on
-the main thread as in `gemma3 serve`. Reported: aggregate completion tok/s of each, and the
-constrained/unconstrained ratio, per round, counted while the whole batch decodes (the two alternate, so a busy machine slows both)."""
+tokens (an array of at least 50 records), so both batches run the same steps. The engine is
+driven step by step on the main thread (the thread `gemma3 serve` runs it on), every prompt
+prefilled before the first step. Timed: each `Engine._step` (the batched forward, the masks
+computed beside it on the engine's mask thread, the masking, the sampling), all of them running
+the whole batch. Reported per round: the median and mean step time of each and their ratio (the
+two alternate, so a busy machine slows both). On a shared machine the forward's time varies more
+than the whole cost of the masks, so the constrained rounds also time that cost directly: the
+mask fill (on the mask thread, beside the forward) and the masking, per step; their sum over the
+unconstrained median step bounds the slowdown the constraints add."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import threading
+import math
+import queue
+import statistics
 import time
+
+import torch
 
 from gemma3.inference.constrain import Constraint, Guide
 from gemma3.inference.load import load
 from gemma3.inference.sampling import SamplingParams
-from gemma3.server.engine import Done, Engine, Failed, Request
+from gemma3.server import engine as engine_module
+from gemma3.server.engine import Done, Engine, Request
 
 RECORD = {
     "type": "object",
@@ -40,40 +50,55 @@ SCHEMA = {"type": "array", "items": RECORD, "minItems": 50}
 PROMPT = "A list of the users of our web site, as JSON:\n"
 
 
-def run_batch(engine: Engine, tok, batch: int, tokens: int, constrained: bool) -> float:
-    """Aggregate tok/s of `batch` requests queued at once, counted only while every row decodes:
-    the engine admits queued prompts a chunk at a time while earlier rows decode (PREFILL_SHARE),
-    so the first steps run a partial batch."""
+class _Timed:
+    """Wraps a function of the engine module, keeping how long each call took."""
+
+    def __init__(self, name: str):
+        self.name, self.fn, self.seconds = name, getattr(engine_module, name), []
+        setattr(engine_module, name, self)
+
+    def __call__(self, *args):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            self.seconds.append(time.perf_counter() - start)
+
+
+class _Inbox:
+    """Stands in for the asyncio side of a Request: its events land in its queue at once."""
+
+    def call_soon_threadsafe(self, fn, *args):
+        fn(*args)
+
+
+def run_batch(engine: Engine, tok, batch: int, tokens: int, constrained: bool) -> list[float]:
+    """Seconds of each decode step of `batch` requests decoding together, the engine driven step by
+    step on this thread. Every prompt is prefilled before the first step (the running engine
+    spreads admissions over decode steps, PREFILL_SHARE, so its first steps run a partial batch),
+    so every step runs the whole batch."""
     ids = tok.encode(PROMPT)
     constraint = Constraint.json_schema(SCHEMA)
-
-    async def consume(r: Request) -> list[float]:
-        times = []
-        while True:
-            event = await r.events.get()
-            if isinstance(event, Failed):
-                raise RuntimeError(event.message)
-            times.append(time.perf_counter())
-            if isinstance(event, Done):
-                assert event.finish_reason == "length", event
-                return times
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        reqs = [Request(ids=ids, params=SamplingParams(temperature=0.8, seed=i), max_tokens=tokens, stop=[],
-                        stop_ids=frozenset(), guide=Guide(tok, constraint) if constrained else None,
-                        loop=loop, events=asyncio.Queue()) for i in range(batch)]
-        for r in reqs:
-            engine.submit(r)
-        events = await asyncio.gather(*(consume(r) for r in reqs))
-        start, end = max(t[0] for t in events), min(t[-1] for t in events)  # every row decoding
-        if end <= start:
-            raise SystemExit("no step ran the whole batch (the first row finished before the last was admitted): "
-                             "raise --tokens")
-        n = sum(start < x <= end for t in events for x in t)
-        return n / (end - start)
-
-    return asyncio.run(main())
+    reqs = [Request(ids=ids, params=SamplingParams(temperature=0.8, seed=i), max_tokens=tokens, stop=[],
+                    stop_ids=frozenset(), guide=Guide(tok, constraint) if constrained else None,
+                    loop=_Inbox(), events=queue.SimpleQueue()) for i in range(batch)]
+    for r in reqs:
+        engine.submit(r)
+    while engine.waiting or engine.prefilling:
+        engine.credit = math.inf  # prefill the next prompt now, whatever the decode steps have earned
+        engine._admit()
+    steps = []
+    while engine.active:
+        if len(engine.active) != batch:
+            raise RuntimeError(f"{len(engine.active)} rows decoding, not {batch}")
+        start = time.perf_counter()
+        engine._step()
+        steps.append(time.perf_counter() - start)
+    for r in reqs:
+        events = [r.events.get() for _ in range(r.events.qsize())]
+        if not isinstance(events[-1], Done) or events[-1].finish_reason != "length":
+            raise RuntimeError(f"a request ended with {events[-1]}")
+    return steps[:-1]  # the last step only finishes the rows (no row goes on)
 
 
 def main():
@@ -86,26 +111,28 @@ def main():
     model, tok = load(args.model, backend="cpu")[:2]
     engine = Engine(model, tok, max_batch=args.batch, max_queue=args.batch, prefix_cache_bytes=0)
     Guide(tok, Constraint("json_object"))  # builds llguidance's tokenizer view (~1 s) before timing
-    results = []
-
-    def drive():
-        try:
-            run_batch(engine, tok, args.batch, 8, True)  # warm-up: kernels, allocator, grammar cache
-            for r in range(args.rounds):
-                free = run_batch(engine, tok, args.batch, args.tokens, False)
-                constrained = run_batch(engine, tok, args.batch, args.tokens, True)
-                results.append((free, constrained))
-                print(f"round {r + 1}: batch {args.batch} x {args.tokens} tokens: unconstrained {free:.1f} tok/s, "
-                      f"constrained {constrained:.1f} tok/s, ratio {constrained / free:.3f} "
-                      f"({100 * (free / constrained - 1):.1f}% slower)", flush=True)
-        finally:
-            engine.stop()
-
-    threading.Thread(target=drive, daemon=True).start()
-    engine.run()  # on the main thread, as `gemma3 serve` runs it
-    print(json.dumps({"batch": args.batch, "tokens": args.tokens,
-                      "rounds": [{"unconstrained_tok_s": round(f, 2), "constrained_tok_s": round(c, 2)}
-                                 for f, c in results]}))
+    results, fill, apply = [], _Timed("fill_masks"), _Timed("apply_masks")
+    with torch.inference_mode():
+        run_batch(engine, tok, args.batch, 8, True)  # warm-up: kernels, allocator, grammar cache
+        for r in range(args.rounds):
+            free = run_batch(engine, tok, args.batch, args.tokens, False)
+            fill.seconds.clear()
+            apply.seconds.clear()
+            constrained = run_batch(engine, tok, args.batch, args.tokens, True)
+            masks = statistics.median(fill.seconds) + statistics.median(apply.seconds)
+            f, c = statistics.median(free), statistics.median(constrained)
+            results.append((free, constrained, masks))
+            print(f"round {r + 1}: batch {args.batch} x {args.tokens} tokens, {len(free)} / {len(constrained)} steps "
+                  f"of the whole batch: median step unconstrained {1e3 * f:.1f} ms, constrained {1e3 * c:.1f} ms, "
+                  f"ratio {c / f:.3f} (means {1e3 * statistics.mean(free):.1f} / "
+                  f"{1e3 * statistics.mean(constrained):.1f} ms); masks per step: fill "
+                  f"{1e3 * statistics.median(fill.seconds):.1f} ms + apply {1e3 * statistics.median(apply.seconds):.1f} "
+                  f"ms = {100 * masks / f:.1f}% of the unconstrained step", flush=True)
+    print(json.dumps({"batch": args.batch, "tokens": args.tokens, "rounds": [
+        {"steps": [len(f), len(c)], "unconstrained_median_ms": round(1e3 * statistics.median(f), 2),
+         "constrained_median_ms": round(1e3 * statistics.median(c), 2),
+         "ratio": round(statistics.median(c) / statistics.median(f), 3), "mask_ms": round(1e3 * m, 2),
+         "mask_share": round(m / statistics.median(f), 4)} for f, c, m in results]}))
 
 
 if __name__ == "__main__":

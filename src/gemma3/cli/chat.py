@@ -21,6 +21,7 @@ COMMANDS = {
     "/set [NAME VALUE]": "change a sampling setting for the next replies, e.g. /set temperature 0.7; "
                          "/set alone shows them",
     "/image PATH": "attach a picture to your next message (models that read images)",
+    "/result TEXT": "with --tools: the result of the model's (next unanswered) tool call; the model then goes on",
     "/save FILE": "write the conversation to FILE (JSON)",
     "/load FILE": "continue a conversation /save wrote",
     "/reset": "clear the conversation",
@@ -37,7 +38,7 @@ def register(sub):
                                    "new line, Ctrl-C stops a reply, Ctrl-D quits; /help lists the commands.")
     p.add_argument("--system", default=None, help="system prompt (merged into the first user turn)")
     p.add_argument("--history", default=str(DEFAULT_HISTORY), help="file that keeps your input lines across sessions")
-    options.add(p, *options.MODEL, *options.SAMPLING, *options.VISION, "adapter")
+    options.add(p, *options.MODEL, *options.SAMPLING, *options.VISION, "adapter", *options.TOOLS)
     p.set_defaults(func=cmd_chat)
 
 
@@ -104,6 +105,7 @@ class Session:
         from ..inference.prefix_cache import PrefixCache
 
         self.args, self.model, self.tok = args, model, tok
+        self.calling = options.tool_calling(args, tok)
         self.prefix_cache = PrefixCache(model, kv_dtype=args.kv_dtype)
         self.encoder = None  # (vision model, Pan & Scan), loaded with the first image
         self.reset()
@@ -113,21 +115,28 @@ class Session:
         self.images, self.pending = [], []  # (path, soft tokens) in the conversation, for the next message
 
     def say(self, text: str):
+        from ..inference.multimodal import with_placeholders
+
+        self.reply([{"role": "user", "content": with_placeholders(text, len(self.pending)) if self.pending else text}])
+
+    def reply(self, new: list[dict]):
+        """The model's reply to the conversation with the `new` messages (kept with the reply)."""
         from ..formats.tokenizer import apply_chat_template
         from ..inference.generate import stream_generate
-        from ..inference.multimodal import build_prompt, with_placeholders
+        from ..inference.multimodal import build_prompt
+        from ..inference.tools import chat_messages
 
-        message = {"role": "user", "content": with_placeholders(text, len(self.pending)) if self.pending else text}
         images = self.images + self.pending
-        reply = []
+        reply, finish = [], None
         try:
-            prompt = apply_chat_template(self.messages + [message])
+            prompt = apply_chat_template(chat_messages(self.messages + new, self.calling))
             if images:
                 prompt = build_prompt(self.model, self.tok, prompt, [features for _, features in images])
             for chunk in stream_generate(self.model, self.tok, prompt, self.args.max_tokens,
                                          options.sampling_params(self.args), self.args.stop,
                                          prefix_cache=self.prefix_cache):
                 reply.append(chunk.text)
+                finish = chunk.finish_reason
                 print(chunk.text, end="", flush=True)
             print()
         except KeyboardInterrupt:  # the reply so far stays in the conversation, as it was shown
@@ -135,14 +144,35 @@ class Session:
         except ValueError as e:  # e.g. the conversation outgrew the context: this message is not taken
             print(f"gemma3: error: {e}", file=sys.stderr)
             return
-        self.messages += [message, {"role": "model", "content": "".join(reply)}]
+        text = "".join(reply)
+        calls = self.calling.parse(text) if self.calling is not None and finish == "stop" else None
+        for call in calls or []:
+            note(f"tool call {call['function']['name']}({call['function']['arguments']}): answer with /result TEXT")
+        self.messages += new + [{"role": "assistant", "content": "", "tool_calls": calls} if calls
+                                else {"role": "model", "content": text}]
         self.images, self.pending = images, []
+
+    def result(self, text: str):
+        """`text` answers the first tool call of the last reply that has no answer yet; once all
+        have one, the model goes on."""
+        last = next((i for i in range(len(self.messages) - 1, -1, -1) if self.messages[i]["role"] != "tool"), None)
+        calls = self.messages[last].get("tool_calls") if last is not None else None
+        answered = {m["tool_call_id"] for m in self.messages[last + 1:]} if calls else set()
+        waiting = [c for c in calls or [] if c["id"] not in answered]
+        if not waiting:
+            raise ValueError("no tool call is waiting for a result")
+        message = {"role": "tool", "tool_call_id": waiting[0]["id"], "content": text}
+        if len(waiting) > 1:
+            self.messages.append(message)
+            note(f"result of {waiting[0]['function']['name']} taken; {len(waiting) - 1} call(s) still wait")
+        else:
+            self.reply([message])
 
     def command(self, line: str) -> bool:
         """Runs a /command; False when the session ends."""
         name, _, arg = line.partition(" ")
         arg = arg.strip()
-        takes_file = {"/image": self.attach, "/save": self.save, "/load": self.load}
+        takes_arg = {"/image": self.attach, "/save": self.save, "/load": self.load, "/result": self.result}
         try:
             if name in ("/exit", "/quit"):
                 return False
@@ -151,10 +181,10 @@ class Session:
                 note("conversation cleared")
             elif name == "/set":
                 self.set(arg)
-            elif name in takes_file:
+            elif name in takes_arg:
                 if not arg:
-                    raise ValueError(f"usage: {name} {'PATH' if name == '/image' else 'FILE'}")
-                takes_file[name](arg)
+                    raise ValueError(f"usage: {name} {dict(image='PATH', result='TEXT').get(name[1:], 'FILE')}")
+                takes_arg[name](arg)
             else:
                 if name != "/help":
                     note(f"{name} is not a command; your message was not sent")
@@ -196,13 +226,15 @@ class Session:
 
     def load(self, path: str):
         from ..formats.tokenizer import apply_chat_template
+        from ..inference.tools import chat_messages
 
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         messages, images = (data.get("messages"), data.get("images", [])) if isinstance(data, dict) else (None, None)
         if not (isinstance(messages, list) and isinstance(images, list) and all(isinstance(i, str) for i in images)
                 and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)):
             raise ValueError(f"{path}: not a conversation that /save wrote")
-        apply_chat_template(messages + [{"role": "user", "content": ""}])  # roles that a next message continues
+        # roles that a next message continues
+        apply_chat_template(chat_messages(messages + [{"role": "user", "content": ""}]))
         images = [(image, self.encode(image)) for image in images]  # from their files again
         self.messages, self.images, self.pending = messages, images, []
         note(f"conversation of {len(messages)} messages loaded from {path}")

@@ -175,6 +175,17 @@ OPTIONS: dict[str, Option] = {
     "regex": Option(("--regex",), dict(default=None, help="constrain the output to match this regular expression")),
     "choice": Option(("--choice",), dict(action="append", default=None,
                                          help="the output is exactly one of these strings (repeatable)")),
+    "tools": Option(("--tools",), dict(
+        default=None, metavar="FILE",
+        help="tools the model may call: a JSON list of OpenAI tool definitions ({\"type\": \"function\", "
+             "\"function\": {\"name\", \"description\", \"parameters\"}}); the calls it makes are printed")),
+    "tool_choice": Option(("--tool-choice",), dict(
+        default="auto", metavar="CHOICE",
+        help="with --tools: auto (the model answers with text or a call), required (a call, constrained to the "
+             "tools' schemas), none, or a function's name (a call of that function) (default: %(default)s)")),
+    "parallel_tool_calls": Option(("--parallel-tool-calls",), dict(
+        action="store_true", help="with --tools: the model may make several calls at once (a JSON list); "
+                                  "by default it makes one")),
 }
 
 # The options of a command that loads a model to run it.
@@ -183,6 +194,7 @@ SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_pena
 VISION = ("mmproj", "no_pan_and_scan")
 LOOKUP = ("lookup", "lookup_ngram", "lookup_k", "draft_model", "draft_k")
 CONSTRAIN = ("json_schema", "grammar", "regex", "choice")
+TOOLS = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 def add(p, *names: str, defaults: dict | None = None, helps: dict | None = None):
@@ -310,9 +322,40 @@ def sampling_params(args):
                           repetition_penalty=args.repeat_penalty, seed=seed, constraint=constraint(args))
 
 
+def tool_calling(args, tok=None):
+    """The inference/tools.Calling of --tools FILE and --tool-choice (None: no tools, or
+    --tool-choice none); with `tok`, every tool's parameters schema is checked against it."""
+    if not getattr(args, "tools", None):
+        return None
+    import json
+
+    from ..inference import tools
+
+    with open(args.tools, encoding="utf-8") as f:
+        try:
+            definitions = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--tools {args.tools}: not JSON: {e}") from None
+    choice = args.tool_choice if args.tool_choice in tools.CHOICES else \
+        {"type": "function", "function": {"name": args.tool_choice}}
+    try:
+        calling = tools.calling(definitions, choice, parallel=args.parallel_tool_calls)
+        if calling is not None and tok is not None:
+            calling.check(tok)
+    except tools.ToolError as e:
+        raise ValueError(f"--tools {args.tools}: {e}") from None
+    return calling
+
+
 def constraint(args):
-    """The Constraint of --json-schema / --grammar / --regex / --choice (at most one), or None."""
+    """The Constraint of --json-schema / --grammar / --regex / --choice (at most one) or of a call
+    --tool-choice forces, or None."""
     given = [name for name in CONSTRAIN if getattr(args, name, None)]
+    calling = tool_calling(args)
+    if calling is not None and given:
+        raise ValueError(f"--{given[0].replace('_', '-')} cannot be combined with --tools (use --tool-choice none)")
+    if calling is not None:
+        return calling.constraint()
     if not given:
         return None
     if len(given) > 1:

@@ -15,7 +15,8 @@ def register(sub):
                        description="Generate a continuation of the prompt, given as text or read from a file "
                                    "(-f FILE; -f - reads stdin).\nExamples: gemma3 generate \"One, two, three,\" -n 32; "
                                    "gemma3 generate -f notes.txt -v; "
-                                   "gemma3 generate \"A user record: \" --json-schema user.schema.json")
+                                   "gemma3 generate \"A user record: \" --json-schema user.schema.json; "
+                                   "gemma3 generate --chat \"Weather in Paris?\" --tools tools.json")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("prompt", nargs="?", help="prompt text")
     source.add_argument("--file", "-f", help="read the prompt from this file (- = stdin)")
@@ -26,7 +27,7 @@ def register(sub):
                    help="image file (repeatable); each <start_of_image> in the prompt marks where one goes, "
                         "otherwise they come before the text")
     options.add(p, *options.MODEL, "json", "device", *options.SAMPLING, *options.VISION, *options.LOOKUP, "adapter",
-                *options.CONSTRAIN)
+                *options.CONSTRAIN, *options.TOOLS)
     p.set_defaults(func=cmd_generate)
 
     chat.register(sub)
@@ -62,7 +63,11 @@ def cmd_generate(args):
     from ..formats.tokenizer import apply_chat_template
     from ..inference.generate import stream_generate
     from ..inference.multimodal import build_prompt, encode_image, load_image, with_placeholders
+    from ..inference.tools import chat_messages
 
+    if args.tools and not args.chat:
+        raise ValueError("--tools needs --chat (the tools are described in the chat's first turn)")
+    options.constraint(args)  # a bad schema file or a clash of options fails before the slow load
     prompt = read_prompt(args)
     # Images and their encoder before the slow text model: a bad file or a missing mmproj fails fast.
     images = [load_image(path) for path in args.image]
@@ -74,9 +79,10 @@ def cmd_generate(args):
     load_s = time.perf_counter() - load_start
     if images:
         prompt = with_placeholders(prompt, len(images))
+    calling = options.tool_calling(args, tok)
     if args.chat:
         options.warn_if_not_chat_model(args, tok)
-        prompt = apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = apply_chat_template(chat_messages([{"role": "user", "content": prompt}], calling))
     if images:
         prompt = build_prompt(model, tok, prompt, [encode_image(vision, im, pan_and_scan) for im in images])
     spec = options.drafter(args, model)
@@ -86,7 +92,7 @@ def cmd_generate(args):
         first = first or time.perf_counter()
         text.append(chunk.text)
         last = chunk
-        if not args.json:
+        if not args.json and calling is None:  # with tools the reply is shown once parsed
             print(chunk.text, end="", flush=True)
     elapsed = time.perf_counter() - start
     decode_s = time.perf_counter() - first
@@ -98,14 +104,22 @@ def cmd_generate(args):
     if spec is not None:
         stats.update(draft_acceptance=round(spec.stats.acceptance, 3),
                      tokens_per_step=round(spec.stats.tokens_per_step, 2))
+    calls = calling.parse("".join(text)) if calling is not None and last.finish_reason == "stop" else None
+    if calls:
+        stats["finish_reason"] = "tool_calls"
     if args.json:
-        print(json.dumps({"text": "".join(text), **stats}))
+        print(json.dumps({"text": "".join(text), **({"tool_calls": calls} if calling is not None else {}), **stats}))
     else:
-        print()
+        print("\n".join(call_line(c) for c in calls) if calls else "".join(text) if calling is not None else "")
         if args.verbose:
             print(timings(stats), file=sys.stderr)
             if spec is not None:
                 print(spec.stats.summary(), file=sys.stderr)
+
+
+def call_line(call: dict) -> str:
+    """A tool call for a person: name(arguments JSON)."""
+    return f"{call['function']['name']}({call['function']['arguments']})"
 
 
 def timings(stats: dict) -> str:

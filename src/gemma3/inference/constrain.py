@@ -142,11 +142,21 @@ class Guide:
 
     def apply(self, logits: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
         """`logits` [vocab] with every token the grammar refuses at -inf (a new tensor)."""
-        allowed = torch.from_numpy(np.unpackbits(mask.view(np.uint8), bitorder="little")[: self.vocab].view(np.bool_))
-        out = torch.full_like(logits, float("-inf"))
-        n = min(self.vocab, logits.shape[-1])  # a model may have more rows than the tokenizer has tokens
-        out[:n] = logits[:n].masked_fill(~allowed[:n], float("-inf"))
-        return out
+        return apply_masks(logits[None], mask[None], self.vocab)[0]
+
+
+def apply_masks(logits: torch.Tensor, masks: np.ndarray, vocab: int) -> torch.Tensor:
+    """`logits` [rows, width] with every token its row's mask (fill_masks) refuses at -inf, as a
+    new tensor; `vocab`: the tokenizer's size (a model may have more rows than it has tokens:
+    those are refused). All rows in one unpack and one select: applied row by row (four tensor
+    ops of 262k elements per row, each a parallel region) they took 95-380 ms per row of a step on
+    a loaded 2-core machine, all 8 rows at once 20 ms (docs/structured_output.md)."""
+    width = logits.shape[-1]
+    bits = np.unpackbits(masks.view(np.uint8), axis=-1, bitorder="little")[:, :min(vocab, width)]
+    if bits.shape[1] < width:
+        bits = np.pad(bits, ((0, 0), (0, width - bits.shape[1])))
+    allowed = torch.from_numpy(bits.view(np.bool_)).to(logits.device)
+    return torch.where(allowed, logits, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 _EXECUTOR: llguidance.LLExecutor | None = None

@@ -22,12 +22,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..formats.tokenizer import encode_chat
+from ..inference import tools
 from ..inference.generate import encode_prompt
 from ..inference.multimodal import IMAGE_MARK, ImageError, decode_image, encode_chat_with_images, without_marks
 from ..inference.sampling import SamplingParams
 from ..model import adapters
 from . import embeddings, structured, tokens
-from .engine import Done, Engine, Failed, PromptScores, QueueFull, Request, ShuttingDown
+from .engine import Delta, Done, Engine, Failed, PromptScores, QueueFull, Request, ShuttingDown
 from .guard import Gate, Limits
 from .ranks import Leader
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -132,9 +133,23 @@ class Server:
                                 f"{self.ctx}-token context; serve --prompt-bytes-per-token)", param=param,
                            code="context_length_exceeded")
 
-    def _chat_ids(self, body: ChatCompletionRequest) -> tuple[list[int], list]:
+    def tool_calling(self, body: ChatCompletionRequest) -> tools.Calling | None:
+        """How the request may call its tools (None: it is not told of any), its functions' schemas
+        checked; a 400 naming the field when they are bad."""
+        try:
+            calling = tools.calling([t.model_dump() for t in body.tools] if body.tools else None,
+                                    body.tool_choice if isinstance(body.tool_choice, (str, type(None)))
+                                    else body.tool_choice.model_dump(), body.parallel_tool_calls)
+            if calling is not None:
+                calling.check(self.tokenizer)
+            return calling
+        except tools.ToolError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+
+    def _chat_ids(self, body: ChatCompletionRequest, calling: tools.Calling | None = None) -> tuple[list[int], list]:
         """Prompt ids and the decoded images of a chat request. A content list renders like Gemma
-        3's chat template: text parts trimmed and concatenated, each image where its part is."""
+        3's chat template: text parts trimmed and concatenated, each image where its part is.
+        Tools, tool calls and tool results are rendered as inference/tools.py describes."""
         messages, images = [], []
         for i, m in enumerate(body.messages):
             role = "system" if m.role == "developer" else m.role
@@ -156,7 +171,12 @@ class Server:
                 text = "".join(pieces)
             else:
                 text = without_marks(m.content or "")
-            messages.append({"role": role, "content": text})
+            calls = [c.model_dump() for c in m.tool_calls] if m.tool_calls and role == "assistant" else None
+            messages.append({"role": role, "content": text, "tool_calls": calls, "tool_call_id": m.tool_call_id})
+        try:
+            messages = tools.chat_messages(messages, calling)
+        except tools.ToolError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
         self._check_length(sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages), "messages")
         try:
             if not images:
@@ -244,11 +264,12 @@ class Server:
             out.append((token, float(value)))
         return tuple(out)
 
-    def guide(self, body):
-        """The Guide of a request's response_format / grammar / regex / choice (None: free text); a
-        400 naming the field when it is invalid. On a preparation thread (see structured.py)."""
+    def guide(self, body, calling: tools.Calling | None = None):
+        """The Guide of a request's response_format / grammar / regex / choice or forced tool call
+        (None: free text); a 400 naming the field when it is invalid. On a preparation thread (see
+        structured.py)."""
         try:
-            return structured.guide(self.tokenizer, body)
+            return structured.guide(self.tokenizer, body, calling)
         except structured.InvalidConstraint as e:
             raise APIError(400, str(e), param=e.param, code="invalid_value") from None
 
@@ -335,8 +356,15 @@ def _usage(done: Done) -> dict:
 
 
 class _ChatChunks:
-    def __init__(self, server: Server, cid: str, created: int, include_usage: bool, logprobs: bool, model: str):
-        self.server, self.logprobs = server, logprobs
+    """`calling`: the request's tools. A reply that may be a call (its first visible character
+    opens JSON or a ``` fence) is held back until it ends; a call is then sent as OpenAI streams
+    one (a delta with its index, id, type, name and empty arguments, then its arguments), with
+    finish_reason tool_calls. Any other reply streams as text."""
+
+    def __init__(self, server: Server, cid: str, created: int, include_usage: bool, logprobs: bool, model: str,
+                 calling: tools.Calling | None = None):
+        self.server, self.logprobs, self.calling = server, logprobs, calling
+        self.held = None if calling is None else Delta("", [])
         self.base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
         if include_usage:
             self.base["usage"] = None
@@ -346,6 +374,25 @@ class _ChatChunks:
         return {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]}
 
     def __call__(self, event):
+        if self.held is not None:
+            held = self.held = Delta(self.held.text + event.text, self.held.logprobs + event.logprobs)
+            start = held.text.lstrip()[:1]
+            if not isinstance(event, Done):
+                if start and start not in "{[`":  # text, not a call: send what was held and go on
+                    self.held = None
+                    yield self.make({"content": held.text}, logprobs=held.logprobs)
+                return
+            self.held = None
+            calls = self.calling.parse(held.text) if event.finish_reason == "stop" else None
+            if calls:
+                for i, call in enumerate(calls):
+                    fn = call["function"]
+                    yield self.make({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                     "function": {"name": fn["name"], "arguments": ""}}]})
+                    yield self.make({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]})
+                yield self.make({}, "tool_calls")
+                return
+            event = Done(held.text, event.finish_reason, event.prompt_tokens, event.completion_tokens, held.logprobs)
         if event.text or event.logprobs:
             yield self.make({"content": event.text}, logprobs=event.logprobs)
         if isinstance(event, Done):
@@ -486,24 +533,28 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        ids, images = await server.prepare(server._chat_ids, body)
+        calling = await server.prepare(server.tool_calling, body)
+        ids, images = await server.prepare(server._chat_ids, body, calling)
         req = server.build(body, ids, (body.top_logprobs or 0) if body.logprobs else None, images)
-        req.guide = await server.prepare(server.guide, body)
+        req.guide = await server.prepare(server.guide, body, calling)
         await server.submit(req)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            chunks = _ChatChunks(server, cid, created, include_usage, body.logprobs, body.model)
+            chunks = _ChatChunks(server, cid, created, include_usage, body.logprobs, body.model, calling)
             first = chunks.make({"role": "assistant", "content": ""})
             return _event_stream(server.stream(req, chunks, include_usage, first))
         result = await server.collect(req, http)
         if result is None:
             return JSONResponse({}, status_code=499)
         text, done, lps, _ = result
+        calls = calling.parse(text) if calling is not None and done.finish_reason == "stop" else None
+        message = {"role": "assistant", "content": None, "tool_calls": calls} if calls else \
+            {"role": "assistant", "content": text}
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                "choices": [{"index": 0, "message": message,
                              "logprobs": {"content": chat_logprobs(server.tokenizer, lps)} if body.logprobs else None,
-                             "finish_reason": done.finish_reason}],
+                             "finish_reason": "tool_calls" if calls else done.finish_reason}],
                 "usage": _usage(done)}
 
     @app.post("/v1/completions")

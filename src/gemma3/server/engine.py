@@ -23,6 +23,7 @@ tokens from its cache and its draft cache.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections import deque
@@ -32,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from ..inference.constrain import Guide, fill_masks
+from ..inference.constrain import Guide, apply_masks, fill_masks
 from ..inference.generate import StopMatcher, prefill
 from ..inference.multimodal import embed_prompt, encode_image
 from ..inference.prefix_cache import PIECE, Prefill, PrefixCache
@@ -466,15 +467,20 @@ class Engine:
             logits = self.model.decode(tokens, caches, [len(d) + 1 for d in drafts])
         else:
             logits = self.model.decode(tokens, caches)
-        rows = iter(masks.result()) if masks is not None else None
-        keep, start = [], 0
+        starts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))  # each sequence's rows
+        masked = {}
+        if masks is not None:  # every constrained row masked at once (apply_masks says why); they never draft
+            guided = [i for i, s in enumerate(batch) if s.guide is not None]
+            rows = logits[[starts[i] for i in guided]]
+            masked = dict(zip(guided, apply_masks(rows, masks.result(), self.tokenizer.vocab_size)))
+        keep = []
         for i, (seq, draft) in enumerate(zip(batch, drafts)):
-            out, start = logits[start:start + len(draft) + 1], start + len(draft) + 1
+            out = logits[starts[i]:starts[i + 1]]
             if draft:
                 done = self._verified(seq, draft, out.cpu(), marks[i])
             else:
-                allowed = out[0] if seq.guide is None else seq.guide.apply(out[0], next(rows))
-                done = self._advance(seq, sample(allowed, seq.req.params, seq.generator, seq.history), out[0])
+                done = self._advance(seq, sample(masked.get(i, out[0]), seq.req.params, seq.generator, seq.history),
+                                     out[0])
             if not done:
                 keep.append(seq)
         return keep

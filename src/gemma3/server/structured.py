@@ -42,9 +42,17 @@ def constraint(body) -> tuple[Constraint, str] | None:
         raise InvalidConstraint(str(e), given[0]) from None
 
 
-def guide(tokenizer, body) -> Guide | None:
-    """The request's Guide (its grammar checked against the tokenizer), or None."""
+def guide(tokenizer, body, calling=None) -> Guide | None:
+    """The request's Guide (its grammar checked against the tokenizer), or None. `calling`: the
+    request's tools (inference/tools.Calling): a forced call is constrained to the calls' schema,
+    and tools the model may call cannot be combined with another constraint on its answer."""
     found = constraint(body)
+    if calling is not None and found is not None:
+        field = found[1].split(".")[0]
+        raise InvalidConstraint(f"{field} cannot be combined with tools the model may call; send tool_choice "
+                                "'none' or no tools", field)
+    if calling is not None and calling.forced:
+        found = calling.constraint(), "tool_choice"
     if found is None:
         return None
     spec, param = found

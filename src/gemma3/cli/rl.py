@@ -33,6 +33,9 @@ def register(sub):
     g.add_argument("--group", type=options.positive_int, default=8, help="completions per prompt (≥ 2; default 8)")
     g.add_argument("--max-tokens", type=options.positive_int, default=8, help="completion length cap (default 8)")
     g.add_argument("--temperature", type=options.positive, default=1.0, help="sampling temperature (default 1)")
+    g.add_argument("--rollout", choices=("engine", "model"), default="engine",
+                   help="engine: sample on the quantized CPU backend with the LoRA adapter applied unmerged, "
+                        "refreshed each step (default); model: sample on the fp32 training model itself")
     g = p.add_argument_group("objective")
     g.add_argument("--lr", type=options.positive, default=1e-4, help="AdamW learning rate (default 1e-4)")
     g.add_argument("--beta", type=options.non_negative, default=0.04, help="k3 KL coefficient to the base (default 0.04)")
@@ -73,7 +76,8 @@ def cmd_rl(args):
                      max_tokens=args.max_tokens, temperature=args.temperature, lr=args.lr,
                      micro_batch=args.micro_batch, eval_every=args.eval_every, seed=args.seed,
                      progress=not args.quiet, objective=objective)
-    result = train_grpo(model, tok, train, held_out, rewards.Weighted(components), tasks.task_reward, cfg)
+    engine = load(args.model, backend="cpu")[0] if args.rollout == "engine" else None
+    result = train_grpo(model, tok, train, held_out, rewards.Weighted(components), tasks.task_reward, cfg, engine)
     if args.json:
         print(json.dumps(result))
         return

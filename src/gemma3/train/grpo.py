@@ -6,7 +6,8 @@ kernels) the quantized engine samples with the training model's LoRA adapter app
 refreshed after every update; without it, the training model itself samples (fp32, adapters live).
 The completions are scored (each reward component logged); the training model recomputes their
 log-probabilities with gradients, the reference log-probabilities come from the same weights with
-the adapters switched off (the base), and one AdamW step is taken on `rl.policy_loss`. Greedy
+the adapters switched off (the base) or, with `anchor_ema`, with the adapters holding an exponential
+moving average of the policy's (WARP's moving anchor), and one AdamW step is taken on `rl.policy_loss`. Greedy
 accuracy on held-out problems is measured (by the sampling policy) before and after, and every
 `eval_every` steps.
 """
@@ -23,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import lora
+from .merge import ema
 from .metrics import MetricsLog, read_metrics
 from .rl import ObjectiveConfig, completion_logprobs, group_advantages, policy_loss
 from .rollout import EnginePolicy, rollout
@@ -39,6 +41,9 @@ class GRPOConfig:
     lr: float = 1e-4
     clip: float = 1.0
     micro_batch: int = 8  # sequences per forward/backward of the update (gradient accumulation)
+    # 0: the KL reference is the base; μ > 0: an EMA of the policy, anchor ← (1 − μ)·anchor + μ·θ (WARP)
+    anchor_ema: float = 0.0
+    max_minutes: float = 0.0  # > 0: no new step after this much training time (the final evaluation still runs)
     eval_every: int = 0
     seed: int = 0
     progress: bool = True
@@ -69,7 +74,12 @@ def greedy_accuracy(model, tokenizer, samples: list[dict], correct_fn, max_token
     return correct / max(1, len(samples))
 
 
-def _update(model, seqs, mask, advantages, cfg: GRPOConfig, optimizer, params):
+def _reference(model, anchor):
+    """The KL reference: the base (adapters off) or the moving anchor's adapter values."""
+    return lora.adapters_off(model) if anchor is None else lora.lora_values(model, anchor)
+
+
+def _update(model, seqs, mask, advantages, cfg: GRPOConfig, optimizer, params, anchor=None):
     """One optimizer step over the batch in micro-batches; each micro-batch's loss is weighted so that
     the sum equals the loss of the whole batch under the chosen normalisation."""
     obj = cfg.objective
@@ -81,7 +91,7 @@ def _update(model, seqs, mask, advantages, cfg: GRPOConfig, optimizer, params):
             continue
         ref = None
         if obj.beta:
-            with torch.no_grad(), lora.adapters_off(model):
+            with torch.no_grad(), _reference(model, anchor):
                 ref = completion_logprobs(model, seqs[sl], mask[sl], cfg.temperature)
         logp = completion_logprobs(model, seqs[sl], mask[sl], cfg.temperature)
         loss, stats = policy_loss(logp, advantages[sl], mask[sl], obj, ref_logp=ref)
@@ -115,6 +125,7 @@ def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[d
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     log = MetricsLog(out / "metrics.jsonl")
     policy = EnginePolicy(engine, model) if engine is not None else None
+    anchor = {k: v.clone() for k, v in lora.lora_state(model).items()} if cfg.anchor_ema else None
     sampler = engine if engine is not None else model
 
     def evaluate(step):
@@ -126,7 +137,11 @@ def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[d
     first_acc = evaluate(0) if eval_samples else None
     began = time.perf_counter()
     bar = tqdm(total=cfg.steps, desc="grpo", unit="step", disable=not cfg.progress)
+    steps_done, record = 0, {}
     for step in range(cfg.steps):
+        if cfg.max_minutes and time.perf_counter() - began > 60 * cfg.max_minutes:
+            break
+        steps_done = step + 1
         batch = order.sample(train_samples, min(cfg.prompts_per_step, len(train_samples)))
         prompts = [tokenizer.encode(x["prompt"], add_bos=True) for x in batch]
         model.eval()
@@ -143,7 +158,9 @@ def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[d
         advantages = group_advantages(rewards_t, cfg.group, cfg.objective)
         seqs, mask = _pad(prompts, completions, cfg.group, tokenizer.pad_id)
         model.train()
-        stats = _update(model, seqs, mask, advantages, cfg, optimizer, params)
+        stats = _update(model, seqs, mask, advantages, cfg, optimizer, params, anchor)
+        if anchor is not None:
+            ema(anchor, lora.lora_state(model), cfg.anchor_ema)
         if policy is not None:
             policy.refresh()
         n_tokens = sum(map(len, completions))
@@ -157,12 +174,12 @@ def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[d
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{stats['kl']:.4f}")
     bar.close()
-    last_acc = evaluate(cfg.steps) if eval_samples else None
+    last_acc = evaluate(steps_done) if eval_samples else None
     lora.save_adapter(out / "adapter", model.lora_config, lora.lora_state(model))
     plot_rewards(read_metrics(out / "metrics.jsonl"), out / "rewards.png")
-    return {"out": str(out), "steps": cfg.steps, "seconds": round(time.perf_counter() - began, 1),
+    return {"out": str(out), "steps": steps_done, "seconds": round(time.perf_counter() - began, 1),
             "accuracy_before": first_acc, "accuracy_after": last_acc,
-            "final_reward": record["reward"] if cfg.steps else None, "adapter": str(out / "adapter")}
+            "final_reward": record.get("reward"), "adapter": str(out / "adapter")}
 
 
 def plot_rewards(records: list[dict], path: Path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -46,11 +46,11 @@ class RewardModel(nn.Module):
         self.backbone, self.split = backbone, n - trainable_layers
         for p in backbone.parameters():
             p.requires_grad_(False)
-        self.head = nn.Linear(backbone.config.hidden_size, 1)
+        # No bias: Bradley–Terry sees only reward differences, so a bias would never train.
+        self.head = nn.Linear(backbone.config.hidden_size, 1, bias=False)
         with torch.no_grad():  # the shared initialisation of a WARM ensemble: a fixed, small head
             g = torch.Generator().manual_seed(head_seed)
             self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) * 0.01)
-            self.head.bias.zero_()
         for p in self.trained_parameters().values():
             p.requires_grad_(True)
 
@@ -217,6 +217,23 @@ def warm_average(states: list[dict[str, torch.Tensor]], weights: list[float] | N
         raise ValueError("WARM weights: one non-negative weight per model, not all zero")
     w = w / w.sum()
     return {k: sum(float(wi) * s[k].double() for wi, s in zip(w, states)).to(states[0][k].dtype) for k in keys}
+
+
+def train_warm(rm: RewardModel, feats: PairFeatures, cfg: RMConfig, models: int, lr_spread: float = 2.0,
+               flipped: torch.Tensor | None = None):
+    """WARM: `models` reward models fine-tuned from `rm`'s current tensors (the shared
+    initialisation), member i with its own data order (seed cfg.seed + 1 + i) and learning rate
+    (geometrically spread over [lr/lr_spread, lr·lr_spread]). Returns ([(config, tensors)] per
+    member, the averaged tensors); `rm` is left holding the last member."""
+    init = trained_state(rm)
+    members = []
+    for i in range(models):
+        exponent = 2 * i / (models - 1) - 1 if models > 1 else 0.0
+        member_cfg = replace(cfg, seed=cfg.seed + 1 + i, lr=cfg.lr * lr_spread ** exponent)
+        load_trained_state(rm, init)
+        train_rm(rm, feats, member_cfg, flipped)
+        members.append((member_cfg, trained_state(rm)))
+    return members, warm_average([s for _, s in members])
 
 
 def save_rm(path: str | Path, rm: RewardModel, cfg: RMConfig, extra: dict | None = None):

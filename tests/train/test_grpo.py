@@ -7,9 +7,10 @@ import torch
 from gemma3.inference.generate import generate_step
 from gemma3.inference.sampling import SamplingParams
 from gemma3.train import lora
-from gemma3.train.grpo import GRPOConfig, rollout, train_grpo
+from gemma3.train.grpo import GRPOConfig, train_grpo
 from gemma3.train.rewards import Score
 from gemma3.train.rl import ObjectiveConfig
+from gemma3.train.rollout import rollout
 from tests.helpers.cli import run_cli
 from tests.helpers.models import random_model, tiny_config
 from tests.helpers.training import byte_tokenizer, tiny_model_dir

@@ -8,14 +8,14 @@ import argparse
 import os
 import sys
 
-from . import embed, evaluate, options, quantize, rl, run, serve, study, train
+from . import embed, evaluate, options, quantize, rl, rm, run, serve, study, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = options.Parser(prog="gemma3", description="Run Gemma 3 models in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (run, serve, embed, evaluate, train, rl, quantize, study):
+    for group in (run, serve, embed, evaluate, train, rl, rm, quantize, study):
         group.register(sub)
     return parser
 

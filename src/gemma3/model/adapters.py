@@ -150,6 +150,32 @@ def attach(model: nn.Module, name: str, rank: int, alpha: float, tensors: dict[s
     return slot
 
 
+def update(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Overwrites adapter `name`'s tensors in place with new values for the same projections and
+    shapes (an adapter being trained, refreshed after each step: copies, no re-quantization);
+    the fused decode layers, which hold (α/r)·Bᵀ, are rebuilt on their next use (as after `attach`, a
+    cache whose one-call decode step was built before keeps the old values: use new caches)."""
+    held = bank(model)
+    if held is None or name not in held.names:
+        raise ValueError(f"no adapter {name!r} is loaded")
+    slot, modules = held.slot(name), dict(model.named_modules())
+    paths = {target: module.__dict__["lora"][slot] for target, module in modules.items()
+             if slot in module.__dict__.get("lora", {})}
+    wanted = {f"{t}.lora_{k}" for t in paths for k in "AB"}
+    if set(tensors) != wanted:
+        odd = sorted(set(tensors) ^ wanted)[0]
+        raise ValueError(f"adapter {name!r}: {odd} is {'not in the adapter' if odd in tensors else 'missing'}")
+    for key, value in tensors.items():
+        target, _, kind = key.rpartition(".")
+        held_tensor = paths[target][0 if kind == "lora_A" else 1]
+        if held_tensor.shape != value.shape:
+            raise ValueError(f"adapter {name!r}: {key} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(held_tensor.shape)}")
+        held_tensor.copy_(value)
+    for module in model.modules():
+        module.__dict__.pop("_fused", None)
+
+
 def route(model: nn.Module, caches) -> None:
     """Called by the model's entry points: the rows of this forward follow these caches' adapters."""
     held = bank(model)

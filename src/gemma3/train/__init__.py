@@ -14,5 +14,9 @@ scale-out with torchrun + DDP/FSDP. One loop (`trainer`), several target sources
 | `student` | student configs (preset / JSON) and initialisation |
 | `sandbox`, `rewards`, `tasks` | code execution under limits; verifiable rewards and their weighted sum; procedural tasks |
 | `rl`, `grpo` | GRPO / RLOO objectives; the rollout → reward → update loop behind `gemma3 rl` |
+| `rollout` | group samples on the batched decode; the quantized engine with the trained LoRA adapter unmerged |
+| `reward_model` | Bradley–Terry reward models (backbone + scalar head) and WARM weight averaging (`gemma3 rm`) |
+| `merge` | WARP's merges: SLERP of task vectors, LITI, averaging, EMA anchor (`gemma3 merge`) |
+| `bond` | J-BOND best-of-N distillation with a moving anchor (`gemma3 rl bond`) |
 | `commands` | the `gemma3 distill | finetune | qat` subcommands |
 """

@@ -20,8 +20,8 @@ from torch import nn
 from ..formats.peft import ALL_TARGETS, LoRAConfig, read_adapter_config
 from ..formats.peft import PEFT_PREFIX as _PEFT_PREFIX
 
-__all__ = ["ALL_TARGETS", "LoRAConfig", "LoRALinear", "apply_lora", "merge_lora", "lora_state", "merge_state",
-           "save_adapter", "read_adapter_config", "load_adapter"]
+__all__ = ["ALL_TARGETS", "LoRAConfig", "LoRALinear", "apply_lora", "lora_values", "merge_lora", "lora_state",
+           "merge_state", "save_adapter", "read_adapter_config", "load_adapter"]
 
 
 class LoRALinear(nn.Module):
@@ -81,6 +81,24 @@ def adapters_off(model: nn.Module):
     finally:
         for m in layers:
             m.enable(True)
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def lora_values(model: nn.Module, state: dict[str, torch.Tensor]):
+    """The model with its adapters holding `state` (lora_state names; e.g. RL's moving EMA anchor)
+    for the duration, then its own values again."""
+    params = {n: p for n, p in model.named_parameters() if _is_lora(n)}
+    if set(state) != set(params):
+        raise ValueError("lora_values: the state's tensors are not the model's adapter tensors")
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    for n, p in params.items():
+        p.copy_(state[n])
+    try:
+        yield model
+    finally:
+        for n, p in params.items():
+            p.copy_(saved[n])
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

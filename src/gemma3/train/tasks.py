@@ -53,3 +53,16 @@ def task_reward(completion: str, sample: dict) -> Score:
         value = float(sample["scorer"].score_answer(answer_text, sample["entry"]))
         return Score(value, "correct" if value == 1 else f"scored {value:g}")
     return math_reward(answer_text, sample)
+
+
+def arithmetic_pairs(n: int, seed: int = 0, digits: int = 2, ops: str = "+-") -> list[dict]:
+    """Preference pairs from the arithmetic task with *constructed* answers: chosen is the correct
+    result, rejected the result off by 1..10 either way (a near miss, not an obviously wrong
+    string); both end with the newline a completion stops at."""
+    rng = random.Random(seed)
+    pairs = []
+    for sample in arithmetic(n, seed, digits, ops):
+        answer = int(sample["answer"])
+        wrong = answer + rng.choice([-1, 1]) * rng.randint(1, 10)
+        pairs.append({"prompt": sample["prompt"], "chosen": f"{answer}\n", "rejected": f"{wrong}\n"})
+    return pairs

@@ -335,46 +335,50 @@ INLINE __m256i quad_pairs(__m256i u, bool high) {  // -1: a zero byte
 }
 template <class X, int S, int MT, bool INT8, int HALVES>
 INLINE void sub_dots(const uint8_t* const* blk, int i, int64_t b, const Act* acts, __m512i (&t)[S][HALVES][MT]) {
-    for (int s = 0; s < S; s++)
-        for (int h = 0; h < HALVES; h++)
-            for (int m = 0; m < MT; m++) t[s][h][m] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-    for (int q = 0; q < 8; q++) {
-        const int h = HALVES == 2 ? q / 4 : 0;  // quads 0-3 are values 0-15
-        if constexpr (INT8 && X::BITS < 8) {
-            __m512i ah[MT];
-            for (int m = 0; m < MT; m++) ah[m] = _mm512_set1_epi32(((const int32_t*)(acts[m].hi + 32 * b))[q]);
+    // The quads one at a time (not unrolled, a half's sums d in registers): with 16 registers,
+    // the eight quads unrolled as for AVX-512 spilled more values than the products it ran.
+    constexpr int QUADS = 8 / HALVES;  // per half: quads 0-3 are values 0-15
+#pragma GCC unroll 2
+    for (int h = 0; h < HALVES; h++) {
+        __m512i d[S][MT];
+        for (int s = 0; s < S; s++)
+            for (int m = 0; m < MT; m++) d[s][m] = _mm512_setzero_si512();
+#pragma GCC unroll 1
+        for (int q = QUADS * h; q < QUADS * (h + 1); q++) {
+            if constexpr (INT8 && X::BITS < 8) {
+                __m512i ah[MT];
+                for (int m = 0; m < MT; m++) ah[m] = _mm512_set1_epi32(((const int32_t*)(acts[m].hi + 32 * b))[q]);
+#pragma GCC unroll 4
+                for (int s = 0; s < S; s++) {
+                    const __m512i u = X::quad(blk[s], i, q);
+                    for (int m = 0; m < MT; m++) d[s][m] = dpbusd_u7(d[s][m], u, ah[m]);
+                }
+                continue;
+            }
 #pragma GCC unroll 4
             for (int s = 0; s < S; s++) {
                 const __m512i u = X::quad(blk[s], i, q);
-                for (int m = 0; m < MT; m++) t[s][h][m] = dpbusd_u7(t[s][h][m], u, ah[m]);
-            }
-            continue;
-        }
-        __m256i a01[MT], a23[MT];  // activations 0, 1 and 2, 3 of the quad, in every lane
-        for (int m = 0; m < MT; m++) {
-            if constexpr (INT8) {
-                const __m128i a = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(((const int32_t*)(acts[m].hi + 32 * b))[q]));
-                a01[m] = _mm256_broadcastd_epi32(a);
-                a23[m] = _mm256_broadcastd_epi32(_mm_srli_si128(a, 4));
-            } else {
-                const int32_t* a = (const int32_t*)(acts[m].a + 32 * b + 4 * q);
-                a01[m] = _mm256_set1_epi32(a[0]);
-                a23[m] = _mm256_set1_epi32(a[1]);
-            }
-        }
+                const __m256i lo01 = quad_pairs(u.lo, false), lo23 = quad_pairs(u.lo, true);  // rows 0-7
+                const __m256i hi01 = quad_pairs(u.hi, false), hi23 = quad_pairs(u.hi, true);  // rows 8-15
 #pragma GCC unroll 4
-        for (int s = 0; s < S; s++) {
-            const __m512i u = X::quad(blk[s], i, q);
-            const __m256i lo01 = quad_pairs(u.lo, false), lo23 = quad_pairs(u.lo, true);  // rows 0-7
-            const __m256i hi01 = quad_pairs(u.hi, false), hi23 = quad_pairs(u.hi, true);  // rows 8-15
-#pragma GCC unroll 4
-            for (int m = 0; m < MT; m++) {
-                __m512i& d = t[s][h][m];
-                d.lo = _mm256_add_epi32(d.lo, _mm256_add_epi32(_mm256_madd_epi16(lo01, a01[m]), _mm256_madd_epi16(lo23, a23[m])));
-                d.hi = _mm256_add_epi32(d.hi, _mm256_add_epi32(_mm256_madd_epi16(hi01, a01[m]), _mm256_madd_epi16(hi23, a23[m])));
+                for (int m = 0; m < MT; m++) {
+                    __m256i a01, a23;  // activations 0, 1 and 2, 3 of the quad, in every lane
+                    if constexpr (INT8) {
+                        const __m128i a = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(((const int32_t*)(acts[m].hi + 32 * b))[q]));
+                        a01 = _mm256_broadcastd_epi32(a);
+                        a23 = _mm256_broadcastd_epi32(_mm_srli_si128(a, 4));
+                    } else {
+                        const int32_t* a = (const int32_t*)(acts[m].a + 32 * b + 4 * q);
+                        a01 = _mm256_set1_epi32(a[0]);
+                        a23 = _mm256_set1_epi32(a[1]);
+                    }
+                    d[s][m].lo = _mm256_add_epi32(d[s][m].lo, _mm256_add_epi32(_mm256_madd_epi16(lo01, a01), _mm256_madd_epi16(lo23, a23)));
+                    d[s][m].hi = _mm256_add_epi32(d[s][m].hi, _mm256_add_epi32(_mm256_madd_epi16(hi01, a01), _mm256_madd_epi16(hi23, a23)));
+                }
             }
         }
+        for (int s = 0; s < S; s++)
+            for (int m = 0; m < MT; m++) t[s][h][m] = d[s][m];
     }
 }
 #endif

@@ -284,11 +284,11 @@ template <class F> bool interleaved(int64_t type, F&& f) {
 // The integer products of sub-block i (the activations' block b) of the S groups with the MT
 // activation rows: t[s][h][m], lane r = the sum over the sub-block's values (a half's, for two-scale
 // formats) of row r's stored value times the activation (int16; with INT8, its high byte: Act),
-// the offset not yet taken off. Each activation quad is broadcast once for the S groups (a decode
-// row's four streams): 4B decode 8.2 -> 9.0-9.3 tok/s against a broadcast per group.
+// the offset not yet taken off.
 #if defined(__AVX512F__) || defined(__AVXVNNI__)
 // vpdpbusd on the activations' high and low bytes apart, t = 256 * high + low (INT8: one
-// vpdpbusd per quad and row instead of two).
+// vpdpbusd per quad and row instead of two). Each activation quad is broadcast once for the S
+// groups (a decode row's four streams): 4B decode 8.2 -> 9.0-9.3 tok/s against a broadcast per group.
 template <class X, int S, int MT, bool INT8, int HALVES>
 INLINE void sub_dots(const uint8_t* const* blk, int i, int64_t b, const Act* acts, __m512i (&t)[S][HALVES][MT]) {
     __m512i sh[S][HALVES][MT], sl[S][HALVES][MT];  // the products with the activations' high and low bytes

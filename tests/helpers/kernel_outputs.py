@@ -1,8 +1,8 @@
 """Every kernel op on fixed random inputs, outputs saved to a file: `python -m
 tests.helpers.kernel_outputs OUT` in one process per build (GEMMA3_ISA; a process loads one build),
 for tests/cpu/test_isas.py to compare bit for bit. Shapes reach the kernels' full tiles and their
-tails: row counts off the 4-row tiles and 16-row groups, every layout, batches 1..9, head dims with
-and without a masked tail, a NaN and ties for the argmax."""
+tails: row counts off the 4-row tiles and 16-row groups, every layout, batches 1..9 and 16, int8
+activations, head dims with and without a masked tail, a NaN and ties for the argmax."""
 
 import sys
 
@@ -28,8 +28,10 @@ def outputs() -> dict[str, torch.Tensor]:
                                                                    layer.blocks, int(qt), rows)
             layer.pack()  # the repacked or interleaved layout
             w, t = layer.weight_for(1)
-            for batch in (1, 2, 4):
+            for batch in (1, 2, 4, 16):  # 16: a batched decode step, four tiles of four rows
                 out[f"qmatmul packed {name} batch {batch}"] = ops.qmatmul(torch.randn(batch, cols, generator=g), w, t, rows)
+            # int8 activations (prefill without AMX, interleaved layouts): a full tile and a tail
+            out[f"qmatmul packed int8 {name}"] = ops.qmatmul(torch.randn(6, cols, generator=g), w, t, rows, int8=True)
             out[f"lookup packed {name}"] = torch.empty(3, cols)
             ops.lookup(w, t, rows, torch.tensor([0, rows - 1, 3]), out[f"lookup packed {name}"])
     F, d = 256, 128

@@ -281,12 +281,114 @@ template <class F> bool interleaved(int64_t type, F&& f) {
     return false;
 }
 
+// The integer products of sub-block i (the activations' block b) of the S groups with the MT
+// activation rows: t[s][h][m], lane r = the sum over the sub-block's values (a half's, for two-scale
+// formats) of row r's stored value times the activation (int16; with INT8, its high byte: Act),
+// the offset not yet taken off.
+#if defined(__AVX512F__) || defined(__AVXVNNI__)
+// vpdpbusd on the activations' high and low bytes apart, t = 256 * high + low (INT8: one
+// vpdpbusd per quad and row instead of two). Each activation quad is broadcast once for the S
+// groups (a decode row's four streams): 4B decode 8.2 -> 9.0-9.3 tok/s against a broadcast per group.
+template <class X, int S, int MT, bool INT8, int HALVES>
+INLINE void sub_dots(const uint8_t* const* blk, int i, int64_t b, const Act* acts, __m512i (&t)[S][HALVES][MT]) {
+    __m512i sh[S][HALVES][MT], sl[S][HALVES][MT];  // the products with the activations' high and low bytes
+    for (int s = 0; s < S; s++)
+        for (int h = 0; h < HALVES; h++)
+            for (int m = 0; m < MT; m++) sh[s][h][m] = sl[s][h][m] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; q++) {
+        const int h = HALVES == 2 ? q / 4 : 0;  // quads 0-3 are values 0-15
+        __m512i ah[MT], al[MT];
+        for (int m = 0; m < MT; m++) {
+            ah[m] = _mm512_set1_epi32(((const int32_t*)(acts[m].hi + 32 * b))[q]);
+            if (!INT8) al[m] = _mm512_set1_epi32(((const int32_t*)(acts[m].lo + 32 * b))[q]);
+        }
+#pragma GCC unroll 4
+        for (int s = 0; s < S; s++) {
+            const __m512i u = X::quad(blk[s], i, q);
+#pragma GCC unroll 4
+            for (int m = 0; m < MT; m++) {
+                sh[s][h][m] = dpbusd_bits<X::BITS>(sh[s][h][m], u, ah[m]);
+                if (!INT8) sl[s][h][m] = dpbusd_bits<X::BITS>(sl[s][h][m], u, al[m]);
+            }
+        }
+    }
+    for (int s = 0; s < S; s++)
+        for (int h = 0; h < HALVES; h++)
+            for (int m = 0; m < MT; m++) t[s][h][m] = INT8 ? sh[s][h][m] : _mm512_add_epi32(_mm512_slli_epi32(sh[s][h][m], 8), sl[s][h][m]);
+}
+#else
+// AVX2 without VNNI, where each emulated vpdpbusd takes 3 instructions per 256 bits for weights of
+// at most 7 bits (dpbusd_u7) and 8 for Q8_0X's: vpmaddwd on 16-bit values instead, each lane's
+// stored bytes [v0 v1 v2 v3] spread to [v0 v1] and [v2 v3] (two vpshufb per quad, shared by the MT
+// rows) and multiplied with the activations' int16 pairs [a0 a1] and [a2 a3] as they lie in
+// memory (broadcast loads): the whole int16 activation in one product where vpdpbusd takes its
+// bytes apart, 4 instructions per 256 bits and row for every format. The same integers: a
+// product is at most 255 * 32639 in magnitude, a block's 32 of them fit 31 bits. INT8 with 7-bit
+// weights keeps dpbusd_u7 (3 instructions); Q8_0X's int8 activations are widened.
+INLINE __m256i quad_pairs(__m256i u, bool high) {  // -1: a zero byte
+    const __m256i v01 = _mm256_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1,
+                                         0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1);
+    const __m256i v23 = _mm256_setr_epi8(2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1,
+                                         2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1);
+    return _mm256_shuffle_epi8(u, high ? v23 : v01);
+}
+template <class X, int S, int MT, bool INT8, int HALVES>
+INLINE void sub_dots(const uint8_t* const* blk, int i, int64_t b, const Act* acts, __m512i (&t)[S][HALVES][MT]) {
+    // The quads one at a time (not unrolled, a half's sums d in registers): with 16 registers,
+    // the eight quads unrolled as for AVX-512 spilled more values than the products it ran.
+    constexpr int QUADS = 8 / HALVES;  // per half: quads 0-3 are values 0-15
+#pragma GCC unroll 2
+    for (int h = 0; h < HALVES; h++) {
+        __m512i d[S][MT];
+        for (int s = 0; s < S; s++)
+            for (int m = 0; m < MT; m++) d[s][m] = _mm512_setzero_si512();
+#pragma GCC unroll 1
+        for (int q = QUADS * h; q < QUADS * (h + 1); q++) {
+            if constexpr (INT8 && X::BITS < 8) {
+                __m512i ah[MT];
+                for (int m = 0; m < MT; m++) ah[m] = _mm512_set1_epi32(((const int32_t*)(acts[m].hi + 32 * b))[q]);
+#pragma GCC unroll 4
+                for (int s = 0; s < S; s++) {
+                    const __m512i u = X::quad(blk[s], i, q);
+                    for (int m = 0; m < MT; m++) d[s][m] = dpbusd_u7(d[s][m], u, ah[m]);
+                }
+                continue;
+            }
+#pragma GCC unroll 4
+            for (int s = 0; s < S; s++) {
+                const __m512i u = X::quad(blk[s], i, q);
+                const __m256i lo01 = quad_pairs(u.lo, false), lo23 = quad_pairs(u.lo, true);  // rows 0-7
+                const __m256i hi01 = quad_pairs(u.hi, false), hi23 = quad_pairs(u.hi, true);  // rows 8-15
+#pragma GCC unroll 4
+                for (int m = 0; m < MT; m++) {
+                    __m256i a01, a23;  // activations 0, 1 and 2, 3 of the quad, in every lane
+                    if constexpr (INT8) {
+                        const __m128i a = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(((const int32_t*)(acts[m].hi + 32 * b))[q]));
+                        a01 = _mm256_broadcastd_epi32(a);
+                        a23 = _mm256_broadcastd_epi32(_mm_srli_si128(a, 4));
+                    } else {
+                        const int32_t* a = (const int32_t*)(acts[m].a + 32 * b + 4 * q);
+                        a01 = _mm256_set1_epi32(a[0]);
+                        a23 = _mm256_set1_epi32(a[1]);
+                    }
+                    d[s][m].lo = _mm256_add_epi32(d[s][m].lo, _mm256_add_epi32(_mm256_madd_epi16(lo01, a01), _mm256_madd_epi16(lo23, a23)));
+                    d[s][m].hi = _mm256_add_epi32(d[s][m].hi, _mm256_add_epi32(_mm256_madd_epi16(hi01, a01), _mm256_madd_epi16(hi23, a23)));
+                }
+            }
+        }
+        for (int s = 0; s < S; s++)
+            for (int m = 0; m < MT; m++) t[s][h][m] = d[s][m];
+    }
+}
+#endif
+
 // Y[m, 16 rows of group s] for S groups G[s] (outputs at Y[s]) and MT activation rows: each
 // group's weights decoded once for all rows; the S groups are read block by block in lockstep.
-// Per 32-value sub-block, integer dot products per half (two-scale formats) or whole, the stored
-// values' offset taken off in integers through the activation sums, then one FMA with the
-// scales; a format's mins through the activation block sums. INT8: the activations' high bytes
-// alone (Act: int8 activations), one vpdpbusd per quad and row instead of two.
+// Per 32-value sub-block, integer dot products per half (two-scale formats) or whole (sub_dots),
+// the stored values' offset taken off in integers through the activation sums, then one FMA
+// with the scales; a format's mins through the activation block sums. INT8: the activations'
+// high bytes alone (Act: int8 activations).
 // `ahead`: how many 32-value blocks ahead of the one being read each stream prefetches.
 template <class X, int S, int MT, bool INT8>
 INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, float* const* Y, int64_t ldy,
@@ -304,30 +406,8 @@ INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, floa
         }
         for (int i = 0; i < SUBS; i++) {
             const int64_t b = sb * SUBS + i;  // the activations' 32-value block
-            __m512i sh[S][HALVES][MT], sl[S][HALVES][MT];  // the products with the activations' high and low bytes
-            for (int s = 0; s < S; s++)
-                for (int h = 0; h < HALVES; h++)
-                    for (int m = 0; m < MT; m++) sh[s][h][m] = sl[s][h][m] = _mm512_setzero_si512();
-            // Each activation quad broadcast once for the S groups (a decode row's four streams):
-            // 4B decode 8.2 -> 9.0-9.3 tok/s against a broadcast per group.
-#pragma GCC unroll 8
-            for (int q = 0; q < 8; q++) {
-                const int h = HALVES == 2 ? q / 4 : 0;  // quads 0-3 are values 0-15
-                __m512i ah[MT], al[MT];
-                for (int m = 0; m < MT; m++) {
-                    ah[m] = _mm512_set1_epi32(((const int32_t*)(acts[m].hi + 32 * b))[q]);
-                    if (!INT8) al[m] = _mm512_set1_epi32(((const int32_t*)(acts[m].lo + 32 * b))[q]);
-                }
-#pragma GCC unroll 4
-                for (int s = 0; s < S; s++) {
-                    const __m512i u = X::quad(blk[s], i, q);
-#pragma GCC unroll 4
-                    for (int m = 0; m < MT; m++) {
-                        sh[s][h][m] = dpbusd_bits<X::BITS>(sh[s][h][m], u, ah[m]);
-                        if (!INT8) sl[s][h][m] = dpbusd_bits<X::BITS>(sl[s][h][m], u, al[m]);
-                    }
-                }
-            }
+            __m512i dots[S][HALVES][MT];
+            sub_dots<X, S, MT, INT8, HALVES>(blk, i, b, acts, dots);
 #pragma GCC unroll 4
             for (int s = 0; s < S; s++) {
                 __m512 sc[HALVES];
@@ -340,7 +420,7 @@ INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, floa
                     for (int h = 0; h < HALVES; h++) {
                         const int32_t* sums = INT8 ? (HALVES == 2 ? a.hsum16 : a.hsum) : (HALVES == 2 ? a.bsum16 : a.bsum);
                         const int32_t sum = sums[HALVES * b + h];
-                        __m512i t = INT8 ? sh[s][h][m] : _mm512_add_epi32(_mm512_slli_epi32(sh[s][h][m], 8), sl[s][h][m]);
+                        __m512i t = dots[s][h][m];
                         if (X::OFFSET) t = _mm512_sub_epi32(t, _mm512_set1_epi32((int32_t)X::OFFSET * sum));
                         acc[s][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sc[h], da), acc[s][m]);
                     }

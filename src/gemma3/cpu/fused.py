@@ -29,7 +29,6 @@ Tests compare every swapped module with the original (tests/cpu/).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..model.adapters import with_delta
@@ -280,11 +279,10 @@ class FastMLP(MLP):
         # call each, plus their paths); the fused decode layer does add them (DecodeLayer).
         if (rows > MAX_VNNI_ROWS or x.dtype != torch.float32 or not all(kernel_ready(p) for p in layers)
                 or any(p.__dict__.get("lora") for p in layers)):
-            g, u = self.gate_proj(x), self.up_proj(x)
-            if g.dtype != torch.float32 or kernels.ops() is None:
-                return self.down_proj(F.gelu(g, approximate="tanh") * u)
-            g = g.contiguous()
-            kernels.ops().gelu_mul_(g, u.contiguous())  # what torch's gelu and mul do, in one pass
+            if x.dtype != torch.float32 or kernels.ops() is None:
+                return super().forward(x)
+            g = self.gate_proj(x).contiguous()
+            kernels.ops().gelu_mul_(g, self.up_proj(x).contiguous())  # torch's gelu and mul, in one pass
             return self.down_proj(g)
         g, u, d = layers
         y = kernels.ops().mlp(x.reshape(rows, -1), *g.weight_for(rows), *u.weight_for(rows), *d.weight_for(rows),

@@ -16,6 +16,7 @@ CONFIGS = {
     "ratio-7to1": dict(layers=9, local_per_global=7, window=12),
     "ratio-1to1": dict(layers=4, local_per_global=1),
     "global-only": dict(layers=3, local_per_global=None),
+    "window-96": dict(window=96),  # prefill chunks of 96 >= BAND_MIN: the CPU band-attention path
 }
 
 
@@ -121,3 +122,36 @@ def test_batched_decode_of_sequences_at_different_positions(tiny):
         alone = torch.cat([tiny(torch.cat([p, nxt[i:i + 1, None]], 1))[:, -1] for i, p in enumerate(prompts)])
     assert [c.pos for c in caches] == [n + 1 for n in lengths]
     assert (batched - alone).abs().max().item() <= 1e-5
+
+
+def _ring_positions(window: int, s: int) -> torch.Tensor:
+    """A local layer's ring after positions 0..s-1 were stored (slot = position mod W, -1 empty)."""
+    ring = torch.full((window,), -1)
+    for p in range(max(0, s - window), s):
+        ring[p % window] = p
+    return ring
+
+
+@pytest.mark.parametrize("window", [None, 96])
+@pytest.mark.parametrize("start,length", [(0, 64), (0, 200), (96, 96), (192, 96), (100, 64), (10, 70), (3, 80),
+                                          (150, 90)])
+def test_band_attention_equals_the_masked_path(window, start, length):
+    """Query blocks over position-ordered keys (a global layer's 0..s-1; a ring full, wrapped at any
+    slot, or partly filled) give the masked path's attention."""
+    from gemma3.model import decoder
+
+    attn = decoder.Attention(tiny_config(heads=4, kv_heads=2, head_dim=8, hidden=32, window=window or 16),
+                             is_global=window is None)
+    positions = torch.arange(start, start + length)
+    before = torch.arange(start) if window is None else _ring_positions(window, start)
+    k_pos = torch.cat([before, positions])
+    q = torch.randn(1, 4, length, 8)
+    k, v = torch.randn(2, 1, 2, k_pos.shape[0], 8).unbind(0)
+    assert decoder.in_position_order(k, v, k_pos, positions, attn.window) is not None
+    got = attn.attend(q, k, v, k_pos, positions, None)
+    allowed = (k_pos[None, :] <= positions[:, None]) & (k_pos[None, :] >= 0)
+    if window is not None:
+        allowed &= k_pos[None, :] > positions[:, None] - window
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed, scale=attn.scale)
+    assert (got - expected).abs().max().item() <= 1e-6

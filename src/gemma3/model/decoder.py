@@ -7,6 +7,7 @@ against (window + chunk) keys, never an L×L mask.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from typing import Callable, NamedTuple
@@ -111,6 +112,10 @@ class Attention(nn.Module):
     def attend(self, q, k, v, k_pos, positions, groups):
         """Attention of queries at `positions` over keys at `k_pos`; mask derived from positions."""
         b, t = q.shape[0], q.shape[2]
+        if groups is None and t >= BAND_MIN and q.device.type == "cpu":
+            keys = in_position_order(k, v, k_pos, positions, self.window)
+            if keys is not None:
+                return band_attention(q, *keys, positions, self.window, self.scale)
         if groups is None and t > 1 and only_chunk(k_pos, positions):
             # A chunk with nothing before it (a fresh prompt): its own keys suffice, and within the
             # window the mask is plain causal, which flash attention applies by skipping the blocks
@@ -140,6 +145,65 @@ class Attention(nn.Module):
             mask = mask[:, None]  # per-batch-row masks (images) broadcast over KV heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out.reshape(b, self.n_heads, t, self.head_dim)
+
+
+BAND_MIN = 64  # a prefill chunk at least this long attends in query blocks (below: one masked call)
+
+
+def in_position_order(k, v, k_pos, positions, window):
+    """(keys, values, first key's position) holding every key the chunk at `positions` can see,
+    contiguous in position order, when the cache's keys allow it (a prefill leaves them so: a
+    global layer holds 0..s-1, a ring the last W positions in slot order); else None."""
+    t, s = positions.shape[0], int(positions[0])
+    if not torch.equal(k_pos[-t:], positions.to(k_pos.dtype)):
+        return None
+    before = k_pos[:-t]
+    held = (before >= 0).nonzero().squeeze(1)
+    held = held[before[held].argsort()]
+    first = s - held.shape[0]
+    if first > (0 if window is None else max(0, s - window + 1)):
+        return None  # keys the first query needs are missing
+    if not torch.equal(before[held], torch.arange(first, s, device=k_pos.device, dtype=k_pos.dtype)):
+        return None
+    if held.shape[0] == before.shape[0] and (held.shape[0] == 0 or bool((held[1:] > held[:-1]).all())):
+        return k, v, first  # already in order (a global layer, a fresh chunk)
+    return (torch.cat([k.index_select(2, held), k[:, :, -t:]], 2),
+            torch.cat([v.index_select(2, held), v[:, :, -t:]], 2), first)
+
+
+def band_attention(q, k, v, first: int, positions, window, scale, block: int = 64):
+    """Attention of a chunk whose every query sees a contiguous band of the position-ordered keys
+    (causal, and within the window on local layers), `block` queries at a time over only the keys
+    their band spans: the work is t x (band + block), not t x all keys, and the mask per call is a
+    [block, span] edge instead of [t, keys]. GQA on the kernel's own head mapping (no repeat)."""
+    t, s = positions.shape[0], int(positions[0])
+    width = s + t if window is None else window  # keys a query sees, itself included
+
+    def lo(i):  # index of the first key query i sees
+        return max(0, s + i - width + 1 - first)
+
+    outs = []
+    for i0 in range(0, t, block):
+        i1 = min(t, i0 + block)
+        k0, k1 = lo(i0), s + i1 - first  # keys k0..k1-1
+        # Key c of the span is hidden from row r when c - r leaves [low, high].
+        mask = band_mask(i1 - i0, k1 - k0, s - first - k0 + i0 - width + 1, s - first - k0 + i0, q.dtype, q.device)
+        outs.append(flash(q[:, :, i0:i1], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+@functools.lru_cache(maxsize=64)
+def band_mask(rows: int, span: int, low: int, high: int, dtype, device) -> torch.Tensor:
+    """[rows, span] additive mask, 0 where low <= c - r <= high. Cached: every full block of a
+    chunk, and every layer of a kind, asks for the same one."""
+    d = torch.arange(span, device=device)[None, :] - torch.arange(rows, device=device)[:, None]
+    return torch.zeros(rows, span, dtype=dtype, device=device).masked_fill_((d < low) | (d > high), float("-inf"))
+
+
+def flash(q, k, v, mask, scale: float):
+    """The CPU flash-attention kernel, called directly: the public SDPA entry would expand k/v to
+    every query head for a float mask; this one maps query heads to KV heads itself."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)[0]
 
 
 def only_chunk(k_pos: torch.Tensor, positions: torch.Tensor) -> bool:

@@ -185,25 +185,45 @@ def band_attention(q, k, v, first: int, positions, window, scale, block: int = 6
     outs = []
     for i0 in range(0, t, block):
         i1 = min(t, i0 + block)
-        k0, k1 = lo(i0), s + i1 - first  # keys k0..k1-1
-        # Key c of the span is hidden from row r when c - r leaves [low, high].
-        mask = band_mask(i1 - i0, k1 - k0, s - first - k0 + i0 - width + 1, s - first - k0 + i0, q.dtype, q.device)
-        outs.append(flash(q[:, :, i0:i1], k[:, :, k0:k1], v[:, :, k0:k1], mask, scale))
+        rows, k0, k1 = i1 - i0, lo(i0), s + i1 - first  # keys k0..k1-1, the last `rows` the block's own
+        qb = q[:, :, i0:i1]
+        if lo(i1 - 1) == k0:
+            # No key leaves the window within the block: its own keys causally (the kernel's top-left
+            # causal mask is exactly that), every key before them for every row, both without a mask,
+            # merged by their log-sum-exp.
+            part = flash(qb, k[:, :, k1 - rows:k1], v[:, :, k1 - rows:k1], None, scale, causal=True)
+            if k1 - rows > k0:
+                part = merged(part, flash(qb, k[:, :, k0:k1 - rows], v[:, :, k0:k1 - rows], None, scale))
+        else:
+            # Key c of the span is hidden from row r when c - r leaves [low, high].
+            high = s - first - k0 + i0
+            part = flash(qb, k[:, :, k0:k1], v[:, :, k0:k1],
+                         band_mask(rows, k1 - k0, high - width + 1, high, q.dtype, q.device), scale)
+        outs.append(part[0])
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def band_mask(rows: int, span: int, low: int, high: int, dtype, device) -> torch.Tensor:
     """[rows, span] additive mask, 0 where low <= c - r <= high. Cached: every full block of a
-    chunk, and every layer of a kind, asks for the same one."""
+    chunk, and every local layer, asks for the same one (span <= window + block: small)."""
     d = torch.arange(span, device=device)[None, :] - torch.arange(rows, device=device)[:, None]
     return torch.zeros(rows, span, dtype=dtype, device=device).masked_fill_((d < low) | (d > high), float("-inf"))
 
 
-def flash(q, k, v, mask, scale: float):
-    """The CPU flash-attention kernel, called directly: the public SDPA entry would expand k/v to
-    every query head for a float mask; this one maps query heads to KV heads itself."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)[0]
+def flash(q, k, v, mask, scale: float, causal: bool = False):
+    """(output, log-sum-exp per query) from the CPU flash-attention kernel, called directly: the
+    public SDPA entry would expand k/v to every query head for a float mask, and hides the LSE."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                      scale=scale)
+
+
+def merged(a, b):
+    """(output, LSE) of attention over the union of two disjoint key sets, from each one's."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a.float() * (lse_a - lse).exp().unsqueeze(-1) + out_b.float() * (lse_b - lse).exp().unsqueeze(-1)
+    return out.to(out_a.dtype), lse
 
 
 def only_chunk(k_pos: torch.Tensor, positions: torch.Tensor) -> bool:

@@ -73,11 +73,12 @@ def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: S
 
     def pick(logits: torch.Tensor) -> int:
         logits = logits.cpu()  # the generator lives on the CPU
-        if guide is not None:
-            logits = guide.apply(logits, guide.mask())
-        token = sample(logits, params, generator, history)
-        if guide is not None:
-            guide.advance(token)
+        if guide is None:
+            return sample(logits, params, generator, history)
+        from .constrain import sample_guided  # imports llguidance: only when a constraint is used
+
+        token = sample_guided(guide, logits, params, generator, history)
+        guide.advance(token)
         return token
 
     with torch.inference_mode():

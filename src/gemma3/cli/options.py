@@ -348,8 +348,8 @@ def tool_calling(args, tok=None):
 
 
 def constraint(args):
-    """The Constraint of --json-schema / --grammar / --regex / --choice (at most one) or of a call
-    --tool-choice forces, or None."""
+    """The Constraint of --json-schema / --grammar / --regex / --choice (at most one) or of the
+    answer --tools allows (tools.Calling.constraint), or None."""
     given = [name for name in CONSTRAIN if getattr(args, name, None)]
     calling = tool_calling(args)
     if calling is not None and given:

@@ -357,7 +357,7 @@ def _usage(done: Done) -> dict:
 
 class _ChatChunks:
     """`calling`: the request's tools. A reply that may be a call (its first visible character
-    opens JSON or a ``` fence) is held back until it ends; a call is then sent as OpenAI streams
+    opens JSON: the grammar then holds it to a call, tools.AUTO_GRAMMAR) is held back until it ends; a call is then sent as OpenAI streams
     one (a delta with its index, id, type, name and empty arguments, then its arguments), with
     finish_reason tool_calls. Any other reply streams as text."""
 
@@ -378,7 +378,7 @@ class _ChatChunks:
             held = self.held = Delta(self.held.text + event.text, self.held.logprobs + event.logprobs)
             start = held.text.lstrip()[:1]
             if not isinstance(event, Done):
-                if start and start not in "{[`":  # text, not a call: send what was held and go on
+                if start and start not in "{[":  # text, not a call: send what was held and go on
                     self.held = None
                     yield self.make({"content": held.text}, logprobs=held.logprobs)
                 return

@@ -129,3 +129,55 @@ def test_optional_arguments_and_json_values_in_the_grammar():
         guide = Guide(TOK, Constraint("grammar", grammar))
         ids = written_ids("<start_function_call>" + fg.call_text("f", args) + "<end_function_call>")
         assert (guide.matcher.try_consume_tokens(ids) == len(ids) and guide.accepting) is ok, args
+
+
+def test_server_uses_the_format_end_to_end(one_thread):
+    """A tiny random model behind the real app (in process): a named call comes back as a parsed
+    tool call (its markers decoded, the grammar holding the random model to the call), and the
+    conversation with its result goes on in FunctionGemma's format."""
+    from starlette.testclient import TestClient
+
+    from gemma3.server.app import create_app
+    from gemma3.server.engine import Engine
+    from tests.helpers.models import random_model, tiny_config
+
+    engine = Engine(random_model(tiny_config(vocab=TOK.vocab_size)), TOK, prefix_cache_bytes=0)
+    # The bias closes each string as soon as it opens (a random model would fill it to max_tokens).
+    body = {"model": "tiny", "messages": ASKED, "tools": [WEATHER], "max_tokens": 120, "temperature": 0,
+            "tool_choice": {"type": "function", "function": {"name": "get_current_weather"}},
+            "logit_bias": {str(TOK.token_to_id("<escape>")): 100}, "parallel_tool_calls": False}
+    with TestClient(create_app(engine, "tiny", 1024)) as client:
+        reply = client.post("/v1/chat/completions", json=body).json()
+        assert "choices" in reply, reply
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        [call] = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_current_weather"
+        assert "location" in json.loads(call["function"]["arguments"])
+        body["messages"] = ASKED + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                                    {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+        body["tool_choice"] = "auto"
+        reply = client.post("/v1/chat/completions", json=body).json()
+        assert "choices" in reply, reply
+        # The prompt was the call and its result in FunctionGemma's format, the model's turn left open.
+        prompt = fg.encode(TOK, body["messages"], tools.calling([WEATHER]))
+        assert fg.render(body["messages"], tools.calling([WEATHER])).endswith(
+            "<start_function_response>response:get_current_weather{value:<escape>sunny<escape>}"
+            "<end_function_response>")
+        assert reply["usage"]["prompt_tokens"] == len(prompt)
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("It is sunny.", True), ("", True), (CALL, True), (CALL + "<start_function_response>", True),
+    ("<start_function_call>call:get_current_weather{unit:<escape>celsius<escape>}<end_function_call>", False),
+    ("Sure." + CALL, False),  # text or calls, as the JSON format's auto grammar
+])
+def test_auto_answers_are_text_or_valid_calls(text, ok):
+    from dataclasses import replace
+
+    auto = replace(tools.calling([WEATHER]), native=True)
+    guide = Guide(TOK, auto.constraint())
+    ids = written_ids(text)
+    assert (guide.matcher.try_consume_tokens(ids) == len(ids) and guide.accepting) is ok
+    if ok and text.startswith("<start_function_call>"):
+        assert [c["function"]["name"] for c in auto.parse(text)] == ["get_current_weather"]

@@ -250,13 +250,20 @@ def _read(text: str, i: int):
 
 def grammar(calling) -> str:
     """The Lark grammar (llguidance) of a reply that is one call of an allowed function, or several
-    when parallel calls are allowed."""
+    when parallel calls are allowed, then the model's <start_function_response> (where it stops
+    for the results) or the end."""
     rules = []
     for k, f in enumerate(calling.allowed):
         rules.append(f'call_{k}: "call:{f.name}{{" args_{k}_0 "}}"')
         rules += _arguments(f.parameters, f"args_{k}")
     one = " | ".join(f"call_{k}" for k in range(len(calling.allowed)))
-    return "\n".join([f"start: ({CALL} ({one}) {END_CALL})" + ("+" if calling.parallel else ""), *rules])
+    calls = f"({CALL} ({one}) {END_CALL})" + ("+" if calling.parallel else "")
+    return "\n".join([f"start: {calls} {RESPONSE}?", *rules])
+
+
+def auto_grammar(calling) -> str:
+    """tool_choice "auto": text (no control token in it), or calls as `grammar` holds them."""
+    return grammar(calling).replace("start: ", "start: text | ", 1) + "\ntext: TEXT?\nTEXT: /[\\s\\S]+/"
 
 
 def _arguments(schema: dict, prefix: str) -> list[str]:

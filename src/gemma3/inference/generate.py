@@ -102,10 +102,12 @@ class StopMatcher:
     """Generated tokens → text pieces that end a sequence at a stop token (not emitted) or before a
     stop string: text that could still grow into a stop string is held back until it cannot."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
+                 keep: frozenset[int] = frozenset()):
+        """`keep`: control tokens whose text is emitted (FunctionGemma's call markers, parsed after)."""
         self.stop = [s for s in stop if s]
         self.stop_ids = frozenset((tokenizer.eos_id, tokenizer.end_of_turn_id) if stop_ids is None else stop_ids)
-        self.decoder = StreamDecoder(tokenizer)
+        self.decoder = StreamDecoder(tokenizer, keep=keep)
         self.pending = ""
 
     def feed(self, token: int) -> tuple[str, bool]:

@@ -114,6 +114,12 @@ class Calling:
     allowed: tuple[Function, ...]
     forced: bool
     parallel: bool = True
+    native: bool = False  # FunctionGemma's control-token format (functiongemma.py), not the prompted JSON
+
+    @property
+    def opening(self) -> str:
+        """The first visible characters a call can start with (streaming holds such replies)."""
+        return "<" if self.native else "{["
 
     def prompt(self) -> str:
         """The text that describes the functions to the model (Google's JSON format)."""
@@ -137,6 +143,10 @@ class Calling:
         the call held to its schema once the answer opens one (AUTO_GRAMMAR)."""
         from .constrain import Constraint  # imports llguidance: only where tools are used
 
+        if self.native:
+            from . import functiongemma
+
+            return Constraint("grammar", functiongemma.grammar(self) if self.forced else functiongemma.auto_grammar(self))
         if self.forced:
             return Constraint.json_schema(self.schema())
         schema = {**self.schema(), "x-guidance": {"whitespace_flexible": False}}  # compact, as constrain.py's JSON
@@ -147,6 +157,12 @@ class Calling:
         whose parameters are not a JSON schema llguidance can follow."""
         from .constrain import Constraint, compile_grammar
 
+        if self.native:  # one grammar of all the allowed calls (the declared ones that cannot be called aside)
+            try:
+                compile_grammar(tokenizer, self.constraint())
+            except ValueError as e:
+                raise ToolError(f"tools: {e}", "tools") from None
+            return
         for i, f in enumerate(self.functions):
             try:
                 compile_grammar(tokenizer, Constraint.json_schema(f.call_schema()))
@@ -159,6 +175,11 @@ class Calling:
         them, of allowed functions (the grammar of `constraint` makes every finished reply that
         opens with { or [ one); "arguments" is read as "parameters" (models trained on OpenAI's
         format write it)."""
+        if self.native:
+            from . import functiongemma
+
+            parsed = functiongemma.parse(text, self)
+            return parsed[1] if parsed is not None and not parsed[0] else None
         try:
             value = json.loads(text.strip())
         except json.JSONDecodeError:

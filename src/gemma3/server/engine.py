@@ -102,6 +102,7 @@ class Request:
     max_tokens: int
     stop: list[str]
     stop_ids: frozenset[int]
+    keep_ids: frozenset[int] = frozenset()  # control tokens written into the text (FunctionGemma's call markers)
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the k best
     images: list = field(default_factory=list)  # decoded PIL images; `ids` holds their soft tokens
     prompt_top: int | None = None  # None: no prompt scores; k >= 0: each prompt token's logprob and k best
@@ -131,7 +132,7 @@ class _Sequence:
         self.req, self.cache, self.guide = req, cache, req.guide
         self.generator = req.params.generator()
         self.history = list(req.ids)
-        self.matcher = StopMatcher(tokenizer, req.stop, req.stop_ids)
+        self.matcher = StopMatcher(tokenizer, req.stop, req.stop_ids, req.keep_ids)
         self.n = 0
         self.last = None
         spec = req.speculative

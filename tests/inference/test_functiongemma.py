@@ -181,3 +181,24 @@ def test_auto_answers_are_text_or_valid_calls(text, ok):
     assert (guide.matcher.try_consume_tokens(ids) == len(ids) and guide.accepting) is ok
     if ok and text.startswith("<start_function_call>"):
         assert [c["function"]["name"] for c in auto.parse(text)] == ["get_current_weather"]
+
+
+def test_cli_forced_call_in_the_format(tmp_path, capsys):
+    """`gemma3 generate --chat --tools` with a tiny random model whose tokenizer has the tokens:
+    the named call comes back parsed (the grammar holds the model to it, the markers are decoded,
+    <start_function_response> or the grammar's end stops it)."""
+    from gemma3.formats.checkpoint import save_hf_dir
+    from tests.helpers.cli import run_cli
+    from tests.helpers.models import random_model, tiny_config
+
+    cfg = tiny_config(vocab=TOK.vocab_size, layers=2)
+    save_hf_dir(tmp_path, cfg, random_model(cfg).state_dict())
+    TOK.save(tmp_path)
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER, {"type": "function", "function": {"name": "now"}}]))
+    code, out, err = run_cli(["generate", "--model", str(tmp_path), "--chat", "What time is it?", "--tools",
+                              str(tmp_path / "tools.json"), "--tool-choice", "now", "-n", "40", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["finish_reason"] == "tool_calls", result
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in result["tool_calls"]] == [("now", "{}")]
+    assert result["text"].startswith("<start_function_call>call:now{}<end_function_call>")

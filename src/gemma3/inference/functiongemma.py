@@ -124,6 +124,7 @@ def pieces(messages: list[dict], calling, add_generation_prompt: bool = True) ->
             out += [Control(RESPONSE), *_escaped(response_text(name, m.get("content") or "")),
                     Control("<end_function_response>")]
             continue
+        role = "assistant" if role == "model" else role  # the CLI keeps replies as "model"
         if role == "assistant" and open_turn:  # the answer after the results, in the same turn
             out += [content, Control("<end_of_turn>"), "\n"]
             open_turn = False
@@ -164,6 +165,13 @@ def _escaped(text: str) -> list[str]:
         if part:
             out.append(part)
     return out
+
+
+def decoding(tokenizer) -> tuple[frozenset[int], frozenset[int]]:
+    """(the control tokens written into a reply's text, so its calls can be parsed; the tokens it
+    stops at: <eos>, <end_of_turn>, and <start_function_response>, where it waits for results)."""
+    keep = frozenset(tokenizer.token_to_id(t) for t in TOKENS)
+    return keep, frozenset((tokenizer.eos_id, tokenizer.end_of_turn_id, tokenizer.token_to_id(RESPONSE)))
 
 
 def render(messages: list[dict], calling, add_generation_prompt: bool = True) -> str:

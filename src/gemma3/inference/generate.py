@@ -141,11 +141,13 @@ class StopMatcher:
 def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256,
                     params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
                     stop_ids: Sequence[int] | None = None, prefix_cache=None, kv_dtype=None,
-                    speculative: PromptLookup | DraftModel | None = None) -> Iterator[Chunk]:
+                    speculative: PromptLookup | DraftModel | None = None,
+                    keep: frozenset[int] = frozenset()) -> Iterator[Chunk]:
     """Text as it is generated. Stops on eos / <end_of_turn> (not emitted), a stop string (cut
-    before it) or `max_tokens` (finish_reason "length")."""
+    before it) or `max_tokens` (finish_reason "length"). `keep`: control tokens written into the
+    text (StopMatcher)."""
     ids = encode_prompt(tokenizer, prompt)
-    matcher = StopMatcher(tokenizer, stop, stop_ids)
+    matcher = StopMatcher(tokenizer, stop, stop_ids, keep)
     n = 0
     source = prompt if isinstance(prompt, MultimodalPrompt) else ids
     guide = None

@@ -546,8 +546,7 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
         ids, images = await server.prepare(server._chat_ids, body, calling)
         req = server.build(body, ids, (body.top_logprobs or 0) if body.logprobs else None, images)
         if calling is not None and calling.native:  # the call markers are text to parse; the model stops for results
-            req.keep_ids = frozenset(server.tokenizer.token_to_id(t) for t in functiongemma.TOKENS)
-            req.stop_ids = req.stop_ids | {server.tokenizer.token_to_id(functiongemma.RESPONSE)}
+            req.keep_ids, req.stop_ids = functiongemma.decoding(server.tokenizer)
         req.guide = await server.prepare(server.guide, body, calling)
         await server.submit(req)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -7,13 +7,13 @@ the same batch unconstrained, on the embedded 270M (or --model):
 stop token (so none ends early), constrained by a schema no document can complete in that many
 tokens (an array of at least 50 records), so both batches run the same steps. The engine is
 driven step by step on the main thread (the thread `gemma3 serve` runs it on), every prompt
-prefilled before the first step. Timed: each `Engine._step` (the batched forward, the masks
-computed beside it on the engine's mask thread, the masking, the sampling), all of them running
-the whole batch. Reported per round: the median and mean step time of each and their ratio (the
-two alternate, so a busy machine slows both). On a shared machine the forward's time varies more
-than the whole cost of the masks, so the constrained rounds also time that cost directly: the
-mask fill (on the mask thread, beside the forward) and the masking, per step; their sum over the
-unconstrained median step bounds the slowdown the constraints add."""
+prefilled before the first step. Timed: each `Engine._step` (the batched forward, the sampling,
+and for constrained rows the grammar check of each sampled token, and the masks of the rows whose
+token the grammar refused, sampled again: constrain.sample_lazily), all of them running the whole
+batch. With --top-k the constrained rows are masked before they sample instead (their masks filled
+on the engine's mask thread beside the forward). Reported per round: the median and mean step time
+of each and their ratio (the two alternate, so a busy machine slows both), how many of the
+constrained tokens needed a mask, and the masks' whole cost (fill + apply) per step."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from gemma3.inference import constrain
 from gemma3.inference.constrain import Constraint, Guide
 from gemma3.inference.load import load
 from gemma3.inference.sampling import SamplingParams
@@ -51,11 +52,13 @@ PROMPT = "A list of the users of our web site, as JSON:\n"
 
 
 class _Timed:
-    """Wraps a function of the engine module, keeping how long each call took."""
+    """Wraps a function of constrain.py where the engine and constrain.py call it, keeping how long
+    each call took and how many rows it was given."""
 
     def __init__(self, name: str):
-        self.name, self.fn, self.seconds = name, getattr(engine_module, name), []
-        setattr(engine_module, name, self)
+        self.name, self.fn, self.seconds, self.rows = name, getattr(constrain, name), [], []
+        for module in (engine_module, constrain):
+            setattr(module, name, self)
 
     def __call__(self, *args):
         start = time.perf_counter()
@@ -63,6 +66,15 @@ class _Timed:
             return self.fn(*args)
         finally:
             self.seconds.append(time.perf_counter() - start)
+            self.rows.append(len(args[0]))
+
+    def clear(self):
+        self.seconds.clear()
+        self.rows.clear()
+
+    def per_step(self, steps: int) -> float:
+        """Seconds per step: the calls' total over `steps` (most steps of the lazy path call none)."""
+        return sum(self.seconds) / steps
 
 
 class _Inbox:
@@ -72,14 +84,14 @@ class _Inbox:
         fn(*args)
 
 
-def run_batch(engine: Engine, tok, batch: int, tokens: int, constrained: bool) -> list[float]:
+def run_batch(engine: Engine, tok, batch: int, tokens: int, constrained: bool, top_k: int = 0) -> list[float]:
     """Seconds of each decode step of `batch` requests decoding together, the engine driven step by
     step on this thread. Every prompt is prefilled before the first step (the running engine
     spreads admissions over decode steps, PREFILL_SHARE, so its first steps run a partial batch),
     so every step runs the whole batch."""
     ids = tok.encode(PROMPT)
     constraint = Constraint.json_schema(SCHEMA)
-    reqs = [Request(ids=ids, params=SamplingParams(temperature=0.8, seed=i), max_tokens=tokens, stop=[],
+    reqs = [Request(ids=ids, params=SamplingParams(temperature=0.8, top_k=top_k, seed=i), max_tokens=tokens, stop=[],
                     stop_ids=frozenset(), guide=Guide(tok, constraint) if constrained else None,
                     loop=_Inbox(), events=queue.SimpleQueue()) for i in range(batch)]
     for r in reqs:
@@ -107,32 +119,46 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--top-k", type=int, default=0,
+                    help="sample from the top k (both batches): constrained rows are then masked before every step")
     args = ap.parse_args()
     model, tok = load(args.model, backend="cpu")[:2]
     engine = Engine(model, tok, max_batch=args.batch, max_queue=args.batch, prefix_cache_bytes=0)
     Guide(tok, Constraint("json_object"))  # builds llguidance's tokenizer view (~1 s) before timing
     results, fill, apply = [], _Timed("fill_masks"), _Timed("apply_masks")
     with torch.inference_mode():
-        run_batch(engine, tok, args.batch, 8, True)  # warm-up: kernels, allocator, grammar cache
+        run_batch(engine, tok, args.batch, 8, True, args.top_k)  # warm-up: kernels, allocator, grammar cache
         for r in range(args.rounds):
-            free = run_batch(engine, tok, args.batch, args.tokens, False)
-            fill.seconds.clear()
-            apply.seconds.clear()
-            constrained = run_batch(engine, tok, args.batch, args.tokens, True)
-            masks = statistics.median(fill.seconds) + statistics.median(apply.seconds)
+            free = run_batch(engine, tok, args.batch, args.tokens, False, args.top_k)
+            fill.clear()
+            apply.clear()
+            constrained = run_batch(engine, tok, args.batch, args.tokens, True, args.top_k)
+            # Every mask call of the round (its first tokens' included) over its timed steps: an upper bound.
+            masks = fill.per_step(len(constrained)) + apply.per_step(len(constrained))
             f, c = statistics.median(free), statistics.median(constrained)
-            results.append((free, constrained, masks))
+            rows = sum(fill.rows)
+            results.append((free, constrained, masks, rows))
             print(f"round {r + 1}: batch {args.batch} x {args.tokens} tokens, {len(free)} / {len(constrained)} steps "
                   f"of the whole batch: median step unconstrained {1e3 * f:.1f} ms, constrained {1e3 * c:.1f} ms, "
                   f"ratio {c / f:.3f} (means {1e3 * statistics.mean(free):.1f} / "
-                  f"{1e3 * statistics.mean(constrained):.1f} ms); masks per step: fill "
-                  f"{1e3 * statistics.median(fill.seconds):.1f} ms + apply {1e3 * statistics.median(apply.seconds):.1f} "
+                  f"{1e3 * statistics.mean(constrained):.1f} ms); masks filled for {rows} of the "
+                  f"{args.batch * args.tokens} constrained tokens; masks per step: fill "
+                  f"{1e3 * fill.per_step(len(constrained)):.2f} ms + apply {1e3 * apply.per_step(len(constrained)):.2f} "
                   f"ms = {100 * masks / f:.1f}% of the unconstrained step", flush=True)
-    print(json.dumps({"batch": args.batch, "tokens": args.tokens, "rounds": [
+    # Pooled over the rounds: the forward's speed drifts between rounds on a shared machine (by
+    # 25% between two rounds of one quiet run), and alternating rounds spread the drift over both.
+    free_all = [t for f, _, _, _ in results for t in f]
+    constrained_all = [t for _, c, _, _ in results for t in c]
+    pooled = statistics.median(constrained_all) / statistics.median(free_all)
+    print(f"all rounds: median step unconstrained {1e3 * statistics.median(free_all):.1f} ms, constrained "
+          f"{1e3 * statistics.median(constrained_all):.1f} ms, ratio {pooled:.3f}")
+    print(json.dumps({"batch": args.batch, "tokens": args.tokens, "top_k": args.top_k, "pooled_ratio": round(pooled, 3),
+                      "rounds": [
         {"steps": [len(f), len(c)], "unconstrained_median_ms": round(1e3 * statistics.median(f), 2),
          "constrained_median_ms": round(1e3 * statistics.median(c), 2),
          "ratio": round(statistics.median(c) / statistics.median(f), 3), "mask_ms": round(1e3 * m, 2),
-         "mask_share": round(m / statistics.median(f), 4)} for f, c, m in results]}))
+         "mask_share": round(m / statistics.median(f), 4), "masked_rows": rows,
+         "constrained_tokens": args.batch * args.tokens} for f, c, m, rows in results]}))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ TOOLS = [{"type": "function", "function": {"name": "add", "description": "Sum", 
 def test_tool_choice_modes():
     assert tools.calling(TOOLS, "none") is None and tools.calling(None) is None
     auto = tools.calling(TOOLS)
-    assert not auto.forced and auto.constraint() is None and [f.name for f in auto.allowed] == ["add", "now"]
+    assert not auto.forced and auto.constraint().kind == "grammar" and [f.name for f in auto.allowed] == ["add", "now"]
     required = tools.calling(TOOLS, "required", parallel=False)
     assert required.forced and required.schema() == {"anyOf": [f.call_schema() for f in required.functions]}
     named = tools.calling(TOOLS, {"type": "function", "function": {"name": "now"}})
@@ -48,10 +48,11 @@ def test_parse_reads_calls_and_leaves_text():
     [call] = calling.parse(' {"name": "add", "parameters": {"a": 1, "b": 2}}\n')
     assert call["type"] == "function" and call["id"].startswith("call_")
     assert call["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
-    fenced = calling.parse('```tool_code\n[{"name":"now","parameters":{}},{"name":"add","arguments":"{\\"a\\":3}"}]\n```')
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in fenced] == \
+    listed = calling.parse('[{"name":"now","parameters":{}},{"name":"add","arguments":"{\\"a\\":3}"}]')
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in listed] == \
         [("now", {}), ("add", {"a": 3})]
-    for text in ["It is 3.", '{"name": "sub", "parameters": {}}', '{"name": "add", "parameters": 5}',
+    # A fenced call is text: the auto grammar keeps calls unfenced, so their arguments are checked.
+    for text in ["It is 3.", '```tool_code\n{"name":"now","parameters":{}}\n```', '{"name": "sub", "parameters": {}}', '{"name": "add", "parameters": 5}',
                  '{"name": "add", "parameters": {}} and more', '{"name": "add", "parameters": {}, "x": 1}', "[]"]:
         assert calling.parse(text) is None, text
     single = tools.calling(TOOLS, parallel=False)
@@ -76,3 +77,22 @@ def test_history_renders_calls_and_results_as_gemma_turns():
     with pytest.raises(tools.ToolError) as e:
         tools.chat_messages([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c9", "content": "1"}])
     assert e.value.param == "messages.1.tool_call_id"
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("It is 3.", True), ("", True), (" Sure: {x}", True),
+    ('{"name":"add","parameters":{"a":1,"b":2}}', True),
+    ('[{"name":"now","parameters":{}},{"name":"add","parameters":{"a":1,"b":2}}]', True),
+    ('{"name":"add","parameters":{"a":1}}', False),  # b is required
+    ('{"name":"add","parameters":{"a":"1","b":2}}', False),  # a is an integer
+    ('{"name":"sub","parameters":{}}', False),  # no such function
+    ('{"a": 1}', False),
+])
+def test_auto_answers_are_text_or_calls_that_follow_the_schema(text, ok):
+    from gemma3.inference.constrain import Guide
+    from tests.helpers.training import byte_tokenizer
+
+    tok = byte_tokenizer()
+    guide = Guide(tok, tools.calling(TOOLS).constraint())
+    ids = tok.encode(text, add_bos=False)
+    assert (guide.matcher.try_consume_tokens(ids) == len(ids) and guide.accepting) is ok

@@ -129,12 +129,16 @@ class Session:
         images = self.images + self.pending
         reply, finish = [], None
         try:
-            prompt = apply_chat_template(chat_messages(self.messages + new, self.calling))
+            params, extra = options.sampling_params(self.args), {}
+            if self.calling is not None and self.calling.native:
+                prompt, params, extra = options.tool_prompt(self.tok, self.messages + new, self.calling, params,
+                                                            bool(images))
+            else:
+                prompt = apply_chat_template(chat_messages(self.messages + new, self.calling))
             if images:
                 prompt = build_prompt(self.model, self.tok, prompt, [features for _, features in images])
-            for chunk in stream_generate(self.model, self.tok, prompt, self.args.max_tokens,
-                                         options.sampling_params(self.args), self.args.stop,
-                                         prefix_cache=self.prefix_cache):
+            for chunk in stream_generate(self.model, self.tok, prompt, self.args.max_tokens, params, self.args.stop,
+                                         prefix_cache=self.prefix_cache, **extra):
                 reply.append(chunk.text)
                 finish = chunk.finish_reason
                 print(chunk.text, end="", flush=True)

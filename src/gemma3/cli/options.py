@@ -324,12 +324,14 @@ def sampling_params(args):
 
 def tool_calling(args, tok=None):
     """The inference/tools.Calling of --tools FILE and --tool-choice (None: no tools, or
-    --tool-choice none); with `tok`, every tool's parameters schema is checked against it."""
+    --tool-choice none); with `tok`, every tool's parameters schema is checked against it, and a
+    tokenizer with FunctionGemma's tool tokens gets that format (Calling.native: see tool_prompt)."""
     if not getattr(args, "tools", None):
         return None
     import json
+    from dataclasses import replace
 
-    from ..inference import tools
+    from ..inference import functiongemma, tools
 
     with open(args.tools, encoding="utf-8") as f:
         try:
@@ -340,6 +342,8 @@ def tool_calling(args, tok=None):
         {"type": "function", "function": {"name": args.tool_choice}}
     try:
         calling = tools.calling(definitions, choice, parallel=args.parallel_tool_calls)
+        if calling is not None and tok is not None and functiongemma.supported(tok):
+            calling = replace(calling, native=True)  # its own tool tokens: FunctionGemma's format
         if calling is not None and tok is not None:
             calling.check(tok)
     except tools.ToolError as e:
@@ -348,8 +352,8 @@ def tool_calling(args, tok=None):
 
 
 def constraint(args):
-    """The Constraint of --json-schema / --grammar / --regex / --choice (at most one) or of a call
-    --tool-choice forces, or None."""
+    """The Constraint of --json-schema / --grammar / --regex / --choice (at most one) or of the
+    answer --tools allows (tools.Calling.constraint), or None."""
     given = [name for name in CONSTRAIN if getattr(args, name, None)]
     calling = tool_calling(args)
     if calling is not None and given:
@@ -410,3 +414,19 @@ def set_threads(args):
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def tool_prompt(tok, messages: list[dict], calling, params, images: bool = False):
+    """(the prompt, the sampling params, the stream_generate options) of a chat with tools in
+    FunctionGemma's format (calling.native): the prompt as ids, the params constrained by its
+    grammar (sampling_params builds the JSON format's, knowing no tokenizer), its call markers
+    kept in the text and <start_function_response> a stop."""
+    from dataclasses import replace
+
+    from ..inference import functiongemma
+
+    if images:
+        raise ValueError("--image cannot be combined with --tools for a model in FunctionGemma's format")
+    keep, stop_ids = functiongemma.decoding(tok)
+    return functiongemma.encode(tok, messages, calling), replace(params, constraint=calling.constraint()), \
+        {"keep": keep, "stop_ids": stop_ids}

@@ -80,15 +80,20 @@ def cmd_generate(args):
     if images:
         prompt = with_placeholders(prompt, len(images))
     calling = options.tool_calling(args, tok)
+    params, extra = options.sampling_params(args), {}
     if args.chat:
         options.warn_if_not_chat_model(args, tok)
-        prompt = apply_chat_template(chat_messages([{"role": "user", "content": prompt}], calling))
+        messages = [{"role": "user", "content": prompt}]
+        if calling is not None and calling.native:
+            prompt, params, extra = options.tool_prompt(tok, messages, calling, params, bool(images))
+        else:
+            prompt = apply_chat_template(chat_messages(messages, calling))
     if images:
         prompt = build_prompt(model, tok, prompt, [encode_image(vision, im, pan_and_scan) for im in images])
     spec = options.drafter(args, model)
     start, first, text, last = time.perf_counter(), None, [], None
-    for chunk in stream_generate(model, tok, prompt, args.max_tokens, options.sampling_params(args), args.stop,
-                                 kv_dtype=args.kv_dtype, speculative=spec):
+    for chunk in stream_generate(model, tok, prompt, args.max_tokens, params, args.stop,
+                                 kv_dtype=args.kv_dtype, speculative=spec, **extra):
         first = first or time.perf_counter()
         text.append(chunk.text)
         last = chunk

@@ -562,14 +562,16 @@ class StreamDecoder:
     results plus flush() equals `tokenizer.decode(all_ids, skip_special)`.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True, keep: frozenset[int] = frozenset()):
+        """`keep`: control tokens written out even with skip_special (a tool format's markers)."""
         self._tokenizer = tokenizer
         self._skip_special = skip_special
+        self._keep = keep
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._strip_leading_space = tokenizer.add_space_prefix
 
     def feed(self, token_id: int) -> str:
-        data = self._tokenizer.token_bytes(token_id, self._skip_special)
+        data = self._tokenizer.token_bytes(token_id, self._skip_special and token_id not in self._keep)
         return self._emit(self._utf8.decode(data))
 
     def flush(self) -> str:

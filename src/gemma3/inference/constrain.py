@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import llguidance
 import llguidance.numpy as llnp
 import numpy as np
 import torch
 from llguidance.gbnf_to_lark import any_to_lark
+
+from .sampling import SamplingParams, adjusted, sample
 
 KINDS = ("json_object", "json_schema", "grammar", "regex", "choice")
 
@@ -128,6 +130,10 @@ class Guide:
         if self.matcher.is_error():
             raise ValueError(f"invalid {constraint.kind}: {self.matcher.get_error()}")
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar takes `token` next (~1 us: no mask computed, the state unchanged)."""
+        return self.matcher.validate_tokens([token]) == 1
+
     def advance(self, token: int):
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
@@ -171,3 +177,60 @@ def fill_masks(guides: list[Guide]) -> np.ndarray:
     masks = llnp.allocate_token_bitmask(len(guides), guides[0].vocab)
     llnp.fill_next_token_bitmask_par(_EXECUTOR, [(g.matcher, i) for i, g in enumerate(guides)], masks)
     return masks
+
+
+def lazy_exact(params: SamplingParams) -> bool:
+    """Whether a token drawn from the unmasked logits, kept when the grammar allows it and drawn
+    again from the masked logits when not, has the distribution of a draw from the masked logits
+    (`sample_lazily`). Greedy: the unmasked argmax, when allowed, is the masked one. Temperature
+    alone (the bias and the repetition penalty change each logit on its own): a kept token t of
+    the allowed set A comes with probability p(t) + (1 - p(A)) p(t) / p(A) = p(t) / p(A), the
+    masked probability. Not with top-k / top-p / min-p, which cut by the whole distribution: the
+    unmasked cut is not the masked one, so those rows are masked before they sample."""
+    return params.greedy or (not params.top_k and params.top_p == 1.0 and params.min_p == 0.0)
+
+
+def sample_lazily(guides: list[Guide], rows: list[torch.Tensor], params: list[SamplingParams],
+                  generators: list, histories: list, vocab: int) -> list[int]:
+    """One allowed token per row (each 1-D logits), for rows whose params are `lazy_exact`: each
+    row sampled unmasked first; only the rows whose token the grammar refuses get a mask (filled
+    together) and are sampled again, over their allowed tokens alone. The mask fill, ~0.6 ms per
+    row of the 262k vocabulary, is what most steps skip: a model following its format picks
+    allowed tokens most of the time. A refused row draws twice from its generator: reproducible
+    for a seed, not the stream the eager mask would draw."""
+    tokens = [sample(row, p, g, h) for row, p, g, h in zip(rows, params, generators, histories)]
+    refused = [i for i, (guide, token) in enumerate(zip(guides, tokens)) if not guide.allows(token)]
+    if refused:
+        for i, mask in zip(refused, fill_masks([guides[i] for i in refused])):
+            tokens[i] = _sample_allowed(rows[i], allowed_ids(mask, vocab), params[i], generators[i], histories[i])
+    return tokens
+
+
+def allowed_ids(mask: np.ndarray, vocab: int) -> torch.Tensor:
+    """The token ids one row's bitmask (fill_masks) allows, ascending. Only its non-zero words are
+    unpacked: where the grammar allows a few tokens (JSON punctuation, a key) this takes ~30 us,
+    where the full unpack and a select over the row take ~0.5 ms."""
+    words = np.flatnonzero(mask)
+    bits = np.unpackbits(mask[words].view(np.uint8), bitorder="little").reshape(len(words), 32)
+    word, bit = np.nonzero(bits)
+    ids = words[word] * 32 + bit
+    return torch.from_numpy(ids[ids < vocab])
+
+
+def _sample_allowed(logits: torch.Tensor, ids: torch.Tensor, params: SamplingParams, generator,
+                    history: list[int]) -> int:
+    """A draw from 1-D `logits` restricted to `ids` (ascending): the draw from the masked logits,
+    for params without cuts over the whole distribution (lazy_exact). The bias and the repetition
+    penalty are applied to the whole row first (they are keyed by token id); greedy ties go to the
+    lowest id, as over the masked row."""
+    if not len(ids):
+        raise RuntimeError("the grammar allows no token at all")
+    kept = adjusted(logits, params, history)[ids]
+    return int(ids[sample(kept, replace(params, logit_bias=(), repetition_penalty=1.0), generator)])
+
+
+def sample_guided(guide: Guide, logits: torch.Tensor, params: SamplingParams, generator, history: list[int]) -> int:
+    """One token of 1-D `logits` that `guide` allows, lazily masked where that is exact."""
+    if lazy_exact(params):
+        return sample_lazily([guide], [logits], [params], [generator], [history], guide.vocab)[0]
+    return sample(guide.apply(logits, guide.mask()), params, generator, history)

@@ -73,11 +73,12 @@ def generate_step(model, prompt_ids: Sequence[int] | MultimodalPrompt, params: S
 
     def pick(logits: torch.Tensor) -> int:
         logits = logits.cpu()  # the generator lives on the CPU
-        if guide is not None:
-            logits = guide.apply(logits, guide.mask())
-        token = sample(logits, params, generator, history)
-        if guide is not None:
-            guide.advance(token)
+        if guide is None:
+            return sample(logits, params, generator, history)
+        from .constrain import sample_guided  # imports llguidance: only when a constraint is used
+
+        token = sample_guided(guide, logits, params, generator, history)
+        guide.advance(token)
         return token
 
     with torch.inference_mode():
@@ -101,10 +102,12 @@ class StopMatcher:
     """Generated tokens → text pieces that end a sequence at a stop token (not emitted) or before a
     stop string: text that could still grow into a stop string is held back until it cannot."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
+                 keep: frozenset[int] = frozenset()):
+        """`keep`: control tokens whose text is emitted (FunctionGemma's call markers, parsed after)."""
         self.stop = [s for s in stop if s]
         self.stop_ids = frozenset((tokenizer.eos_id, tokenizer.end_of_turn_id) if stop_ids is None else stop_ids)
-        self.decoder = StreamDecoder(tokenizer)
+        self.decoder = StreamDecoder(tokenizer, keep=keep)
         self.pending = ""
 
     def feed(self, token: int) -> tuple[str, bool]:
@@ -138,11 +141,13 @@ class StopMatcher:
 def stream_generate(model, tokenizer, prompt: Prompt, max_tokens: int = 256,
                     params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
                     stop_ids: Sequence[int] | None = None, prefix_cache=None, kv_dtype=None,
-                    speculative: PromptLookup | DraftModel | None = None) -> Iterator[Chunk]:
+                    speculative: PromptLookup | DraftModel | None = None,
+                    keep: frozenset[int] = frozenset()) -> Iterator[Chunk]:
     """Text as it is generated. Stops on eos / <end_of_turn> (not emitted), a stop string (cut
-    before it) or `max_tokens` (finish_reason "length")."""
+    before it) or `max_tokens` (finish_reason "length"). `keep`: control tokens written into the
+    text (StopMatcher)."""
     ids = encode_prompt(tokenizer, prompt)
-    matcher = StopMatcher(tokenizer, stop, stop_ids)
+    matcher = StopMatcher(tokenizer, stop, stop_ids, keep)
     n = 0
     source = prompt if isinstance(prompt, MultimodalPrompt) else ids
     guide = None

@@ -23,7 +23,10 @@ written, so the model sees its own format.
 With `tool_choice` "required" or a named function the answer is grammar-constrained to the
 calls' JSON schema (anyOf over the allowed functions, the name a const, the arguments the
 function's own `parameters` schema), so it always parses and validates. With "auto" the model
-writes text or a call, and a reply that parses as a call of a known function becomes one.
+writes text or a call: an answer that opens with { or [ is held to that schema to its end
+(AUTO_GRAMMAR), so a call it returns validates too; any other answer is text.
+
+Tokenizers with FunctionGemma's control tokens use its own format instead (functiongemma.py).
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ INSTRUCTIONS = ('You have access to functions. If you decide to invoke any of th
 PARALLEL = ('To call several functions at once, put the calls in a JSON list: [{"name": ..., "parameters": ...}, '
             '{"name": ..., "parameters": ...}]\n')
 NO_TEXT = "\nYou SHOULD NOT include any other text in the response if you call a function\n"
+# tool_choice "auto": an answer that opens with { or [ is a call and follows the calls' schema to
+# its end; any other answer is text (leading whitespace aside). llama-server constrains a call
+# the same way once its opening appears (its "lazy grammar"); without it a call whose arguments
+# break the function's schema was returned as a call.
+AUTO_GRAMMAR = "start: call | text\ncall: %json {schema}\ntext: TEXT?\nTEXT: /\\s*[^\\s{{\\[][\\s\\S]*/\n"
 
 
 class ToolError(ValueError):
@@ -106,6 +114,12 @@ class Calling:
     allowed: tuple[Function, ...]
     forced: bool
     parallel: bool = True
+    native: bool = False  # FunctionGemma's control-token format (functiongemma.py), not the prompted JSON
+
+    @property
+    def opening(self) -> str:
+        """The first visible characters a call can start with (streaming holds such replies)."""
+        return "<" if self.native else "{["
 
     def prompt(self) -> str:
         """The text that describes the functions to the model (Google's JSON format)."""
@@ -125,16 +139,30 @@ class Calling:
         return {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]}
 
     def constraint(self):
-        """The Constraint of a forced call; None when the model may also answer with text."""
+        """The Constraint of the answer: a forced call, the calls' schema; "auto", text or a call,
+        the call held to its schema once the answer opens one (AUTO_GRAMMAR)."""
         from .constrain import Constraint  # imports llguidance: only where tools are used
 
-        return Constraint.json_schema(self.schema()) if self.forced else None
+        if self.native:
+            from . import functiongemma
+
+            return Constraint("grammar", functiongemma.grammar(self) if self.forced else functiongemma.auto_grammar(self))
+        if self.forced:
+            return Constraint.json_schema(self.schema())
+        schema = {**self.schema(), "x-guidance": {"whitespace_flexible": False}}  # compact, as constrain.py's JSON
+        return Constraint("grammar", AUTO_GRAMMAR.format(schema=json.dumps(schema)))
 
     def check(self, tokenizer):
         """Compiles every function's call schema against the tokenizer: ToolError naming the tool
         whose parameters are not a JSON schema llguidance can follow."""
         from .constrain import Constraint, compile_grammar
 
+        if self.native:  # one grammar of all the allowed calls (the declared ones that cannot be called aside)
+            try:
+                compile_grammar(tokenizer, self.constraint())
+            except ValueError as e:
+                raise ToolError(f"tools: {e}", "tools") from None
+            return
         for i, f in enumerate(self.functions):
             try:
                 compile_grammar(tokenizer, Constraint.json_schema(f.call_schema()))
@@ -143,13 +171,17 @@ class Calling:
 
     def parse(self, text: str) -> list[dict] | None:
         """The calls in a reply, as OpenAI `tool_calls` entries (arguments a JSON string), or None
-        when the reply is text. A reply is a call when all of it (inside an optional ``` fence)
-        is one call object, or a list of them, of allowed functions; "arguments" is read as
-        "parameters" (models trained on OpenAI's format write it)."""
-        body = text.strip()
-        fenced = re.fullmatch(r"```[a-z_]*\s*(.*?)\s*```", body, re.S)
+        when the reply is text. A reply is a call when all of it is one call object, or a list of
+        them, of allowed functions (the grammar of `constraint` makes every finished reply that
+        opens with { or [ one); "arguments" is read as "parameters" (models trained on OpenAI's
+        format write it)."""
+        if self.native:
+            from . import functiongemma
+
+            parsed = functiongemma.parse(text, self)
+            return parsed[1] if parsed is not None and not parsed[0] else None
         try:
-            value = json.loads(fenced.group(1) if fenced else body)
+            value = json.loads(text.strip())
         except json.JSONDecodeError:
             return None
         calls = value if isinstance(value, list) else [value]

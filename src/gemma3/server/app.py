@@ -12,6 +12,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib.resources import files
 
 from fastapi import FastAPI
@@ -22,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..formats.tokenizer import encode_chat
-from ..inference import tools
+from ..inference import functiongemma, tools
 from ..inference.generate import encode_prompt
 from ..inference.multimodal import IMAGE_MARK, ImageError, decode_image, encode_chat_with_images, without_marks
 from ..inference.sampling import SamplingParams
@@ -140,6 +141,8 @@ class Server:
             calling = tools.calling([t.model_dump() for t in body.tools] if body.tools else None,
                                     body.tool_choice if isinstance(body.tool_choice, (str, type(None)))
                                     else body.tool_choice.model_dump(), body.parallel_tool_calls)
+            if calling is not None and functiongemma.supported(self.tokenizer):
+                calling = replace(calling, native=True)  # its own tool tokens: FunctionGemma's format
             if calling is not None:
                 calling.check(self.tokenizer)
             return calling
@@ -174,6 +177,12 @@ class Server:
             calls = [c.model_dump() for c in m.tool_calls] if m.tool_calls and role == "assistant" else None
             messages.append({"role": role, "content": text, "tool_calls": calls, "tool_call_id": m.tool_call_id})
         try:
+            if calling is not None and calling.native:
+                if images:
+                    raise APIError(400, "images cannot be sent with tools in FunctionGemma's format", param="messages")
+                self._check_length(sum(len((m["content"] or "").encode("utf-8", "surrogatepass")) for m in messages),
+                                   "messages")
+                return functiongemma.encode(self.tokenizer, messages, calling), []
             messages = tools.chat_messages(messages, calling)
         except tools.ToolError as e:
             raise APIError(400, str(e), param=e.param, code="invalid_value") from None
@@ -357,7 +366,7 @@ def _usage(done: Done) -> dict:
 
 class _ChatChunks:
     """`calling`: the request's tools. A reply that may be a call (its first visible character
-    opens JSON or a ``` fence) is held back until it ends; a call is then sent as OpenAI streams
+    opens JSON: the grammar then holds it to a call, tools.AUTO_GRAMMAR) is held back until it ends; a call is then sent as OpenAI streams
     one (a delta with its index, id, type, name and empty arguments, then its arguments), with
     finish_reason tool_calls. Any other reply streams as text."""
 
@@ -378,7 +387,7 @@ class _ChatChunks:
             held = self.held = Delta(self.held.text + event.text, self.held.logprobs + event.logprobs)
             start = held.text.lstrip()[:1]
             if not isinstance(event, Done):
-                if start and start not in "{[`":  # text, not a call: send what was held and go on
+                if start and start not in self.calling.opening:  # text, not a call: send what was held and go on
                     self.held = None
                     yield self.make({"content": held.text}, logprobs=held.logprobs)
                 return
@@ -536,6 +545,8 @@ def create_app(engine: Engine, model_id: str, ctx: int, limits: Limits = Limits(
         calling = await server.prepare(server.tool_calling, body)
         ids, images = await server.prepare(server._chat_ids, body, calling)
         req = server.build(body, ids, (body.top_logprobs or 0) if body.logprobs else None, images)
+        if calling is not None and calling.native:  # the call markers are text to parse; the model stops for results
+            req.keep_ids, req.stop_ids = functiongemma.decoding(server.tokenizer)
         req.guide = await server.prepare(server.guide, body, calling)
         await server.submit(req)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from ..inference.constrain import Guide, apply_masks, fill_masks
+from ..inference.constrain import Guide, apply_masks, fill_masks, lazy_exact, sample_guided, sample_lazily
 from ..inference.generate import StopMatcher, prefill
 from ..inference.multimodal import embed_prompt, encode_image
 from ..inference.prefix_cache import PIECE, Prefill, PrefixCache
@@ -102,6 +102,7 @@ class Request:
     max_tokens: int
     stop: list[str]
     stop_ids: frozenset[int]
+    keep_ids: frozenset[int] = frozenset()  # control tokens written into the text (FunctionGemma's call markers)
     top_logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the k best
     images: list = field(default_factory=list)  # decoded PIL images; `ids` holds their soft tokens
     prompt_top: int | None = None  # None: no prompt scores; k >= 0: each prompt token's logprob and k best
@@ -131,7 +132,7 @@ class _Sequence:
         self.req, self.cache, self.guide = req, cache, req.guide
         self.generator = req.params.generator()
         self.history = list(req.ids)
-        self.matcher = StopMatcher(tokenizer, req.stop, req.stop_ids)
+        self.matcher = StopMatcher(tokenizer, req.stop, req.stop_ids, req.keep_ids)
         self.n = 0
         self.last = None
         spec = req.speculative
@@ -393,8 +394,8 @@ class Engine:
         """A prompt is in its cache: sample the first token, then the sequence joins the batch."""
         seq = _Sequence(req, cache, self.tokenizer, self.model, self.draft, self.draft_k)
         # Logprobs stay the model's own (a masked token's would be -inf, which JSON cannot carry).
-        allowed = logits if seq.guide is None else seq.guide.apply(logits, seq.guide.mask())
-        token = sample(allowed, req.params, seq.generator, seq.history)
+        token = sample(logits, req.params, seq.generator, seq.history) if seq.guide is None else \
+            sample_guided(seq.guide, logits, req.params, seq.generator, seq.history)
         self.metrics.observe_first_token(time.perf_counter() - req.submitted)
         self.metrics.prompt_tokens += len(req.ids)
         if not self._advance(seq, token, logits):
@@ -456,10 +457,15 @@ class Engine:
     def _decode(self, batch: list[_Sequence], drafts: list[list[int]]) -> list[_Sequence]:
         """One batched decode step: a row for each sequence's last token, followed by its draft
         if it has one (a verify step within the batch); the sequences that go on."""
-        guided = [s.guide for s in batch if s.guide is not None]  # never drafting: they are refused
-        # The masks depend only on the tokens sampled so far: computed beside the forward
-        # (llguidance drops the GIL), waited for after it.
-        masks = self.masker.submit(fill_masks, guided) if guided else None
+        guided = [i for i, s in enumerate(batch) if s.guide is not None]  # never drafting: they are refused
+        # Rows whose sampling cuts by the whole distribution (top-k/p, min-p) need their masks
+        # before they sample: those depend only on the tokens sampled so far, so they are computed
+        # beside the forward (llguidance drops the GIL) and waited for after it. The other
+        # constrained rows sample unmasked and are masked only when the grammar refuses their
+        # token (constrain.sample_lazily): a fill thread beside the forward takes a core from it.
+        eager = [i for i in guided if not lazy_exact(batch[i].req.params)]
+        lazy = [i for i in guided if lazy_exact(batch[i].req.params)]
+        masks = self.masker.submit(fill_masks, [batch[i].guide for i in eager]) if eager else None
         tokens = torch.tensor([t for s, d in zip(batch, drafts) for t in [s.last] + d], device=self.model.device)
         caches = [s.cache for s in batch]
         if any(drafts):
@@ -468,19 +474,24 @@ class Engine:
         else:
             logits = self.model.decode(tokens, caches)
         starts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))  # each sequence's rows
-        masked = {}
-        if masks is not None:  # every constrained row masked at once (apply_masks says why); they never draft
-            guided = [i for i, s in enumerate(batch) if s.guide is not None]
-            rows = logits[[starts[i] for i in guided]]
-            masked = dict(zip(guided, apply_masks(rows, masks.result(), self.tokenizer.vocab_size)))
+        chosen = {}  # the constrained rows' tokens
+        if masks is not None:  # every eager row masked at once (apply_masks says why)
+            rows = apply_masks(logits[[starts[i] for i in eager]], masks.result(), self.tokenizer.vocab_size)
+            chosen = {i: sample(row, batch[i].req.params, batch[i].generator, batch[i].history)
+                      for i, row in zip(eager, rows)}
+        if lazy:
+            picked = [batch[i] for i in lazy]
+            chosen.update(zip(lazy, sample_lazily([s.guide for s in picked], [logits[starts[i]] for i in lazy],
+                                                  [s.req.params for s in picked], [s.generator for s in picked],
+                                                  [s.history for s in picked], self.tokenizer.vocab_size)))
         keep = []
         for i, (seq, draft) in enumerate(zip(batch, drafts)):
             out = logits[starts[i]:starts[i + 1]]
             if draft:
                 done = self._verified(seq, draft, out.cpu(), marks[i])
             else:
-                done = self._advance(seq, sample(masked.get(i, out[0]), seq.req.params, seq.generator, seq.history),
-                                     out[0])
+                token = chosen[i] if i in chosen else sample(out[0], seq.req.params, seq.generator, seq.history)
+                done = self._advance(seq, token, out[0])
             if not done:
                 keep.append(seq)
         return keep

@@ -44,15 +44,16 @@ def constraint(body) -> tuple[Constraint, str] | None:
 
 def guide(tokenizer, body, calling=None) -> Guide | None:
     """The request's Guide (its grammar checked against the tokenizer), or None. `calling`: the
-    request's tools (inference/tools.Calling): a forced call is constrained to the calls' schema,
-    and tools the model may call cannot be combined with another constraint on its answer."""
+    request's tools (inference/tools.Calling): the answer is constrained by Calling.constraint (a
+    forced call to the calls' schema; "auto", a call to it once the answer opens one), and tools
+    cannot be combined with another constraint on the answer."""
     found = constraint(body)
     if calling is not None and found is not None:
         field = found[1].split(".")[0]
         raise InvalidConstraint(f"{field} cannot be combined with tools the model may call; send tool_choice "
                                 "'none' or no tools", field)
-    if calling is not None and calling.forced:
-        found = calling.constraint(), "tool_choice"
+    if calling is not None:
+        found = calling.constraint(), "tool_choice" if calling.forced else "tools"
     if found is None:
         return None
     spec, param = found

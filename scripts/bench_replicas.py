@@ -41,6 +41,32 @@ def run_mix(client, model, requests, concurrency, max_tokens) -> tuple[int, floa
     return tokens, time.perf_counter() - start
 
 
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """{pid: (role, CPU seconds so far, user + system)} of this driver and every process under it
+    (Ray's services, its proxy, controller and replicas)."""
+    import psutil
+
+    me = psutil.Process()
+    seconds = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            with proc.oneshot():
+                cmd, times = proc.cmdline(), proc.cpu_times()
+        except psutil.Error:
+            continue
+        role = "driver (clients)" if proc.pid == me.pid else role_of(" ".join(cmd))
+        seconds[proc.pid] = role, times.user + times.system
+    return seconds
+
+
+def role_of(cmd: str) -> str:
+    """A process's role from its command line: a Ray actor's title without the method it runs
+    now (ray::ServeReplica:r2:Replica, ray::ServeController), else the program (raylet, ...)."""
+    if cmd.startswith("ray::"):
+        return cmd.split()[0].removeprefix("ray::").split(".")[0]
+    return Path(cmd.split()[0]).name if cmd else "?"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=16)
@@ -48,6 +74,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", default=None, help="as gemma3 serve --model (default: the embedded 270M)")
+    p.add_argument("--cpu", action="store_true",
+                   help="also report the CPU seconds each kind of process spent per configuration's rounds")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -68,7 +96,7 @@ def main():
         port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     model_flag = f"--model {args.model} " if args.model else ""
-    configs, rounds = (1, 2), {1: [], 2: []}
+    configs, rounds, cpu = (1, 2), {1: [], 2: []}, {1: {}, 2: {}}
     try:
         clients = {}
         for replicas in configs:
@@ -81,18 +109,27 @@ def main():
             run_mix(clients[replicas], model, replicas, replicas, 4)  # warm-up: one request per replica
         for _ in range(args.rounds):
             for replicas in configs:
+                before = cpu_by_process() if args.cpu else {}
                 tokens, seconds = run_mix(clients[replicas], model, args.requests, args.concurrency, args.max_tokens)
                 rounds[replicas].append(tokens / seconds)
+                for pid, (role, used) in (cpu_by_process() if args.cpu else {}).items():
+                    cpu[replicas][role] = cpu[replicas].get(role, 0.0) + used - before.get(pid, (role, 0.0))[1]
     finally:
         serve.shutdown()
         ray.shutdown()
         sys.stdout = report_to
     results = [{"replicas": r, "threads_per_replica": 1, "tokens_per_s": round(max(rounds[r]), 2),
                 "rounds_tokens_per_s": [round(x, 2) for x in rounds[r]]} for r in configs]
+    if args.cpu:
+        for r in results:
+            r["cpu_s"] = {role: round(s, 2) for role, s in sorted(cpu[r["replicas"]].items(), key=lambda kv: -kv[1])
+                          if s >= 0.05}
     if not args.json:
         for r in results:
             print(f"{r['replicas']} replica(s) x 1 thread: {r['tokens_per_s']:.1f} tokens/s "
                   f"(rounds: {', '.join(f'{x:.1f}' for x in r['rounds_tokens_per_s'])})")
+            if args.cpu:
+                print("  CPU s over its rounds: " + ", ".join(f"{role} {s:.1f}" for role, s in r["cpu_s"].items()))
     speedup = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
     report = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
               "cpu_count": os.cpu_count(), "load_average_before": load_before, "results": results,

@@ -8,9 +8,9 @@ Two deployments make one Ray Serve application:
   through that app in-process, handing back the status and headers, then the body chunk by chunk
   (a Ray streaming call), so SSE streams stay streams.
 - `Ingress` (one, no CPU of its own): Ray Serve's HTTP entry. It forwards every request to a
-  replica through a deployment handle, which routes by Ray Serve's default policy: power of two
-  choices on ongoing requests (a prefix-aware router would need Ray's LLM package; the prefix
-  cache is then per replica and hit when a client's requests land on the same one).
+  replica through a deployment handle, whose router (ray_routing.PrefixAffinityRouter) sends
+  requests that share a session, user or prompt beginning to the same replica, whose prefix
+  cache then holds it, unless that replica is busier than the others.
 
 Owning the forwarding is what lets a replica's death end its requests with an OpenAI-shaped
 error instead of a dropped connection: a stream whose replica dies gets a final `data: {"error":
@@ -40,6 +40,7 @@ from .app import create_app
 from .arenas import limit_arenas
 from .engine import WEDGED_S, Engine
 from .guard import Limits
+from .ray_routing import SLACK, PrefixAffinityRouter, affinity_key
 
 APP_NAME = "gemma3"
 # A request whose replica fails before answering is sent again (nothing of it was seen yet): until
@@ -97,10 +98,10 @@ class Replica:
             engine.stop(timeout=5)
 
     async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
-                     client: tuple[str, int] | None):
+                     client: tuple[str, int] | None, affinity: str | None = None):
         """Runs one HTTP request through this replica's app; yields (status, headers), then the
         body's chunks. Closing the generator (the client left) is a disconnect to the app, which
-        cancels the request in the engine."""
+        cancels the request in the engine. (`affinity` is for the router that picked this replica.)"""
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query,
                  "headers": headers, "client": client, "server": None}
@@ -154,9 +155,10 @@ class Ingress:
 
         body = await request.body()
         client = tuple(request.client) if request.client else None
+        affinity = affinity_key(request.scope["headers"], body)
         for attempt in range(RETRIES + 1):
             chunks = self.replicas.handle.remote(request.method, "/" + path, request.scope.get("query_string", b""),
-                                                 request.scope["headers"], body, client)
+                                                 request.scope["headers"], body, client, affinity=affinity)
             try:
                 status, headers = await chunks.__anext__()
                 break
@@ -191,7 +193,10 @@ def application(settings: Settings, replicas: int = 1, autoscale: tuple[int, int
     ongoing requests per replica (target: the engine's batch). Each replica asks Ray for
     `settings.threads` CPUs; a replica being removed stops taking requests and has `drain_s` to
     finish the ones it has (streams included) before its engine is stopped."""
-    options = dict(ray_actor_options={"num_cpus": settings.threads},
+    from ray.serve.config import RequestRouterConfig
+
+    router = RequestRouterConfig(request_router_class=PrefixAffinityRouter, request_router_kwargs={"slack": SLACK})
+    options = dict(ray_actor_options={"num_cpus": settings.threads}, request_router_config=router,
                    max_ongoing_requests=settings.max_batch + settings.max_queue,
                    graceful_shutdown_timeout_s=drain_s)
     if autoscale:

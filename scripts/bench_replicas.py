@@ -2,8 +2,12 @@
 request mix: a local Ray cluster on 127.0.0.1, the same concurrent greedy completions sent through
 the ingress with the openai client, completion tokens per second of wall time.
 
-usage: PYTHONPATH=src python scripts/bench_replicas.py [--requests 16] [--concurrency 8]
-       [--max-tokens 32] [--rounds 3] [--json]
+usage: PYTHONPATH=src python scripts/bench_replicas.py [--requests 32] [--concurrency 16]
+       [--max-tokens 64] [--rounds 3] [--cpu] [--json]
+
+The default mix keeps 16 requests in flight: twice a replica's batch (--max-batch 8), so that one
+replica is saturated and the second has work of its own. At 8 in flight one replica batches them
+all, and a second replica gains only what a batch of 4 steps faster than one of 8 (docs/serving.md).
 
 Both configurations are deployed side by side (two Ray Serve applications, /r1 and /r2; an idle
 replica only wakes once a second) and warmed up with one request per replica; then their rounds
@@ -69,9 +73,9 @@ def role_of(cmd: str) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", default=None, help="as gemma3 serve --model (default: the embedded 270M)")
     p.add_argument("--cpu", action="store_true",

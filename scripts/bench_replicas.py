@@ -3,7 +3,7 @@ request mix: a local Ray cluster on 127.0.0.1, the same concurrent greedy comple
 the ingress with the openai client, completion tokens per second of wall time.
 
 usage: PYTHONPATH=src python scripts/bench_replicas.py [--requests 32] [--concurrency 16]
-       [--max-tokens 64] [--rounds 3] [--cpu] [--json]
+       [--max-tokens 64] [--rounds 5] [--cpu] [--json]
 
 The default mix keeps 16 requests in flight: twice a replica's batch (--max-batch 8), so that one
 replica is saturated and the second has work of its own. At 8 in flight one replica batches them
@@ -76,7 +76,7 @@ def main():
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--model", default=None, help="as gemma3 serve --model (default: the embedded 270M)")
     p.add_argument("--cpu", action="store_true",
                    help="also report the CPU seconds each kind of process spent per configuration's rounds")

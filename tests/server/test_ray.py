@@ -215,6 +215,30 @@ def test_ray_routes_a_shared_prefix_to_one_replica_and_its_prefix_cache(cluster)
     assert len(set(homes[:SLACK + 1])) == 1 and homes[SLACK + 1] != homes[0], homes
 
 
+def test_ray_affinity_key_prefers_session_then_user_then_the_prompt_s_beginning():
+    import json
+
+    from gemma3.server.ray_routing import PREFIX_CHARS, affinity_key, weight
+
+    long = "x" * PREFIX_CHARS
+    body = json.dumps({"prompt": long + "tail one", "user": "ann"}).encode()
+    assert affinity_key([(b"X-Gemma3-Session", b"s1")], body) == "session:s1"
+    assert affinity_key([], body) == "user:ann"
+    one, two = ({"prompt": long + tail} for tail in ("tail one", "tail two"))
+    assert affinity_key([], json.dumps(one).encode()) == affinity_key([], json.dumps(two).encode()) == "prefix:" + long
+    chat = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
+    assert affinity_key([], json.dumps(chat).encode()) == "prefix:Be brief.\nHi"
+    assert affinity_key([], json.dumps({"prompt": ["first", "second"]}).encode()) == "prefix:first"
+    for nothing in (b"", b"not json", b"[1]", b'{"input": "embed me"}'):
+        assert affinity_key([], nothing) is None
+    # Rendezvous homes: keys spread over the replicas, and removing one replica moves only its keys.
+    home = {i: max(("r1", "r2", "r3"), key=lambda r: weight(f"k{i}", r)) for i in range(30)}
+    assert set(home.values()) == {"r1", "r2", "r3"}
+    for i, r in home.items():
+        assert max(("r1", "r2"), key=lambda x: weight(f"k{i}", x)) == r or r == "r3"
+
+
 def test_ray_options_are_checked_and_build_the_autoscaling_config():
     from gemma3.cli import build_parser
 

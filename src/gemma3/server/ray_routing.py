@@ -5,7 +5,7 @@ Each replica has its own prefix cache, so requests that share a prompt's beginni
 on one replica. The ingress derives an affinity key per request (`affinity_key`): the
 `x-gemma3-session` header, else the OpenAI `user` field, else the prompt's first PREFIX_CHARS
 characters (the text of the chat messages, in order, for chat). The key picks a home replica by
-rendezvous hashing (the replica whose hash with the key is highest), so every ingress and proxy
+rendezvous hashing (the replica whose hash with the key is highest), so every ingress replica
 agrees without shared state, and a replica coming or going only moves the keys whose home it
 was. The request goes home unless home has more than `slack` requests more than the least
 loaded of two other replicas picked at random (Ray's power of two choices): then it goes to
@@ -18,6 +18,7 @@ import hashlib
 import json
 import random
 
+# Ray's default router, for requests without a key (not in ray.serve.request_router's public names).
 from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import (
     FIFOMixin,

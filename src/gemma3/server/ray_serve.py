@@ -16,11 +16,13 @@ Two deployments make one Ray Serve application:
 Owning the forwarding is what lets a replica's death end its requests with an OpenAI-shaped
 error instead of a dropped connection: a stream whose replica dies gets a final `data: {"error":
 ...}` event and `[DONE]`; any other request (no answer seen yet) is sent again (RETRIES), then
-gets a 503 JSON error. Ray restarts the dead replica; the others keep serving. Ray's health check calls the engine's own (Engine.healthy:
-a loop that stopped coming round is unhealthy, and Ray replaces the replica).
+gets a 503 JSON error. Ray restarts the dead replica; the others keep serving. Ray's health check
+calls the engine's own (Engine.healthy: a loop that stopped coming round is unhealthy, and Ray
+replaces the replica).
 
-Only this module and ray_routing import Ray, and only `gemma3 serve --ray` imports them. (No `from __future__ import annotations` here: Ray Serve's
-class-based routes need real annotations for FastAPI to see `request` as the HTTP request.)
+Only this module and ray_routing import Ray, and only `gemma3 serve --ray` imports them. (No
+`from __future__ import annotations` here: Ray Serve's class-based routes need real annotations
+for FastAPI to see `request` as the HTTP request.)
 """
 
 import asyncio

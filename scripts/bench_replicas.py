@@ -2,8 +2,12 @@
 request mix: a local Ray cluster on 127.0.0.1, the same concurrent greedy completions sent through
 the ingress with the openai client, completion tokens per second of wall time.
 
-usage: PYTHONPATH=src python scripts/bench_replicas.py [--requests 16] [--concurrency 8]
-       [--max-tokens 32] [--rounds 3] [--json]
+usage: PYTHONPATH=src python scripts/bench_replicas.py [--requests 32] [--concurrency 16]
+       [--max-tokens 64] [--rounds 5] [--niceness 15] [--cpu] [--json]
+
+The default mix keeps 16 requests in flight: twice a replica's batch (--max-batch 8), so that one
+replica is saturated and the second has work of its own. At 8 in flight one replica batches them
+all, and a second replica gains only what a batch of 4 steps faster than one of 8 (docs/serving.md).
 
 Both configurations are deployed side by side (two Ray Serve applications, /r1 and /r2; an idle
 replica only wakes once a second) and warmed up with one request per replica; then their rounds
@@ -41,13 +45,43 @@ def run_mix(client, model, requests, concurrency, max_tokens) -> tuple[int, floa
     return tokens, time.perf_counter() - start
 
 
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """{pid: (role, CPU seconds so far, user + system)} of this driver and every process under it
+    (Ray's services, its proxy, controller and replicas)."""
+    import psutil
+
+    me = psutil.Process()
+    seconds = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            with proc.oneshot():
+                cmd, times = proc.cmdline(), proc.cpu_times()
+        except psutil.Error:
+            continue
+        role = "driver (clients)" if proc.pid == me.pid else role_of(" ".join(cmd))
+        seconds[proc.pid] = role, times.user + times.system
+    return seconds
+
+
+def role_of(cmd: str) -> str:
+    """A process's role from its command line: a Ray actor's title without the method it runs
+    now (ray::ServeReplica:r2:Replica, ray::ServeController), else the program (raylet, ...)."""
+    if cmd.startswith("ray::"):
+        return cmd.split()[0].removeprefix("ray::").split(".")[0]
+    return Path(cmd.split()[0]).name if cmd else "?"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--model", default=None, help="as gemma3 serve --model (default: the embedded 270M)")
+    p.add_argument("--cpu", action="store_true",
+                   help="also report the CPU seconds each kind of process spent per configuration's rounds")
+    p.add_argument("--niceness", type=int, default=15,
+                   help="nice value of Ray's workers (Ray's default: 15; 0 competes with other processes as equals)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -60,15 +94,17 @@ def main():
     report_to = sys.stdout
     sys.stdout = sys.stderr  # Ray's own messages (its driver prints to stdout) stay off the report
     # 3 logical CPUs: the 1-replica and the 2-replica application stay deployed together, and only
-    # one of them is sent work at a time.
+    # one of them is sent work at a time. Ray starts its workers (replicas, proxy) at nice 15, below
+    # everything else on the machine, its own services and this driver's clients included: on a
+    # machine with other work, the configuration that keeps both cores busy then loses the most.
     ray.init(address="local", include_dashboard=False, num_cpus=3, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+             log_to_driver=False, _system_config={"worker_niceness": args.niceness})
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     model_flag = f"--model {args.model} " if args.model else ""
-    configs, rounds = (1, 2), {1: [], 2: []}
+    configs, rounds, cpu = (1, 2), {1: [], 2: []}, {1: {}, 2: {}}
     try:
         clients = {}
         for replicas in configs:
@@ -81,20 +117,30 @@ def main():
             run_mix(clients[replicas], model, replicas, replicas, 4)  # warm-up: one request per replica
         for _ in range(args.rounds):
             for replicas in configs:
+                before = cpu_by_process() if args.cpu else {}
                 tokens, seconds = run_mix(clients[replicas], model, args.requests, args.concurrency, args.max_tokens)
                 rounds[replicas].append(tokens / seconds)
+                for pid, (role, used) in (cpu_by_process() if args.cpu else {}).items():
+                    cpu[replicas][role] = cpu[replicas].get(role, 0.0) + used - before.get(pid, (role, 0.0))[1]
     finally:
         serve.shutdown()
         ray.shutdown()
         sys.stdout = report_to
     results = [{"replicas": r, "threads_per_replica": 1, "tokens_per_s": round(max(rounds[r]), 2),
                 "rounds_tokens_per_s": [round(x, 2) for x in rounds[r]]} for r in configs]
+    if args.cpu:
+        for r in results:
+            r["cpu_s"] = {role: round(s, 2) for role, s in sorted(cpu[r["replicas"]].items(), key=lambda kv: -kv[1])
+                          if s >= 0.05}
     if not args.json:
         for r in results:
             print(f"{r['replicas']} replica(s) x 1 thread: {r['tokens_per_s']:.1f} tokens/s "
                   f"(rounds: {', '.join(f'{x:.1f}' for x in r['rounds_tokens_per_s'])})")
+            if args.cpu:
+                print("  CPU s over its rounds: " + ", ".join(f"{role} {s:.1f}" for role, s in r["cpu_s"].items()))
     speedup = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
     report = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+              "worker_niceness": args.niceness,
               "cpu_count": os.cpu_count(), "load_average_before": load_before, "results": results,
               "speedup_2_over_1": round(speedup, 3)}
     if args.json:

@@ -172,6 +172,73 @@ def test_ray_killed_replica_ends_its_stream_with_an_error_and_comes_back(cluster
     assert wait_for_replicas(2, killed + 60 - time.monotonic()) == {"RUNNING": 2}
 
 
+def prefix_hits(url: str, replica: str) -> int:
+    """`replica`'s prefix-cache hit counter (its /metrics): the session header picks the replica
+    /metrics goes to, so sessions are tried until one's home is `replica`."""
+    for session in range(64):
+        r = httpx.get(url + "/metrics", headers={"x-gemma3-session": f"probe-{session}"}, timeout=30)
+        if r.headers[REPLICA_HEADER] == replica:
+            return int(next(line.split()[-1] for line in r.text.splitlines()
+                            if line.startswith("gemma3_prefix_cache_hits_total")))
+    raise AssertionError(f"no session reached {replica}")
+
+
+def test_ray_routes_a_shared_prefix_to_one_replica_and_its_prefix_cache(cluster):
+    """Two replicas: the turns of a conversation (each prompt continues the last) all go to one
+    replica (Ray's default router would spread them) and resume from its prefix cache; a
+    session's requests stay on one replica until it holds SLACK more than the other, and then go
+    to the other."""
+    from gemma3.server.ray_routing import SLACK
+
+    client = deploy(cluster, "--replicas 2 --max-queue 48")  # a new version: fresh replicas, counters at 0
+    assert wait_for_replicas(2, 60) == {"RUNNING": 2}
+    prompt = "You are a careful assistant who answers questions about geography in one short sentence.\n" * 3
+    served = []
+    for country in ("France", "Japan", "Peru", "Kenya", "Norway", "Chile"):
+        prompt += f"Capital of {country}?\n"
+        r = client.completions.with_raw_response.create(model=MODEL_ID, prompt=prompt, max_tokens=1, temperature=0)
+        served.append(r.headers[REPLICA_HEADER])
+    assert len(set(served)) == 1, served
+    assert prefix_hits(cluster, served[0]) == len(served) - 1  # every request after the first resumed
+
+    streams, homes = [], []
+    try:
+        for _ in range(SLACK + 2):  # each opened (and counted by the replica) before the next is routed
+            stream = client.completions.create(model=MODEL_ID, prompt="Tell me a story.", max_tokens=500,
+                                               stream=True, extra_headers={"x-gemma3-session": "busy"})
+            next(iter(stream))
+            streams.append(stream)
+            homes.append(stream.response.headers[REPLICA_HEADER])
+    finally:
+        for stream in streams:
+            stream.close()
+    assert len(set(homes[:SLACK + 1])) == 1 and homes[SLACK + 1] != homes[0], homes
+
+
+def test_ray_affinity_key_prefers_session_then_user_then_the_prompt_s_beginning():
+    import json
+
+    from gemma3.server.ray_routing import PREFIX_CHARS, affinity_key, weight
+
+    long = "x" * PREFIX_CHARS
+    body = json.dumps({"prompt": long + "tail one", "user": "ann"}).encode()
+    assert affinity_key([(b"X-Gemma3-Session", b"s1")], body) == "session:s1"
+    assert affinity_key([], body) == "user:ann"
+    one, two = ({"prompt": long + tail} for tail in ("tail one", "tail two"))
+    assert affinity_key([], json.dumps(one).encode()) == affinity_key([], json.dumps(two).encode()) == "prefix:" + long
+    chat = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
+    assert affinity_key([], json.dumps(chat).encode()) == "prefix:Be brief.\nHi"
+    assert affinity_key([], json.dumps({"prompt": ["first", "second"]}).encode()) == "prefix:first"
+    for nothing in (b"", b"not json", b"[1]", b'{"input": "embed me"}'):
+        assert affinity_key([], nothing) is None
+    # Rendezvous homes: keys spread over the replicas, and removing one replica moves only its keys.
+    home = {i: max(("r1", "r2", "r3"), key=lambda r: weight(f"k{i}", r)) for i in range(30)}
+    assert set(home.values()) == {"r1", "r2", "r3"}
+    for i, r in home.items():
+        assert max(("r1", "r2"), key=lambda x: weight(f"k{i}", x)) == r or r == "r3"
+
+
 def test_ray_options_are_checked_and_build_the_autoscaling_config():
     from gemma3.cli import build_parser
 

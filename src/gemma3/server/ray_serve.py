@@ -5,22 +5,24 @@ Two deployments make one Ray Serve application:
 - `Replica` (N of them, or MIN..MAX autoscaled): each loads the model, runs its own Engine on its
   own thread and builds the very FastAPI app `gemma3 serve` serves (create_app: same routes,
   limits, errors). It takes requests as plain data (method, path, headers, body) and runs them
-  through that app in-process, handing back the status and headers, then the body chunk by chunk
-  (a Ray streaming call), so SSE streams stay streams.
+  through that app in-process. A Ray streaming call brings back a whole response as one item,
+  or an SSE stream's status and headers and then its events as they come, so streams stay
+  streams.
 - `Ingress` (one, no CPU of its own): Ray Serve's HTTP entry. It forwards every request to a
-  replica through a deployment handle, which routes by Ray Serve's default policy: power of two
-  choices on ongoing requests (a prefix-aware router would need Ray's LLM package; the prefix
-  cache is then per replica and hit when a client's requests land on the same one).
+  replica through a deployment handle, whose router (ray_routing.PrefixAffinityRouter) sends
+  requests that share a session, user or prompt beginning to the same replica, whose prefix
+  cache then holds it, unless that replica is busier than the others.
 
 Owning the forwarding is what lets a replica's death end its requests with an OpenAI-shaped
 error instead of a dropped connection: a stream whose replica dies gets a final `data: {"error":
-...}` event and `[DONE]`; a request that had no answer yet is sent again (RETRIES), then gets a
-503 JSON error. Ray restarts the
-dead replica; the others keep serving. Ray's health check calls the engine's own (Engine.healthy:
-a loop that stopped coming round is unhealthy, and Ray replaces the replica).
+...}` event and `[DONE]`; any other request (no answer seen yet) is sent again (RETRIES), then
+gets a 503 JSON error. Ray restarts the dead replica; the others keep serving. Ray's health check
+calls the engine's own (Engine.healthy: a loop that stopped coming round is unhealthy, and Ray
+replaces the replica).
 
-Only this module imports Ray, and only `gemma3 serve --ray` imports this module. (No `from __future__ import annotations` here: Ray Serve's
-class-based routes need real annotations for FastAPI to see `request` as the HTTP request.)
+Only this module and ray_routing import Ray, and only `gemma3 serve --ray` imports them. (No
+`from __future__ import annotations` here: Ray Serve's class-based routes need real annotations
+for FastAPI to see `request` as the HTTP request.)
 """
 
 import asyncio
@@ -33,13 +35,14 @@ from typing import Callable
 import torch
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from .app import create_app
 from .arenas import limit_arenas
 from .engine import WEDGED_S, Engine
 from .guard import Limits
+from .ray_routing import SLACK, PrefixAffinityRouter, affinity_key
 
 APP_NAME = "gemma3"
 # A request whose replica fails before answering is sent again (nothing of it was seen yet): until
@@ -97,10 +100,12 @@ class Replica:
             engine.stop(timeout=5)
 
     async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
-                     client: tuple[str, int] | None):
-        """Runs one HTTP request through this replica's app; yields (status, headers), then the
-        body's chunks. Closing the generator (the client left) is a disconnect to the app, which
-        cancels the request in the engine."""
+                     client: tuple[str, int] | None, affinity: str | None = None):
+        """Runs one HTTP request through this replica's app. Yields (status, headers, body): the
+        whole response in one item (one Ray message per request), except for an SSE stream, whose
+        first item has an empty body and whose events follow as they come. Closing the generator
+        (the client left) is a disconnect to the app, which cancels the request in the engine.
+        (`affinity` is for the router that picked this replica.)"""
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query,
                  "headers": headers, "client": client, "server": None}
@@ -117,16 +122,25 @@ class Replica:
         task = asyncio.create_task(self.app(scope, receive, out.put))
         task.add_done_callback(lambda _: out.put_nowait(None))
         try:
+            head, sse, parts = None, False, []
             while (message := await out.get()) is not None:
                 if message["type"] == "http.response.start":
-                    yield message["status"], [*message.get("headers", []), (REPLICA_HEADER.encode(), self.name.encode())]
+                    head = message["status"], [*message.get("headers", []), (REPLICA_HEADER.encode(),
+                                                                              self.name.encode())]
+                    sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in head[1])
+                    if sse:
+                        yield *head, b""
                 elif message["type"] == "http.response.body":
-                    if message.get("body"):
+                    if sse and message.get("body"):
                         yield message["body"]
+                    elif message.get("body"):
+                        parts.append(message["body"])
                     if not message.get("more_body"):
                         break
             if task.done():
                 task.result()  # an exception the app's own handlers let through
+            if head is not None and not sse:
+                yield *head, b"".join(parts)
         finally:
             gone.set()
             if not task.done():  # lets the app see the disconnect and cancel its request
@@ -154,11 +168,12 @@ class Ingress:
 
         body = await request.body()
         client = tuple(request.client) if request.client else None
+        affinity = affinity_key(request.scope["headers"], body)
         for attempt in range(RETRIES + 1):
             chunks = self.replicas.handle.remote(request.method, "/" + path, request.scope.get("query_string", b""),
-                                                 request.scope["headers"], body, client)
+                                                 request.scope["headers"], body, client, affinity=affinity)
             try:
-                status, headers = await chunks.__anext__()
+                status, headers, content = await chunks.__anext__()
                 break
             except BackPressureError as e:
                 return JSONResponse(_error(f"every replica is busy: {e}", "queue_full"), status_code=503,
@@ -168,19 +183,20 @@ class Ingress:
                     return JSONResponse(_error(f"the replica serving this request failed before answering "
                                                f"({type(e).__name__}); retry", "replica_failed"), status_code=503,
                                         headers={"Retry-After": "1"})
-        sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+        if not any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers):
+            response = Response(content, status_code=status)
+            response.raw_headers = list(headers)  # the replica's, content-length included
+            return response
 
-        async def body_chunks():
+        async def events():
             try:
                 async for chunk in chunks:
                     yield chunk
-            except Exception as e:  # the replica died mid-response
-                if not sse:
-                    raise  # a JSON body cannot be amended: the connection is cut short
+            except Exception as e:  # the replica died mid-stream
                 message = f"the replica serving this stream failed ({type(e).__name__}); the answer is incomplete"
                 yield f"data: {json.dumps(_error(message, 'replica_failed'))}\n\ndata: [DONE]\n\n".encode()
 
-        response = StreamingResponse(body_chunks(), status_code=status)
+        response = StreamingResponse(events(), status_code=status)
         response.raw_headers = list(headers)
         return response
 
@@ -191,7 +207,10 @@ def application(settings: Settings, replicas: int = 1, autoscale: tuple[int, int
     ongoing requests per replica (target: the engine's batch). Each replica asks Ray for
     `settings.threads` CPUs; a replica being removed stops taking requests and has `drain_s` to
     finish the ones it has (streams included) before its engine is stopped."""
-    options = dict(ray_actor_options={"num_cpus": settings.threads},
+    from ray.serve.config import RequestRouterConfig
+
+    router = RequestRouterConfig(request_router_class=PrefixAffinityRouter, request_router_kwargs={"slack": SLACK})
+    options = dict(ray_actor_options={"num_cpus": settings.threads}, request_router_config=router,
                    max_ongoing_requests=settings.max_batch + settings.max_queue,
                    graceful_shutdown_timeout_s=drain_s)
     if autoscale:

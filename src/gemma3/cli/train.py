@@ -100,6 +100,10 @@ def register(sub):
                    help="target format (default int4-block32)")
     p.add_argument("--recipe", default=None, help="per-weight formats as for `gemma3 quantize --recipe`")
     p.add_argument("--temperature", type=options.positive, default=1.0, help="teacher temperature (default 1)")
+    p.add_argument("--train-embeddings", action="store_true",
+                   help="train the tied embedding / LM head too (default: frozen, still read quantized as "
+                        "exported; training it needs its gradient, optimizer state and a teacher copy: ~4 GB "
+                        "more RAM for the 270M)")
     p.add_argument("--export", default=None,
                    help="where `gemma3 quantize` writes the QAT model: OUT.gguf or a directory (default "
                         "OUT/quantized.gguf, which runs on the C++ kernels; OUT/quantized for formats without "
@@ -230,7 +234,6 @@ def cmd_finetune(args):
 
 
 def cmd_qat(args):
-    import copy
     from pathlib import Path
 
     from ..inference.convert import convert
@@ -245,13 +248,14 @@ def cmd_qat(args):
     export = args.export or str(Path(args.out) / ("quantized" if without_gguf_type(recipe) else "quantized.gguf"))
     check_output(export, recipe)
     model, tok = load(args.model)
-    teacher = _frozen(copy.deepcopy(model)).to(ctx.device)
-    qat.apply_fake_quant(model, recipe)
+    teacher = qat.teacher_of(model, share_embedding=not args.train_embeddings).to(ctx.device)
+    qat.apply_fake_quant(model, recipe, train_embeddings=args.train_embeddings)
     data, eval_data = _datasets(args, tok)
     result = train(model, data, qat.TeacherDistribution(teacher, args.temperature),
-                   _train_config(args, recipe=recipe.spec), tokenizer=tok, eval_data=eval_data,
-                   resume=args.resume, ctx=ctx)
+                   _train_config(args, recipe=recipe.spec, train_embeddings=args.train_embeddings),
+                   tokenizer=tok, eval_data=eval_data, resume=args.resume, ctx=ctx)
     result["recipe"] = recipe.spec
+    del model, teacher  # the export reads OUT/final: the training copies would only add to its peak
     if result.get("final") and ctx.is_main:
         result["quantized"] = convert(result["final"], recipe, export)
     _report(args, ctx, result, _summary(result) + (f"\nquantized ({recipe.spec}): {export}" if result.get("final") else ""))

@@ -57,3 +57,22 @@ def test_frozen_embedding_model_and_teacher_share_one_table():
                          torch.ones(40))
     with torch.no_grad():
         torch.testing.assert_close(TiedHeadLoss(model)(ids, target), TiedHeadLoss(reference)(ids, target))
+
+
+def test_teacher_from_a_gguf_reads_its_blocks_exactly(tmp_path):
+    """The teacher's projections decoded from the GGUF at each call equal the loaded float model's."""
+    from gemma3.formats.checkpoint import read_gguf_model
+    from gemma3.inference.convert import convert
+    from gemma3.inference.load import load
+    from gemma3.train.qat import DecodingLinear
+    from tests.helpers.training import tiny_model_dir
+
+    gguf = tmp_path / "tiny.gguf"
+    convert(tiny_model_dir(tmp_path / "base", hidden=64, head_dim=32), recipe_for("q8_0"), gguf)
+    model = load(gguf)[0]
+    teacher = teacher_of(model, share_embedding=True, source=read_gguf_model(gguf)[2])
+    assert isinstance(teacher.layers[0].mlp.down_proj, DecodingLinear)
+    assert [n for n, _ in teacher.named_parameters() if "proj" in n] == []  # no float copy of a projection
+    ids = torch.randint(0, 263, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(teacher.hidden_states(ids), model.hidden_states(ids))

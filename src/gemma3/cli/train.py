@@ -102,19 +102,19 @@ def register(sub):
     p.add_argument("--temperature", type=options.positive, default=1.0, help="teacher temperature (default 1)")
     p.add_argument("--train-embeddings", action="store_true",
                    help="train the tied embedding / LM head too (default: frozen, still read quantized as "
-                        "exported; training it needs its gradient, optimizer state and a teacher copy: ~3 GB "
+                        "exported; training it needs its gradient, optimizer state and a teacher copy: ~4 GB "
                         "more RAM for the 270M)")
     p.add_argument("--export", default=None,
                    help="where `gemma3 quantize` writes the QAT model: OUT.gguf or a directory (default "
                         "OUT/quantized.gguf, which runs on the C++ kernels; OUT/quantized for formats without "
                         "a GGUF type)")
     _add_train_args(p, lr=1e-5, steps=500)
-    # On by default here: without it every layer's fake-quantized weight (and activation) is kept
-    # for the backward pass, 0.4 GB more for the 270M, which would not fit in 3 GB.
+    # On by default with the embedding frozen: without it every layer's fake-quantized weight (and
+    # activation) is kept for the backward pass, 0.4 GB more for the 270M, which would not fit in 3 GB.
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="keep activations and fake-quantized weights for the backward pass instead of "
-                        "recomputing them per layer (QAT checkpoints by default)")
-    p.set_defaults(func=cmd_qat, checkpointing=True)
+                        "recomputing them per layer (default: checkpointing unless --train-embeddings)")
+    p.set_defaults(func=cmd_qat, checkpointing=None)
 
 
 def _train_config(args, **extra):
@@ -251,7 +251,13 @@ def cmd_qat(args):
     from ..train.distributed import teardown
     from ..train.trainer import train
 
-    map_large_blocks()  # part of fitting the 270M in 3 GB: freed gradients leave between steps
+    # What fits the 270M in 3 GB and costs time (mapped blocks, recomputation, a teacher decoding
+    # its GGUF) comes with the frozen embedding; a run that trains it needs ~7 GB anyway.
+    low_memory = not args.train_embeddings
+    if args.checkpointing is None:
+        args.checkpointing = low_memory
+    if low_memory:
+        map_large_blocks()  # freed gradients leave between steps instead of adding to the next peak
     ctx = _setup(args)
     recipe = qat.recipe_for(args.format, args.recipe)
     export = args.export or str(Path(args.out) / ("quantized" if without_gguf_type(recipe) else "quantized.gguf"))
@@ -259,7 +265,7 @@ def cmd_qat(args):
     model, tok = load(args.model)
     source = resolve(args.model)
     # From a GGUF file the teacher's projections are read from its blocks (qat.DecodingLinear).
-    tensors = read_gguf_model(source)[2] if source.is_file() and ctx.device.type == "cpu" else None
+    tensors = read_gguf_model(source)[2] if low_memory and source.is_file() and ctx.device.type == "cpu" else None
     teacher = qat.teacher_of(model, share_embedding=not args.train_embeddings, source=tensors).to(ctx.device)
     qat.apply_fake_quant(model, recipe, train_embeddings=args.train_embeddings)
     release_free_memory()  # the loader's and the quantizer's temporaries, before the optimizer state

@@ -186,12 +186,12 @@ class TiedHeadLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, target: SparseTarget | DenseTarget) -> torch.Tensor:
         embedding = self.model.embed_tokens
-        # A head that says how it is read slice by slice (QAT's frozen embedding) is read so.
-        head = embedding.sliced_head() if hasattr(embedding, "sliced_head") else embedding.weight
         # cached(): a fake-quantized embedding (QAT, trained) is computed once per forward, although
         # it is read twice (lookup and head). Only then: the cache also keeps every layer's
         # fake-quantized weight (0.4 GB for the 270M) to the end of the forward, where activation
         # checkpointing would otherwise hold one layer's at a time.
         with parametrize.cached() if parametrize.is_parametrized(embedding) else contextlib.nullcontext():
             hidden = self.model.hidden_states(input_ids, checkpoint=self.checkpoint)
+            # A head that says how it is read slice by slice (QAT's frozen embedding) is read so.
+            head = embedding.sliced_head() if hasattr(embedding, "sliced_head") else embedding.weight
             return head_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, target, self.chunk)

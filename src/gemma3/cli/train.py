@@ -102,7 +102,7 @@ def register(sub):
     p.add_argument("--temperature", type=options.positive, default=1.0, help="teacher temperature (default 1)")
     p.add_argument("--train-embeddings", action="store_true",
                    help="train the tied embedding / LM head too (default: frozen, still read quantized as "
-                        "exported; training it needs its gradient, optimizer state and a teacher copy: ~4 GB "
+                        "exported; training it needs its gradient, optimizer state and a teacher copy: ~4.5 GB "
                         "more RAM for the 270M)")
     p.add_argument("--export", default=None,
                    help="where `gemma3 quantize` writes the QAT model: OUT.gguf or a directory (default "

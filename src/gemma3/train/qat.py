@@ -14,7 +14,7 @@ the standard `.parametrizations.weight.original` infix (`checkpoint.public_name`
 The tied embedding / LM head (168M of the 270M's 268M parameters) is frozen by default
 (`FrozenEmbedding`): it is still read quantized, exactly as exported, but it has no gradient or
 optimizer state, and the teacher shares its float table instead of copying it. That is what fits
-the 270M's QAT in under 3 GB of RAM; `train_embeddings=True` trains it too (about 4 GB more).
+the 270M's QAT in under 3 GB of RAM; `train_embeddings=True` trains it too (about 4.5 GB more).
 """
 
 from __future__ import annotations

@@ -104,6 +104,16 @@ def apply_fake_quant(model: nn.Module, recipe: Recipe, train_embeddings: bool = 
     return model
 
 
+def remove_fake_quant(model: nn.Module) -> nn.Module:
+    """Back to plain parameters holding the latent (unquantized) weights."""
+    if isinstance(model.embed_tokens, FrozenEmbedding):
+        model.embed_tokens = TiedEmbedding(*model.embed_tokens.shape, _weight=model.embed_tokens.weight.detach())
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    return model
+
+
 class DecodingLinear(nn.Module):
     """A frozen projection kept in the GGUF blocks the model was loaded from and decoded at each
     call, to exactly the float weight the loader made of them (`gguf_float`): a teacher's layers

@@ -149,7 +149,8 @@ def main():
         run("qat", "--model", args.model, "--format", fmt, "--data", work / "train.txt", "--seq-len", args.seq_len,
             "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--warmup", 10,
             "--eval-data", work / "heldout.txt", "--eval-every", 10, "--threads", args.threads,
-            "--out", work / fmt, "--export", work / fmt / "quantized", "--json")  # a directory, as the PTQ one
+            "--out", work / fmt, "--export", work / fmt / "quantized", "--json",  # a directory, as the PTQ one
+            "--train-embeddings", "--no-checkpointing")  # the published run: embedding trained, no recomputation
         seconds = time.perf_counter() - start
         run("quantize", "--model", args.model, "--to", fmt, "--out", work / f"ptq-{fmt}", "--json")
         ptq = quantized_ppl(work / f"ptq-{fmt}", held_out, args.seq_len)

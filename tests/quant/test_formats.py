@@ -14,6 +14,7 @@ from gguf import quants as gq
 from gemma3.model.decoder import Gemma3
 from gemma3.quant import FORMATS, QuantError, dequantize, fake_quant, parse_recipe, quantize, quantize_model, sfp8
 from gemma3.quant.apply import QuantizedEmbedding, QuantizedLinear, float_state
+from gemma3.quant.formats import ROWS_PER_SLICE, get_format
 from tests.helpers.models import random_model, tiny_config
 
 
@@ -190,6 +191,14 @@ def test_sfp8_rejects_out_of_range():
         sfp8.encode(torch.tensor([2.0]))
     with pytest.raises(ValueError):
         sfp8.encode(torch.tensor([float("nan")]))
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_tall_weights_are_quantized_in_slices_to_the_same_bytes(fmt):
+    w = torch.randn(ROWS_PER_SLICE + 40, 32, generator=torch.Generator().manual_seed(0))
+    whole, sliced = get_format(fmt).quantize(w), quantize(w, fmt)
+    assert torch.equal(sliced.data, whole.data) and sliced.shape == whole.shape
+    assert (sliced.scale is None and whole.scale is None) or torch.equal(sliced.scale, whole.scale)
 
 
 # ---- fake quantization (QAT) -------------------------------------------------------------------

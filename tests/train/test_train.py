@@ -232,6 +232,17 @@ def test_qat_trains_latent_weights_towards_the_float_model(tmp_path):
         torch.testing.assert_close(exported(ids), reference(ids))
 
 
+@pytest.mark.parametrize("train_embeddings", [False, True])
+def test_qat_trains_the_embedding_only_with_train_embeddings(tmp_path, train_embeddings):
+    base = tiny_model_dir(tmp_path / "base", hidden=64, head_dim=32)
+    main(["qat", "--model", str(base), *_write_data(tmp_path), "--seq-len", "48", "--steps", "2",
+          "--batch-size", "2", "--lr", "1e-2", "--out", str(tmp_path / "run"), "--quiet",
+          *(["--train-embeddings"] if train_embeddings else [])])
+    before, after = load(base)[0].state_dict(), load(tmp_path / "run" / "final")[0].state_dict()
+    assert torch.equal(after["embed_tokens.weight"], before["embed_tokens.weight"]) is not train_embeddings
+    assert not torch.equal(after["layers.0.mlp.up_proj.weight"], before["layers.0.mlp.up_proj.weight"])
+
+
 def test_checkpoints_carry_the_real_tokenizer(tmp_path):
     """`Tokenizer.save` (tokenizer.model in every checkpoint) reads back as the same tokenizer."""
     from gemma3.formats.tokenizer import Tokenizer

@@ -100,12 +100,21 @@ def register(sub):
                    help="target format (default int4-block32)")
     p.add_argument("--recipe", default=None, help="per-weight formats as for `gemma3 quantize --recipe`")
     p.add_argument("--temperature", type=options.positive, default=1.0, help="teacher temperature (default 1)")
+    p.add_argument("--train-embeddings", action="store_true",
+                   help="train the tied embedding / LM head too (default: frozen, still read quantized as "
+                        "exported; training it needs its gradient, optimizer state and a teacher copy: ~4.5 GB "
+                        "more RAM for the 270M)")
     p.add_argument("--export", default=None,
                    help="where `gemma3 quantize` writes the QAT model: OUT.gguf or a directory (default "
                         "OUT/quantized.gguf, which runs on the C++ kernels; OUT/quantized for formats without "
                         "a GGUF type)")
     _add_train_args(p, lr=1e-5, steps=500)
-    p.set_defaults(func=cmd_qat)
+    # On by default with the embedding frozen: without it every layer's fake-quantized weight (and
+    # activation) is kept for the backward pass, 0.4 GB more for the 270M, which would not fit in 3 GB.
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                   help="keep activations and fake-quantized weights for the backward pass instead of "
+                        "recomputing them per layer (default: checkpointing unless --train-embeddings)")
+    p.set_defaults(func=cmd_qat, checkpointing=None)
 
 
 def _train_config(args, **extra):
@@ -230,28 +239,44 @@ def cmd_finetune(args):
 
 
 def cmd_qat(args):
-    import copy
+    import gc
     from pathlib import Path
 
+    from ..formats.checkpoint import read_gguf_model
     from ..inference.convert import convert
-    from ..inference.load import load
+    from ..inference.load import load, resolve
     from ..quant.store import check_output, without_gguf_type
+    from ..server.arenas import map_large_blocks, release_free_memory
     from ..train import qat
     from ..train.distributed import teardown
     from ..train.trainer import train
 
+    # What fits the 270M in 3 GB and costs time (mapped blocks, recomputation, a teacher decoding
+    # its GGUF) comes with the frozen embedding; a run that trains it needs ~7 GB anyway.
+    low_memory = not args.train_embeddings
+    if args.checkpointing is None:
+        args.checkpointing = low_memory
+    if low_memory:
+        map_large_blocks()  # freed gradients leave between steps instead of adding to the next peak
     ctx = _setup(args)
     recipe = qat.recipe_for(args.format, args.recipe)
     export = args.export or str(Path(args.out) / ("quantized" if without_gguf_type(recipe) else "quantized.gguf"))
     check_output(export, recipe)
     model, tok = load(args.model)
-    teacher = _frozen(copy.deepcopy(model)).to(ctx.device)
-    qat.apply_fake_quant(model, recipe)
+    source = resolve(args.model)
+    # From a GGUF file the teacher's projections are read from its blocks (qat.DecodingLinear).
+    tensors = read_gguf_model(source)[2] if low_memory and source.is_file() and ctx.device.type == "cpu" else None
+    teacher = qat.teacher_of(model, share_embedding=not args.train_embeddings, source=tensors).to(ctx.device)
+    qat.apply_fake_quant(model, recipe, train_embeddings=args.train_embeddings)
+    release_free_memory()  # the loader's and the quantizer's temporaries, before the optimizer state
     data, eval_data = _datasets(args, tok)
     result = train(model, data, qat.TeacherDistribution(teacher, args.temperature),
-                   _train_config(args, recipe=recipe.spec), tokenizer=tok, eval_data=eval_data,
-                   resume=args.resume, ctx=ctx)
+                   _train_config(args, recipe=recipe.spec, train_embeddings=args.train_embeddings),
+                   tokenizer=tok, eval_data=eval_data, resume=args.resume, ctx=ctx)
     result["recipe"] = recipe.spec
+    del model, teacher  # the export reads OUT/final: the training copies would only add to its peak
+    gc.collect()
+    release_free_memory()
     if result.get("final") and ctx.is_main:
         result["quantized"] = convert(result["final"], recipe, export)
     _report(args, ctx, result, _summary(result) + (f"\nquantized ({recipe.spec}): {export}" if result.get("final") else ""))

@@ -14,11 +14,18 @@ Targets:
 - `DenseTarget(hidden [N, D], weight [V, D])`: the full teacher distribution softmax(h·Wᵀ/τ) of a
   teacher that shares the vocabulary, computed chunk by chunk; the returned value is
   KL(teacher ‖ student) (cross-entropy minus the teacher's entropy, which has no gradient). QAT uses it.
+
+The head is a tensor, or a frozen head that is not held as one (`SlicedHead`: QAT's embedding,
+frozen and read in its quantized form): its logits and the gradient through it are computed a
+slice of the vocabulary at a time, so no float copy of the 262k-row table is ever whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -48,10 +55,43 @@ class DenseTarget:
         return DenseTarget(self.hidden.to(device), self.weight.to(device), self.mask.to(device), self.temperature)
 
     def probs(self, s: int, e: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = (self.hidden[s:e] @ self.weight.T).to(dtype) / self.temperature
+        # In place where possible: each [rows, vocab] temporary is 64 MiB per 64 rows of a 262k vocabulary.
+        logits = (self.hidden[s:e] @ self.weight.T).to(dtype).div_(self.temperature)
         logp = torch.log_softmax(logits, dim=-1)
-        p = logp.exp() * self.mask[s:e, None]
-        return p, (p * logp).sum(-1)  # probabilities and −entropy per row (0 where masked)
+        del logits
+        p = logp.exp().mul_(self.mask[s:e, None])
+        return p, torch.linalg.vecdot(p, logp)  # probabilities and −entropy per row (0 where masked)
+
+
+class SlicedHead(Protocol):
+    """A frozen [V, D] head read a slice of rows at a time: `slices(dtype)` yields (start, end,
+    rows [end - start, D]) covering 0..V; `shape` is (V, D). No gradient flows into it."""
+
+    shape: tuple[int, int]
+
+    def slices(self, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]: ...
+
+
+def _head_matmul(h: torch.Tensor, weight, out: torch.Tensor):
+    """out = h · weightᵀ, out [n, V] (a tensor head, or a `SlicedHead` slice by slice)."""
+    if isinstance(weight, torch.Tensor):
+        if out.dtype == h.dtype:
+            torch.matmul(h, weight.T, out=out)
+        else:
+            out.copy_(h @ weight.T)
+        return
+    for s, e, w in weight.slices(h.dtype):
+        out[:, s:e] = h @ w.T
+
+
+def _head_grad(g: torch.Tensor, weight, out: torch.Tensor):
+    """out = g · weight, the gradient w.r.t. the hidden states of a chunk."""
+    if isinstance(weight, torch.Tensor):
+        torch.matmul(g, weight, out=out)
+        return
+    out.zero_()
+    for s, e, w in weight.slices(g.dtype):
+        out.addmm_(g[:, s:e], w)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -63,10 +103,11 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, chunk):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # False for a SlicedHead
         dtype = _compute_dtype(hidden)
         acc = torch.promote_types(dtype, torch.float32)  # softmax / loss precision: fp32 at least
-        h_all, w = hidden.to(dtype), weight.to(dtype)
+        h_all = hidden.to(dtype)
+        w = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
         n = hidden.shape[0]
         grad_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -77,10 +118,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             for s in range(0, n, chunk):
                 e = min(s + chunk, n)
                 h, logits = h_all[s:e], buf[:e - s]
-                if dtype == acc:
-                    torch.matmul(h, w.T, out=logits)
-                else:
-                    logits.copy_(h @ w.T)
+                _head_matmul(h, w, logits)
                 if isinstance(target, SparseTarget):
                     ids, q = target.rows(s, e, acc)
                     target_term = (q * logits.gather(1, ids)).sum(-1)
@@ -101,11 +139,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
                     grad.sub_(q)
                 g = grad.to(dtype)
                 if need_h:
-                    torch.matmul(g, w, out=grad_h[s:e])
+                    _head_grad(g, w, grad_h[s:e])
                 if need_w:
                     grad_w.addmm_(g.T.to(acc), h.to(acc))
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.dtypes = hidden.dtype, getattr(weight, "dtype", None)
         return total.to(acc)
 
     @staticmethod
@@ -116,7 +154,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 None if grad_w is None else (grad_w * g).to(w_dtype), None, None)
 
 
-def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: SparseTarget | DenseTarget,
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | SlicedHead, target: SparseTarget | DenseTarget,
                        chunk: int = 128) -> torch.Tensor:
     """Summed loss over rows of `hidden` [N, D] with logits hidden · weightᵀ (see module docstring)."""
     return _HeadCrossEntropy.apply(hidden, weight, target, chunk)
@@ -147,9 +185,13 @@ class TiedHeadLoss(nn.Module):
         self.chunk = chunk
 
     def forward(self, input_ids: torch.Tensor, target: SparseTarget | DenseTarget) -> torch.Tensor:
-        # cached(): a parametrized weight (QAT's fake quant) is computed once per forward, although
-        # the tied embedding is read twice (lookup and head).
-        with parametrize.cached():
+        embedding = self.model.embed_tokens
+        # cached(): a fake-quantized embedding (QAT, trained) is computed once per forward, although
+        # it is read twice (lookup and head). Only then: the cache also keeps every layer's
+        # fake-quantized weight (0.4 GB for the 270M) to the end of the forward, where activation
+        # checkpointing would otherwise hold one layer's at a time.
+        with parametrize.cached() if parametrize.is_parametrized(embedding) else contextlib.nullcontext():
             hidden = self.model.hidden_states(input_ids, checkpoint=self.checkpoint)
-            return head_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.model.embed_tokens.weight,
-                                      target, self.chunk)
+            # A head that says how it is read slice by slice (QAT's frozen embedding) is read so.
+            head = embedding.sliced_head() if hasattr(embedding, "sliced_head") else embedding.weight
+            return head_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, target, self.chunk)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..formats.gguf import QTensor
@@ -66,6 +67,8 @@ def accelerate_tokenizer(tokenizer) -> bool:
     ops = kernels.ops()
     if ops is None:
         return False
-    pieces, scores, byte_ids = tokenizer.spm_tables()
-    tokenizer.use_native(ops.SpmVocab(pieces, list(scores), byte_ids).encode, ops.TextSet)
+    blob, offsets, scores, byte_ids = tokenizer.spm_tables()
+    vocab = ops.SpmVocab(blob, torch.frombuffer(offsets, dtype=torch.int64), torch.frombuffer(scores, dtype=torch.float64),
+                         byte_ids)
+    tokenizer.use_native(vocab.encode, ops.TextSet)
     return True

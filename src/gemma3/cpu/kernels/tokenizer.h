@@ -17,24 +17,48 @@ struct SpmVocab {
     uint64_t mask = 0;
     std::vector<int64_t> byte_ids;   // byte-fallback token of each byte value, -1 where none
 
-    SpmVocab(const std::vector<std::string>& pieces, std::vector<double> scores_, std::vector<int64_t> byte_ids_)
-        : scores(std::move(scores_)), byte_ids(std::move(byte_ids_)) {
-        TORCH_CHECK(pieces.size() == scores.size() && byte_ids.size() == 256, "SpmVocab: bad table sizes");
+    // The tokenizer's own compact tables (formats/tokenizer.py's _Pieces): the blob and the
+    // int64 offsets of piece i's bytes (i and i + 1), read in place, never as 262k Python strings.
+    SpmVocab(std::string blob_, const torch::Tensor& offsets_, const torch::Tensor& scores_, std::vector<int64_t> byte_ids_)
+        : blob(std::move(blob_)), byte_ids(std::move(byte_ids_)) {
+        TORCH_CHECK(offsets_.dtype() == torch::kInt64 && offsets_.dim() == 1 && offsets_.is_contiguous() &&
+                        scores_.dtype() == torch::kFloat64 && scores_.dim() == 1 && scores_.is_contiguous(),
+                    "SpmVocab: offsets must be 1-d int64, scores 1-d float64");
+        const int64_t n = scores_.numel();
+        TORCH_CHECK(offsets_.numel() == n + 1 && byte_ids.size() == 256, "SpmVocab: bad table sizes");
+        const int64_t* off = offsets_.data_ptr<int64_t>();
+        TORCH_CHECK(off[0] == 0 && off[n] == (int64_t)blob.size() && blob.size() < (1ull << 32),
+                    "SpmVocab: offsets do not span the blob");
+        for (int64_t i = 0; i < n; ++i) TORCH_CHECK(off[i] <= off[i + 1], "SpmVocab: offsets must not decrease");
+        offsets.assign(off, off + n + 1);
+        scores.assign(scores_.data_ptr<double>(), scores_.data_ptr<double>() + n);
+        index();
+    }
+
+    // From separate strings (TextSet's few special-token texts).
+    explicit SpmVocab(const std::vector<std::string>& pieces) : scores(pieces.size()), byte_ids(256, -1) {
         offsets.reserve(pieces.size() + 1);
         offsets.push_back(0);
         for (const auto& p : pieces) {
             blob += p;
             offsets.push_back((uint32_t)blob.size());
         }
+        index();
+    }
+
+    void index() {
+        const int32_t n = (int32_t)offsets.size() - 1;
         uint64_t size = 1;
-        while (size < 2 * pieces.size()) size <<= 1;
+        while (size < 2 * (uint64_t)n) size <<= 1;
         table.assign(size, -1);
         mask = size - 1;
         // In id order, a later duplicate replacing an earlier one: the last id wins, as the
-        // Python dict built from (piece, id) pairs in order.
-        for (int32_t id = 0; id < (int32_t)pieces.size(); ++id) {
-            uint64_t h = hash(pieces[id].data(), pieces[id].size()) & mask;
-            while (table[h] >= 0 && !same(table[h], pieces[id].data(), pieces[id].size())) h = (h + 1) & mask;
+        // Python tokenizer's lookups (llama.cpp's token_to_id).
+        for (int32_t id = 0; id < n; ++id) {
+            const char* p = blob.data() + offsets[id];
+            size_t len = offsets[id + 1] - offsets[id];
+            uint64_t h = hash(p, len) & mask;
+            while (table[h] >= 0 && !same(table[h], p, len)) h = (h + 1) & mask;
             table[h] = id;
         }
     }
@@ -139,7 +163,7 @@ struct TextSet {
     std::vector<std::vector<int64_t>> lengths_by_byte;  // distinct lengths of the texts per first byte
 
     explicit TextSet(const std::vector<std::string>& items)
-        : texts(items, std::vector<double>(items.size()), std::vector<int64_t>(256, -1)), lengths_by_byte(256) {
+        : texts(items), lengths_by_byte(256) {
         for (const auto& t : items) {
             if (t.empty()) continue;
             auto& ls = lengths_by_byte[(uint8_t)t[0]];

@@ -123,6 +123,7 @@ class _Pieces:
         hashes = np.fromiter(map(hash, texts), np.int64, n)
         self._order = np.argsort(hashes, kind="stable").astype(np.int32)  # equal hashes: ascending ids
         self._hashes = hashes[self._order]
+        self._id_of = None  # see use_index
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -150,8 +151,17 @@ class _Pieces:
 
     def find(self, text: str) -> int | None:
         """The id of `text`; for a text held by several ids the last, as llama.cpp's token_to_id."""
+        if self._id_of is not None:
+            token_id = self._id_of(text.encode("utf-8", "surrogatepass"))
+            return token_id if token_id >= 0 else None
         found = self.ids(text)
         return found[-1] if found else None
+
+    def use_index(self, id_of) -> None:
+        """Look texts up with `id_of(utf8) -> id or -1` (a compiled index of these same pieces, with
+        find's answers) and drop the hash arrays. `ids` is then unavailable: the tokenizer only
+        needs it while it is built."""
+        self._id_of, self._hashes, self._order = id_of, None, None
 
 
 class Tokenizer:
@@ -475,13 +485,15 @@ class Tokenizer:
         return (self._pieces.blob, self._pieces.offsets, self._scores,
                 [-1 if i is None else i for i in self._byte_ids])
 
-    def use_native(self, encode, text_set) -> None:
+    def use_native(self, encode, text_set, id_of) -> None:
         """Compiled versions of the two loops that cost time on long texts, with the same results
         (the CPU kernels' SpmVocab.encode and TextSet, which also release the GIL):
         `encode(escaped_fragment) -> ids` for the merges, and `text_set(texts).occurring(text) ->
         ascending indices of the texts found` for the special-token scan. Text they cannot take
-        (a lone surrogate is not UTF-8) falls back to the Python loops."""
+        (a lone surrogate is not UTF-8) falls back to the Python loops. `id_of(utf8) -> id or -1`
+        (the compiled vocabulary's hash table) replaces the Python one for lookups by text."""
         self._fast_spm = encode
+        self._pieces.use_index(id_of)
         for specials in (self._user_specials, self._all_specials):
             specials._scan = text_set([t for t, _ in specials._ordered]).occurring
 

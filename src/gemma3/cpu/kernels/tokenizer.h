@@ -10,52 +10,58 @@
 #include <queue>
 
 struct SpmVocab {
-    std::string blob;                // every piece's UTF-8 bytes, back to back
-    std::vector<uint32_t> offsets;   // piece i is blob[offsets[i], offsets[i + 1])
-    std::vector<double> scores;
+    // The tables are the Python tokenizer's own (formats/tokenizer.py's _Pieces), read in place:
+    // the tensors keep its buffers alive, and the vocabulary is held once in the process.
+    torch::Tensor blob_t, offsets_t, scores_t;
+    const char* blob = nullptr;      // every piece's UTF-8 bytes, back to back
+    const int64_t* offsets = nullptr;  // piece i is blob[offsets[i], offsets[i + 1])
+    const double* scores = nullptr;
+    int64_t n = 0;                   // pieces
     std::vector<int32_t> table;      // open addressing: piece id or -1, indexed by hash & mask
     uint64_t mask = 0;
     std::vector<int64_t> byte_ids;   // byte-fallback token of each byte value, -1 where none
 
-    // The tokenizer's own compact tables (formats/tokenizer.py's _Pieces): the blob and the
-    // int64 offsets of piece i's bytes (i and i + 1), read in place, never as 262k Python strings.
-    SpmVocab(std::string blob_, const torch::Tensor& offsets_, const torch::Tensor& scores_, std::vector<int64_t> byte_ids_)
-        : blob(std::move(blob_)), byte_ids(std::move(byte_ids_)) {
-        TORCH_CHECK(offsets_.dtype() == torch::kInt64 && offsets_.dim() == 1 && offsets_.is_contiguous() &&
+    SpmVocab(const torch::Tensor& blob_, const torch::Tensor& offsets_, const torch::Tensor& scores_,
+             std::vector<int64_t> byte_ids_)
+        : blob_t(blob_), offsets_t(offsets_), scores_t(scores_), byte_ids(std::move(byte_ids_)) {
+        TORCH_CHECK(blob_.dtype() == torch::kUInt8 && blob_.dim() == 1 && blob_.is_contiguous() &&
+                        offsets_.dtype() == torch::kInt64 && offsets_.dim() == 1 && offsets_.is_contiguous() &&
                         scores_.dtype() == torch::kFloat64 && scores_.dim() == 1 && scores_.is_contiguous(),
-                    "SpmVocab: offsets must be 1-d int64, scores 1-d float64");
-        const int64_t n = scores_.numel();
-        TORCH_CHECK(offsets_.numel() == n + 1 && byte_ids.size() == 256, "SpmVocab: bad table sizes");
-        const int64_t* off = offsets_.data_ptr<int64_t>();
-        TORCH_CHECK(off[0] == 0 && off[n] == (int64_t)blob.size() && blob.size() < (1ull << 32),
-                    "SpmVocab: offsets do not span the blob");
-        for (int64_t i = 0; i < n; ++i) TORCH_CHECK(off[i] <= off[i + 1], "SpmVocab: offsets must not decrease");
-        offsets.assign(off, off + n + 1);
-        scores.assign(scores_.data_ptr<double>(), scores_.data_ptr<double>() + n);
+                    "SpmVocab: blob must be 1-d uint8, offsets 1-d int64, scores 1-d float64");
+        n = scores_.numel();
+        TORCH_CHECK(offsets_.numel() == n + 1 && byte_ids.size() == 256 && n < (1ll << 31), "SpmVocab: bad table sizes");
+        blob = (const char*)blob_.data_ptr<uint8_t>();
+        offsets = offsets_.data_ptr<int64_t>();
+        scores = scores_.data_ptr<double>();
+        TORCH_CHECK(offsets[0] == 0 && offsets[n] == blob_.numel(), "SpmVocab: offsets do not span the blob");
+        for (int64_t i = 0; i < n; ++i) TORCH_CHECK(offsets[i] <= offsets[i + 1], "SpmVocab: offsets must not decrease");
         index();
     }
 
-    // From separate strings (TextSet's few special-token texts).
-    explicit SpmVocab(const std::vector<std::string>& pieces) : scores(pieces.size()), byte_ids(256, -1) {
-        offsets.reserve(pieces.size() + 1);
-        offsets.push_back(0);
-        for (const auto& p : pieces) {
-            blob += p;
-            offsets.push_back((uint32_t)blob.size());
-        }
+    // From separate strings (TextSet's few special-token texts), into tables of its own.
+    explicit SpmVocab(const std::vector<std::string>& pieces) : byte_ids(256, -1) {
+        n = (int64_t)pieces.size();
+        offsets_t = torch::zeros({n + 1}, torch::kInt64);
+        int64_t* off = offsets_t.data_ptr<int64_t>();
+        for (int64_t i = 0; i < n; ++i) off[i + 1] = off[i] + (int64_t)pieces[i].size();
+        blob_t = torch::empty({off[n]}, torch::kUInt8);
+        for (int64_t i = 0; i < n; ++i) std::memcpy(blob_t.data_ptr<uint8_t>() + off[i], pieces[i].data(), pieces[i].size());
+        scores_t = torch::zeros({n}, torch::kFloat64);
+        blob = (const char*)blob_t.data_ptr<uint8_t>();
+        offsets = off;
+        scores = scores_t.data_ptr<double>();
         index();
     }
 
     void index() {
-        const int32_t n = (int32_t)offsets.size() - 1;
         uint64_t size = 1;
         while (size < 2 * (uint64_t)n) size <<= 1;
         table.assign(size, -1);
         mask = size - 1;
         // In id order, a later duplicate replacing an earlier one: the last id wins, as the
         // Python tokenizer's lookups (llama.cpp's token_to_id).
-        for (int32_t id = 0; id < n; ++id) {
-            const char* p = blob.data() + offsets[id];
+        for (int32_t id = 0; id < (int32_t)n; ++id) {
+            const char* p = blob + offsets[id];
             size_t len = offsets[id + 1] - offsets[id];
             uint64_t h = hash(p, len) & mask;
             while (table[h] >= 0 && !same(table[h], p, len)) h = (h + 1) & mask;
@@ -69,15 +75,18 @@ struct SpmVocab {
         return h;
     }
 
-    bool same(int32_t id, const char* p, size_t n) const {
-        return offsets[id + 1] - offsets[id] == n && std::memcmp(blob.data() + offsets[id], p, n) == 0;
+    bool same(int32_t id, const char* p, size_t len) const {
+        return (size_t)(offsets[id + 1] - offsets[id]) == len && std::memcmp(blob + offsets[id], p, len) == 0;
     }
 
-    int32_t find(const char* p, size_t n) const {
-        for (uint64_t h = hash(p, n) & mask; table[h] >= 0; h = (h + 1) & mask)
-            if (same(table[h], p, n)) return table[h];
+    int32_t find(const char* p, size_t len) const {
+        for (uint64_t h = hash(p, len) & mask; table[h] >= 0; h = (h + 1) & mask)
+            if (same(table[h], p, len)) return table[h];
         return -1;
     }
+
+    // The id of a piece's UTF-8 text (the last id of a duplicated one), -1 if none.
+    int64_t id_of(const std::string& text) const { return find(text.data(), text.size()); }
 
     struct Bigram {
         double score;
@@ -173,7 +182,7 @@ struct TextSet {
 
     // Indices (into the constructor's list) of the texts that occur, in ascending order.
     std::vector<int64_t> occurring(const std::string& text) const {
-        std::vector<char> seen(texts.offsets.size() - 1, 0);
+        std::vector<char> seen(texts.n, 0);
         const int64_t n = (int64_t)text.size();
         for (int64_t i = 0; i < n; ++i)
             for (int64_t len : lengths_by_byte[(uint8_t)text[i]]) {

@@ -61,3 +61,14 @@ def test_lone_surrogates_are_a_value_error_on_both_paths(pair):
     for tok in pair:
         with pytest.raises(ValueError, match="lone surrogate U\\+D800 at character 1"):
             tok.encode("a\ud800b <start_of_turn>", parse_special=True)
+
+
+def test_native_index_finds_every_piece(pair):
+    """After accelerate_tokenizer, lookups by text go to SpmVocab's hash table (the Python hash
+    arrays are dropped): the same id for every piece, the last one for a duplicate."""
+    python, native = pair
+    ids = {python.id_to_token(i): i for i in range(python.vocab_size)}
+    assert [native.token_to_id(text) for text in ids] == list(ids.values())
+    assert all(native.id_to_token(i) == python.id_to_token(i) for i in range(0, native.vocab_size, 997))
+    with pytest.raises(KeyError):
+        native.token_to_id("no such token")

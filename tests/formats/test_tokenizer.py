@@ -113,6 +113,28 @@ def test_properties(tok):
         tok.token_to_id("no such token")
 
 
+def test_compact_vocabulary_gives_back_every_gguf_piece(tok, metadata):
+    """The pieces live in one UTF-8 blob with a hash index (tokenizer._Pieces), not a list and a
+    dict of 262k strings: every id gives back its GGUF text and every text its id."""
+    tokens = metadata["tokenizer.ggml.tokens"]
+    assert [tok.id_to_token(i) for i in range(len(tokens))] == tokens
+    ids = {text: i for i, text in enumerate(tokens)}  # the last id of a duplicated text
+    assert [tok.token_to_id(text) for text in ids] == list(ids.values())
+    assert tok._piece_to_id == ids  # what the pure-Python merge loop reads
+
+
+def test_compact_vocabulary_keeps_duplicates_and_empty_texts_apart():
+    texts = ["<unk>", "<s>", "</s>", "a", "b", "ab", "a", "", "", "\u2581é", "<0x41>"]
+    types = [UNKNOWN, CONTROL, CONTROL] + [NORMAL] * 7 + [6]  # the last: a BYTE token
+    t = Tokenizer(texts, [0.0] * len(texts), types, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    assert t.token_to_id("a") == 6  # llama.cpp's token_to_id: the last id wins
+    assert t.encode("a", add_bos=False) == [6] and t.encode("ab", add_bos=False) == [5]
+    assert (t.id_to_token(7), t.token_to_id("[EMPTY_8]")) == ("[EMPTY_7]", 8)  # renamed, each its own key
+    assert t.decode([9, 10, 3]) == " éAa" and t.token_bytes(9) == " é".encode()
+    with pytest.raises(IndexError):
+        t.id_to_token(len(texts))
+
+
 # -------------------------------------------------------------- decoding
 
 def test_round_trip(tok, golden):

@@ -120,3 +120,23 @@ def test_prefix_cache_start_stores_when_the_chunks_finish(tiny):
     with torch.no_grad():
         assert (again - tiny(torch.tensor([ids + [5]]))[0, -1]).abs().max().item() <= 1e-5
         assert (logits - tiny(torch.tensor([ids]))[0, -1]).abs().max().item() <= 1e-5
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_big_buffers_are_zeros_resident_only_where_written():
+    """A cache's big CPU buffers come from fresh pages (cache._zeros): zeros, like torch.zeros,
+    but memory is held only for the slots written, so a long context costs nothing up front."""
+    from gemma3.model.cache import _zeros
+
+    before = _rss_kb()
+    kv = _zeros((1, 1, 65536, 256), torch.float32, "cpu")  # 64 MB
+    assert kv.max().item() == 0 and kv.min().item() == 0  # reading maps the zero page: no memory
+    kv[0, 0, :1024] = 1.0  # 1 MB written
+    assert kv.sum().item() == 1024 * 256
+    assert _rss_kb() - before < 16 * 1024  # torch.zeros: 64 MB
+    small = _zeros((1, 1, 8, 4), torch.int8, "cpu")
+    assert small.dtype == torch.int8 and not small.any()

@@ -4,8 +4,10 @@ blocks in place (linear.py), fused decode-step modules (fused.py), and the C++ k
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..formats.gguf import QTensor
@@ -66,6 +68,12 @@ def accelerate_tokenizer(tokenizer) -> bool:
     ops = kernels.ops()
     if ops is None:
         return False
-    pieces, scores, byte_ids = tokenizer.spm_tables()
-    tokenizer.use_native(ops.SpmVocab(pieces, list(scores), byte_ids).encode, ops.TextSet)
+    blob, offsets, scores, byte_ids = tokenizer.spm_tables()
+    with warnings.catch_warnings():  # the blob is a bytes object: read-only, and SpmVocab only reads it
+        warnings.filterwarnings("ignore", "The given buffer is not writable")
+        blob = torch.frombuffer(blob, dtype=torch.uint8)
+    # Views of the tokenizer's own arrays, which SpmVocab reads in place (no copy of the vocabulary).
+    vocab = ops.SpmVocab(blob, torch.frombuffer(offsets, dtype=torch.int64), torch.frombuffer(scores, dtype=torch.float64),
+                         byte_ids)
+    tokenizer.use_native(vocab.encode, ops.TextSet, vocab.id_of)
     return True

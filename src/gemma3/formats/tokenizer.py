@@ -24,8 +24,10 @@ Known, deliberate limits:
 from __future__ import annotations
 
 import codecs
+import functools
 import heapq
 import json
+import operator
 import struct
 from array import array
 from pathlib import Path
@@ -36,6 +38,7 @@ import numpy as np
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 SPACE_MARK = "\u2581"  # "▁", SentencePiece's visible space
+_SPACE_MARK_UTF8 = SPACE_MARK.encode()  # E2 96 81: in valid UTF-8 these bytes are this character only
 
 # llama_vocab::impl::load marks every token whose text is a known end-of-generation
 # marker as CONTROL ("control-looking token ... its type will be overridden"). In the
@@ -96,15 +99,69 @@ class _SpecialTokens:
         return [(t, token_id) for t, (_, token_id) in sorted(found.items(), key=lambda kv: kv[1][0])]
 
 
-def _indices(items: list, value) -> list[int]:
-    """Every index of `value` in `items`, by list.index (a C scan) rather than a Python loop."""
-    found, i = [], -1
-    while True:
-        try:
-            i = items.index(value, i + 1)
-        except ValueError:
-            return found
-        found.append(i)
+class _Pieces:
+    """The vocabulary's texts held once and compactly: their UTF-8 bytes back to back in one blob,
+    an offsets array, and a sorted array of their hashes to find an id by text.
+
+    A list of 262k Python strings and a dict from them to ids took ~40 MB resident on every load
+    (the 270M's whole process is ~510 MB); this takes ~8 MB. Lookups by text cost a binary search
+    (a few microseconds), which is what the few at load and `token_to_id` need; the pure-Python
+    merge loop, which looks up every candidate pair, builds a dict on first use instead
+    (`Tokenizer._piece_to_id`), so it stays as fast as it was where the kernels are unavailable.
+    """
+
+    def __init__(self, texts: list[str]):
+        n = len(texts)
+        # surrogatepass: a tokenizer.json may carry a lone surrogate (a "\ud800" escape); its
+        # bytes are then those Python's own UTF-8 codec would write with that handler.
+        encode = operator.methodcaller("encode", "utf-8", "surrogatepass")
+        lengths = np.fromiter(map(len, map(encode, texts)), np.int64, n)
+        self.blob = "".join(texts).encode("utf-8", "surrogatepass")
+        self.offsets = array("q", bytes(8))
+        self.offsets.frombytes(np.cumsum(lengths).tobytes())
+        # hash(str) is per-process (PYTHONHASHSEED), so the index is rebuilt on every load, never saved.
+        hashes = np.fromiter(map(hash, texts), np.int64, n)
+        self._order = np.argsort(hashes, kind="stable").astype(np.int32)  # equal hashes: ascending ids
+        self._hashes = hashes[self._order]
+        self._id_of = None  # see use_index
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def raw(self, token_id: int) -> bytes:
+        return self.blob[self.offsets[token_id]:self.offsets[token_id + 1]]
+
+    def text(self, token_id: int) -> str:
+        return self.raw(token_id).decode("utf-8", "surrogatepass")
+
+    def texts(self) -> list[str]:
+        return [self.text(i) for i in range(len(self))]
+
+    def ids(self, text: str) -> list[int]:
+        """Every id whose text is `text`, ascending."""
+        h, raw = hash(text), text.encode("utf-8", "surrogatepass")
+        i = int(np.searchsorted(self._hashes, h))
+        found = []
+        while i < len(self._hashes) and self._hashes[i] == h:
+            token_id = int(self._order[i])
+            if self.raw(token_id) == raw:
+                found.append(token_id)
+            i += 1
+        return found
+
+    def find(self, text: str) -> int | None:
+        """The id of `text`; for a text held by several ids the last, as llama.cpp's token_to_id."""
+        if self._id_of is not None:
+            token_id = self._id_of(text.encode("utf-8", "surrogatepass"))
+            return token_id if token_id >= 0 else None
+        found = self.ids(text)
+        return found[-1] if found else None
+
+    def use_index(self, id_of) -> None:
+        """Look texts up with `id_of(utf8) -> id or -1` (a compiled index of these same pieces, with
+        find's answers) and drop the hash arrays. `ids` is then unavailable: the tokenizer only
+        needs it while it is built."""
+        self._id_of, self._hashes, self._order = id_of, None, None
 
 
 class Tokenizer:
@@ -125,15 +182,9 @@ class Tokenizer:
     ):
         if not len(tokens) == len(scores) == len(token_types):
             raise ValueError("tokens, scores and token_types must have the same length")
-        # Loaded on every start (262k entries): built with C-level list/dict operations, not
-        # per-token Python loops (0.15 -> 0.05 s).
-        self._pieces = list(tokens)
-        # Built in id order, so a duplicated text maps to its last id, as llama.cpp's token_to_id.
-        self._piece_to_id = dict(zip(self._pieces, range(len(self._pieces))))
-        if "" in self._piece_to_id:  # llama_vocab::impl::load renames empty texts: each gets its own key
-            for i in _indices(self._pieces, ""):
-                self._pieces[i] = f"[EMPTY_{i}]"
-            self._piece_to_id = dict(zip(self._pieces, range(len(self._pieces))))
+        if "" in tokens:  # llama_vocab::impl::load renames empty texts: each gets its own key
+            tokens = [text or f"[EMPTY_{i}]" for i, text in enumerate(tokens)]
+        self._pieces = _Pieces(tokens)
         # Typed arrays, not lists of Python numbers: 10 MB less resident on every start.
         self._scores = array("d", scores)
         self._types = array("i", token_types)
@@ -145,16 +196,14 @@ class Tokenizer:
         # own; the template only tells whether the checkpoint was tuned to chat (base models have none).
         self.chat_template = chat_template
 
-        unique = len(self._piece_to_id) == len(self._pieces)
         types = np.asarray(self._types)
         self._control_ids = frozenset(
             np.flatnonzero((types == CONTROL) | (types == UNKNOWN)).tolist()
-            + [i for text in _EOG_TEXTS if text in self._piece_to_id
-               for i in ([self._piece_to_id[text]] if unique else _indices(self._pieces, text))]
+            + [i for text in _EOG_TEXTS for i in self._pieces.ids(text)]
         )
-        user_defined = [(self._pieces[i], i) for i in np.flatnonzero(types == USER_DEFINED).tolist()
+        user_defined = [(self._pieces.text(i), i) for i in np.flatnonzero(types == USER_DEFINED).tolist()
                         if i not in self._control_ids]
-        control = [(self._pieces[i], i) for i in self._control_ids]
+        control = [(self._pieces.text(i), i) for i in self._control_ids]
         # tokenizer_st_partition: USER_DEFINED texts are always split out; CONTROL and
         # UNKNOWN ones only when parse_special is true.
         self._user_specials = _SpecialTokens(user_defined)
@@ -189,7 +238,7 @@ class Tokenizer:
     def to_gguf_metadata(self) -> dict:
         """The `tokenizer.ggml.*` keys that from_gguf_metadata reads back (for GGUF writers)."""
         md = {
-            "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": list(self._pieces),
+            "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": self._pieces.texts(),
             "tokenizer.ggml.scores": list(self._scores), "tokenizer.ggml.token_type": list(self._types),
             "tokenizer.ggml.bos_token_id": self._bos_id, "tokenizer.ggml.eos_token_id": self._eos_id,
             "tokenizer.ggml.unknown_token_id": self._unk_id, "tokenizer.ggml.add_bos_token": self.add_bos,
@@ -309,7 +358,7 @@ class Tokenizer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         out = path / "tokenizer.model"
-        out.write_bytes(_encode_model_proto(self._pieces, self._scores, self._types, self._unk_id,
+        out.write_bytes(_encode_model_proto(self._pieces.texts(), self._scores, self._types, self._unk_id,
                                             self._bos_id, self._eos_id, self._pad_id, self.add_space_prefix))
         if self.chat_template is not None:
             (path / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
@@ -352,14 +401,23 @@ class Tokenizer:
 
     def token_to_id(self, text: str) -> int:
         """Id of the token whose text is exactly `text` (KeyError if there is none)."""
-        try:
-            return self._piece_to_id[text]
-        except KeyError:
-            raise KeyError(f"no token with text {text!r}") from None
+        token_id = self._pieces.find(text)
+        if token_id is None:
+            raise KeyError(f"no token with text {text!r}")
+        return token_id
 
     def id_to_token(self, token_id: int) -> str:
         """The raw vocabulary text of a token ("▁" for spaces, "<0x0A>" for bytes)."""
-        return self._pieces[token_id]
+        if not 0 <= token_id < len(self._pieces):
+            raise IndexError(f"token id {token_id} is not in [0, {len(self._pieces)})")
+        return self._pieces.text(token_id)
+
+    @functools.cached_property
+    def _piece_to_id(self) -> dict[str, int]:
+        """Text -> id for the pure-Python merge loop (`_spm_session`), built on its first use: a
+        loaded model whose kernels encode (`use_native`) never holds it. In id order, so a
+        duplicated text maps to its last id, as llama.cpp's token_to_id."""
+        return dict(zip(self._pieces.texts(), range(len(self._pieces))))
 
     # --------------------------------------------------------------- encoding
 
@@ -420,17 +478,22 @@ class Tokenizer:
             fragments = split
         return fragments
 
-    def spm_tables(self) -> tuple[list[str], array, list[int]]:
-        """(pieces, scores, byte-fallback id of each byte or -1): what a compiled encoder needs."""
-        return self._pieces, self._scores, [-1 if i is None else i for i in self._byte_ids]
+    def spm_tables(self) -> tuple[bytes, array, array, list[int]]:
+        """What a compiled encoder needs: the pieces' UTF-8 bytes back to back, the offsets of
+        piece i's bytes (i and i + 1: an int64 array one longer than the vocabulary), the scores
+        (float64) and the byte-fallback id of each byte or -1."""
+        return (self._pieces.blob, self._pieces.offsets, self._scores,
+                [-1 if i is None else i for i in self._byte_ids])
 
-    def use_native(self, encode, text_set) -> None:
+    def use_native(self, encode, text_set, id_of) -> None:
         """Compiled versions of the two loops that cost time on long texts, with the same results
         (the CPU kernels' SpmVocab.encode and TextSet, which also release the GIL):
         `encode(escaped_fragment) -> ids` for the merges, and `text_set(texts).occurring(text) ->
         ascending indices of the texts found` for the special-token scan. Text they cannot take
-        (a lone surrogate is not UTF-8) falls back to the Python loops."""
+        (a lone surrogate is not UTF-8) falls back to the Python loops. `id_of(utf8) -> id or -1`
+        (the compiled vocabulary's hash table) replaces the Python one for lookups by text."""
         self._fast_spm = encode
+        self._pieces.use_index(id_of)
         for specials in (self._user_specials, self._all_specials):
             specials._scan = text_set([t for t, _ in specials._ordered]).occurring
 
@@ -513,9 +576,9 @@ class Tokenizer:
 
     def _byte_token(self, byte: int) -> int | None:
         # llama_vocab::byte_to_token: "<0xXX>", else the byte itself as a piece.
-        token_id = self._piece_to_id.get(f"<0x{byte:02X}>")
+        token_id = self._pieces.find(f"<0x{byte:02X}>")
         if token_id is None and byte < 0x80:
-            token_id = self._piece_to_id.get(chr(byte))
+            token_id = self._pieces.find(chr(byte))
         return token_id
 
     def _byte_id(self, byte: int) -> int:
@@ -530,14 +593,14 @@ class Tokenizer:
         """The bytes a token stands for (llama_vocab::impl::token_to_piece, SPM case)."""
         if not 0 <= token_id < len(self._pieces):  # a negative index would silently wrap around
             raise ValueError(f"token id {token_id} is not in [0, {len(self._pieces)})")
-        piece = self._pieces[token_id]
+        piece = self._pieces.raw(token_id)  # UTF-8
         if token_id in self._control_ids:
-            return b"" if skip_special else piece.encode("utf-8")
+            return b"" if skip_special else piece
         ttype = self._types[token_id]
         if ttype == NORMAL:
-            return piece.replace(SPACE_MARK, " ").encode("utf-8")
+            return piece.replace(_SPACE_MARK_UTF8, b" ")
         if ttype == USER_DEFINED:
-            return piece.encode("utf-8")
+            return piece
         if ttype == BYTE:
             return bytes([int(piece[3:5], 16)])
         return b""  # UNUSED and undefined types render as nothing in llama.cpp

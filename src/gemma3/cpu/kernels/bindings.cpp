@@ -34,8 +34,9 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const auto nogil = py::call_guard<py::gil_scoped_release>();
     py::class_<SpmVocab>(m, "SpmVocab", "a SentencePiece-BPE vocabulary for encode() without the GIL")
-        .def(py::init<const std::vector<std::string>&, std::vector<double>, std::vector<int64_t>>(),
-             py::arg("pieces"), py::arg("scores"), py::arg("byte_ids"))
+        .def(py::init<const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, std::vector<int64_t>>(),
+             py::arg("blob"), py::arg("offsets"), py::arg("scores"), py::arg("byte_ids"))
+        .def("id_of", &SpmVocab::id_of, "id of a piece's UTF-8 text (the last of duplicates), -1 if none")
         .def("encode", &SpmVocab::encode, "token ids of one escaped text fragment", nogil);
     py::class_<TextSet>(m, "TextSet", "a set of texts (special tokens) to find in a text without the GIL")
         .def(py::init<const std::vector<std::string>&>(), py::arg("texts"))

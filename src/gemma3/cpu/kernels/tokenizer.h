@@ -10,31 +10,61 @@
 #include <queue>
 
 struct SpmVocab {
-    std::string blob;                // every piece's UTF-8 bytes, back to back
-    std::vector<uint32_t> offsets;   // piece i is blob[offsets[i], offsets[i + 1])
-    std::vector<double> scores;
+    // The tables are the Python tokenizer's own (formats/tokenizer.py's _Pieces), read in place:
+    // the tensors keep its buffers alive, and the vocabulary is held once in the process.
+    torch::Tensor blob_t, offsets_t, scores_t;
+    const char* blob = nullptr;      // every piece's UTF-8 bytes, back to back
+    const int64_t* offsets = nullptr;  // piece i is blob[offsets[i], offsets[i + 1])
+    const double* scores = nullptr;
+    int64_t n = 0;                   // pieces
     std::vector<int32_t> table;      // open addressing: piece id or -1, indexed by hash & mask
     uint64_t mask = 0;
     std::vector<int64_t> byte_ids;   // byte-fallback token of each byte value, -1 where none
 
-    SpmVocab(const std::vector<std::string>& pieces, std::vector<double> scores_, std::vector<int64_t> byte_ids_)
-        : scores(std::move(scores_)), byte_ids(std::move(byte_ids_)) {
-        TORCH_CHECK(pieces.size() == scores.size() && byte_ids.size() == 256, "SpmVocab: bad table sizes");
-        offsets.reserve(pieces.size() + 1);
-        offsets.push_back(0);
-        for (const auto& p : pieces) {
-            blob += p;
-            offsets.push_back((uint32_t)blob.size());
-        }
+    SpmVocab(const torch::Tensor& blob_, const torch::Tensor& offsets_, const torch::Tensor& scores_,
+             std::vector<int64_t> byte_ids_)
+        : blob_t(blob_), offsets_t(offsets_), scores_t(scores_), byte_ids(std::move(byte_ids_)) {
+        TORCH_CHECK(blob_.dtype() == torch::kUInt8 && blob_.dim() == 1 && blob_.is_contiguous() &&
+                        offsets_.dtype() == torch::kInt64 && offsets_.dim() == 1 && offsets_.is_contiguous() &&
+                        scores_.dtype() == torch::kFloat64 && scores_.dim() == 1 && scores_.is_contiguous(),
+                    "SpmVocab: blob must be 1-d uint8, offsets 1-d int64, scores 1-d float64");
+        n = scores_.numel();
+        TORCH_CHECK(offsets_.numel() == n + 1 && byte_ids.size() == 256 && n < (1ll << 31), "SpmVocab: bad table sizes");
+        blob = (const char*)blob_.data_ptr<uint8_t>();
+        offsets = offsets_.data_ptr<int64_t>();
+        scores = scores_.data_ptr<double>();
+        TORCH_CHECK(offsets[0] == 0 && offsets[n] == blob_.numel(), "SpmVocab: offsets do not span the blob");
+        for (int64_t i = 0; i < n; ++i) TORCH_CHECK(offsets[i] <= offsets[i + 1], "SpmVocab: offsets must not decrease");
+        index();
+    }
+
+    // From separate strings (TextSet's few special-token texts), into tables of its own.
+    explicit SpmVocab(const std::vector<std::string>& pieces) : byte_ids(256, -1) {
+        n = (int64_t)pieces.size();
+        offsets_t = torch::zeros({n + 1}, torch::kInt64);
+        int64_t* off = offsets_t.data_ptr<int64_t>();
+        for (int64_t i = 0; i < n; ++i) off[i + 1] = off[i] + (int64_t)pieces[i].size();
+        blob_t = torch::empty({off[n]}, torch::kUInt8);
+        for (int64_t i = 0; i < n; ++i) std::memcpy(blob_t.data_ptr<uint8_t>() + off[i], pieces[i].data(), pieces[i].size());
+        scores_t = torch::zeros({n}, torch::kFloat64);
+        blob = (const char*)blob_t.data_ptr<uint8_t>();
+        offsets = off;
+        scores = scores_t.data_ptr<double>();
+        index();
+    }
+
+    void index() {
         uint64_t size = 1;
-        while (size < 2 * pieces.size()) size <<= 1;
+        while (size < 2 * (uint64_t)n) size <<= 1;
         table.assign(size, -1);
         mask = size - 1;
         // In id order, a later duplicate replacing an earlier one: the last id wins, as the
-        // Python dict built from (piece, id) pairs in order.
-        for (int32_t id = 0; id < (int32_t)pieces.size(); ++id) {
-            uint64_t h = hash(pieces[id].data(), pieces[id].size()) & mask;
-            while (table[h] >= 0 && !same(table[h], pieces[id].data(), pieces[id].size())) h = (h + 1) & mask;
+        // Python tokenizer's lookups (llama.cpp's token_to_id).
+        for (int32_t id = 0; id < (int32_t)n; ++id) {
+            const char* p = blob + offsets[id];
+            size_t len = offsets[id + 1] - offsets[id];
+            uint64_t h = hash(p, len) & mask;
+            while (table[h] >= 0 && !same(table[h], p, len)) h = (h + 1) & mask;
             table[h] = id;
         }
     }
@@ -45,15 +75,18 @@ struct SpmVocab {
         return h;
     }
 
-    bool same(int32_t id, const char* p, size_t n) const {
-        return offsets[id + 1] - offsets[id] == n && std::memcmp(blob.data() + offsets[id], p, n) == 0;
+    bool same(int32_t id, const char* p, size_t len) const {
+        return (size_t)(offsets[id + 1] - offsets[id]) == len && std::memcmp(blob + offsets[id], p, len) == 0;
     }
 
-    int32_t find(const char* p, size_t n) const {
-        for (uint64_t h = hash(p, n) & mask; table[h] >= 0; h = (h + 1) & mask)
-            if (same(table[h], p, n)) return table[h];
+    int32_t find(const char* p, size_t len) const {
+        for (uint64_t h = hash(p, len) & mask; table[h] >= 0; h = (h + 1) & mask)
+            if (same(table[h], p, len)) return table[h];
         return -1;
     }
+
+    // The id of a piece's UTF-8 text (the last id of a duplicated one), -1 if none.
+    int64_t id_of(const std::string& text) const { return find(text.data(), text.size()); }
 
     struct Bigram {
         double score;
@@ -139,7 +172,7 @@ struct TextSet {
     std::vector<std::vector<int64_t>> lengths_by_byte;  // distinct lengths of the texts per first byte
 
     explicit TextSet(const std::vector<std::string>& items)
-        : texts(items, std::vector<double>(items.size()), std::vector<int64_t>(256, -1)), lengths_by_byte(256) {
+        : texts(items), lengths_by_byte(256) {
         for (const auto& t : items) {
             if (t.empty()) continue;
             auto& ls = lengths_by_byte[(uint8_t)t[0]];
@@ -149,7 +182,7 @@ struct TextSet {
 
     // Indices (into the constructor's list) of the texts that occur, in ascending order.
     std::vector<int64_t> occurring(const std::string& text) const {
-        std::vector<char> seen(texts.offsets.size() - 1, 0);
+        std::vector<char> seen(texts.n, 0);
         const int64_t n = (int64_t)text.size();
         for (int64_t i = 0; i < n; ++i)
             for (int64_t len : lengths_by_byte[(uint8_t)text[i]]) {

@@ -67,6 +67,9 @@ def register(sub):
     g.add_argument("--n", type=options.positive_int, default=8, help="anchor samples per prompt, the N of best-of-N (default 8)")
     g.add_argument("--policy-samples", type=options.positive_int, default=2,
                    help="policy samples per prompt for the backward term (default 2)")
+    g.add_argument("--jeffreys-beta", type=options.fraction, default=0.9,
+                   help="J-BOND's β: the backward term's share of the loss, the forward (best-of-N likelihood) "
+                        "term's is 1 − β (default 0.9: the forward term's noisy gradient otherwise dominates)")
     p.set_defaults(func=cmd_rl)
     register_merge(sub)
 
@@ -102,7 +105,7 @@ def cmd_rl(args):
     if args.algorithm == "bond":
         cfg = BONDConfig(out=args.out, steps=args.steps, prompts_per_step=args.prompts, n=args.n,
                          policy_samples=args.policy_samples, max_tokens=args.max_tokens, temperature=args.temperature,
-                         lr=args.lr, beta=args.beta,
+                         lr=args.lr, beta=args.beta, jeffreys_beta=args.jeffreys_beta,
                          anchor_ema=0.05 if args.anchor_ema is None else args.anchor_ema,
                          eval_every=args.eval_every, seed=args.seed, progress=not args.quiet)
         result = train_bond(model, tok, train, held_out, reward_fn, tasks.task_reward, cfg, engine)

@@ -91,8 +91,9 @@ def bond(args):
     bon = float((1 - (1 - p0) ** args.n).mean())
     start = float(p0.mean())
     out = Path(args.out or tempfile.mkdtemp())
-    cfg = BONDConfig(out=str(out), steps=args.steps, prompts_per_step=4, n=args.n, policy_samples=4, max_tokens=1,
-                     lr=args.lr, beta=0.05, anchor_ema=args.anchor_ema, seed=args.seed, progress=False)
+    cfg = BONDConfig(out=str(out), steps=args.steps, prompts_per_step=4, n=args.n, policy_samples=args.policy_samples,
+                     max_tokens=1, lr=args.lr, beta=args.beta, anchor_ema=args.anchor_ema,
+                     jeffreys_beta=args.jeffreys_beta, seed=args.seed, progress=False)
     reward, correct = reward_fn(tok)
     train_bond(model, tok, samples(), [], reward, correct, cfg,
                probe=lambda m: {"exact_reward": float(exact_reward(first_token_probs(m, tok), tok).mean())})
@@ -190,7 +191,10 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--n", type=int, default=4, help="bond: best of N")
     ap.add_argument("--lr", type=float, default=3e-2)
-    ap.add_argument("--beta", type=float, default=0.05, help="warp: KL coefficient to the EMA anchor")
+    ap.add_argument("--beta", type=float, default=0.05, help="KL coefficient to the EMA anchor")
+    ap.add_argument("--policy-samples", type=int, default=4, help="bond: policy samples per prompt (backward term)")
+    ap.add_argument("--jeffreys-beta", type=float, default=0.9,
+                    help="bond: the backward term's share of the loss (the forward term's: 1 − β)")
     ap.add_argument("--anchor-ema", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")

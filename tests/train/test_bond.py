@@ -32,7 +32,7 @@ def test_bond_moves_the_policy_towards_the_best_of_n(tmp_path):
                      progress=False)
     train_bond(model, tok, samples, [], lambda t, s: (_low_first_byte(t, s).value, {}), _low_first_byte, cfg)
     after = _good_mass(model, tok, prompts)
-    assert after > before + 0.01, (before, after)  # seeded: 0.314 → 0.331 when measured
+    assert after > before + 0.03, (before, after)  # seeded: 0.314 → 0.359 when measured (equal term weights: 0.331)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(r["anchor_best_of_n"] >= r["anchor_reward"] for r in records)
     assert (tmp_path / "bond.png").exists() and (tmp_path / "adapter" / "adapter_model.safetensors").exists()

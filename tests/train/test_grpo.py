@@ -98,3 +98,25 @@ def test_cli_runs_two_steps_of_grpo_and_rloo(tmp_path, capsys):
         steps = [r for r in records if "reward" in r]
         assert len(steps) == 2 and {"reward/task", "reward/format", "kl", "rollout_tokens_per_s"} <= set(steps[0])
         assert json.loads((out / "config.json").read_text())["objective"]["advantage"] == algo
+
+
+def test_cli_runs_two_steps_of_bond_on_fewshot_arithmetic(tmp_path, capsys):
+    model_dir = tiny_model_dir(tmp_path / "m")
+    out = tmp_path / "bond"
+    code, stdout, err = run_cli(["rl", "bond", "--model", str(model_dir), "--steps", "2", "--prompts", "2", "--n", "3",
+                                 "--policy-samples", "2", "--jeffreys-beta", "0.5", "--train-size", "4", "--eval-size", "2",
+                                 "--max-tokens", "3", "--digits", "1", "--ops", "+", "--prompt-style", "fewshot",
+                                 "--out", str(out), "--json", "--quiet"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["steps"] == 2 and result["accuracy_before"] is not None
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+    assert len(steps) == 2 and all(r["anchor_best_of_n"] >= r["anchor_reward"] for r in steps)
+    assert json.loads((out / "config.json").read_text())["jeffreys_beta"] == 0.5
+    assert (out / "bond.png").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_cli_refuses_arithmetic_options_on_another_task(tmp_path, capsys):
+    code, _, err = run_cli(["rl", "grpo", "--task", "reasoning-gym:basic_arithmetic", "--digits", "1",
+                            "--out", str(tmp_path / "x")], capsys)
+    assert code != 0 and "--task arithmetic only" in err

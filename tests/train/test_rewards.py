@@ -100,6 +100,20 @@ def test_tasks_are_seeded_and_scored():
         tasks.load("nope", 3)
 
 
+def test_fewshot_arithmetic_prompts_end_where_the_answer_goes():
+    samples = tasks.load("arithmetic", 30, seed=2, digits=1, ops="+-", style="fewshot")
+    for s in samples:
+        question = s["prompt"].rsplit("Q: ", 1)[1]
+        a, op, b = question.removesuffix("\nA:").split()
+        assert s["prompt"].endswith("\nA:") and op in "+-"
+        assert int(s["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b)) and max(int(a), int(b)) < 10
+        assert tasks.task_reward(f" {s['answer']}\nQ: 1 + 1", s).value == 1  # the base model's continuation
+    with pytest.raises(ValueError, match="prompt style"):
+        tasks.arithmetic(2, style="chat")
+    with pytest.raises(ValueError, match="operators"):
+        tasks.arithmetic(2, ops="/")
+
+
 def test_reasoning_gym_task_uses_its_scorer():
     pytest.importorskip("reasoning_gym")
     samples = tasks.load("reasoning-gym:basic_arithmetic", 3, seed=1)

@@ -26,6 +26,12 @@ def register(sub):
                        "seed": "sampling, prompt order and LoRA initialisation seed (default: %(default)s)"})
     p.add_argument("--task", default="arithmetic",
                    help="arithmetic (built in) or reasoning-gym:NAME, e.g. reasoning-gym:basic_arithmetic")
+    p.add_argument("--digits", type=options.positive_int, default=None,
+                   help="arithmetic: operands below 10^DIGITS (default 2)")
+    p.add_argument("--ops", default=None, help="arithmetic: the operators to draw from, a mix of + - * (default +-*)")
+    p.add_argument("--prompt-style", choices=("question", "fewshot"), default=None,
+                   help="arithmetic: 'question' (an instruction, the default) or 'fewshot' (four solved Q:/A: lines "
+                        "first; a base model then answers after 'A:')")
     p.add_argument("--train-size", type=options.positive_int, default=1000, help="training problems (default 1000)")
     p.add_argument("--eval-size", type=options.count, default=200, help="held-out problems for greedy accuracy (default 200)")
     p.add_argument("--format-weight", type=options.non_negative, default=0.0,
@@ -61,6 +67,9 @@ def register(sub):
     g.add_argument("--n", type=options.positive_int, default=8, help="anchor samples per prompt, the N of best-of-N (default 8)")
     g.add_argument("--policy-samples", type=options.positive_int, default=2,
                    help="policy samples per prompt for the backward term (default 2)")
+    g.add_argument("--jeffreys-beta", type=options.fraction, default=0.9,
+                   help="J-BOND's β: the backward term's share of the loss, the forward (best-of-N likelihood) "
+                        "term's is 1 − β (default 0.9: the forward term's noisy gradient otherwise dominates)")
     p.set_defaults(func=cmd_rl)
     register_merge(sub)
 
@@ -76,13 +85,17 @@ def cmd_rl(args):
         raise ValueError("--n must be at least 2 (best of N)")
     if args.algorithm != "bond" and args.group < 2:
         raise ValueError("--group must be at least 2 (advantages are relative to the group)")
+    given = {"digits": args.digits, "ops": args.ops, "style": args.prompt_style}
+    arithmetic = {k: v for k, v in given.items() if v is not None}
+    if arithmetic and args.task != "arithmetic":
+        raise ValueError("--digits, --ops and --prompt-style apply to --task arithmetic only")
+    samples = tasks.load(args.task, args.train_size + args.eval_size, seed=args.seed, **arithmetic)
     options.set_threads(args)
     model, tok = load(args.model)
     import torch
 
     torch.manual_seed(args.seed)
     lora.apply_lora(model, lora.LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank))
-    samples = tasks.load(args.task, args.train_size + args.eval_size, seed=args.seed)
     train, held_out = samples[:args.train_size], samples[args.train_size:]
     components = {"task": (1.0, tasks.task_reward)}
     if args.format_weight:
@@ -92,7 +105,7 @@ def cmd_rl(args):
     if args.algorithm == "bond":
         cfg = BONDConfig(out=args.out, steps=args.steps, prompts_per_step=args.prompts, n=args.n,
                          policy_samples=args.policy_samples, max_tokens=args.max_tokens, temperature=args.temperature,
-                         lr=args.lr, beta=args.beta,
+                         lr=args.lr, beta=args.beta, jeffreys_beta=args.jeffreys_beta,
                          anchor_ema=0.05 if args.anchor_ema is None else args.anchor_ema,
                          eval_every=args.eval_every, seed=args.seed, progress=not args.quiet)
         result = train_bond(model, tok, train, held_out, reward_fn, tasks.task_reward, cfg, engine)

@@ -10,7 +10,12 @@ The target is π_BoN, the distribution of the best of N samples of an *anchor* p
   centred on its prompt's K samples, and the log π_anchor part is a KL to the anchor (k3, β);
 - the anchor moves: anchor ← (1 − μ)·anchor + μ·θ after each step (J-BOND's EMA anchor), so the
   policy keeps distilling the best-of-N of an improving anchor (iterated BOND).
-Loss = forward + backward (each a mean over its sequences, token-normalised per sequence).
+Loss = (1 − β_J)·forward + β_J·backward, J-BOND's Jeffreys divergence (each term a mean over its
+sequences, token-normalised per sequence). The forward term is a one-sample log-likelihood of a
+single target per prompt: its gradient is large and noisy next to the backward term's centred
+policy gradient, and with equal weights it dominates Adam's normalised steps; on the toy task
+(scripts/rl_toy_demos.py bond) equal weights plateaued at ~50 % of the best-of-N gain, β_J = 0.9
+reached 87 %, hence the default.
 """
 
 from __future__ import annotations
@@ -44,8 +49,7 @@ class BONDConfig:
     lr: float = 1e-4
     beta: float = 0.05  # KL to the anchor in the backward term
     anchor_ema: float = 0.05  # μ: how fast the anchor follows the policy
-    forward_weight: float = 1.0
-    backward_weight: float = 1.0
+    jeffreys_beta: float = 0.9  # β_J: the backward term's share of the loss, the forward term's is 1 − β_J
     eval_every: int = 0
     seed: int = 0
     progress: bool = True
@@ -80,6 +84,8 @@ def train_bond(model, tokenizer, train_samples: list[dict], eval_samples: list[d
         raise ValueError("train_bond trains LoRA adapters: apply_lora(model, ...) first")
     if cfg.n < 2 or cfg.policy_samples < 1:
         raise ValueError("BOND needs n ≥ 2 anchor samples and at least one policy sample per prompt")
+    if not 0 <= cfg.jeffreys_beta <= 1:
+        raise ValueError(f"the Jeffreys β must be in [0, 1] (0: forward term only, 1: backward only), got {cfg.jeffreys_beta}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -138,7 +144,7 @@ def train_bond(model, tokenizer, train_samples: list[dict], eval_samples: list[d
         forward = -((logp * best_mask).sum(-1) / best_mask.sum(-1).clamp(min=1)).mean()
         backward, stats = policy_loss(completion_logprobs(model, seqs, mask, cfg.temperature), advantages, mask,
                                       objective, ref_logp=ref)
-        loss = cfg.forward_weight * forward + cfg.backward_weight * backward
+        loss = (1 - cfg.jeffreys_beta) * forward + cfg.jeffreys_beta * backward
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,7 +1,9 @@
 """Offline procedural tasks with verifiable answers: samples are dicts with "prompt" and "answer".
 
 - `arithmetic`: built in, seeded: a + b, a − b, a × b with operand sizes by `digits`; scored by
-  `rewards.math_reward`.
+  `rewards.math_reward`. Prompt styles: "question" (an instruction: the 270M base model mostly
+  repeats it) or "fewshot" (four solved "Q: … / A: …" lines, then the question after "Q:", so
+  that a base model continues with the answer after "A:").
 - `reasoning-gym:NAME`: any offline generator of the `reasoning-gym` package (the `rl` extra), e.g.
   `reasoning-gym:basic_arithmetic`, `reasoning-gym:chain_sum`; scored by the dataset's own scorer.
 """
@@ -13,16 +15,24 @@ import random
 from .rewards import Score, math_reward
 
 PROMPT = "{question}\nGive only the final number.\n"
+FEWSHOT = "Q: 3 + 4\nA: 7\nQ: 12 - 5\nA: 7\nQ: 6 * 3\nA: 18\nQ: 25 + 17\nA: 42\nQ: {a} {op} {b}\nA:"
+STYLES = ("question", "fewshot")
 
 
-def arithmetic(n: int, seed: int = 0, digits: int = 2, ops: str = "+-*") -> list[dict]:
+def arithmetic(n: int, seed: int = 0, digits: int = 2, ops: str = "+-*", style: str = "question") -> list[dict]:
+    if style not in STYLES:
+        raise ValueError(f"unknown prompt style {style!r}: use {' or '.join(STYLES)}")
+    if not ops or set(ops) - set("+-*"):
+        raise ValueError(f"arithmetic operators must be a non-empty mix of + - *, got {ops!r}")
     rng = random.Random(seed)
     samples = []
     for _ in range(n):
         a, b = rng.randrange(10 ** digits), rng.randrange(10 ** digits)
         op = rng.choice(ops)
         answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-        samples.append({"prompt": PROMPT.format(question=f"What is {a} {op} {b}?"), "answer": str(answer)})
+        prompt = (PROMPT.format(question=f"What is {a} {op} {b}?") if style == "question"
+                  else FEWSHOT.format(a=a, op=op, b=b))
+        samples.append({"prompt": prompt, "answer": str(answer)})
     return samples
 
 
@@ -36,10 +46,10 @@ def reasoning_gym(name: str, n: int, seed: int = 0) -> list[dict]:
              "scorer": dataset} for e in dataset]
 
 
-def load(task: str, n: int, seed: int = 0) -> list[dict]:
-    """`arithmetic` or `reasoning-gym:NAME`, n samples."""
+def load(task: str, n: int, seed: int = 0, **arithmetic_options) -> list[dict]:
+    """`arithmetic` (with `arithmetic`'s digits / ops / style) or `reasoning-gym:NAME`, n samples."""
     if task == "arithmetic":
-        return arithmetic(n, seed)
+        return arithmetic(n, seed, **arithmetic_options)
     if task.startswith("reasoning-gym:"):
         return reasoning_gym(task.split(":", 1)[1], n, seed)
     raise ValueError(f"unknown task {task!r}: use 'arithmetic' or 'reasoning-gym:NAME'")

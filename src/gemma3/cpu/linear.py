@@ -124,7 +124,7 @@ class GGMLLinear(nn.Module):
 
     @property
     def type_name(self) -> str:
-        from gguf import GGMLQuantizationType
+        from ..formats.ggml_types import GGMLQuantizationType
 
         return GGMLQuantizationType(self.ggml_type).name
 

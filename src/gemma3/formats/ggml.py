@@ -22,7 +22,8 @@ import math
 from typing import Callable
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # GGMLQuantizationType -> (values per block, bytes per block).
 BLOCK_INFO: dict[GGMLQuantizationType, tuple[int, int]] = GGML_QUANT_SIZES

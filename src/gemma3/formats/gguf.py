@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from . import ggml as quants
+from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 _MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)  # v2 and v3 share the layout; v3 only added big-endian files

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..formats import ggml as quants
+from ..formats.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from . import sfp8
 
 

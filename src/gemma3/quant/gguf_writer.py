@@ -13,9 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType
 
 from ..formats.checkpoint import gguf_norms, ours_to_gguf, to_gguf_float
+from ..formats.ggml_types import GGMLQuantizationType, GGUFValueType
 from ..formats.gguf import GGUFFile
 from ..formats.tokenizer import Tokenizer
 from ..model.config import Gemma3Config
@@ -70,7 +70,9 @@ def metadata_from_config(cfg: Gemma3Config, tokenizer: Tokenizer) -> Metadata:
     return md
 
 
-def _file_type(types: list[GGMLQuantizationType]) -> LlamaFileType:
+def _file_type(types: list[GGMLQuantizationType]):
+    from gguf import LlamaFileType  # the writer's package, imported only to write (see formats/ggml_types.py)
+
     """llama.cpp's label for a file: its most common type outside the embedding."""
     common = Counter(types).most_common(1)[0][0]
     return LlamaFileType.ALL_F32 if common == GGMLQuantizationType.F32 else LlamaFileType[f"MOSTLY_{common.name}"]
@@ -101,7 +103,9 @@ def write_metadata_gguf(path: str | Path, metadata: Metadata, recipe: str = "") 
     _finish(_writer(path, metadata, recipe))
 
 
-def _writer(path: str | Path, metadata: Metadata, recipe: str) -> GGUFWriter:
+def _writer(path: str | Path, metadata: Metadata, recipe: str):
+    from gguf import GGUFWriter
+
     writer = GGUFWriter(str(path), "gemma3")
     for key, (value, vtype, item) in metadata.items():
         if key not in _SET_BY_WRITER:
@@ -112,7 +116,7 @@ def _writer(path: str | Path, metadata: Metadata, recipe: str) -> GGUFWriter:
     return writer
 
 
-def _finish(writer: GGUFWriter) -> None:
+def _finish(writer) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -41,6 +41,15 @@ CALL, END_CALL, RESPONSE = "<start_function_call>", "<end_function_call>", "<sta
 TRIGGER = "You are a model that can do function calling with the following functions"
 
 
+class ToolError(ValueError):
+    """A bad tool definition, tool_choice or tool message; `param` names the field (OpenAI's
+    dotted path, e.g. tools.0.function.parameters)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 def supported(tokenizer) -> bool:
     """Whether `tokenizer` has FunctionGemma's control tokens (each one token of its own)."""
     specials = tokenizer.special_ids
@@ -100,8 +109,6 @@ def pieces(messages: list[dict], calling, add_generation_prompt: bool = True) ->
     """The prompt as text pieces and Control tokens. `messages`: OpenAI-style, role system /
     developer / user / assistant / tool, an assistant's tool_calls as [{"id", "function": {"name",
     "arguments"}}], a tool message's tool_call_id naming one of them (ToolError otherwise)."""
-    from .tools import ToolError
-
     out: list[str] = [Control("<bos>")]
     system = None
     if messages and messages[0].get("role") in ("system", "developer"):

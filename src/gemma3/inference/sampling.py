@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..cpu import kernels
-
-if TYPE_CHECKING:  # constrain imports llguidance: loaded only where a constraint is used
-    from .constrain import Constraint
 
 # Temperatures below this are greedy (vLLM's threshold). Logits divided by 1e-30, let alone a
 # denormal such as 1e-45, overflow float32 to inf, and softmax turns that into NaN: such requests
@@ -35,7 +31,7 @@ class SamplingParams:
     # -100 bans a token, +100 all but forces it).
     logit_bias: tuple[tuple[int, float], ...] = ()
     # What the output must match (a JSON schema, grammar, regex, choice): see constrain.py.
-    constraint: "Constraint | None" = None
+    constraint: object | None = None  # a constrain.Constraint (constrain imports this module)
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):

@@ -36,6 +36,9 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from . import functiongemma
+from .functiongemma import ToolError  # raised by both prompt formats
+
 CHOICES = ("auto", "none", "required")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
@@ -49,15 +52,6 @@ NO_TEXT = "\nYou SHOULD NOT include any other text in the response if you call a
 # the same way once its opening appears (its "lazy grammar"); without it a call whose arguments
 # break the function's schema was returned as a call.
 AUTO_GRAMMAR = "start: call | text\ncall: %json {schema}\ntext: TEXT?\nTEXT: /\\s*[^\\s{{\\[][\\s\\S]*/\n"
-
-
-class ToolError(ValueError):
-    """A bad tool definition, tool_choice or tool message; `param` names the field (OpenAI's
-    dotted path, e.g. tools.0.function.parameters)."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -144,8 +138,6 @@ class Calling:
         from .constrain import Constraint  # imports llguidance: only where tools are used
 
         if self.native:
-            from . import functiongemma
-
             return Constraint("grammar", functiongemma.grammar(self) if self.forced else functiongemma.auto_grammar(self))
         if self.forced:
             return Constraint.json_schema(self.schema())
@@ -176,8 +168,6 @@ class Calling:
         opens with { or [ one); "arguments" is read as "parameters" (models trained on OpenAI's
         format write it)."""
         if self.native:
-            from . import functiongemma
-
             parsed = functiongemma.parse(text, self)
             return parsed[1] if parsed is not None and not parsed[0] else None
         try:

@@ -50,6 +50,15 @@ class ToolError(ValueError):
         self.param = param
 
 
+def call_arguments(function: dict, where: str):
+    """An earlier turn's call's `function.arguments` (a JSON string) parsed; a ToolError naming
+    `where`.function.arguments when it is not JSON."""
+    try:
+        return json.loads(function.get("arguments") or "{}")
+    except json.JSONDecodeError as e:
+        raise ToolError(f"{where}.function.arguments is not JSON: {e}", f"{where}.function.arguments") from None
+
+
 def supported(tokenizer) -> bool:
     """Whether `tokenizer` has FunctionGemma's control tokens (each one token of its own)."""
     specials = tokenizer.special_ids
@@ -145,12 +154,8 @@ def pieces(messages: list[dict], calling, add_generation_prompt: bool = True) ->
         if role == "assistant" and m.get("tool_calls"):
             for j, c in enumerate(m["tool_calls"]):
                 fn = c.get("function") or {}
-                try:
-                    args = json.loads(fn.get("arguments") or "{}")
-                except json.JSONDecodeError as e:
-                    raise ToolError(f"messages.{i}.tool_calls.{j}.function.arguments is not JSON: {e}",
-                                    f"messages.{i}.tool_calls.{j}.function.arguments") from None
                 names[c.get("id")] = fn.get("name")
+                args = call_arguments(fn, f"messages.{i}.tool_calls.{j}")
                 out += [Control(CALL), *_escaped(call_text(fn.get("name"), args)), Control(END_CALL)]
             open_turn = True
             continue

@@ -257,11 +257,7 @@ def _written_calls(calls: list[dict], where: str) -> str:
     written = []
     for j, call in enumerate(calls):
         fn = call.get("function") or {}
-        try:
-            args = json.loads(fn.get("arguments") or "{}")
-        except json.JSONDecodeError as e:
-            raise ToolError(f"{where}.tool_calls.{j}.function.arguments is not JSON: {e}",
-                            f"{where}.tool_calls.{j}.function.arguments") from None
-        written.append({"name": fn.get("name"), "parameters": args})
+        written.append({"name": fn.get("name"),
+                        "parameters": functiongemma.call_arguments(fn, f"{where}.tool_calls.{j}")})
     # Compact, as a constrained call is written (its grammar allows no free whitespace).
     return json.dumps(written[0] if len(written) == 1 else written, ensure_ascii=False, separators=(",", ":"))

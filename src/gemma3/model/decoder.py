@@ -117,9 +117,9 @@ class Attention(nn.Module):
             if keys is not None:
                 return band_attention(q, *keys, positions, self.window, self.scale)
         if groups is None and t > 1 and only_chunk(k_pos, positions):
-            # A chunk with nothing before it (a fresh prompt): its own keys suffice, and within the
-            # window the mask is plain causal, which flash attention applies by skipping the blocks
-            # above the diagonal instead of reading a [t, keys] mask (2x at 512 tokens).
+            # A chunk with nothing before it (a fresh prompt) off the band path (another device, or
+            # a short chunk): its own keys suffice, and within the window the mask is plain causal,
+            # so no [t, keys] mask is built or read (2x at 512 tokens on the CPU, before the band path).
             k, v, k_pos = k[:, :, -t:], v[:, :, -t:], k_pos[-t:]
             if self.window is None or t <= self.window:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,22 +33,25 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
            "The most important idea in economics is"]
 
 
-def run_mix(client, model, requests, concurrency, max_tokens) -> tuple[int, float]:
-    """(completion tokens, seconds) for `requests` completions, `concurrency` at a time."""
+def run_mix(client, model, requests, concurrency, max_tokens) -> tuple[int, float, list[int]]:
+    """(completion tokens, seconds, requests each replica served, most first) for `requests`
+    completions, `concurrency` at a time."""
     def one(i):
-        r = client.completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
-                                      temperature=0)
-        return r.usage.completion_tokens
+        raw = client.completions.with_raw_response.create(model=model, prompt=PROMPTS[i % len(PROMPTS)],
+                                                          max_tokens=max_tokens, temperature=0)
+        return raw.parse().usage.completion_tokens, raw.headers.get("x-gemma3-replica", "?").split("@")[0]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        tokens = sum(pool.map(one, range(requests)))
-    return tokens, time.perf_counter() - start
+        answers = list(pool.map(one, range(requests)))
+    seconds = time.perf_counter() - start
+    served = Counter(replica for _, replica in answers)
+    return sum(tokens for tokens, _ in answers), seconds, sorted(served.values(), reverse=True)
 
 
-def cpu_by_process() -> dict[int, tuple[str, float]]:
-    """{pid: (role, CPU seconds so far, user + system)} of this driver and every process under it
-    (Ray's services, its proxy, controller and replicas)."""
+def cpu_by_process() -> dict[int, tuple[str, float, dict[int, float]]]:
+    """{pid: (role, CPU seconds so far (user + system), {thread id: CPU seconds} of a replica)} of
+    this driver and every process under it (Ray's services, its proxy, controller and replicas)."""
     import psutil
 
     me = psutil.Process()
@@ -56,11 +60,26 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
         try:
             with proc.oneshot():
                 cmd, times = proc.cmdline(), proc.cpu_times()
+                role = "driver (clients)" if proc.pid == me.pid else role_of(" ".join(cmd))
+                threads = {t.id: t.user_time + t.system_time for t in proc.threads()} if "Replica" in role else {}
         except psutil.Error:
             continue
-        role = "driver (clients)" if proc.pid == me.pid else role_of(" ".join(cmd))
-        seconds[proc.pid] = role, times.user + times.system
+        seconds[proc.pid] = role, times.user + times.system, threads
     return seconds
+
+
+def busiest_threads(before, after, role: str) -> list[float]:
+    """Shares of its process's CPU that the two busiest threads of `role`'s busiest process took
+    between two cpu_by_process() snapshots: a replica held to 1 thread runs on one (the engine's)."""
+    best, shares = 0.0, []
+    for pid, (r, used, threads) in after.items():
+        old = before.get(pid, (r, 0.0, {}))
+        if r != role or used - old[1] <= best:
+            continue
+        best = used - old[1]
+        deltas = sorted((s - old[2].get(tid, 0.0) for tid, s in threads.items()), reverse=True)
+        shares = [d / best for d in deltas[:2]]
+    return shares
 
 
 def role_of(cmd: str) -> str:
@@ -104,7 +123,7 @@ def main():
         port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     model_flag = f"--model {args.model} " if args.model else ""
-    configs, rounds, cpu = (1, 2), {1: [], 2: []}, {1: {}, 2: {}}
+    configs, rounds, cpu, served, threads = (1, 2), {1: [], 2: []}, {1: {}, 2: {}}, {1: [], 2: []}, {1: [], 2: []}
     try:
         clients = {}
         for replicas in configs:
@@ -118,26 +137,37 @@ def main():
         for _ in range(args.rounds):
             for replicas in configs:
                 before = cpu_by_process() if args.cpu else {}
-                tokens, seconds = run_mix(clients[replicas], model, args.requests, args.concurrency, args.max_tokens)
+                tokens, seconds, counts = run_mix(clients[replicas], model, args.requests, args.concurrency,
+                                                  args.max_tokens)
                 rounds[replicas].append(tokens / seconds)
-                for pid, (role, used) in (cpu_by_process() if args.cpu else {}).items():
+                served[replicas].append(counts)
+                after = cpu_by_process() if args.cpu else {}
+                for pid, (role, used, _) in after.items():
                     cpu[replicas][role] = cpu[replicas].get(role, 0.0) + used - before.get(pid, (role, 0.0))[1]
+                if args.cpu:
+                    threads[replicas].append(busiest_threads(before, after, f"ServeReplica:r{replicas}:Replica"))
     finally:
         serve.shutdown()
         ray.shutdown()
         sys.stdout = report_to
     results = [{"replicas": r, "threads_per_replica": 1, "tokens_per_s": round(max(rounds[r]), 2),
-                "rounds_tokens_per_s": [round(x, 2) for x in rounds[r]]} for r in configs]
+                "rounds_tokens_per_s": [round(x, 2) for x in rounds[r]], "requests_per_replica": served[r]}
+               for r in configs]
     if args.cpu:
         for r in results:
+            r["replica_thread_shares"] = [[round(x, 3) for x in shares] for shares in threads[r["replicas"]]]
             r["cpu_s"] = {role: round(s, 2) for role, s in sorted(cpu[r["replicas"]].items(), key=lambda kv: -kv[1])
                           if s >= 0.05}
     if not args.json:
         for r in results:
             print(f"{r['replicas']} replica(s) x 1 thread: {r['tokens_per_s']:.1f} tokens/s "
                   f"(rounds: {', '.join(f'{x:.1f}' for x in r['rounds_tokens_per_s'])})")
+            print("  requests per replica by round: " + ", ".join("/".join(map(str, c))
+                                                                 for c in r["requests_per_replica"]))
             if args.cpu:
                 print("  CPU s over its rounds: " + ", ".join(f"{role} {s:.1f}" for role, s in r["cpu_s"].items()))
+                print("  a replica's two busiest threads, share of its CPU by round: " + ", ".join(
+                    "/".join(f"{x:.0%}" for x in shares) for shares in r["replica_thread_shares"]))
     speedup = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
     report = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
               "worker_niceness": args.niceness,

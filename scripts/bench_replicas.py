@@ -108,7 +108,7 @@ def main():
     import ray
     from ray import serve
 
-    from gemma3.cli import ray_app
+    from gemma3.cli import ray_app, serve_ray
     load_before = os.getloadavg()
     report_to = sys.stdout
     sys.stdout = sys.stderr  # Ray's own messages (its driver prints to stdout) stay off the report
@@ -116,8 +116,7 @@ def main():
     # one of them is sent work at a time. Ray starts its workers (replicas, proxy) at nice 15, below
     # everything else on the machine, its own services and this driver's clients included: on a
     # machine with other work, the configuration that keeps both cores busy then loses the most.
-    ray.init(address="local", include_dashboard=False, num_cpus=3, _node_ip_address="127.0.0.1",
-             log_to_driver=False, _system_config={"worker_niceness": args.niceness})
+    serve_ray.start_local(num_cpus=3, log_to_driver=False, _system_config={"worker_niceness": args.niceness})
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

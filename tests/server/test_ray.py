@@ -23,8 +23,7 @@ N = 12
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", include_dashboard=False, num_cpus=2, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    serve_ray.start_local(num_cpus=2, log_to_driver=False)  # what `gemma3 serve --ray` starts
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -215,23 +214,31 @@ def test_ray_routes_a_shared_prefix_to_one_replica_and_its_prefix_cache(cluster)
     assert len(set(homes[:SLACK + 1])) == 1 and homes[SLACK + 1] != homes[0], homes
 
 
-def test_ray_affinity_key_prefers_session_then_user_then_the_prompt_s_beginning():
+def test_ray_affinity_key_prefers_session_then_user_then_the_prompt_s_beginning_and_homes_spill():
     import json
 
-    from gemma3.server.ray_routing import PREFIX_CHARS, affinity_key, weight
+    from gemma3.server.ray_routing import PREFIX_CHARS, affinity_key, goes_home, request_json, weight
 
     long = "x" * PREFIX_CHARS
-    body = json.dumps({"prompt": long + "tail one", "user": "ann"}).encode()
-    assert affinity_key([(b"X-Gemma3-Session", b"s1")], body) == "session:s1"
-    assert affinity_key([], body) == "user:ann"
-    one, two = ({"prompt": long + tail} for tail in ("tail one", "tail two"))
-    assert affinity_key([], json.dumps(one).encode()) == affinity_key([], json.dumps(two).encode()) == "prefix:" + long
+
+    def key(headers, request):
+        return affinity_key(headers, request_json(json.dumps(request).encode()))
+
+    body = {"prompt": long + "tail one", "user": "ann"}
+    assert key([(b"X-Gemma3-Session", b"s1")], body) == "session:s1"
+    assert key([], body) == "user:ann"
+    assert key([], {"prompt": long + "tail one"}) == key([], {"prompt": long + "tail two"}) == "prefix:" + long
     chat = {"messages": [{"role": "system", "content": "Be brief."},
                          {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
-    assert affinity_key([], json.dumps(chat).encode()) == "prefix:Be brief.\nHi"
-    assert affinity_key([], json.dumps({"prompt": ["first", "second"]}).encode()) == "prefix:first"
-    for nothing in (b"", b"not json", b"[1]", b'{"input": "embed me"}'):
-        assert affinity_key([], nothing) is None
+    assert key([], chat) == "prefix:Be brief.\nHi"
+    assert key([], {"prompt": ["first", "second"]}) == "prefix:first"
+    assert key([], {"input": "embed me"}) is None
+    for nothing in (b"", b"not json", b"[1]"):
+        assert request_json(nothing) is None and affinity_key([], request_json(nothing)) is None
+    # Home keeps a request within the slack, unless its batch is full and another's has a free row.
+    assert goes_home(3, 1, slack=2, batch=8) and not goes_home(4, 1, slack=2, batch=8)
+    assert not goes_home(8, 7, slack=2, batch=8) and goes_home(8, 8, slack=2, batch=8)
+    assert goes_home(9, 8, slack=2, batch=8) and not goes_home(11, 8, slack=2, batch=8)
     # Rendezvous homes: keys spread over the replicas, and removing one replica moves only its keys.
     home = {i: max(("r1", "r2", "r3"), key=lambda r: weight(f"k{i}", r)) for i in range(30)}
     assert set(home.values()) == {"r1", "r2", "r3"}

@@ -115,8 +115,8 @@ def run(args):
 
     model_id, app = application(args)
     local = args.ray_address is None and not _env_address()
-    if local:  # one machine: keep Ray's services on loopback like the server itself
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+    if local:
+        start_local()
     else:
         ray.init(address=args.ray_address)
     stop = threading.Event()
@@ -137,6 +137,30 @@ def run(args):
         if local:
             serve.shutdown()
             ray.shutdown()
+
+
+# Ray Serve's defaults that take a replica's CPU on a small machine, for the local cluster that
+# `gemma3 serve --ray` starts (on a cluster of your own, set them in its nodes' environment; an
+# environment variable already set wins). Health checks, restarts and autoscaling keep working:
+# the controller acts on them within its loop period.
+LEAN_SERVE_ENV = {
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # the controller's loop (default 0.1 s)
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",  # each replica's and proxy's metrics push (default 100)
+    "RAY_SERVE_LOG_TO_STDERR": "0",  # Serve's log lines to its log files only, not again through Ray's log monitor
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def start_local(**init):
+    """A local Ray cluster for this machine's replicas: its services on loopback like the server
+    itself, no dashboard, LEAN_SERVE_ENV (its processes inherit this one's environment)."""
+    import os
+
+    import ray
+
+    for name, value in LEAN_SERVE_ENV.items():
+        os.environ.setdefault(name, value)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **init)
 
 
 def _env_address() -> bool:

@@ -8,8 +8,10 @@ characters (the text of the chat messages, in order, for chat). The key picks a 
 rendezvous hashing (the replica whose hash with the key is highest), so every ingress replica
 agrees without shared state, and a replica coming or going only moves the keys whose home it
 was. The request goes home unless home has more than `slack` requests more than the least
-loaded of two other replicas picked at random (Ray's power of two choices): then it goes to
-the least loaded of the three. A request without a key is routed by power of two choices alone.
+loaded of two other replicas picked at random (Ray's power of two choices), or home's batch is
+full and that replica's is not (the request would wait in home's queue while a batch elsewhere
+has a free row): then it goes to the least loaded of the three. A request without a key is
+routed by power of two choices alone.
 
 Only ray_serve.py imports this module.
 """
@@ -41,19 +43,32 @@ SESSION_HEADER = b"x-gemma3-session"
 SLACK = 2
 
 
-def affinity_key(headers: list[tuple[bytes, bytes]], body: bytes) -> str | None:
-    """The request's affinity key (see the module's docstring), or None when it has none (a GET,
-    a body that is not a JSON object, no prompt or messages)."""
-    for name, value in headers:
-        if name.lower() == SESSION_HEADER and value:
-            return "session:" + value.decode("latin-1")
+def goes_home(home: int, alternative: int, slack: int, batch: int) -> bool:
+    """Whether a request goes to its home replica, given the ongoing requests of home and of the
+    least loaded alternative and the engines' batch size: a shared prefix saves its prefill, but
+    not waiting in a queue for a batch row that another replica has free."""
+    return home <= alternative + slack and (home < batch or alternative >= batch)
+
+
+def request_json(body: bytes) -> dict | None:
+    """A request body's JSON object, or None (no body, not JSON, not an object). The ingress
+    parses each body once, for the affinity key and whether it streams."""
     if not body:
         return None
     try:
         request = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(request, dict):
+    return request if isinstance(request, dict) else None
+
+
+def affinity_key(headers: list[tuple[bytes, bytes]], request: dict | None) -> str | None:
+    """The request's affinity key (see the module's docstring) from its headers and its body's
+    JSON object (request_json), or None when it has none (a GET, no prompt or messages)."""
+    for name, value in headers:
+        if name.lower() == SESSION_HEADER and value:
+            return "session:" + value.decode("latin-1")
+    if request is None:
         return None
     if isinstance(request.get("user"), str) and request["user"]:
         return "user:" + request["user"]
@@ -87,10 +102,11 @@ def weight(key: str, replica: str) -> int:
 
 class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     """Home replica by rendezvous hash of the request's `affinity` keyword argument, least loaded
-    of home and two random others when home is `slack` requests busier than them."""
+    of home and two random others when home is `slack` requests busier than them or its `batch`
+    is full while theirs is not (goes_home)."""
 
-    def initialize_state(self, slack: int = SLACK):
-        self.slack = slack
+    def initialize_state(self, slack: int = SLACK, batch: int = 8):
+        self.slack, self.batch = slack, batch
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -103,7 +119,7 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
         if home not in loads:  # it did not answer in time (dying, or swamped): Ray's usual choice
             return [others]
         alternative = min(others, key=lambda r: loads.get(r, float("inf")))
-        if loads[home] <= loads.get(alternative, float("inf")) + self.slack:
+        if alternative not in loads or goes_home(loads[home], loads[alternative], self.slack, self.batch):
             return [[home], others]  # a home that turns the request down (full) falls through to the others
         return [[alternative], [r for r in (home, *others) if r is not alternative]]
 

@@ -42,7 +42,7 @@ from .app import create_app
 from .arenas import limit_arenas
 from .engine import WEDGED_S, Engine
 from .guard import Limits
-from .ray_routing import SLACK, PrefixAffinityRouter, affinity_key
+from .ray_routing import SLACK, PrefixAffinityRouter, affinity_key, request_json
 
 APP_NAME = "gemma3"
 # A request whose replica fails before answering is sent again (nothing of it was seen yet): until
@@ -69,7 +69,13 @@ class Settings:
     wedged_s: float = WEDGED_S
 
 
-@serve.deployment(health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_wait_loop_s=1)
+# Ray's proxy writes one access-log line per HTTP request; the ingress's and the replica's would
+# add two more for the same request (internal calls), each a log record formatted and written.
+NO_ACCESS_LOG = {"enable_access_log": False}
+
+
+@serve.deployment(health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_wait_loop_s=1,
+                  logging_config=NO_ACCESS_LOG)
 class Replica:
     def __init__(self, settings: Settings):
         torch.set_num_threads(settings.threads)
@@ -99,13 +105,21 @@ class Replica:
         if engine is not None:
             engine.stop(timeout=5)
 
+    async def respond(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+                      client: tuple[str, int] | None, affinity: str | None = None) -> tuple[int, list, bytes]:
+        """handle() for a request that did not ask to stream: the whole (status, headers, body) as
+        one plain Ray call, which costs Ray less than a streaming call (whose items and end are
+        each reported back to the caller)."""
+        head, *events = [item async for item in self.handle(method, path, query, headers, body, client)]
+        return head[0], head[1], head[2] + b"".join(events)
+
     async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
                      client: tuple[str, int] | None, affinity: str | None = None):
         """Runs one HTTP request through this replica's app. Yields (status, headers, body): the
-        whole response in one item (one Ray message per request), except for an SSE stream, whose
-        first item has an empty body and whose events follow as they come. Closing the generator
-        (the client left) is a disconnect to the app, which cancels the request in the engine.
-        (`affinity` is for the router that picked this replica.)"""
+        whole response in one item, except for an SSE stream, whose first item has an empty body
+        and whose events follow as they come. Closing the generator (the client left) is a
+        disconnect to the app, which cancels the request in the engine. (`affinity` is for the
+        router that picked this replica.)"""
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query,
                  "headers": headers, "client": client, "server": None}
@@ -155,11 +169,11 @@ def _error(message: str, code: str) -> dict:
 ingress_app = FastAPI(title="gemma3 (Ray Serve)", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, logging_config=NO_ACCESS_LOG)
 @serve.ingress(ingress_app)
 class Ingress:
     def __init__(self, replicas):
-        self.replicas = replicas.options(stream=True)
+        self.replicas, self.streams = replicas, replicas.options(stream=True)
 
     @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                            include_in_schema=False)
@@ -168,12 +182,16 @@ class Ingress:
 
         body = await request.body()
         client = tuple(request.client) if request.client else None
-        affinity = affinity_key(request.scope["headers"], body)
+        parsed = request_json(body)
+        affinity = affinity_key(request.scope["headers"], parsed)
+        # Only a request that asks to stream is a streaming Ray call; any other is answered whole.
+        stream = parsed is not None and parsed.get("stream") is True
         for attempt in range(RETRIES + 1):
-            chunks = self.replicas.handle.remote(request.method, "/" + path, request.scope.get("query_string", b""),
-                                                 request.scope["headers"], body, client, affinity=affinity)
+            call = (self.streams.handle if stream else self.replicas.respond).remote(
+                request.method, "/" + path, request.scope.get("query_string", b""), request.scope["headers"], body,
+                client, affinity=affinity)
             try:
-                status, headers, content = await chunks.__anext__()
+                status, headers, content = await (call.__anext__() if stream else call)
                 break
             except BackPressureError as e:
                 return JSONResponse(_error(f"every replica is busy: {e}", "queue_full"), status_code=503,
@@ -183,14 +201,15 @@ class Ingress:
                     return JSONResponse(_error(f"the replica serving this request failed before answering "
                                                f"({type(e).__name__}); retry", "replica_failed"), status_code=503,
                                         headers={"Retry-After": "1"})
-        if not any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers):
+        if not stream or not any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                                 for k, v in headers):  # a whole response (a stream's error is one too)
             response = Response(content, status_code=status)
             response.raw_headers = list(headers)  # the replica's, content-length included
             return response
 
         async def events():
             try:
-                async for chunk in chunks:
+                async for chunk in call:
                     yield chunk
             except Exception as e:  # the replica died mid-stream
                 message = f"the replica serving this stream failed ({type(e).__name__}); the answer is incomplete"
@@ -209,7 +228,8 @@ def application(settings: Settings, replicas: int = 1, autoscale: tuple[int, int
     finish the ones it has (streams included) before its engine is stopped."""
     from ray.serve.config import RequestRouterConfig
 
-    router = RequestRouterConfig(request_router_class=PrefixAffinityRouter, request_router_kwargs={"slack": SLACK})
+    router = RequestRouterConfig(request_router_class=PrefixAffinityRouter,
+                                 request_router_kwargs={"slack": SLACK, "batch": settings.max_batch})
     options = dict(ray_actor_options={"num_cpus": settings.threads}, request_router_config=router,
                    max_ongoing_requests=settings.max_batch + settings.max_queue,
                    graceful_shutdown_timeout_s=drain_s)

@@ -1,6 +1,10 @@
 """Throughput of `gemma3 serve --ray` with 1 and with 2 replicas (1 thread each) on the same
-request mix: a local Ray cluster on 127.0.0.1, the same concurrent greedy completions sent through
-the ingress with the openai client, completion tokens per second of wall time.
+request mix: the local Ray cluster `gemma3 serve --ray` starts (serve_ray.start_local), the same
+concurrent greedy completions sent through the ingress with the openai client, completion tokens
+per second of wall time. --cpu adds the CPU seconds of each kind of process (Ray's services, the
+proxy, controller, ingress, replicas, the clients) over each configuration's rounds, and the
+share of a replica's CPU its two busiest threads took (a replica held to 1 thread runs its model
+on one: the engine's).
 
 usage: PYTHONPATH=src python scripts/bench_replicas.py [--requests 32] [--concurrency 16]
        [--max-tokens 64] [--rounds 5] [--niceness 15] [--cpu] [--json]
@@ -12,13 +16,15 @@ all, and a second replica gains only what a batch of 4 steps faster than one of 
 Both configurations are deployed side by side (two Ray Serve applications, /r1 and /r2; an idle
 replica only wakes once a second) and warmed up with one request per replica; then their rounds
 alternate (1, 2, 1, 2, ...) so that a change in the machine's other load hits both alike. The
-figure is each one's best round; every round is reported. 2 replicas need 2 free cores.
+figure is each one's best round (and the ratio of their median rounds); every round is reported,
+with the requests each replica served. 2 replicas need 2 free cores.
 """
 
 import argparse
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 from collections import Counter
@@ -168,14 +174,15 @@ def main():
                 print("  a replica's two busiest threads, share of its CPU by round: " + ", ".join(
                     "/".join(f"{x:.0%}" for x in shares) for shares in r["replica_thread_shares"]))
     speedup = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
+    median_speedup = statistics.median(rounds[2]) / statistics.median(rounds[1])
     report = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
               "worker_niceness": args.niceness,
               "cpu_count": os.cpu_count(), "load_average_before": load_before, "results": results,
-              "speedup_2_over_1": round(speedup, 3)}
+              "speedup_2_over_1": round(speedup, 3), "median_rounds_speedup_2_over_1": round(median_speedup, 3)}
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"2 replicas / 1 replica: {speedup:.2f}x (load average before: "
+        print(f"2 replicas / 1 replica: {speedup:.2f}x (median rounds: {median_speedup:.2f}x; load average before: "
               f"{', '.join(f'{x:.1f}' for x in load_before)} on {os.cpu_count()} cores)")
 
 

@@ -5,9 +5,9 @@ Two deployments make one Ray Serve application:
 - `Replica` (N of them, or MIN..MAX autoscaled): each loads the model, runs its own Engine on its
   own thread and builds the very FastAPI app `gemma3 serve` serves (create_app: same routes,
   limits, errors). It takes requests as plain data (method, path, headers, body) and runs them
-  through that app in-process. A Ray streaming call brings back a whole response as one item,
-  or an SSE stream's status and headers and then its events as they come, so streams stay
-  streams.
+  through that app in-process. A request that does not ask to stream is one plain Ray call that
+  returns the whole response; one that does is a Ray streaming call that brings back the
+  stream's status and headers and then its events as they come, so streams stay streams.
 - `Ingress` (one, no CPU of its own): Ray Serve's HTTP entry. It forwards every request to a
   replica through a deployment handle, whose router (ray_routing.PrefixAffinityRouter) sends
   requests that share a session, user or prompt beginning to the same replica, whose prefix

@@ -150,7 +150,7 @@ LEAN_SERVE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # Request handlers on each replica's own event loop, and the ingress's router on its loop,
     # instead of a loop on a thread of their own: one hand-over between threads less per request
-    # and per streamed item (our handlers never block: the engine runs on its own thread).
+    # and per streamed item (our handlers await the engine, which runs on a thread of its own).
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }

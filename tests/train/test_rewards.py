@@ -131,4 +131,4 @@ def test_held_out_problems_are_distinct_and_never_trained_on():
     with pytest.raises(ValueError, match="distinct problems"):
         tasks.split_held_out(tasks.arithmetic(500, digits=1, ops="+"), 150)
     with pytest.raises(ValueError, match="no training problems"):
-        tasks.split_held_out(tasks.arithmetic(500, digits=1, ops="+"), 100)
+        tasks.split_held_out(tasks.arithmetic(2000, digits=1, ops="+"), 100)  # all 100

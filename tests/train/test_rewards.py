@@ -119,3 +119,16 @@ def test_reasoning_gym_task_uses_its_scorer():
     samples = tasks.load("reasoning-gym:basic_arithmetic", 3, seed=1)
     assert all(tasks.task_reward(s["answer"], s).value == 1 for s in samples)
     assert tasks.task_reward("banana", samples[0]).value == 0
+
+
+def test_held_out_problems_are_distinct_and_never_trained_on():
+    samples = tasks.arithmetic(400, seed=0, digits=1, ops="+-", style="fewshot")  # 200 problems: repeats
+    train, held_out = tasks.split_held_out(samples, 100)
+    prompts = [s["prompt"] for s in held_out]
+    assert len(prompts) == len(set(prompts)) == 100
+    assert train and not set(prompts) & {s["prompt"] for s in train}
+    assert len(train) + len(held_out) < len(samples)  # repeats of held-out problems were dropped
+    with pytest.raises(ValueError, match="distinct problems"):
+        tasks.split_held_out(tasks.arithmetic(500, digits=1, ops="+"), 150)
+    with pytest.raises(ValueError, match="no training problems"):
+        tasks.split_held_out(tasks.arithmetic(2000, digits=1, ops="+"), 100)  # all 100

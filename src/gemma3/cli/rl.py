@@ -32,7 +32,8 @@ def register(sub):
     p.add_argument("--prompt-style", choices=("question", "fewshot"), default=None,
                    help="arithmetic: 'question' (an instruction, the default) or 'fewshot' (four solved Q:/A: lines "
                         "first; a base model then answers after 'A:')")
-    p.add_argument("--train-size", type=options.positive_int, default=1000, help="training problems (default 1000)")
+    p.add_argument("--train-size", type=options.positive_int, default=1000,
+                   help="problems drawn for training (default 1000; those equal to a held-out problem are dropped)")
     p.add_argument("--eval-size", type=options.count, default=200, help="held-out problems for greedy accuracy (default 200)")
     p.add_argument("--format-weight", type=options.non_negative, default=0.0,
                    help="weight of a format reward (the completion's first line is a bare number; default 0)")
@@ -96,7 +97,8 @@ def cmd_rl(args):
 
     torch.manual_seed(args.seed)
     lora.apply_lora(model, lora.LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank))
-    train, held_out = samples[:args.train_size], samples[args.train_size:]
+    # held-out problems first and distinct, training on the rest: no problem is in both sets
+    train, held_out = tasks.split_held_out(samples, args.eval_size) if args.eval_size else (samples, [])
     components = {"task": (1.0, tasks.task_reward)}
     if args.format_weight:
         components["format"] = (args.format_weight, rewards.format_reward(r"\s*-?\d+(\.\d+)?\s*(\n.*)?", full=True))

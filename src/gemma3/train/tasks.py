@@ -55,6 +55,28 @@ def load(task: str, n: int, seed: int = 0, **arithmetic_options) -> list[dict]:
     raise ValueError(f"unknown task {task!r}: use 'arithmetic' or 'reasoning-gym:NAME'")
 
 
+def split_held_out(samples: list[dict], eval_size: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) with no problem in both: the held-out set is the first `eval_size` distinct
+    prompts, training keeps every other sample (repeats included). Small problem spaces (one-digit
+    operands: 100 per operator) repeat problems, so a split by position would evaluate on training
+    problems."""
+    held_out, seen = [], set()
+    for sample in samples:
+        if len(held_out) == eval_size:
+            break
+        if sample["prompt"] not in seen:
+            seen.add(sample["prompt"])
+            held_out.append(sample)
+    if len(held_out) < eval_size:
+        raise ValueError(f"only {len(held_out)} distinct problems, fewer than the {eval_size} held out: "
+                         "use a larger task (more digits or operators) or a smaller evaluation set")
+    train = [s for s in samples if s["prompt"] not in seen]
+    if not train:
+        raise ValueError(f"no training problems left after holding out {eval_size} distinct ones: "
+                         "use a larger task (more digits or operators) or a smaller evaluation set")
+    return train, held_out
+
+
 def task_reward(completion: str, sample: dict) -> Score:
     """The task's own scorer: reasoning-gym's for its samples, the numeric match otherwise. The first
     line of the completion is scored (the prompt asks for only the number)."""

@@ -8,7 +8,7 @@ prefill included in the time:
 - ours/engine+lora: `train.rollout.rollout` on the policy `gemma3 rl` samples from: the GGUF blocks on
   the C++ kernels (CPU backend) with the training model's rank-8 LoRA adapter applied unmerged
   (`EnginePolicy`, B ≠ 0 so the adapter paths really run), one prefill per prompt, every row in
-  one decode call per step, sampling by the exponential race;
+  one decode call per step, sampling by the inverse CDF (one uniform per row);
 - ours/fp32+lora (with --fp32): the same rollout on the training model itself (fp32 PyTorch
   weights, adapters live), the path before the engine;
 - plain: transformers' Gemma3ForCausalLM with the same fp32 weights, `generate(do_sample=True)` on

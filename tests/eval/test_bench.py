@@ -27,3 +27,14 @@ def test_bench_json_names_the_machine_and_path():
     assert spec["acceptance"] > 0.9 and spec["tokens_per_step"] > 3
     assert result["machine"] == {"cpu": kernels.cpu_model(), "isa": kernels.isa(), "threads": 2}
     assert result["machine"]["isa"] in ("avx512-amx", "avx512", "avx2", "none")
+
+
+def test_bench_times_the_prefill_lengths_asked_for():
+    # A 12B prefills 2048 tokens in minutes on 2 cores: --prefill picks the lengths timed.
+    run = [sys.executable, "-m", "gemma3", "bench", "--repeat", "1", "--decode", "4", "--json"]
+    out = subprocess.run(run + ["--prefill", "64,128"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    prefill = json.loads(out.stdout)["ours"]["prefill_tok_s"]
+    assert set(prefill) == {"64", "128"} and min(prefill.values()) > 0
+    out = subprocess.run(run + ["--prefill", "5000"], capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "--prefill 5000 tokens do not fit --ctx" in out.stderr

@@ -20,6 +20,24 @@ def test_ring_wraps_around_and_keeps_the_last_window(tiny):
     assert (ring.positions % window == torch.arange(window)).all()
 
 
+def test_ring_stores_a_chunk_as_its_tokens_one_by_one():
+    # A chunk of consecutive positions is stored by slice copies (split where the ring wraps);
+    # single tokens by index_copy_: both must leave the same slots, in fp32 and int8 storage.
+    from gemma3.model.cache import RingKV
+
+    for dtype in (torch.float32, torch.int8):
+        chunked, single = (RingKV.empty(1, 2, 8, 10, dtype, torch.float32, "cpu") for _ in "ab")
+        for start, n in ((0, 7), (7, 6), (13, 25), (38, 1), (39, 10)):  # fill, wrap, > window, one, wrap at 9
+            k, v, pos = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8), torch.arange(start, start + n)
+            chunked.store(k, v, pos)
+            for i in range(n):
+                single.store(k[:, :, i:i + 1], v[:, :, i:i + 1], pos[i:i + 1])
+            assert torch.equal(chunked.positions, single.positions)
+            for a, b in zip(chunked.contents(), single.contents()):
+                assert torch.equal(a, b)
+        assert sorted(chunked.positions.tolist()) == list(range(39, 49))
+
+
 def test_int8_kv_close_to_full_precision(tiny):
     ids = torch.randint(0, tiny.config.vocab_size, (1, 60))
     with torch.no_grad():

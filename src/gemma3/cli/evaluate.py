@@ -51,6 +51,9 @@ def register(sub):
     p.add_argument("--against", choices=("llama.cpp",), default=None, help="measure llama-cpp-python side by side")
     p.add_argument("--llama-python", default=None,
                    help="interpreter with llama-cpp-python (default: this one, if it can import llama_cpp)")
+    p.add_argument("--prefill", type=options.int_list, default=list(PREFILL_LENGTHS),
+                   help="prompt lengths whose prefill is timed (default: %(default)s; fewer for big models, "
+                        "e.g. --prefill 512: a 12B prefills 2048 tokens in minutes on 2 cores)")
     p.add_argument("--ctx", type=options.positive_int, default=max(PREFILL_LENGTHS) + DECODE_TOKENS,
                    help="context size (KV cache) for both sides (default: %(default)s)")
     p.add_argument("--decode", type=options.positive_int, default=DECODE_TOKENS, help="greedy tokens to time (default: %(default)s)")

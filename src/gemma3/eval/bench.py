@@ -165,7 +165,7 @@ def run_llama(args):
 
     def context(n_ctx, n_seq=1):
         p = L.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, max(PREFILL_LENGTHS), 512
+        p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, max(PREFILL_LENGTHS + tuple(args.prefill)), 512
         p.n_seq_max, p.n_threads, p.n_threads_batch = n_seq, args.threads, args.threads
         if n_seq > 1:
             p.kv_unified = True
@@ -252,7 +252,7 @@ def worker_command(python, side, args, phases, no_extra_bufts=False):
     """One worker process: this file as a plain script (llama.cpp's side, another interpreter) or
     as gemma3's module, told what to do by one JSON argument."""
     spec = {"worker": side, "model": args.model_path, "threads": args.threads, "ctx": args.ctx,
-            "decode": args.decode, "phases": phases, "no_extra_bufts": no_extra_bufts}
+            "decode": args.decode, "phases": phases, "no_extra_bufts": no_extra_bufts, "prefill": args.prefill}
     if side == "ours":
         spec |= {"backend": args.backend, "device": args.device, "draft_model": args.draft_model_path,
                  "draft_k": args.draft_k}
@@ -275,7 +275,7 @@ def run_worker(cmd) -> tuple[dict, int, str]:
 
 
 def phases_for(args, side: str) -> list[str]:
-    return (["warmup", "decode", "warmup_batch"] + [f"prefill{n}" for n in PREFILL_LENGTHS]
+    return (["warmup", "decode", "warmup_batch"] + [f"prefill{n}" for n in args.prefill]
             + [f"batch{b}" for b in args.batch]
             + (["repeat_plain", "repeat_lookup"] if args.lookup and side == "ours" else [])
             + (["draft_plain", "draft"] if args.draft_model and side == "ours" else []))
@@ -318,7 +318,7 @@ class Side:
     def figures(self, args) -> dict:
         med = {k: statistics.median(v) for k, v in self.samples.items()}
         out = {"load_s": round(med["load_s"], 3),
-               "prefill_tok_s": {str(n): round(med[f"prefill{n}"], 1) for n in PREFILL_LENGTHS},
+               "prefill_tok_s": {str(n): round(med[f"prefill{n}"], 1) for n in args.prefill},
                "decode_tok_s": round(med["decode"], 2),
                "peak_rss_mb": round(med["peak_rss_mb"], 1)}
         if args.batch:
@@ -367,7 +367,7 @@ def llama_python(requested: str | None) -> str:
 def table(result: dict, args) -> str:
     sides = [k for k in ("ours", "llama_cpp") if k in result]
     rows = [("load (s)", lambda f: f["load_s"], "{:.2f}"),
-            *[(f"prefill {n} (tok/s)", lambda f, n=str(n): f["prefill_tok_s"][n], "{:.0f}") for n in PREFILL_LENGTHS],
+            *[(f"prefill {n} (tok/s)", lambda f, n=str(n): f["prefill_tok_s"][n], "{:.0f}") for n in args.prefill],
             (f"decode {args.decode} (tok/s)", lambda f: f["decode_tok_s"], "{:.1f}"),
             ("peak RSS (MB)", lambda f: f["peak_rss_mb"], "{:.0f}"),
             *[(f"batch {b} decode (tok/s)", lambda f, b=str(b): f["batch_decode_tok_s"][b], "{:.0f}") for b in args.batch]]
@@ -433,6 +433,8 @@ def bench(args) -> dict:
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: this PyTorch build sees no CUDA GPU")
+    if max(args.prefill, default=0) > args.ctx:
+        raise ValueError(f"--prefill {max(args.prefill)} tokens do not fit --ctx {args.ctx}")
     if args.device == "cuda" and args.against:
         raise ValueError("--against llama.cpp compares CPU builds; use --device cpu")
     if not args.model_path.endswith(".gguf") and args.against:

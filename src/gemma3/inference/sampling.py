@@ -138,16 +138,23 @@ def distribution(logits: torch.Tensor, params: SamplingParams, history: list[int
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
-    """One index with probability `probs[i]`, by inverting the CDF with a single uniform number.
+    """One index with probability `probs[i]` (a 1-D vector): `draw_rows` of one row."""
+    return int(draw_rows(probs[None], generator)[0])
 
-    torch.multinomial spends ~5 ms on a 262k vocabulary (it draws per category); a cumulative sum
-    and a binary search take ~0.2 ms, which matters when a server samples 16 rows per step.
+
+def draw_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of `probs` [rows, vocab], with probability probs[r, i], by inverting each
+    row's CDF with a single uniform number.
+
+    torch.multinomial spends ~5 ms on a 262k vocabulary (it draws per category), and the
+    exponential race (argmax of p / Exp(1) noise) draws 262k exponentials per row: 95 ms per step
+    for 16 rows, half of an RL rollout's time. A cumulative sum and a binary search take ~0.2 ms per row.
     """
-    cdf = torch.cumsum(probs, 0)
-    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
+    cdf = torch.cumsum(probs, -1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype) * cdf[..., -1:]
     # The first index whose cumulative mass exceeds u: a zero-probability id never qualifies,
     # because its cumulative mass equals its predecessor's.
-    i = int(torch.searchsorted(cdf, u[None], right=True))
-    if i >= probs.numel():  # u rounded up to the total: take the last id with any mass
-        i = int(torch.nonzero(probs).max())
-    return i
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    for r in (idx >= probs.shape[-1]).nonzero().flatten().tolist():  # u rounded up to the total:
+        idx[r] = torch.nonzero(probs[r]).max()                          # the last id with any mass
+    return idx

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..inference.sampling import draw_rows
 from ..model import adapters
 from . import lora
 
@@ -40,11 +41,7 @@ def rollout(model, prompts: list[list[int]], group: int, max_tokens: int, temper
     active = list(range(len(caches)))
     for step in range(max_tokens):
         if temperature > 0:
-            # argmax of p / Exp(1) noise is a sample of p (the exponential race, as vLLM samples):
-            # torch.multinomial took ~0.4 s per step on 16 rows of the 262k vocabulary
-            probs = torch.softmax(logits.float() / temperature, -1)
-            noise = torch.empty_like(probs).exponential_(generator=generator)
-            tokens = (probs / noise).argmax(-1)
+            tokens = draw_rows(torch.softmax(logits.float() / temperature, -1), generator)
         else:
             tokens = logits.argmax(-1)
         still = []

@@ -21,6 +21,7 @@ the cache key hashes every header too (HEADERS).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.machinery
@@ -147,15 +148,26 @@ def _load():
     name = f"gemma3_kernels_{build.replace('-', '_')}_{build_key(build)}"
     build_dir = cache_dir() / name
     built = build_dir / f"{name}.so"
-    if built.exists():
-        loader = importlib.machinery.ExtensionFileLoader(name, str(built))
-        spec = importlib.util.spec_from_loader(name, loader)
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
-        return module
+    if not built.exists():
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with open(build_dir / "gemma3.lock", "w") as lock:
+            # One builder at a time. The OS drops this lock when its holder dies; torch's builder
+            # instead leaves a `lock` file behind, and every later run would wait on a build killed
+            # by Ctrl-C forever. Holding ours, no live builder can own that file: remove it.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not built.exists():
+                (build_dir / "lock").unlink(missing_ok=True)
+                return _build(name, build, build_dir)
+    loader = importlib.machinery.ExtensionFileLoader(name, str(built))
+    spec = importlib.util.spec_from_loader(name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _build(name: str, build: str, build_dir: Path):
     from torch.utils.cpp_extension import load
 
-    build_dir.mkdir(parents=True, exist_ok=True)
     # The first run would otherwise sit silent for the length of the compile.
     print(f"gemma3: building CPU kernels, one time, ~1 min (cached in {cache_dir()})", file=sys.stderr, flush=True)
     return load(name, [str(s) for s in SOURCES], extra_cflags=cflags(build), extra_ldflags=["-fopenmp"],

@@ -165,6 +165,8 @@ def run_llama(args):
 
     def context(n_ctx, n_seq=1):
         p = L.llama_context_default_params()
+        # n_batch: tokens one llama_decode may take; never below the default lengths' 2048, which the
+        # warm-up and batched phases stay within whatever --prefill asks for.
         p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, max(PREFILL_LENGTHS + tuple(args.prefill)), 512
         p.n_seq_max, p.n_threads, p.n_threads_batch = n_seq, args.threads, args.threads
         if n_seq > 1:

@@ -64,6 +64,30 @@ def test_warm_averages_members_from_one_init():
         rmod.warm_average([averaged, {"head.weight": averaged["head.weight"]}])
 
 
+def test_bootstrap_member_never_sees_the_pairs_left_out_of_its_resample():
+    tok = byte_tokenizer()
+    rm = _rm()
+    feats = rmod.PairFeatures(rm, *rmod.encode_pairs(tok, _pairs(16)))
+    init = rmod.trained_state(rm)
+    cfg = rmod.RMConfig(lr=1e-3, epochs=2, batch=4, seed=3, bootstrap=True)
+    rows = rmod.training_rows(16, cfg)
+    unseen = torch.tensor([i not in rows for i in range(16)])
+    assert len(rows) == 16 and 0 < int(unseen.sum()) < 16
+
+    def trained(c, flipped):
+        rmod.load_trained_state(rm, init)
+        rmod.train_rm(rm, feats, c, flipped)
+        return rmod.trained_state(rm)
+
+    clean = trained(cfg, None)
+    for k, v in trained(cfg, unseen).items():  # flipping pairs it never draws changes nothing
+        torch.testing.assert_close(v, clean[k], rtol=0, atol=0)
+    full = rmod.RMConfig(lr=1e-3, epochs=2, batch=4, seed=3)
+    assert rmod.training_rows(16, full) == list(range(16))
+    flipped_full = trained(full, unseen)  # without the resample the same flips do change the model
+    assert any(not torch.equal(flipped_full[k], trained(full, None)[k]) for k in clean)
+
+
 def test_bad_pairs_are_named(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3}\n')
@@ -78,9 +102,11 @@ def test_cli_pairs_train_warm_eval(tmp_path, capsys):
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     assert len(rows) == 12 and all(r["chosen"] != r["rejected"] for r in rows)
     base = ["--model", str(model), "--pairs", str(pairs), "--eval-pairs", str(pairs), "--epochs", "1", "--json"]
-    code, out, err = run_cli(["rm", "warm", *base, "--models", "2", "--out", str(tmp_path / "warm")], capsys)
+    code, out, err = run_cli(["rm", "warm", *base, "--models", "2", "--bootstrap", "--out", str(tmp_path / "warm")],
+                             capsys)
     assert code == 0, err
     result = json.loads(out)
+    assert json.loads((tmp_path / "warm" / "member1" / "rm_config.json").read_text())["bootstrap"] is True
     assert len(result["member_eval_accuracy"]) == 2 and 0 <= result["eval_accuracy"] <= 1
     code, out, err = run_cli(["rm", "eval", "--model", str(model), "--rm", str(tmp_path / "warm"), "--pairs",
                               str(pairs), "--json"], capsys)

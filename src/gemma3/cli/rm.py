@@ -35,6 +35,10 @@ def register(sub):
     p.add_argument("--models", type=options.positive_int, default=4, help="warm: reward models averaged (default 4)")
     p.add_argument("--lr-spread", type=options.positive, default=2.0,
                    help="warm: learning rates spread geometrically over [lr/s, lr·s] (default 2)")
+    p.add_argument("--bootstrap", action="store_true",
+                   help="train on a resample of the pairs with replacement; warm: each member its own "
+                        "(bagging: under label noise the average then gains over its members, "
+                        "scripts/warm_demo.py)")
     p.set_defaults(func=cmd_rm)
 
 
@@ -73,7 +77,7 @@ def cmd_rm(args):
     feats = rmod.PairFeatures(rm, *rmod.encode_pairs(tok, rmod.read_pairs(args.pairs)))
     held = (rmod.PairFeatures(rm, *rmod.encode_pairs(tok, rmod.read_pairs(args.eval_pairs)))
             if args.eval_pairs else None)
-    cfg = rmod.RMConfig(args.trainable_layers, args.lr, args.epochs, args.batch, args.seed, args.model)
+    cfg = rmod.RMConfig(args.trainable_layers, args.lr, args.epochs, args.batch, args.seed, args.model, args.bootstrap)
     if args.action == "train":
         rmod.train_rm(rm, feats, cfg)
         rmod.save_rm(args.out, rm, cfg)

@@ -35,6 +35,7 @@ class RMConfig:
     batch: int = 8
     seed: int = 0
     base: str | None = None  # the backbone it was trained on (a model path, or None: the embedded 270M)
+    bootstrap: bool = False  # train on a resample of the pairs with replacement (bagging), drawn from `seed`
 
 
 class RewardModel(nn.Module):
@@ -135,6 +136,13 @@ class PairFeatures:
         return self.x[rows], self.lengths[rows]
 
 
+def training_rows(n: int, cfg: RMConfig, order: random.Random | None = None) -> list[int]:
+    """The pair indices one epoch of `cfg` goes through (in some order): all n, or with
+    cfg.bootstrap n drawn with replacement (about 63% of the pairs, some twice)."""
+    order = order or random.Random(cfg.seed)
+    return [order.randrange(n) for _ in range(n)] if cfg.bootstrap else list(range(n))
+
+
 def train_rm(rm: RewardModel, feats: PairFeatures, cfg: RMConfig, flipped: torch.Tensor | None = None,
              progress=None) -> list[float]:
     """Bradley–Terry training of `rm`'s trained tensors on the pairs behind `feats` (`flipped`: a
@@ -142,13 +150,14 @@ def train_rm(rm: RewardModel, feats: PairFeatures, cfg: RMConfig, flipped: torch
     each step."""
     torch.manual_seed(cfg.seed)
     order = random.Random(cfg.seed)
+    rows = training_rows(feats.n, cfg, order)
     params = list(rm.trained_parameters().values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     swap = flipped if flipped is not None else torch.zeros(feats.n, dtype=torch.bool)
     losses = []
     rm.train()
     for _ in range(cfg.epochs):
-        idx = list(range(feats.n))
+        idx = list(rows)
         order.shuffle(idx)
         for s in range(0, len(idx), cfg.batch):
             index = torch.tensor(idx[s:s + cfg.batch])
@@ -157,7 +166,7 @@ def train_rm(rm: RewardModel, feats: PairFeatures, cfg: RMConfig, flipped: torch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if progress:
                 progress(1)
     rm.eval()
@@ -222,8 +231,9 @@ def warm_average(states: list[dict[str, torch.Tensor]], weights: list[float] | N
 def train_warm(rm: RewardModel, feats: PairFeatures, cfg: RMConfig, models: int, lr_spread: float = 2.0,
                flipped: torch.Tensor | None = None):
     """WARM: `models` reward models fine-tuned from `rm`'s current tensors (the shared
-    initialisation), member i with its own data order (seed cfg.seed + 1 + i) and learning rate
-    (geometrically spread over [lr/lr_spread, lr·lr_spread]). Returns ([(config, tensors)] per
+    initialisation), member i with its own data order (seed cfg.seed + 1 + i; with cfg.bootstrap
+    also its own resample of the pairs) and learning rate (geometrically spread over
+    [lr/lr_spread, lr·lr_spread]). Returns ([(config, tensors)] per
     member, the averaged tensors); `rm` is left holding the last member."""
     init = trained_state(rm)
     members = []

@@ -158,3 +158,29 @@ def test_big_buffers_are_zeros_resident_only_where_written():
     assert _rss_kb() - before < 16 * 1024  # torch.zeros: 64 MB
     small = _zeros((1, 1, 8, 4), torch.int8, "cpu")
     assert small.dtype == torch.int8 and not small.any()
+
+
+def test_a_cleared_cache_gives_what_a_new_one_gives(tiny):
+    # Stale keys left in the storage (rings wrapped, a global layer grown) must not leak into the
+    # next prompt: every slot is empty again, on the model and on the fused CPU path.
+    from gguf import GGMLQuantizationType as T
+
+    from gemma3.cpu import kernels
+    from tests.helpers.kernels import quantized_copy
+
+    models = [tiny] + ([quantized_copy(tiny, T.Q8_0)[0]] if kernels.available() else [])
+    window = tiny.config.sliding_window
+    first, second = (torch.randint(0, tiny.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+                     for n in (3 * window + 5, window + 3))
+    with torch.inference_mode():
+        for model in models:
+            used = model.new_cache(max_len=100)
+            model(first, used)
+            for t in second[0, :4].tolist():  # one-token steps too (the fused path's own store)
+                model(torch.tensor([[t]]), used)
+            used.clear()
+            assert used.pos == 0
+            fresh = model.new_cache(max_len=100)
+            assert torch.equal(model(second, used), model(second, fresh))
+            for t in first[0, :5].tolist():
+                assert torch.equal(model(torch.tensor([[t]]), used), model(torch.tensor([[t]]), fresh))

@@ -2,11 +2,15 @@
 
 import json
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from gemma3.inference.generate import generate_step
 from gemma3.inference.sampling import SamplingParams
 from gemma3.train import lora
+from gemma3.train.bond import BONDConfig, train_bond
+from gemma3.train.checkpoint import CheckpointError
 from gemma3.train.grpo import GRPOConfig, train_grpo
 from gemma3.train.rewards import Score
 from gemma3.train.rl import ObjectiveConfig
@@ -120,3 +124,53 @@ def test_cli_refuses_arithmetic_options_on_another_task(tmp_path, capsys):
     code, _, err = run_cli(["rl", "grpo", "--task", "reasoning-gym:basic_arithmetic", "--digits", "1",
                             "--out", str(tmp_path / "x")], capsys)
     assert code != 0 and "--task arithmetic only" in err
+
+
+def _toy_run(out, algo, resume=False, **over):
+    torch.manual_seed(0)
+    model = _model(seed=3)
+    lora.apply_lora(model, lora.LoRAConfig(rank=4, alpha=8))
+    samples = [{"prompt": f"q{i}", "answer": "0"} for i in range(4)]
+    reward = lambda t, s: (_low_first_byte(t, s).value, {"toy": _low_first_byte(t, s)})  # noqa: E731
+    settings = dict(out=str(out), steps=4, prompts_per_step=2, max_tokens=2, lr=5e-2, anchor_ema=0.3, progress=False) | over
+    if algo == "bond":
+        return train_bond(model, byte_tokenizer(), samples, [], reward, _low_first_byte,
+                          BONDConfig(**settings, n=3), resume=resume)
+    return train_grpo(model, byte_tokenizer(), samples, [], reward, _low_first_byte,
+                      GRPOConfig(**settings, group=4, objective=ObjectiveConfig(beta=0.1)), resume=resume)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "bond"])
+def test_a_stopped_and_resumed_run_ends_where_an_unbroken_one_does(tmp_path, algo):
+    """stop_after then resume: the same adapter and per-step rewards as one run (the samplers' RNGs, the
+    optimizer and the moving anchor all come back from the checkpoint); other settings are refused."""
+    def steps(out):
+        return [(r["step"], r["reward"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert _toy_run(whole, algo)["finished"]
+    paused = _toy_run(split, algo, stop_after=2)
+    assert paused["finished"] is False and paused["checkpoint"].endswith("step-00000002")
+    assert not (split / "adapter").exists() and len(steps(split)) == 2
+    with pytest.raises(CheckpointError, match="different lr"):
+        _toy_run(split, algo, resume=True, lr=1e-2)
+    assert _toy_run(split, algo, resume=True)["steps"] == 4
+    assert steps(split) == steps(whole) and len(steps(whole)) == 4
+    a = load_file(whole / "adapter" / "adapter_model.safetensors")
+    b = load_file(split / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+
+
+def test_cli_stops_and_resumes_an_rl_run(tmp_path, capsys):
+    model_dir = tiny_model_dir(tmp_path / "m")
+    out = tmp_path / "run"
+    args = ["rl", "rloo", "--model", str(model_dir), "--steps", "3", "--prompts", "2", "--group", "2", "--train-size",
+            "4", "--eval-size", "2", "--max-tokens", "2", "--out", str(out), "--quiet"]
+    code, stdout, err = run_cli([*args, "--stop-after", "2"], capsys)
+    assert code == 0, err
+    assert "stopped after step 2" in stdout and "--resume" in stdout
+    code, stdout, err = run_cli([*args, "--resume", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["finished"] and result["steps"] == 3 and (out / "adapter").is_dir()

@@ -64,6 +64,13 @@ def register(sub):
     g.add_argument("--anchor-ema", type=options.fraction, default=None,
                    help="μ of the moving anchor θ_anchor ← (1 − μ)·θ_anchor + μ·θ: grpo/rloo's KL reference "
                         "instead of the base (default: the base), bond's anchor (default 0.05)")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save-every", type=options.count, default=0,
+                   help="a resumable checkpoint (adapter, optimizer, RNGs, anchor) every N steps in OUT/checkpoints")
+    g.add_argument("--stop-after", type=options.positive_int, default=None,
+                   help="stop with a checkpoint after N steps of this run (continue with --resume)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints/latest, exactly (same settings; checked)")
     g = p.add_argument_group("bond")
     g.add_argument("--n", type=options.positive_int, default=8, help="anchor samples per prompt, the N of best-of-N (default 8)")
     g.add_argument("--policy-samples", type=options.positive_int, default=2,
@@ -109,8 +116,9 @@ def cmd_rl(args):
                          policy_samples=args.policy_samples, max_tokens=args.max_tokens, temperature=args.temperature,
                          lr=args.lr, beta=args.beta, jeffreys_beta=args.jeffreys_beta,
                          anchor_ema=0.05 if args.anchor_ema is None else args.anchor_ema,
-                         eval_every=args.eval_every, seed=args.seed, progress=not args.quiet)
-        result = train_bond(model, tok, train, held_out, reward_fn, tasks.task_reward, cfg, engine)
+                         eval_every=args.eval_every, save_every=args.save_every, stop_after=args.stop_after,
+                         seed=args.seed, progress=not args.quiet)
+        result = train_bond(model, tok, train, held_out, reward_fn, tasks.task_reward, cfg, engine, resume=args.resume)
         _report(args, result)
         return
     objective = ObjectiveConfig(advantage=args.algorithm, scale_rewards=not args.no_scale_rewards,
@@ -120,13 +128,17 @@ def cmd_rl(args):
                      max_tokens=args.max_tokens, temperature=args.temperature, lr=args.lr,
                      micro_batch=args.micro_batch, eval_every=args.eval_every, seed=args.seed,
                      progress=not args.quiet, objective=objective, anchor_ema=args.anchor_ema or 0.0,
-                     max_minutes=args.max_minutes)
-    _report(args, train_grpo(model, tok, train, held_out, reward_fn, tasks.task_reward, cfg, engine))
+                     max_minutes=args.max_minutes, save_every=args.save_every, stop_after=args.stop_after)
+    _report(args, train_grpo(model, tok, train, held_out, reward_fn, tasks.task_reward, cfg, engine, resume=args.resume))
 
 
 def _report(args, result):
     if args.json:
         print(json.dumps(result))
+        return
+    if not result["finished"]:
+        print(f"{args.algorithm}: stopped after step {result['steps']} with a checkpoint ({result['checkpoint']}); "
+              f"continue with --resume")
         return
     acc = ""
     if result["accuracy_before"] is not None:

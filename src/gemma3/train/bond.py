@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import lora
-from .grpo import _pad, greedy_accuracy
+from . import checkpoint, lora
+from .grpo import _pad, first_accuracy, greedy_accuracy, resume_checkpoint, save_checkpoint, trajectory
 from .merge import ema
 from .metrics import MetricsLog, read_metrics
 from .rl import ObjectiveConfig, completion_logprobs, policy_loss
@@ -51,6 +51,8 @@ class BONDConfig:
     anchor_ema: float = 0.05  # μ: how fast the anchor follows the policy
     jeffreys_beta: float = 0.9  # β_J: the backward term's share of the loss, the forward term's is 1 − β_J
     eval_every: int = 0
+    save_every: int = 0  # a resumable checkpoint every N steps (and at the end of a stopped run)
+    stop_after: int | None = None  # end this run with a checkpoint after N steps of it; resume later
     seed: int = 0
     progress: bool = True
 
@@ -73,13 +75,13 @@ def best_of(rewards: torch.Tensor, rng: random.Random) -> list[int]:
 
 
 def train_bond(model, tokenizer, train_samples: list[dict], eval_samples: list[dict], reward_fn, correct_fn,
-               cfg: BONDConfig, engine=None, probe=None) -> dict:
+               cfg: BONDConfig, engine=None, probe=None, resume: bool = False) -> dict:
     """Trains `model`'s LoRA adapters towards the best-of-N of its moving anchor; writes
     OUT/metrics.jsonl (per step: the policy's and the anchor's mean reward, the anchor's best-of-N
     reward, both loss terms, KL to the anchor), OUT/bond.png and OUT/adapter. `reward_fn(text,
     sample)` returns (total, {name: Score}); `engine`: the model on the CPU backend to sample on
     (the policy and the anchor as two adapters); `probe(model)`: a dict logged with each step (e.g. an
-    exact expected reward where the task allows one)."""
+    exact expected reward where the task allows one). Checkpoints and `resume` as train_grpo's."""
     if not hasattr(model, "lora_config"):
         raise ValueError("train_bond trains LoRA adapters: apply_lora(model, ...) first")
     if cfg.n < 2 or cfg.policy_samples < 1:
@@ -94,11 +96,24 @@ def train_bond(model, tokenizer, train_samples: list[dict], eval_samples: list[d
     stop_ids = {tokenizer.eos_id, tokenizer.end_of_turn_id, tokenizer.encode("\n", add_bos=False)[-1]}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    log = MetricsLog(out / "metrics.jsonl")
     anchor = {k: v.clone() for k, v in lora.lora_state(model).items()}
+    run, start = trajectory(cfg), 0
+    if resume:
+        start, loop = resume_checkpoint(out, model, optimizer, run)
+        generator.set_state(loop["generator"])
+        order.setstate(loop["order"])
+        ties.setstate(loop["ties"])
+        anchor = loop["anchor"]
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None)
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
     objective = ObjectiveConfig(beta=cfg.beta, normalise="sequence")
     if engine is not None:
         policy, anchor_policy = EnginePolicy(engine, model), EnginePolicy(engine, model, "anchor", default=False)
+        anchor_policy.refresh(anchor)  # a resumed anchor is not the policy's adapter
+
+    def save(step):
+        return save_checkpoint(out, step, model, optimizer, tokenizer, run, {
+            "generator": generator.get_state(), "order": order.getstate(), "ties": ties.getstate(), "anchor": anchor})
 
     def sample(prompts, group, use_anchor):
         if engine is not None:
@@ -120,11 +135,11 @@ def train_bond(model, tokenizer, train_samples: list[dict], eval_samples: list[d
         log.write({"step": step, "eval_accuracy": acc})
         return acc
 
-    first_acc = evaluate(0) if eval_samples else None
+    first_acc = (first_accuracy(out) if resume else evaluate(0)) if eval_samples else None
     began = time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc="bond", unit="step", disable=not cfg.progress)
-    record = {}
-    for step in range(cfg.steps):
+    bar = tqdm(total=cfg.steps, initial=start, desc="bond", unit="step", disable=not cfg.progress)
+    record, last_saved = {}, start if resume else None
+    for step in range(start, end):
         t0 = time.perf_counter()
         batch = order.sample(train_samples, min(cfg.prompts_per_step, len(train_samples)))
         prompts = [tokenizer.encode(x["prompt"], add_bos=True) for x in batch]
@@ -165,11 +180,21 @@ def train_bond(model, tokenizer, train_samples: list[dict], eval_samples: list[d
         log.write(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", bon=f"{record['anchor_best_of_n']:.3f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save(step + 1)
+            last_saved = step + 1
     bar.close()
+    if end < cfg.steps:  # paused by stop_after: resumable from here
+        if last_saved != end:
+            save(end)
+        plot_bond(read_metrics(out / "metrics.jsonl"), out / "bond.png")
+        return {"out": str(out), "steps": end, "finished": False, "seconds": round(time.perf_counter() - began, 1),
+                "accuracy_before": first_acc, "accuracy_after": None, "final_reward": record.get("reward"),
+                "adapter": None, "checkpoint": str(checkpoint.latest(out))}
     last_acc = evaluate(cfg.steps) if eval_samples else None
     lora.save_adapter(out / "adapter", model.lora_config, lora.lora_state(model))
     plot_bond(read_metrics(out / "metrics.jsonl"), out / "bond.png")
-    return {"out": str(out), "steps": cfg.steps, "seconds": round(time.perf_counter() - began, 1),
+    return {"out": str(out), "steps": cfg.steps, "finished": True, "seconds": round(time.perf_counter() - began, 1),
             "accuracy_before": first_acc, "accuracy_after": last_acc, "final_reward": record.get("reward"),
             "adapter": str(out / "adapter")}
 

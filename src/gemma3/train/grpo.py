@@ -9,7 +9,9 @@ log-probabilities with gradients, the reference log-probabilities come from the 
 the adapters switched off (the base) or, with `anchor_ema`, with the adapters holding an exponential
 moving average of the policy's (WARP's moving anchor), and one AdamW step is taken on `rl.policy_loss`. Greedy
 accuracy on held-out problems is measured (by the sampling policy) before and after, and every
-`eval_every` steps.
+`eval_every` steps. With `save_every`, OUT/checkpoints/step-N is written atomically (train/checkpoint.py:
+the adapter, the optimizer, the RNGs, plus the loop's own state: its samplers' RNGs and the anchor),
+and `resume=True` continues from the latest one to the same adapter an unbroken run reaches.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import lora
+from . import checkpoint, lora
+from .distributed import DistContext
 from .merge import ema
 from .metrics import MetricsLog, read_metrics
 from .rl import ObjectiveConfig, completion_logprobs, group_advantages, policy_loss
@@ -45,9 +48,48 @@ class GRPOConfig:
     anchor_ema: float = 0.0
     max_minutes: float = 0.0  # > 0: no new step after this much training time (the final evaluation still runs)
     eval_every: int = 0
+    save_every: int = 0  # a resumable checkpoint every N steps (and at the end of a stopped run)
+    stop_after: int | None = None  # end this run with a checkpoint after N steps of it; resume later
     seed: int = 0
     progress: bool = True
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+
+# Settings that define an RL trajectory (GRPO's or BOND's config fields): a resumed run must use the same ones.
+TRAJECTORY = ("steps", "prompts_per_step", "group", "n", "policy_samples", "max_tokens", "temperature", "lr", "beta",
+              "jeffreys_beta", "micro_batch", "anchor_ema", "seed", "objective")
+
+
+def trajectory(cfg) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k in TRAJECTORY}
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, run: dict, loop: dict) -> Path:
+    """OUT/checkpoints/step-N of an RL run: train/checkpoint.py's (atomic; the adapter, the optimizer and
+    the global RNGs) with the loop's own state (`loop`: its generators' states, the anchor) in it."""
+    return checkpoint.save(out, step, model, optimizer, DistContext(), tokenizer, run | {"loop": loop})
+
+
+def resume_checkpoint(out: Path, model, optimizer, run: dict) -> tuple[int, dict]:
+    """Loads the latest checkpoint of OUT into the model's adapter and the optimizer (and the global
+    RNGs); returns its step and the loop's state. Refuses a run whose trajectory settings differ."""
+    path = checkpoint.latest(out)
+    if path is None:
+        raise checkpoint.CheckpointError(f"{out}: no checkpoint to resume from")
+    state = checkpoint.load_trainer_state(path)
+    changed = [k for k in run if json.dumps(state["run"].get(k), default=str) != json.dumps(run[k], default=str)]
+    if changed:
+        raise checkpoint.CheckpointError(f"{path}: cannot resume with a different {changed[0]} "
+                                         f"({state['run'].get(changed[0])} → {run[changed[0]]})")
+    checkpoint.load_weights(model, path)
+    checkpoint.restore(state, path, model, optimizer, DistContext())
+    return state["step"], state["run"]["loop"]
+
+
+def first_accuracy(out: Path) -> float | None:
+    """The held-out accuracy a resumed run measured at step 0 (from its metrics log)."""
+    return next((r["eval_accuracy"] for r in read_metrics(out / "metrics.jsonl")
+                 if r.get("step") == 0 and "eval_accuracy" in r), None)
 
 
 def _pad(prompts: list[list[int]], completions: list[list[int]], group: int, pad_id: int):
@@ -107,7 +149,7 @@ def _update(model, seqs, mask, advantages, cfg: GRPOConfig, optimizer, params, a
 
 
 def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[dict], reward_fn, correct_fn,
-               cfg: GRPOConfig, engine=None) -> dict:
+               cfg: GRPOConfig, engine=None, resume: bool = False) -> dict:
     """Trains the LoRA adapters of `model` in place; writes OUT/metrics.jsonl, OUT/rewards.png and
     OUT/adapter. `reward_fn(text, sample)` returns (total, {name: Score}) like `rewards.Weighted`;
     `correct_fn(text, sample)` scores held-out greedy completions (a Score, 1 = correct). `engine`:
@@ -123,10 +165,21 @@ def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[d
     stop_ids = {tokenizer.eos_id, tokenizer.end_of_turn_id, tokenizer.encode("\n", add_bos=False)[-1]}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    log = MetricsLog(out / "metrics.jsonl")
-    policy = EnginePolicy(engine, model) if engine is not None else None
     anchor = {k: v.clone() for k, v in lora.lora_state(model).items()} if cfg.anchor_ema else None
+    run, start = trajectory(cfg), 0
+    if resume:
+        start, loop = resume_checkpoint(out, model, optimizer, run)
+        generator.set_state(loop["generator"])
+        order.setstate(loop["order"])
+        anchor = loop["anchor"]
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None)
+    policy = EnginePolicy(engine, model) if engine is not None else None  # after a resume: the loaded adapter
     sampler = engine if engine is not None else model
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+
+    def save(step):
+        return save_checkpoint(out, step, model, optimizer, tokenizer, run,
+                               {"generator": generator.get_state(), "order": order.getstate(), "anchor": anchor})
 
     def evaluate(step):
         model.eval()
@@ -134,13 +187,13 @@ def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[d
         log.write({"step": step, "eval_accuracy": acc})
         return acc
 
-    first_acc = evaluate(0) if eval_samples else None
+    first_acc = (first_accuracy(out) if resume else evaluate(0)) if eval_samples else None
     began = time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc="grpo", unit="step", disable=not cfg.progress)
-    steps_done, record = 0, {}
-    for step in range(cfg.steps):
+    bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", disable=not cfg.progress)
+    steps_done, record, last_saved = start, {}, start if resume else None
+    for step in range(start, end):
         if cfg.max_minutes and time.perf_counter() - began > 60 * cfg.max_minutes:
-            break
+            break  # out of time: the run ends here (final evaluation and adapter below)
         steps_done = step + 1
         batch = order.sample(train_samples, min(cfg.prompts_per_step, len(train_samples)))
         prompts = [tokenizer.encode(x["prompt"], add_bos=True) for x in batch]
@@ -173,11 +226,21 @@ def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[d
         log.write(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{stats['kl']:.4f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save(step + 1)
+            last_saved = step + 1
     bar.close()
+    if steps_done == end < cfg.steps:  # paused by stop_after: resumable from here
+        if last_saved != steps_done:
+            save(steps_done)
+        plot_rewards(read_metrics(out / "metrics.jsonl"), out / "rewards.png")
+        return {"out": str(out), "steps": steps_done, "finished": False, "seconds": round(time.perf_counter() - began, 1),
+                "accuracy_before": first_acc, "accuracy_after": None, "final_reward": record.get("reward"),
+                "adapter": None, "checkpoint": str(checkpoint.latest(out))}
     last_acc = evaluate(steps_done) if eval_samples else None
     lora.save_adapter(out / "adapter", model.lora_config, lora.lora_state(model))
     plot_rewards(read_metrics(out / "metrics.jsonl"), out / "rewards.png")
-    return {"out": str(out), "steps": steps_done, "seconds": round(time.perf_counter() - began, 1),
+    return {"out": str(out), "steps": steps_done, "finished": True, "seconds": round(time.perf_counter() - began, 1),
             "accuracy_before": first_acc, "accuracy_after": last_acc,
             "final_reward": record.get("reward"), "adapter": str(out / "adapter")}
 

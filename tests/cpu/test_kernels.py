@@ -110,6 +110,11 @@ def test_weights_of_whole_16_row_groups_interleave_their_rows(qtype, rows, cols)
         assert dot_err(layer, x, kernels.ops().qmatmul(x, packed, packed_type, rows)) < 2e-5, m
         # int8 activations: ~2^-8 per value, averaged down over the row
         assert dot_err(layer, x, kernels.ops().qmatmul(x, packed, packed_type, rows, int8=True)) < 2e-3, m
+    # Many rows run in 8-row tiles (AVX-512; 4 on AVX2), the tail in 4 and fewer, one row alone: each
+    # row's sums are taken in the same order, so its int8 product is the same bits in any batch.
+    x = torch.randn(70, cols, generator=g)
+    many = kernels.ops().qmatmul(x, packed, packed_type, rows, int8=True)
+    assert torch.equal(many, torch.cat([kernels.ops().qmatmul(r[None], packed, packed_type, rows, int8=True) for r in x]))
     first = GGMLLinear(random_blocks(T.Q8_0, 5, cols, seed=1), int(T.Q8_0), 5, cols)
     x = torch.randn(1, cols, generator=g)
     a, b = kernels.ops().qmatmul_many(x, [first.blocks, packed], [int(T.Q8_0), packed_type], [5, rows])

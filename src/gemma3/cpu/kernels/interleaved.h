@@ -299,6 +299,7 @@ INLINE void sub_dots(const uint8_t* const* blk, int i, int64_t b, const Act* act
     for (int q = 0; q < 8; q++) {
         const int h = HALVES == 2 ? q / 4 : 0;  // quads 0-3 are values 0-15
         __m512i ah[MT], al[MT];
+#pragma GCC unroll 8
         for (int m = 0; m < MT; m++) {
             ah[m] = _mm512_set1_epi32(((const int32_t*)(acts[m].hi + 32 * b))[q]);
             if (!INT8) al[m] = _mm512_set1_epi32(((const int32_t*)(acts[m].lo + 32 * b))[q]);
@@ -306,7 +307,7 @@ INLINE void sub_dots(const uint8_t* const* blk, int i, int64_t b, const Act* act
 #pragma GCC unroll 4
         for (int s = 0; s < S; s++) {
             const __m512i u = X::quad(blk[s], i, q);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int m = 0; m < MT; m++) {
                 sh[s][h][m] = dpbusd_bits<X::BITS>(sh[s][h][m], u, ah[m]);
                 if (!INT8) sl[s][h][m] = dpbusd_bits<X::BITS>(sl[s][h][m], u, al[m]);
@@ -413,6 +414,7 @@ INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, floa
                 __m512 sc[HALVES];
                 X::scales(blk[s], i, sc);
                 const __m512 mn = X::mins(blk[s], i);
+#pragma GCC unroll 8
                 for (int m = 0; m < MT; m++) {
                     const Act& a = acts[m];
                     const float d = INT8 ? 256.f * a.d[b] : a.d[b];  // the scale of hi is 256 that of a

@@ -155,3 +155,15 @@ def test_band_attention_equals_the_masked_path(window, start, length):
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed, scale=attn.scale)
     assert (got - expected).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_place_halves_give_the_rotate_half_formula_bit_for_bit(dtype):
+    """apply_rope skips building rotate_half(x) = [-x2, x1]; its products and sums round the same."""
+    from gemma3.model.decoder import apply_rope
+
+    x = torch.randn(2, 7, 4, 64, dtype=dtype).transpose(1, 2)  # the attention's layout: a transposed view
+    angle = torch.randn(7, 32)
+    cos, sin = (torch.cat([f(angle)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    want = x * cos + torch.cat([-x[..., 32:], x[..., :32]], dim=-1) * sin
+    assert torch.equal(apply_rope(x, cos, sin), want)

@@ -79,3 +79,21 @@ def test_off_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # where the default directory would be
     logits_and_mapped(embedded_gguf_path(), tmp_path)
     assert not list(tmp_path.rglob("*.bin"))
+
+
+def test_caches_of_two_builds_of_one_file_coexist(cache_dir, tmp_path, monkeypatch):
+    """GEMMA3_ISA=avx2 on an AVX-512 machine writes its own file without evicting the native one's."""
+    from gemma3.cpu.repack_cache import MIN_BYTES, RepackCache
+
+    if "avx2" not in kernels.cpu_flags():
+        pytest.skip("this CPU lacks AVX2: one build only")
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF")
+    data = torch.zeros(MIN_BYTES, dtype=torch.uint8)
+    saved = []
+    for isa in ("", "avx2", ""):
+        monkeypatch.setenv("GEMMA3_ISA", isa)
+        cache = RepackCache(source, [("w", 1)], data.numel())
+        cache.save(data)
+        saved.append(cache.path)
+    assert saved[0] == saved[2] != saved[1] and all(p.is_file() for p in saved)

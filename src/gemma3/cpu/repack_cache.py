@@ -55,7 +55,9 @@ class RepackCache:
         st = source.stat()
         key = hashlib.sha256(repr((str(source), st.st_size, st.st_mtime_ns, kernels.build_key(kernels.build_isa()),
                                    layout)).encode()).hexdigest()[:24]
-        self.prefix = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+        # Stale files are this source's for this build (ISA): an AVX2 and an AVX-512 cache of one
+        # file coexist (GEMMA3_ISA=avx2 on an AVX-512 machine no longer evicts the other's).
+        self.prefix = hashlib.sha256(f"{source}\0{kernels.build_isa()}".encode()).hexdigest()[:12]
         self.path = where / f"{source.stem[:64]}-{self.prefix}-{key}.bin"
 
     def load(self) -> torch.Tensor | None:

@@ -167,3 +167,14 @@ def test_rope_in_place_halves_give_the_rotate_half_formula_bit_for_bit(dtype):
     cos, sin = (torch.cat([f(angle)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
     want = x * cos + torch.cat([-x[..., 32:], x[..., :32]], dim=-1) * sin
     assert torch.equal(apply_rope(x, cos, sin), want)
+
+
+def test_band_masks_cached_under_inference_mode_serve_training():
+    """A band mask first built in an inference_mode forward (cached) is reused by a forward that
+    autograd records: it must not be an inference tensor."""
+    model = random_model(tiny_config(layers=2, window=128), seed=0)
+    ids = torch.randint(0, 100, (1, 80))  # one chunk of >= BAND_MIN tokens: the band attention path
+    with torch.inference_mode():
+        model(ids)
+    model(ids).float().square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -220,8 +220,11 @@ def band_attention(q, k, v, first: int, positions, window, scale, block: int = 6
 def band_mask(rows: int, span: int, low: int, high: int, dtype, device) -> torch.Tensor:
     """[rows, span] additive mask, 0 where low <= c - r <= high. Cached: every full block of a
     chunk, and every layer, asks for the same one (span <= MERGE_SPAN: at most 256 kB each)."""
-    d = torch.arange(span, device=device)[None, :] - torch.arange(rows, device=device)[:, None]
-    return torch.zeros(rows, span, dtype=dtype, device=device).masked_fill_((d < low) | (d > high), float("-inf"))
+    # A normal tensor even when first asked for under inference_mode: the cached mask may next serve
+    # a forward that autograd records (training), which cannot save an inference tensor.
+    with torch.inference_mode(False):
+        d = torch.arange(span, device=device)[None, :] - torch.arange(rows, device=device)[:, None]
+        return torch.zeros(rows, span, dtype=dtype, device=device).masked_fill_((d < low) | (d > high), float("-inf"))
 
 
 def flash(q, k, v, mask, scale: float, causal: bool = False):

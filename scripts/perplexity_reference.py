@@ -80,8 +80,8 @@ def transformers_perplexity(model, tokens: list[int], ctx: int, bos: int) -> dic
     """(c): transformers' model with our fp32 weights, scored here."""
     import torch
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from hf_reference import hf_model
+    sys.path.insert(0, str(REPO))
+    from tests.helpers.hf_reference import hf_model
 
     ref = hf_model(model)
     first = ctx // 2

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, lora
-from .grpo import _pad, first_accuracy, greedy_accuracy, resume_checkpoint, save_checkpoint, trajectory
+from . import lora
+from .grpo import LoopCheckpoints, _pad, first_accuracy, greedy_accuracy
 from .merge import ema
 from .metrics import MetricsLog, read_metrics
 from .rl import ObjectiveConfig, completion_logprobs, policy_loss
@@ -97,23 +97,21 @@ def train_bond(model, tokenizer, train_samples: list[dict], eval_samples: list[d
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     anchor = {k: v.clone() for k, v in lora.lora_state(model).items()}
-    run, start = trajectory(cfg), 0
+    saves = LoopCheckpoints(out, cfg, model, optimizer, tokenizer, lambda: {
+        "generator": generator.get_state(), "order": order.getstate(), "ties": ties.getstate(), "anchor": anchor})
+    start = 0
     if resume:
-        start, loop = resume_checkpoint(out, model, optimizer, run)
+        start, loop = saves.resume()
         generator.set_state(loop["generator"])
         order.setstate(loop["order"])
         ties.setstate(loop["ties"])
         anchor = loop["anchor"]
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None)
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
+    end = saves.end(start)
     objective = ObjectiveConfig(beta=cfg.beta, normalise="sequence")
     if engine is not None:
         policy, anchor_policy = EnginePolicy(engine, model), EnginePolicy(engine, model, "anchor", default=False)
         anchor_policy.refresh(anchor)  # a resumed anchor is not the policy's adapter
-
-    def save(step):
-        return save_checkpoint(out, step, model, optimizer, tokenizer, run, {
-            "generator": generator.get_state(), "order": order.getstate(), "ties": ties.getstate(), "anchor": anchor})
 
     def sample(prompts, group, use_anchor):
         if engine is not None:
@@ -138,7 +136,7 @@ def train_bond(model, tokenizer, train_samples: list[dict], eval_samples: list[d
     first_acc = (first_accuracy(out) if resume else evaluate(0)) if eval_samples else None
     began = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc="bond", unit="step", disable=not cfg.progress)
-    record, last_saved = {}, start if resume else None
+    record = {}
     for step in range(start, end):
         t0 = time.perf_counter()
         batch = order.sample(train_samples, min(cfg.prompts_per_step, len(train_samples)))
@@ -180,17 +178,11 @@ def train_bond(model, tokenizer, train_samples: list[dict], eval_samples: list[d
         log.write(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", bon=f"{record['anchor_best_of_n']:.3f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save(step + 1)
-            last_saved = step + 1
+        saves.stepped(step + 1)
     bar.close()
     if end < cfg.steps:  # paused by stop_after: resumable from here
-        if last_saved != end:
-            save(end)
         plot_bond(read_metrics(out / "metrics.jsonl"), out / "bond.png")
-        return {"out": str(out), "steps": end, "finished": False, "seconds": round(time.perf_counter() - began, 1),
-                "accuracy_before": first_acc, "accuracy_after": None, "final_reward": record.get("reward"),
-                "adapter": None, "checkpoint": str(checkpoint.latest(out))}
+        return saves.paused(end, began, first_acc, record)
     last_acc = evaluate(cfg.steps) if eval_samples else None
     lora.save_adapter(out / "adapter", model.lora_config, lora.lora_state(model))
     plot_bond(read_metrics(out / "metrics.jsonl"), out / "bond.png")

@@ -24,6 +24,7 @@ that other commands load.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -167,6 +168,20 @@ def load_weights(model: nn.Module, path: Path):
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state[name])
+
+
+def resumable(out: Path, run: dict) -> tuple[Path, dict]:
+    """The latest checkpoint of OUT and its trainer state, refusing a run whose trajectory settings
+    (`run`: the settings a resumed run must share) differ from the checkpoint's."""
+    path = latest(out)
+    if path is None:
+        raise CheckpointError(f"{out}: no checkpoint to resume from")
+    state = load_trainer_state(path)
+    changed = [k for k in run if json.dumps(state["run"].get(k), default=str) != json.dumps(run[k], default=str)]
+    if changed:
+        raise CheckpointError(f"{path}: cannot resume with a different {changed[0]} "
+                              f"({state['run'].get(changed[0])} → {run[changed[0]]})")
+    return path, state
 
 
 def load_trainer_state(path: Path) -> dict:

@@ -64,26 +64,45 @@ def trajectory(cfg) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k in TRAJECTORY}
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, tokenizer, run: dict, loop: dict) -> Path:
-    """OUT/checkpoints/step-N of an RL run: train/checkpoint.py's (atomic; the adapter, the optimizer and
-    the global RNGs) with the loop's own state (`loop`: its generators' states, the anchor) in it."""
-    return checkpoint.save(out, step, model, optimizer, DistContext(), tokenizer, run | {"loop": loop})
+class LoopCheckpoints:
+    """An RL loop's resumable checkpoints: train/checkpoint.py's (atomic; the adapter, the optimizer
+    and the global RNGs) with the loop's own state, `loop_state()` (its generators' states, the
+    anchor), in them; written every `save_every` steps and where `stop_after` pauses the run."""
 
+    def __init__(self, out: Path, cfg, model, optimizer, tokenizer, loop_state):
+        self.out, self.cfg, self.model, self.optimizer, self.tokenizer = out, cfg, model, optimizer, tokenizer
+        self.loop_state, self.run, self.last = loop_state, trajectory(cfg), None
 
-def resume_checkpoint(out: Path, model, optimizer, run: dict) -> tuple[int, dict]:
-    """Loads the latest checkpoint of OUT into the model's adapter and the optimizer (and the global
-    RNGs); returns its step and the loop's state. Refuses a run whose trajectory settings differ."""
-    path = checkpoint.latest(out)
-    if path is None:
-        raise checkpoint.CheckpointError(f"{out}: no checkpoint to resume from")
-    state = checkpoint.load_trainer_state(path)
-    changed = [k for k in run if json.dumps(state["run"].get(k), default=str) != json.dumps(run[k], default=str)]
-    if changed:
-        raise checkpoint.CheckpointError(f"{path}: cannot resume with a different {changed[0]} "
-                                         f"({state['run'].get(changed[0])} → {run[changed[0]]})")
-    checkpoint.load_weights(model, path)
-    checkpoint.restore(state, path, model, optimizer, DistContext())
-    return state["step"], state["run"]["loop"]
+    def resume(self) -> tuple[int, dict]:
+        """Loads the latest checkpoint into the model's adapter, the optimizer and the global RNGs;
+        returns its step and the loop's state. Refuses a run whose trajectory settings differ."""
+        path, state = checkpoint.resumable(self.out, self.run)
+        checkpoint.load_weights(self.model, path)
+        checkpoint.restore(state, path, self.model, self.optimizer, DistContext())
+        self.last = state["step"]
+        return state["step"], state["run"]["loop"]
+
+    def end(self, start: int) -> int:
+        """The step this run stops after: the last, or `stop_after` steps past `start`."""
+        return self.cfg.steps if self.cfg.stop_after is None else min(self.cfg.steps, start + self.cfg.stop_after)
+
+    def save(self, step: int):
+        checkpoint.save(self.out, step, self.model, self.optimizer, DistContext(), self.tokenizer,
+                        self.run | {"loop": self.loop_state()})
+        self.last = step
+
+    def stepped(self, step: int):
+        """After `step` steps: a checkpoint when `save_every` falls there (the last step ends the run instead)."""
+        if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.cfg.steps:
+            self.save(step)
+
+    def paused(self, step: int, began: float, accuracy_before, record: dict) -> dict:
+        """The run paused after `step` steps: its checkpoint (unless just written) and the summary."""
+        if self.last != step:
+            self.save(step)
+        return {"out": str(self.out), "steps": step, "finished": False, "seconds": round(time.perf_counter() - began, 1),
+                "accuracy_before": accuracy_before, "accuracy_after": None, "final_reward": record.get("reward"),
+                "adapter": None, "checkpoint": str(checkpoint.latest(self.out))}
 
 
 def first_accuracy(out: Path) -> float | None:
@@ -166,20 +185,18 @@ def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[d
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     anchor = {k: v.clone() for k, v in lora.lora_state(model).items()} if cfg.anchor_ema else None
-    run, start = trajectory(cfg), 0
+    saves = LoopCheckpoints(out, cfg, model, optimizer, tokenizer,
+                            lambda: {"generator": generator.get_state(), "order": order.getstate(), "anchor": anchor})
+    start = 0
     if resume:
-        start, loop = resume_checkpoint(out, model, optimizer, run)
+        start, loop = saves.resume()
         generator.set_state(loop["generator"])
         order.setstate(loop["order"])
         anchor = loop["anchor"]
     log = MetricsLog(out / "metrics.jsonl", resume_step=start if resume else None)
     policy = EnginePolicy(engine, model) if engine is not None else None  # after a resume: the loaded adapter
     sampler = engine if engine is not None else model
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
-
-    def save(step):
-        return save_checkpoint(out, step, model, optimizer, tokenizer, run,
-                               {"generator": generator.get_state(), "order": order.getstate(), "anchor": anchor})
+    end = saves.end(start)
 
     def evaluate(step):
         model.eval()
@@ -190,7 +207,7 @@ def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[d
     first_acc = (first_accuracy(out) if resume else evaluate(0)) if eval_samples else None
     began = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", disable=not cfg.progress)
-    steps_done, record, last_saved = start, {}, start if resume else None
+    steps_done, record = start, {}
     for step in range(start, end):
         if cfg.max_minutes and time.perf_counter() - began > 60 * cfg.max_minutes:
             break  # out of time: the run ends here (final evaluation and adapter below)
@@ -226,17 +243,11 @@ def train_grpo(model, tokenizer, train_samples: list[dict], eval_samples: list[d
         log.write(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{stats['kl']:.4f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save(step + 1)
-            last_saved = step + 1
+        saves.stepped(step + 1)
     bar.close()
     if steps_done == end < cfg.steps:  # paused by stop_after: resumable from here
-        if last_saved != steps_done:
-            save(steps_done)
         plot_rewards(read_metrics(out / "metrics.jsonl"), out / "rewards.png")
-        return {"out": str(out), "steps": steps_done, "finished": False, "seconds": round(time.perf_counter() - began, 1),
-                "accuracy_before": first_acc, "accuracy_after": None, "final_reward": record.get("reward"),
-                "adapter": None, "checkpoint": str(checkpoint.latest(out))}
+        return saves.paused(steps_done, began, first_acc, record)
     last_acc = evaluate(steps_done) if eval_samples else None
     lora.save_adapter(out / "adapter", model.lora_config, lora.lora_state(model))
     plot_rewards(read_metrics(out / "metrics.jsonl"), out / "rewards.png")

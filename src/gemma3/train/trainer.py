@@ -13,7 +13,6 @@ clipped by global norm; AdamW with linear warm-up then cosine decay to `min_lr_r
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -131,14 +130,7 @@ def train(model, data: PackedDataset, targets, cfg: TrainConfig, *, tokenizer=No
 
     start, state = 0, None
     if resume:
-        path = checkpoint.latest(out)
-        if path is None:
-            raise checkpoint.CheckpointError(f"{out}: no checkpoint to resume from")
-        state = checkpoint.load_trainer_state(path)
-        changed = [k for k in run if json.dumps(state["run"].get(k)) != json.dumps(run[k])]
-        if changed:
-            raise checkpoint.CheckpointError(f"{path}: cannot resume with a different {changed[0]} "
-                                             f"({state['run'].get(changed[0])} → {run[changed[0]]})")
+        path, state = checkpoint.resumable(out, run)
         if not state.get("sharded"):  # sharded weights load after wrapping, into the shards
             checkpoint.load_weights(model, path)
         start = state["step"]

@@ -43,23 +43,37 @@ def cache_dir(tmp_path, monkeypatch):
 
 def test_a_second_load_maps_the_cache_and_computes_the_same_bits(cache_dir):
     first, mapped_first = logits_and_mapped(embedded_gguf_path(), cache_dir)
-    files = list(cache_dir.glob("*.bin"))
-    assert len(files) == 1 and mapped_first == 0
+    files = list(cache_dir.glob("*"))
+    assert len(files) == 1 and files[0].suffix == ".bin"  # no temporary file left
     second, mapped_second = logits_and_mapped(embedded_gguf_path(), cache_dir)
     assert torch.equal(first, second)
-    # The weights were read from the file's mapping: (most of) its bytes are resident.
-    assert mapped_second * 1024 > 0.5 * files[0].stat().st_size
+    # Both loads read the weights from the file's mapping (the first repacked onto its pages):
+    # (most of) its bytes are resident.
+    for mapped in (mapped_first, mapped_second):
+        assert mapped * 1024 > 0.5 * files[0].stat().st_size
+
+
+def test_the_first_load_leaves_the_file_alone_once_written(cache_dir):
+    """The repacking writes the file through a shared mapping, which commit() maps again private:
+    a write to a weight afterwards changes the process's copy, never the file later loads map."""
+    model, _ = load(embedded_gguf_path(), backend="cpu")
+    (path,) = cache_dir.glob("*.bin")
+    before = path.read_bytes()
+    weight = model.layers[0].mlp.down_proj.blocks
+    weight.view(-1)[:4096].fill_(0x5A)
+    assert path.read_bytes() == before
+    assert bool((weight.view(-1)[:4096] == 0x5A).all())
 
 
 def test_a_partial_cache_file_is_replaced(cache_dir):
     want, _ = logits_and_mapped(embedded_gguf_path(), cache_dir)
     (path,) = cache_dir.glob("*.bin")
-    size = path.stat().st_size
+    whole = path.read_bytes()
     with open(path, "r+b") as f:
-        f.truncate(size // 2)
-    got, mapped = logits_and_mapped(embedded_gguf_path(), cache_dir)
-    assert torch.equal(want, got) and mapped == 0  # repacked, not read from the half file
-    assert path.stat().st_size == size  # and written again whole
+        f.truncate(len(whole) // 2)
+    got, _ = logits_and_mapped(embedded_gguf_path(), cache_dir)
+    assert torch.equal(want, got)  # repacked, not read from the half file
+    assert path.read_bytes() == whole  # and written again whole
 
 
 def test_a_changed_source_gets_a_new_file_and_the_stale_one_goes(cache_dir, tmp_path):
@@ -89,11 +103,11 @@ def test_caches_of_two_builds_of_one_file_coexist(cache_dir, tmp_path, monkeypat
         pytest.skip("this CPU lacks AVX2: one build only")
     source = tmp_path / "model.gguf"
     source.write_bytes(b"GGUF")
-    data = torch.zeros(MIN_BYTES, dtype=torch.uint8)
     saved = []
     for isa in ("", "avx2", ""):
         monkeypatch.setenv("GEMMA3_ISA", isa)
-        cache = RepackCache(source, [("w", 1)], data.numel())
-        cache.save(data)
+        cache = RepackCache(source, [("w", 1)], MIN_BYTES)
+        cache.create().zero_()
+        cache.commit()
         saved.append(cache.path)
     assert saved[0] == saved[2] != saved[1] and all(p.is_file() for p in saved)

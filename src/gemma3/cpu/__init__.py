@@ -52,11 +52,18 @@ def install(model: nn.Module, tensors: dict[str, QTensor], source: Path | None =
     cache = RepackCache(source, [(m.layout(), m.out_features, m.in_features) for m in modules],
                         kernels.HugePages.bytes_for(sizes)) if source is not None else None
     cached = cache.load() if cache is not None else None
-    memory = kernels.HugePages(sizes, buffer=cached)
-    for module in modules:
-        module.pack(in_place=True, drop_source=True, memory=memory, repacked=cached is not None)
-    if cache is not None and cached is None and memory.buffer is not None:
-        cache.save(memory.buffer)
+    # No file yet: the repacking writes one (its pages are where the weights live from now on).
+    target = cache.create() if cache is not None and cached is None else None
+    memory = kernels.HugePages(sizes, buffer=cached if cached is not None else target)
+    try:
+        for module in modules:
+            module.pack(in_place=True, drop_source=True, memory=memory, repacked=cached is not None)
+    except BaseException:
+        if target is not None:
+            cache.abandon()
+        raise
+    if target is not None:
+        cache.commit()
     make_fast(model)
     return taken
 

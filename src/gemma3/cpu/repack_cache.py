@@ -5,22 +5,24 @@ the VMs we measure on, the first touch of memory the guest has not used lately r
 (the hypervisor backing it), and that touch, not the repacking, was most of a load: the 1B loaded
 in 1.9 s against llama.cpp's 0.7 s, which maps its file and touches no fresh memory for it.
 
-So the first load of a GGUF file writes its repacked bytes to a cache file, and later loads map
-that file (private, copy-on-write: nothing writes to it). Its pages come from the page cache, where
-ext4 and XFS on recent kernels keep them in 2 MB folios that the mapping takes with 2 MB entries,
-as the huge pages of a repacking load: decode reads them as fast, and 800 MB map in ~5 ms. The
-file is also shared: two processes serving one model hold its weights once.
+So the first load of a GGUF file repacks into a new cache file, mapped shared: the repacked bytes
+are written once, onto the page cache's pages they will live on, and the kernel writes them to disk
+in the background (writing them out after repacking into fresh memory touched 2.4 GB twice and
+added ~3 s to the 4B's first load). When it is filled, the file is mapped again over the same
+addresses, private, and renamed into place. Later loads map that file (private, copy-on-write:
+nothing writes to it). Its pages come from the page cache in 2 MB folios, mapped with 2 MB
+entries as the huge pages of a repacking load: decode reads them as fast, and 800 MB map in ~5
+ms. The file is also shared: two processes serving one model hold its weights once.
 
 A cache file is named by its source (path, size, modification time), the kernel build (whose
 sources define the layouts) and the layout of every weight, so any change writes a new one (and
-removes the source's stale ones); it is written under a temporary name and renamed, so a reader
+removes the source's stale ones); it is filled under a temporary name and renamed, so a reader
 never sees a partial file. GEMMA3_REPACK_CACHE=DIR puts the files elsewhere, =off disables them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import shutil
 import tempfile
@@ -33,7 +35,6 @@ from . import kernels
 
 # Smaller sources load fast enough from memory (the test suite's tiny models): no file for them.
 MIN_BYTES = 32 << 20
-CHUNK = 64 << 20  # bytes per write: large writes keep the page cache's folios large
 
 
 def cache_dir() -> Path | None:
@@ -65,29 +66,58 @@ class RepackCache:
         if self.path is None or not self.path.is_file() or self.path.stat().st_size != self.total:
             return None
         with open(self.path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), self.total, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        return torch.frombuffer(mapped, dtype=torch.uint8)  # keeps the mapping alive
+            return kernels.ops().map_file(f.fileno(), self.total, False)  # the tensor keeps the mapping
 
-    def save(self, data: torch.Tensor) -> None:
-        """Writes `data` (the repacked bytes) as the cache file; a failure (a full or read-only
-        disk) warns once and leaves the load as it was."""
+    def create(self) -> torch.Tensor | None:
+        """A new cache file's bytes (uninitialised), mapped shared, for the repacking to fill; then
+        commit(). None where there is no cache file to write (disabled, too small a source, a full
+        or read-only disk: that warns once), and the caller repacks into memory of its own."""
         if self.path is None:
-            return
+            return None
+        fd = tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if shutil.disk_usage(self.path.parent).free < 2 * self.total:
-                return  # not worth filling the disk for
+                return None  # not worth filling the disk for
             for stale in self.path.parent.glob(f"*-{self.prefix}-*.bin"):
                 stale.unlink(missing_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    view = memoryview(data.numpy())
-                    for start in range(0, self.total, CHUNK):
-                        f.write(view[start:start + CHUNK])
-                os.replace(tmp, self.path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)  # gone already where the rename happened
-        except OSError as e:
-            warnings.warn(f"gemma3: could not write the repacked-weight cache {self.path} ({e}); "
-                          "loads repack each time", RuntimeWarning, stacklevel=2)
+            # The blocks reserved now: a disk that fills up fails here, where a write to a mapped
+            # page past the end of the space would kill the process (SIGBUS).
+            os.posix_fallocate(fd, 0, self.total)
+            buffer = kernels.ops().map_file(fd, self.total, True)
+        except (OSError, RuntimeError) as e:
+            if fd is not None:
+                os.close(fd)
+                Path(tmp).unlink(missing_ok=True)
+            self.warn(e)
+            return None
+        self.pending = fd, tmp, buffer
+        return buffer
+
+    def commit(self) -> None:
+        """The buffer create() returned, filled, becomes the cache file: mapped private over the
+        same addresses (the views of it stay valid; nothing written to them reaches the file any
+        more) and renamed into place."""
+        fd, tmp, buffer = self.pending
+        del self.pending
+        try:
+            kernels.ops().remap_private(buffer, fd)
+            os.replace(tmp, self.path)
+        except (OSError, RuntimeError) as e:
+            self.warn(e)
+        finally:
+            os.close(fd)
+            Path(tmp).unlink(missing_ok=True)  # gone already where the rename happened
+
+    def abandon(self) -> None:
+        """create()'s file removed: the repacking failed."""
+        if hasattr(self, "pending"):
+            fd, tmp, _ = self.pending
+            del self.pending
+            os.close(fd)
+            Path(tmp).unlink(missing_ok=True)
+
+    def warn(self, e: Exception) -> None:
+        warnings.warn(f"gemma3: could not write the repacked-weight cache {self.path} ({e}); "
+                      "loads repack each time", RuntimeWarning, stacklevel=3)

@@ -67,6 +67,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("K"), py::arg("out") = py::none());
     m.def("huge_empty", &huge_empty, "uninitialised uint8 bytes on transparent 2 MB pages where the OS gives them", nogil);
     m.def("layout_row_bytes", &layout_row_bytes, "bytes per row of K values in a GGML or repacked layout");
+    m.def("map_file", &map_file, "an open file's first bytes as uint8 on a 2 MB boundary, shared or private", nogil);
+    m.def("remap_private", &remap_private, "a shared map_file tensor's file mapped again over it, private", nogil);
     m.def("drop_file_pages", &drop_file_pages, "madvise(DONTNEED) a tensor read once from a private file mapping", nogil);
     m.def("repack_q4_k", &repack_q4_k, "Q4_K rows -> Q4_KR rows (half super-blocks, for one-row products)", nogil, py::arg("w"), py::arg("N"),
           py::arg("K"), py::arg("out") = py::none());

@@ -1,7 +1,9 @@
 // Memory placement: drop_file_pages (give back the pages of a tensor read once from the GGUF
-// mapping) and huge_empty (2 MB pages for the weights a decode step streams). Separate: OS calls,
-// no arithmetic.
+// mapping), huge_empty (2 MB pages for the weights a decode step streams) and map_file /
+// remap_private (the repack cache's file, mapped on 2 MB pages). Separate: OS calls, no arithmetic.
 #pragma once
+
+#include <cerrno>
 
 #include "common.h"
 
@@ -27,4 +29,46 @@ torch::Tensor huge_empty(int64_t nbytes) {
     const uintptr_t start = ((uintptr_t)base + huge - 1) / huge * huge;
     madvise((void*)start, len - (start - (uintptr_t)base), MADV_HUGEPAGE);
     return torch::from_blob((void*)start, {nbytes}, [base, len](void*) { munmap(base, len); }, torch::kUInt8);
+}
+
+// A reserved range of `nbytes` rounded up to 2 MB pages, plus one page of room, and its first 2 MB
+// boundary: a file mapped there can take 2 MB page-table entries (its folios are 2 MB aligned in
+// the file, so the mapping must be too).
+static std::pair<void*, size_t> reserve_aligned(int64_t nbytes, uintptr_t* start) {
+    const size_t huge = 2u << 20, len = (size_t)(nbytes + huge - 1) / huge * huge + huge;
+    void* base = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "map_file: reserving ", len, " bytes failed");
+    *start = ((uintptr_t)base + huge - 1) / huge * huge;
+    return {base, len};
+}
+
+static void map_at(uintptr_t start, int64_t nbytes, int64_t fd, bool shared) {
+    void* at = mmap((void*)start, (size_t)nbytes, PROT_READ | PROT_WRITE, (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED,
+                    (int)fd, 0);
+    TORCH_CHECK(at == (void*)start, "map_file: mmap of ", nbytes, " bytes failed (errno ", errno, ")");
+    madvise(at, (size_t)nbytes, MADV_HUGEPAGE);  // best effort: the page cache's 2 MB folios as 2 MB entries
+}
+
+// The first `nbytes` of the open file `fd` as uint8, on a 2 MB boundary. `shared`: writes go to the
+// file (through the page cache, which writes them back in the background); otherwise private and
+// copy-on-write, nothing written reaching the file. The tensor holds the mapping, not the descriptor.
+torch::Tensor map_file(int64_t fd, int64_t nbytes, bool shared) {
+    TORCH_CHECK(nbytes > 0, "map_file: empty mapping");
+    uintptr_t start;
+    auto [base, len] = reserve_aligned(nbytes, &start);
+    try {
+        map_at(start, nbytes, fd, shared);
+    } catch (...) {
+        munmap(base, len);
+        throw;
+    }
+    return torch::from_blob((void*)start, {nbytes}, [base = base, len = len](void*) { munmap(base, len); }, torch::kUInt8);
+}
+
+// Maps the file `fd` again over `t` (a shared map_file of it, filled), private: the same page-cache
+// pages at the same addresses, so every view of `t` stays valid, but a stray write to the weights
+// no longer reaches the file (as for a later load's mapping).
+void remap_private(torch::Tensor t, int64_t fd) {
+    TORCH_CHECK(t.dtype() == torch::kUInt8 && t.dim() == 1, "remap_private: a map_file tensor is expected");
+    map_at((uintptr_t)t.data_ptr(), t.numel(), fd, false);
 }

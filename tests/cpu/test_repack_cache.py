@@ -111,3 +111,16 @@ def test_caches_of_two_builds_of_one_file_coexist(cache_dir, tmp_path, monkeypat
         cache.commit()
         saved.append(cache.path)
     assert saved[0] == saved[2] != saved[1] and all(p.is_file() for p in saved)
+
+
+def test_an_unwritable_cache_directory_warns_and_loads_as_before(tmp_path, monkeypatch):
+    """No cache file can be made (here the directory's place is taken by a file): the weights are
+    repacked into memory of their own, with one warning, and compute the same bits."""
+    monkeypatch.setenv("GEMMA3_REPACK_CACHE", "off")
+    want, _ = logits_and_mapped(embedded_gguf_path(), tmp_path)
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv("GEMMA3_REPACK_CACHE", str(blocked / "repacked"))
+    with pytest.warns(RuntimeWarning, match="could not write the repacked-weight cache"):
+        got, _ = logits_and_mapped(embedded_gguf_path(), tmp_path)
+    assert torch.equal(want, got)

@@ -107,8 +107,9 @@ def test_caches_of_two_builds_of_one_file_coexist(cache_dir, tmp_path, monkeypat
     for isa in ("", "avx2", ""):
         monkeypatch.setenv("GEMMA3_ISA", isa)
         cache = RepackCache(source, [("w", 1)], MIN_BYTES)
-        cache.create().zero_()
-        cache.commit()
+        buffer = cache.create()
+        buffer.zero_()
+        cache.commit(buffer)
         saved.append(cache.path)
     assert saved[0] == saved[2] != saved[1] and all(p.is_file() for p in saved)
 

@@ -60,10 +60,10 @@ def install(model: nn.Module, tensors: dict[str, QTensor], source: Path | None =
             module.pack(in_place=True, drop_source=True, memory=memory, repacked=cached is not None)
     except BaseException:
         if target is not None:
-            cache.abandon()
+            cache.close()
         raise
     if target is not None:
-        cache.commit()
+        cache.commit(target)
     make_fast(model)
     return taken
 

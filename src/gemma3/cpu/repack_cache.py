@@ -50,6 +50,7 @@ class RepackCache:
     def __init__(self, source: Path, layout: list[tuple], total: int):
         self.total, where = total, cache_dir()
         self.path = None
+        self.pending: tuple[int, str] | None = None  # create()'s temporary file: descriptor, path
         if where is None or total < MIN_BYTES or not source.is_file():
             return
         source = source.resolve()
@@ -70,11 +71,10 @@ class RepackCache:
 
     def create(self) -> torch.Tensor | None:
         """A new cache file's bytes (uninitialised), mapped shared, for the repacking to fill; then
-        commit(). None where there is no cache file to write (disabled, too small a source, a full
+        commit(it). None where there is no cache file to write (disabled, too small a source, a full
         or read-only disk: that warns once), and the caller repacks into memory of its own."""
         if self.path is None:
             return None
-        fd = tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if shutil.disk_usage(self.path.parent).free < 2 * self.total:
@@ -82,39 +82,35 @@ class RepackCache:
             for stale in self.path.parent.glob(f"*-{self.prefix}-*.bin"):
                 stale.unlink(missing_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            self.pending = fd, tmp
             # The blocks reserved now: a disk that fills up fails here, where a write to a mapped
             # page past the end of the space would kill the process (SIGBUS).
             os.posix_fallocate(fd, 0, self.total)
-            buffer = kernels.ops().map_file(fd, self.total, True)
+            return kernels.ops().map_file(fd, self.total, True)
         except (OSError, RuntimeError) as e:
-            if fd is not None:
-                os.close(fd)
-                Path(tmp).unlink(missing_ok=True)
+            self.close()
             self.warn(e)
             return None
-        self.pending = fd, tmp, buffer
-        return buffer
 
-    def commit(self) -> None:
-        """The buffer create() returned, filled, becomes the cache file: mapped private over the
-        same addresses (the views of it stay valid; nothing written to them reaches the file any
-        more) and renamed into place."""
-        fd, tmp, buffer = self.pending
-        del self.pending
+    def commit(self, buffer: torch.Tensor) -> None:
+        """`buffer` (create()'s), filled, becomes the cache file: mapped private over the same
+        addresses (the views of it stay valid; nothing written to them reaches the file any more)
+        and renamed into place."""
+        fd, tmp = self.pending
         try:
             kernels.ops().remap_private(buffer, fd)
             os.replace(tmp, self.path)
         except (OSError, RuntimeError) as e:
             self.warn(e)
         finally:
-            os.close(fd)
-            Path(tmp).unlink(missing_ok=True)  # gone already where the rename happened
+            self.close()
 
-    def abandon(self) -> None:
-        """create()'s file removed: the repacking failed."""
-        if hasattr(self, "pending"):
-            fd, tmp, _ = self.pending
-            del self.pending
+    def close(self) -> None:
+        """create()'s temporary file closed, and removed unless commit() renamed it into place
+        (also where the repacking failed)."""
+        if self.pending is not None:
+            fd, tmp = self.pending
+            self.pending = None
             os.close(fd)
             Path(tmp).unlink(missing_ok=True)
 

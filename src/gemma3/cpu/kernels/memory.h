@@ -17,29 +17,37 @@ void drop_file_pages(torch::Tensor t) {
     if (b > a) TORCH_CHECK(madvise((void*)a, b - a, MADV_DONTNEED) == 0, "drop_file_pages: madvise failed");
 }
 
+// A range of `nbytes` rounded up to 2 MB pages, plus one page of room, mapped anonymous with `prot`
+// (and `flags`), and the first 2 MB boundary in it (`start`): memory there, or a file mapped over
+// it, can take 2 MB page-table entries (a file's page-cache folios are 2 MB aligned in the file, so
+// its mapping must be too). tensor() hands out `nbytes` from `start`, unmapping the range when freed.
+struct AlignedRange {
+    void* base;
+    size_t len;
+    uintptr_t start;
+
+    AlignedRange(int64_t nbytes, int prot, int flags, const char* who) {
+        const size_t huge = 2u << 20;
+        len = (size_t)(nbytes + huge - 1) / huge * huge + huge;
+        base = mmap(nullptr, len, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0);
+        TORCH_CHECK(base != MAP_FAILED, who, ": mmap of ", len, " bytes failed");
+        start = ((uintptr_t)base + huge - 1) / huge * huge;
+    }
+
+    torch::Tensor tensor(int64_t nbytes) const {
+        return torch::from_blob((void*)start, {nbytes}, [base = base, len = len](void*) { munmap(base, len); }, torch::kUInt8);
+    }
+};
+
 // `nbytes` uninitialised bytes on transparent 2 MB pages where the OS gives them (madvise, best
 // effort: plain pages otherwise), for the weights a decode step streams: on 4 KB pages the
 // hardware prefetchers stop at every page boundary and the cores miss their TLBs. The 270M
 // model's step ran 10.3 -> 9.2 ms with its repacked weights on 2 MB pages (A/B in one process).
 torch::Tensor huge_empty(int64_t nbytes) {
     TORCH_CHECK(nbytes >= 0, "huge_empty: negative size");
-    const size_t huge = 2u << 20, len = (size_t)(nbytes + huge - 1) / huge * huge + huge;  // + room to align
-    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    TORCH_CHECK(base != MAP_FAILED, "huge_empty: mmap of ", len, " bytes failed");
-    const uintptr_t start = ((uintptr_t)base + huge - 1) / huge * huge;
-    madvise((void*)start, len - (start - (uintptr_t)base), MADV_HUGEPAGE);
-    return torch::from_blob((void*)start, {nbytes}, [base, len](void*) { munmap(base, len); }, torch::kUInt8);
-}
-
-// A reserved range of `nbytes` rounded up to 2 MB pages, plus one page of room, and its first 2 MB
-// boundary: a file mapped there can take 2 MB page-table entries (its folios are 2 MB aligned in
-// the file, so the mapping must be too).
-static std::pair<void*, size_t> reserve_aligned(int64_t nbytes, uintptr_t* start) {
-    const size_t huge = 2u << 20, len = (size_t)(nbytes + huge - 1) / huge * huge + huge;
-    void* base = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    TORCH_CHECK(base != MAP_FAILED, "map_file: reserving ", len, " bytes failed");
-    *start = ((uintptr_t)base + huge - 1) / huge * huge;
-    return {base, len};
+    const AlignedRange range(nbytes, PROT_READ | PROT_WRITE, 0, "huge_empty");
+    madvise((void*)range.start, range.len - (range.start - (uintptr_t)range.base), MADV_HUGEPAGE);
+    return range.tensor(nbytes);
 }
 
 static void map_at(uintptr_t start, int64_t nbytes, int64_t fd, bool shared) {
@@ -54,15 +62,14 @@ static void map_at(uintptr_t start, int64_t nbytes, int64_t fd, bool shared) {
 // copy-on-write, nothing written reaching the file. The tensor holds the mapping, not the descriptor.
 torch::Tensor map_file(int64_t fd, int64_t nbytes, bool shared) {
     TORCH_CHECK(nbytes > 0, "map_file: empty mapping");
-    uintptr_t start;
-    auto [base, len] = reserve_aligned(nbytes, &start);
+    const AlignedRange range(nbytes, PROT_NONE, MAP_NORESERVE, "map_file");  // reserved only: the file goes over it
     try {
-        map_at(start, nbytes, fd, shared);
+        map_at(range.start, nbytes, fd, shared);
     } catch (...) {
-        munmap(base, len);
+        munmap(range.base, range.len);
         throw;
     }
-    return torch::from_blob((void*)start, {nbytes}, [base = base, len = len](void*) { munmap(base, len); }, torch::kUInt8);
+    return range.tensor(nbytes);
 }
 
 // Maps the file `fd` again over `t` (a shared map_file of it, filled), private: the same page-cache

@@ -384,6 +384,30 @@ INLINE void sub_dots(const uint8_t* const* blk, int i, int64_t b, const Act* act
 }
 #endif
 
+// The activation rows' per-block scalars that the kernels' epilogue takes, block by block and
+// row by row within a block ([b][m], M rows apart): one base pointer for a tile of rows and each
+// value a broadcast from memory. Read through each row's Act, they cost the 8-row int8 kernel a
+// pointer reloaded from the stack, an int -> float conversion and a multiply per row and block.
+// scale: the products' scale (int8: 256 d, hi's); minus: scale times the block sum (formats with
+// a min); sum / half: the block and half-block sums (formats with an offset), of hi with int8.
+struct BlockTerms {
+    int64_t M;
+    std::vector<float> scale, minus;
+    std::vector<int32_t> sum, half;
+    BlockTerms(const Act* rows, int64_t M, bool int8) : M(M) {
+        const int64_t nb = rows[0].nb;
+        scale.resize(nb * M), minus.resize(nb * M), sum.resize(nb * M), half.resize(2 * nb * M);
+        for (int64_t m = 0; m < M; m++) {
+            const Act& a = rows[m];
+            const int32_t *s = int8 ? a.hsum : a.bsum, *s16 = int8 ? a.hsum16 : a.bsum16;
+            for (int64_t b = 0; b < nb; b++) {
+                const float d = int8 ? 256.f * a.d[b] : a.d[b];
+                scale[b * M + m] = d, minus[b * M + m] = d * (float)s[b], sum[b * M + m] = s[b];
+                half[2 * b * M + m] = s16[2 * b], half[(2 * b + 1) * M + m] = s16[2 * b + 1];
+            }
+        }
+    }
+};
 // Y[m, 16 rows of group s] for S groups G[s] (outputs at Y[s]) and MT activation rows: each
 // group's weights decoded once for all rows; the S groups are read block by block in lockstep.
 // Per 32-value sub-block, integer dot products per half (two-scale formats) or whole (sub_dots),
@@ -392,10 +416,13 @@ INLINE void sub_dots(const uint8_t* const* blk, int i, int64_t b, const Act* act
 // high bytes alone (Act: int8 activations).
 // `ahead`: how many 32-value blocks ahead of the one being read each stream prefetches.
 template <class X, int S, int MT, bool INT8>
-INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, float* const* Y, int64_t ldy,
-                       int64_t ahead_blocks) {
-    const int64_t ahead = ahead_blocks * X::BYTES * 32 / X::VALS;
+INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, const BlockTerms& terms, int64_t m0,
+                       float* const* Y, int64_t ldy, int64_t ahead_blocks) {
+    const int64_t ahead = ahead_blocks * X::BYTES * 32 / X::VALS, M = terms.M;
+    const float* const scales0 = terms.scale.data() + m0;
+    const float* const minus0 = terms.minus.data() + m0;
     constexpr int SUBS = X::VALS / 32, HALVES = X::TWO_SCALES ? 2 : 1;
+    const int32_t* const sums0 = (HALVES == 2 ? terms.half.data() : terms.sum.data()) + m0;
     __m512 acc[S][MT];
     for (int s = 0; s < S; s++)
         for (int m = 0; m < MT; m++) acc[s][m] = _mm512_setzero_ps();
@@ -416,17 +443,15 @@ INLINE void x16_groups(const uint8_t* const* G, int64_t K, const Act* acts, floa
                 const __m512 mn = X::mins(blk[s], i);
 #pragma GCC unroll 8
                 for (int m = 0; m < MT; m++) {
-                    const Act& a = acts[m];
-                    const float d = INT8 ? 256.f * a.d[b] : a.d[b];  // the scale of hi is 256 that of a
-                    const __m512 da = _mm512_set1_ps(d);
+                    const __m512 da = _mm512_set1_ps(scales0[b * M + m]);
                     for (int h = 0; h < HALVES; h++) {
-                        const int32_t* sums = INT8 ? (HALVES == 2 ? a.hsum16 : a.hsum) : (HALVES == 2 ? a.bsum16 : a.bsum);
-                        const int32_t sum = sums[HALVES * b + h];
                         __m512i t = dots[s][h][m];
-                        if (X::OFFSET) t = _mm512_sub_epi32(t, _mm512_set1_epi32((int32_t)X::OFFSET * sum));
+                        if (X::OFFSET)  // t - OFFSET * sum, OFFSET a power of two
+                            t = _mm512_sub_epi32(t, _mm512_slli_epi32(_mm512_set1_epi32(sums0[(HALVES * b + h) * M + m]),
+                                                                      __builtin_ctzll(X::OFFSET)));
                         acc[s][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sc[h], da), acc[s][m]);
                     }
-                    if (X::HAS_MIN) acc[s][m] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(d * (float)(INT8 ? a.hsum : a.bsum)[b]), acc[s][m]);
+                    if (X::HAS_MIN) acc[s][m] = _mm512_fnmadd_ps(mn, _mm512_set1_ps(minus0[b * M + m]), acc[s][m]);
                 }
             }
         }
@@ -460,11 +485,12 @@ inline const StreamPlan decode_streams = [] {
 // groups as decode_streams says; several rows read one group at a time, 8 blocks ahead (2 or 4
 // left the cores waiting).
 template <class X, int MT, bool INT8, int S>
-void x16_rows_with(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+void x16_rows_with(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, const BlockTerms& terms,
+                   int64_t m0, float* Y, int64_t ldy) {
     const int64_t ahead = MT == 1 ? decode_streams.ahead : 8, ahead_one = MT == 1 && S == 1 ? ahead : 8;
     auto one = [&](int64_t g, float* out, int64_t ld) {  // group g alone
         const uint8_t* G = W + g * group_bytes<X>(K);
-        x16_groups<X, 1, MT, INT8>(&G, K, acts, &out, ld, ahead_one);
+        x16_groups<X, 1, MT, INT8>(&G, K, acts, terms, m0, &out, ld, ahead_one);
     };
     auto partial = [&](int64_t g) {
         float part[MT * 16];
@@ -485,16 +511,17 @@ void x16_rows_with(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Ac
             G[s] = W + g * group_bytes<X>(K);
             Ys[s] = Y + g * 16;
         }
-        x16_groups<X, S, MT, INT8>(G, K, acts, Ys, ldy, ahead);
+        x16_groups<X, S, MT, INT8>(G, K, acts, terms, m0, Ys, ldy, ahead);
     }
     for (int64_t g = g0 + S * per; g < g1; g++) one(g, Y + g * 16, ldy);
 }
 
 template <class X, int MT, bool INT8>
-void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, float* Y, int64_t ldy) {
+void x16_rows(const uint8_t* W, int64_t K, int64_t n0, int64_t n1, const Act* acts, const BlockTerms& terms, int64_t m0,
+              float* Y, int64_t ldy) {
     if constexpr (MT == 1)
-        if (decode_streams.streams == 4) return x16_rows_with<X, MT, INT8, 4>(W, K, n0, n1, acts, Y, ldy);
-    x16_rows_with<X, MT, INT8, 1>(W, K, n0, n1, acts, Y, ldy);
+        if (decode_streams.streams == 4) return x16_rows_with<X, MT, INT8, 4>(W, K, n0, n1, acts, terms, m0, Y, ldy);
+    x16_rows_with<X, MT, INT8, 1>(W, K, n0, n1, acts, terms, m0, Y, ldy);
 }
 
 // Bytes per row of K values in a layout (GGML or repacked; an interleaved row's share of its

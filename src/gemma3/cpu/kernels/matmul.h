@@ -108,6 +108,7 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* b
     const int64_t chunks = (total + chunk - 1) / chunk;
     TORCH_CHECK(!best || (products.size() == 1 && M == 1), "matmul_acts: a best output needs one product of one row");
     std::vector<Best> chunk_best(best ? chunks : 0);
+    const BlockTerms terms(acts.rows.data(), M, int8);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && chunks > 1)
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t r0 = c * chunk, r1 = std::min(total, r0 + chunk);
@@ -128,8 +129,8 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* b
                     const Act* a = acts.rows.data() + m;
                     float* Y = p.Y + m * p.N;
                     if (!interleaved(p.type, [&](auto x) {
-                            if (int8) x16_rows<decltype(x), R, true>(W, K, s0, s1, a, Y, p.N);
-                            else x16_rows<decltype(x), R, false>(W, K, s0, s1, a, Y, p.N);
+                            if (int8) x16_rows<decltype(x), R, true>(W, K, s0, s1, a, terms, m, Y, p.N);
+                            else x16_rows<decltype(x), R, false>(W, K, s0, s1, a, terms, m, Y, p.N);
                         }))
                         dispatch(p.type, [&](auto fmt) {
                             using T = decltype(fmt);

@@ -27,25 +27,29 @@ constexpr int64_t ACT_BYTES_PER_BLOCK = 64 + 4 + 4 + 64 + 8 + 4 + 8;
 // |a| <= 127 * 256 + 127, so that hi = round(a / 256) fits an int8 (~2^-15 relative precision).
 constexpr float ACT_MAX = 32639.f;
 
-void quantize_row(const float* x, Act& act) {
+// int8_only: hi, its sums and d alone (what the interleaved kernels' int8 products read), the
+// int16 row, lo and their sums left unwritten: ~half the work of a many-row prefill's quantization.
+void quantize_row(const float* x, Act& act, bool int8_only = false) {
     for (int64_t j = 0; j < act.nb; j++) {
         __m512 v0 = _mm512_loadu_ps(x + 32 * j), v1 = _mm512_loadu_ps(x + 32 * j + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         float id = amax > 0.f ? ACT_MAX / amax : 0.f;
         __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));  // round to nearest even
         __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
-        _mm256_storeu_si256((__m256i*)(act.a + 32 * j), _mm512_cvtsepi32_epi16(i0));
-        _mm256_storeu_si256((__m256i*)(act.a + 32 * j + 16), _mm512_cvtsepi32_epi16(i1));
         act.d[j] = amax / ACT_MAX;
-        act.bsum16[2 * j] = _mm512_reduce_add_epi32(i0);
-        act.bsum16[2 * j + 1] = _mm512_reduce_add_epi32(i1);
-        act.bsum[j] = act.bsum16[2 * j] + act.bsum16[2 * j + 1];
+        if (!int8_only) {
+            _mm256_storeu_si256((__m256i*)(act.a + 32 * j), _mm512_cvtsepi32_epi16(i0));
+            _mm256_storeu_si256((__m256i*)(act.a + 32 * j + 16), _mm512_cvtsepi32_epi16(i1));
+            act.bsum16[2 * j] = _mm512_reduce_add_epi32(i0);
+            act.bsum16[2 * j + 1] = _mm512_reduce_add_epi32(i1);
+            act.bsum[j] = act.bsum16[2 * j] + act.bsum16[2 * j + 1];
+        }
         for (int h = 0; h < 2; h++) {
             const __m512i v = h ? i1 : i0;
             const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(128)), 8);
-            const __m512i lo = _mm512_sub_epi32(v, _mm512_slli_epi32(hi, 8));
             _mm_storeu_si128((__m128i*)(act.hi + 32 * j + 16 * h), _mm512_cvtepi32_epi8(hi));
-            _mm_storeu_si128((__m128i*)(act.lo + 32 * j + 16 * h), _mm512_cvtepi32_epi8(lo));
+            if (!int8_only)
+                _mm_storeu_si128((__m128i*)(act.lo + 32 * j + 16 * h), _mm512_cvtepi32_epi8(_mm512_sub_epi32(v, _mm512_slli_epi32(hi, 8))));
             act.hsum16[2 * j + h] = _mm512_reduce_add_epi32(hi);
         }
         act.hsum[j] = act.hsum16[2 * j] + act.hsum16[2 * j + 1];

@@ -397,15 +397,20 @@ struct BlockTerms {
     BlockTerms(const Act* rows, int64_t M, bool int8) : M(M) {
         const int64_t nb = rows[0].nb;
         scale.resize(nb * M), minus.resize(nb * M), sum.resize(nb * M), half.resize(2 * nb * M);
-        for (int64_t m = 0; m < M; m++) {
-            const Act& a = rows[m];
-            const int32_t *s = int8 ? a.hsum : a.bsum, *s16 = int8 ? a.hsum16 : a.bsum16;
-            for (int64_t b = 0; b < nb; b++) {
-                const float d = int8 ? 256.f * a.d[b] : a.d[b];
-                scale[b * M + m] = d, minus[b * M + m] = d * (float)s[b], sum[b * M + m] = s[b];
-                half[2 * b * M + m] = s16[2 * b], half[(2 * b + 1) * M + m] = s16[2 * b + 1];
+        // Over the threads in runs of 64 rows (whole cache lines of every block's entries).
+        auto fill = [&](int64_t m0, int64_t m1) {
+            for (int64_t m = m0; m < m1; m++) {
+                const Act& a = rows[m];
+                const int32_t *s = int8 ? a.hsum : a.bsum, *s16 = int8 ? a.hsum16 : a.bsum16;
+                for (int64_t b = 0; b < nb; b++) {
+                    const float d = int8 ? 256.f * a.d[b] : a.d[b];
+                    scale[b * M + m] = d, minus[b * M + m] = d * (float)s[b], sum[b * M + m] = s[b];
+                    half[2 * b * M + m] = s16[2 * b], half[(2 * b + 1) * M + m] = s16[2 * b + 1];
+                }
             }
-        }
+        };
+        if (M > 64) at::parallel_for(0, M, 64, fill);
+        else fill(0, M);
     }
 };
 // Y[m, 16 rows of group s] for S groups G[s] (outputs at Y[s]) and MT activation rows: each

@@ -56,22 +56,30 @@ template <class F> void with_rows(int64_t mt, F&& f) {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wsubobject-linkage"
 // Quantized activation rows (the buffer owns the memory).
+// int8_only: for int8 products with interleaved weights alone (quantize_row).
 struct Acts {
     torch::Tensor buf;
     std::vector<Act> rows;
-    Acts(const float* x, int64_t M, int64_t K) : rows(M) {
+    bool int8_only;
+    Acts(const float* x, int64_t M, int64_t K, bool int8_only = false) : rows(M), int8_only(int8_only) {
         TORCH_CHECK(K % 32 == 0, "row length ", K, " is not a multiple of 32");
         const int64_t nb = K / 32;
-        buf = torch::empty({M, nb * ACT_BYTES_PER_BLOCK}, torch::kInt8);
+        // int8_only: hi, d, hsum and hsum16 alone, 48 of the 156 bytes per block (fewer fresh pages
+        // to fault in: a 2048-row buffer is ~10 MB, allocated per product).
+        buf = torch::empty({M, nb * (int8_only ? 48 : ACT_BYTES_PER_BLOCK)}, torch::kInt8);
         // Over the threads for many rows: a 512-row prefill's activations took ~0.2-0.7 ms per
         // product on one core (~7% of the 270M's prefill) while the other waited.
         at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
             for (int64_t m = m0; m < m1; m++) {
                 int8_t* base = buf.data_ptr<int8_t>() + m * buf.size(1);
-                rows[m] = Act{K, nb, (int16_t*)base, (float*)(base + 2 * K), (int32_t*)(base + 2 * K + 4 * nb),
-                              base + 2 * K + 8 * nb, base + 3 * K + 8 * nb, (int32_t*)(base + 4 * K + 8 * nb),
-                              (int32_t*)(base + 4 * K + 16 * nb), (int32_t*)(base + 4 * K + 20 * nb)};
-                quantize_row(x + m * K, rows[m]);
+                if (int8_only)
+                    rows[m] = Act{K, nb, nullptr, (float*)(base + K), nullptr, base, nullptr, nullptr,
+                                  (int32_t*)(base + K + 4 * nb), (int32_t*)(base + K + 8 * nb)};
+                else
+                    rows[m] = Act{K, nb, (int16_t*)base, (float*)(base + 2 * K), (int32_t*)(base + 2 * K + 4 * nb),
+                                  base + 2 * K + 8 * nb, base + 3 * K + 8 * nb, (int32_t*)(base + 4 * K + 8 * nb),
+                                  (int32_t*)(base + 4 * K + 16 * nb), (int32_t*)(base + 4 * K + 20 * nb)};
+                quantize_row(x + m * K, rows[m], int8_only);
             }
         });
     }
@@ -96,6 +104,8 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* b
     std::vector<int64_t> start{0};
     for (const auto& p : products) {
         check_layout(p.w, p.type, p.N, K);
+        TORCH_CHECK(!acts.int8_only || (int8 && interleaved(p.type, [](auto) {})),
+                    "matmul_acts: int8-only activations for a product that reads the int16 ones");
         start.push_back(start.back() + p.N);
     }
     // Dynamic scheduling over a few chunks per thread: a thread that gets preempted (other
@@ -153,7 +163,7 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* b
 // `int8`, for interleaved weights: many-row products where there is no AMX for the bf16 GEMM).
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type, int64_t N, bool int8) {
     x = as_rows(x);
-    Acts acts(x.data_ptr<float>(), x.size(0), x.size(1));
+    Acts acts(x.data_ptr<float>(), x.size(0), x.size(1), int8 && interleaved(type, [](auto) {}));
     auto y = torch::empty({x.size(0), N}, torch::kFloat32);
     matmul_acts(acts, {{w, type, N, y.data_ptr<float>()}}, nullptr, int8);
     return y;

@@ -24,6 +24,7 @@ struct Act {
     int32_t *bsum16, *hsum, *hsum16;
 };
 constexpr int64_t ACT_BYTES_PER_BLOCK = 64 + 4 + 4 + 64 + 8 + 4 + 8;
+constexpr int64_t ACT_INT8_BYTES_PER_BLOCK = 32 + 4 + 4 + 8;  // hi, d, hsum, hsum16 (quantize_row's int8_only)
 // |a| <= 127 * 256 + 127, so that hi = round(a / 256) fits an int8 (~2^-15 relative precision).
 constexpr float ACT_MAX = 32639.f;
 

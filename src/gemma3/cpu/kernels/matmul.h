@@ -49,6 +49,10 @@ template <class F> void with_rows(int64_t mt, F&& f) {
     }
 }
 
+// Whether a product reads the int8 activations alone: int8 products of interleaved weights
+// (others read the int16 ones).
+inline bool int8_only_product(int64_t type, bool int8) { return int8 && interleaved(type, [](auto) {}); }
+
 }  // namespace
 
 // Acts is global, as it always was, and holds Act rows (anonymous namespace): GCC warns about
@@ -66,7 +70,7 @@ struct Acts {
         const int64_t nb = K / 32;
         // int8_only: hi, d, hsum and hsum16 alone, 48 of the 156 bytes per block (fewer fresh pages
         // to fault in: a 2048-row buffer is ~10 MB, allocated per product).
-        buf = torch::empty({M, nb * (int8_only ? 48 : ACT_BYTES_PER_BLOCK)}, torch::kInt8);
+        buf = torch::empty({M, nb * (int8_only ? ACT_INT8_BYTES_PER_BLOCK : ACT_BYTES_PER_BLOCK)}, torch::kInt8);
         // Over the threads for many rows: a 512-row prefill's activations took ~0.2-0.7 ms per
         // product on one core (~7% of the 270M's prefill) while the other waited.
         at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
@@ -104,7 +108,7 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* b
     std::vector<int64_t> start{0};
     for (const auto& p : products) {
         check_layout(p.w, p.type, p.N, K);
-        TORCH_CHECK(!acts.int8_only || (int8 && interleaved(p.type, [](auto) {})),
+        TORCH_CHECK(!acts.int8_only || int8_only_product(p.type, int8),
                     "matmul_acts: int8-only activations for a product that reads the int16 ones");
         start.push_back(start.back() + p.N);
     }
@@ -131,7 +135,7 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* b
             // against every activation row, MT rows per read of them (8 spilled registers: the
             // int8 kernel ran at half the speed).
             const int64_t step = M > MT ? 64 : n1 - n0;
-            const bool wide = int8 && interleaved(p.type, [](auto) {});
+            const bool wide = int8_only_product(p.type, int8);
             for (int64_t s0 = n0; s0 < n1; s0 += step) {
                 const int64_t s1 = std::min(n1, s0 + step);
                 auto run = [&](int64_t m, auto rows) {
@@ -163,7 +167,7 @@ void matmul_acts(const Acts& acts, const std::vector<Product>& products, Best* b
 // `int8`, for interleaved weights: many-row products where there is no AMX for the bf16 GEMM).
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t type, int64_t N, bool int8) {
     x = as_rows(x);
-    Acts acts(x.data_ptr<float>(), x.size(0), x.size(1), int8 && interleaved(type, [](auto) {}));
+    Acts acts(x.data_ptr<float>(), x.size(0), x.size(1), int8_only_product(type, int8));
     auto y = torch::empty({x.size(0), N}, torch::kFloat32);
     matmul_acts(acts, {{w, type, N, y.data_ptr<float>()}}, nullptr, int8);
     return y;
